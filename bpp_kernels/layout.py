@@ -1,0 +1,63 @@
+"""Re-lay standard (Hugging Face shaped) weights once, so every masked op gathers rows.
+
+See :mod:`bpp_kernels.reference` for the layouts these functions produce.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pack_swiglu(
+    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w_gate, w_up (m, d)``, ``w_down (d, m)`` -> ``w_gate_up (m, 2, d)``, ``w_down_t (m, d)``."""
+    if w_gate.shape != w_up.shape or w_down.shape != w_gate.shape[::-1]:
+        raise ValueError(
+            f"pack_swiglu: expected w_gate, w_up (m, d) and w_down (d, m); got "
+            f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}"
+        )
+    return torch.stack((w_gate, w_up), dim=1).contiguous(), w_down.t().contiguous()
+
+
+def pack_attention(
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    w_o: torch.Tensor,
+    num_kv_groups: int,
+    b_q: torch.Tensor | None = None,
+    b_k: torch.Tensor | None = None,
+    b_v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group q/k/v/o weights by KV group.
+
+    ``w_q (H*hd, d)``, ``w_k, w_v (G*hd, d)``, ``w_o (d, H*hd)``, optional biases of the
+    matching row counts -> ``w_qkv (G, (r+2)*hd, d)``, ``w_o_t (G, r*hd, d)``,
+    ``b_qkv (G, (r+2)*hd)`` or None, where r = H / G.
+    """
+    G = num_kv_groups
+    d = w_q.shape[1]
+    if w_k.shape[0] % G or w_q.shape[0] % w_k.shape[0]:
+        raise ValueError(
+            f"pack_attention: q rows {w_q.shape[0]} and k rows {w_k.shape[0]} do not split "
+            f"into {G} KV groups"
+        )
+    hd = w_k.shape[0] // G
+    r = w_q.shape[0] // (G * hd)
+    if w_v.shape != w_k.shape or w_o.shape != (d, w_q.shape[0]):
+        raise ValueError(
+            f"pack_attention: expected w_v {tuple(w_k.shape)} and w_o {(d, w_q.shape[0])}; got "
+            f"{tuple(w_v.shape)} and {tuple(w_o.shape)}"
+        )
+    w_qkv = torch.cat(
+        (w_q.view(G, r * hd, d), w_k.view(G, hd, d), w_v.view(G, hd, d)), dim=1
+    ).contiguous()
+    w_o_t = w_o.t().reshape(G, r * hd, d).contiguous()
+    b_qkv = None
+    if b_q is not None or b_k is not None or b_v is not None:
+        zeros = lambda n: torch.zeros(n, dtype=w_q.dtype, device=w_q.device)  # noqa: E731
+        b_q = zeros(G * r * hd) if b_q is None else b_q
+        b_k = zeros(G * hd) if b_k is None else b_k
+        b_v = zeros(G * hd) if b_v is None else b_v
+        b_qkv = torch.cat((b_q.view(G, r * hd), b_k.view(G, hd), b_v.view(G, hd)), dim=1).contiguous()
+    return w_qkv, w_o_t, b_qkv

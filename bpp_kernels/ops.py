@@ -1,0 +1,210 @@
+"""Public functional API of bpp_kernels: one function per op, dispatched to a backend.
+
+Backends: ``reference`` (plain PyTorch, :mod:`bpp_kernels.reference`), ``cpp`` (the C++
+extension ``bpp_kernels._C``, CPU tensors, wrapped in :mod:`bpp_kernels.cpp`) and ``triton``
+(one module per kernel family under :mod:`bpp_kernels.triton`; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``).
+
+Choice: the ``backend=`` argument of a call (strict: an error if that backend lacks the op),
+else the environment variable ``BPP_KERNELS_BACKEND`` in {auto, reference, cpp, triton}
+(a backend lacking an op falls back to reference for it), where ``auto`` means triton for
+CUDA tensors and cpp for CPU tensors when built, else reference.
+:func:`backend_info` tells what each op resolves to on this machine.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "cpp", "triton")
+ENV_VAR = "BPP_KERNELS_BACKEND"
+
+# op name -> module under bpp_kernels.triton that defines a function of the same name
+_TRITON_MODULE = {
+    "mask_to_index": "mask_index",
+    "rms_norm": "rmsnorm",
+    "add_rms_norm": "rmsnorm",
+    "masked_swiglu": "masked_mlp",
+    "masked_attention": "masked_attention",
+    "linear_cross_entropy": "linear_cross_entropy",
+}
+OPS = tuple(_TRITON_MODULE)
+
+
+@functools.cache
+def _cpp_module():
+    try:
+        from . import cpp  # loads bpp_kernels._C
+    except (ImportError, OSError):
+        return None
+    return cpp if getattr(cpp, "AVAILABLE", False) else None
+
+
+@functools.cache
+def _triton_impl(op: str):
+    try:
+        module = importlib.import_module(f"{__package__}.triton.{_TRITON_MODULE[op]}")
+    except ImportError:
+        return None
+    return getattr(module, op, None)
+
+
+def _impl(op: str, backend: str):
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend == "cpp":
+        module = _cpp_module()
+        return getattr(module, op, None) if module is not None else None
+    return _triton_impl(op)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def resolve(op: str, device_type: str, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device_type`` ('cpu' or 'cuda')."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        if _impl(op, backend) is None:
+            raise RuntimeError(f"bpp_kernels: backend {backend!r} has no {op} here; see backend_info()")
+        if backend == "cpp" and device_type != "cpu":
+            raise RuntimeError(f"bpp_kernels: the cpp backend runs CPU tensors only, got {device_type}")
+        if backend == "triton" and device_type == "cpu" and not _interpreting():
+            raise RuntimeError("bpp_kernels: triton runs CPU tensors only under TRITON_INTERPRET=1")
+        return backend
+    wanted = requested_backend()
+    if wanted == "auto":
+        order = ("triton", "reference") if device_type == "cuda" else ("cpp", "reference")
+    else:
+        order = (wanted, "reference")
+    for name in order:
+        if name == "cpp" and device_type != "cpu":
+            continue
+        if name == "triton" and device_type == "cpu" and not _interpreting():
+            continue
+        if _impl(op, name) is not None:
+            return name
+    return "reference"
+
+
+def backend_info() -> dict[str, dict[str, str]]:
+    """``{op: {"cpu": backend, "cuda": backend}}`` under the current settings."""
+    return {op: {dev: resolve(op, dev) for dev in ("cpu", "cuda")} for op in OPS}
+
+
+def _call(op: str, x: torch.Tensor, backend: str | None, *args, **kwargs):
+    return _impl(op, resolve(op, x.device.type, backend))(*args, **kwargs)
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{op}: {msg}")
+
+
+def _check_index(op: str, keep_idx: torch.Tensor, keep_count: torch.Tensor, S: int, n: int) -> None:
+    _check(keep_idx.shape == (S, n), op, f"keep_idx must be (S={S}, n={n}), got {tuple(keep_idx.shape)}")
+    _check(keep_count.shape == (S,), op, f"keep_count must be (S={S},), got {tuple(keep_count.shape)}")
+    _check(keep_idx.dtype == torch.int32 and keep_count.dtype == torch.int32, op,
+           "keep_idx and keep_count must be int32 (use mask_to_index)")
+
+
+def mask_to_index(mask: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask (S, n) bool`` -> ``keep_idx (S, n) int32`` (a permutation, kept units first in
+    ascending order), ``keep_count (S,) int32``. Runs on mask's device, no host sync."""
+    _check(mask.dim() == 2 and mask.dtype == torch.bool, "mask_to_index",
+           f"mask must be a 2-D bool tensor (S, n), got {tuple(mask.shape)} {mask.dtype}")
+    return _call("mask_to_index", mask, backend, mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 statistics). x ``(..., d)``, weight ``(d,)``."""
+    _check(weight.shape == (x.shape[-1],), "rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
+    return _call("rms_norm", x, backend, x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(rms_norm(h, weight), h)``."""
+    _check(x.shape == residual.shape, "add_rms_norm", f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    _check(weight.shape == (x.shape[-1],), "add_rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
+    return _call("add_rms_norm", x, backend, x, residual, weight, eps)
+
+
+def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
+                  keep_count: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Per-sample SwiGLU MLP over kept channels only: ``down(silu(gate(x)) * up(x))``.
+
+    x ``(S, ..., d)`` fp32/fp16/bf16; w_gate_up ``(m, 2, d)``, w_down_t ``(m, d)`` from
+    :func:`bpp_kernels.layout.pack_swiglu`; keep_idx ``(S, m)`` int32, keep_count ``(S,)`` int32.
+    Returns ``(S, ..., d)``; a sample that keeps no channel gets zeros. Pruned channels cost nothing.
+    """
+    op = "masked_swiglu"
+    _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
+    m, d = w_down_t.shape
+    _check(w_gate_up.shape == (m, 2, d), op, f"w_gate_up must be ({m}, 2, {d}), got {tuple(w_gate_up.shape)}")
+    _check(x.shape[-1] == d, op, f"x's last dim {x.shape[-1]} != hidden size {d}")
+    _check(x.dtype == w_gate_up.dtype == w_down_t.dtype, op, "x and weights must share a dtype")
+    _check_index(op, keep_idx, keep_count, x.shape[0], m)
+    return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count)
+
+
+def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, *,
+                     b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, scale: float | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """Per-sample causal GQA attention over kept KV groups only, through W_o (no residual).
+
+    x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
+    ``(G, (r+2)*hd)`` from :func:`bpp_kernels.layout.pack_attention`; cos/sin ``(T, hd)``
+    (Hugging Face rotate-half RoPE); q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
+    keep_idx ``(S, G)`` int32, keep_count ``(S,)`` int32; scale defaults to hd**-0.5.
+    Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros.
+    """
+    op = "masked_attention"
+    _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
+    S, B, T, d = x.shape
+    _check(w_qkv.dim() == 3 and w_qkv.shape[2] == d, op, f"w_qkv must be (G, (r+2)*hd, {d}), got {tuple(w_qkv.shape)}")
+    G, rows = w_qkv.shape[:2]
+    _check(cos.dim() == 2 and cos.shape[0] == T and cos.shape == sin.shape, op,
+           f"cos and sin must be (T={T}, hd), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    hd = cos.shape[1]
+    _check(rows % hd == 0 and rows // hd >= 3, op, f"w_qkv rows {rows} are not (r+2)*hd with hd={hd}")
+    r = rows // hd - 2
+    _check(w_o_t.shape == (G, r * hd, d), op, f"w_o_t must be ({G}, {r * hd}, {d}), got {tuple(w_o_t.shape)}")
+    _check(b_qkv is None or b_qkv.shape == (G, rows), op, f"b_qkv must be ({G}, {rows})")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        _check(w is None or w.shape == (hd,), op, f"{name} must be ({hd},)")
+    _check(x.dtype == w_qkv.dtype == w_o_t.dtype, op, "x and weights must share a dtype")
+    _check_index(op, keep_idx, keep_count, S, G)
+    return _call(op, x, backend, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count,
+                 b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                         chunk_size: int = 4096, backend: str | None = None) -> torch.Tensor:
+    """Per-row cross-entropy of ``h @ weight.T`` (fp32 loss) without materialising all logits.
+
+    h ``(N, d)``; weight ``(V, d)``; target ``(N,)`` int64 in [0, V) or ignore_index.
+    Returns ``(N,)`` float32; ignored rows get 0.
+    """
+    op = "linear_cross_entropy"
+    _check(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], op,
+           f"h must be (N, d) and weight (V, d), got {tuple(h.shape)} and {tuple(weight.shape)}")
+    _check(target.shape == (h.shape[0],), op, f"target must be ({h.shape[0]},), got {tuple(target.shape)}")
+    _check(chunk_size > 0, op, "chunk_size must be positive")
+    return _call(op, h, backend, h, weight, target, ignore_index=ignore_index, chunk_size=chunk_size)

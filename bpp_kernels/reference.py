@@ -1,0 +1,155 @@
+"""Plain-PyTorch ground truth for every bpp_kernels op.
+
+Every fast backend (C++ on CPU, Triton on CUDA) is tested against these functions. They
+are written for clarity: a Python loop over samples, each sample gathering only its kept
+units, so the work of pruned units is skipped here too (never multiplied by zero) and a
+sample's result never depends on the other samples of the batch.
+
+Layouts (built once by :mod:`bpp_kernels.layout`):
+
+- MLP: ``w_gate_up (m, 2, d)`` interleaves row j of W_gate and W_up; ``w_down_t (m, d)`` is
+  W_down transposed, so keeping channel j means reading row j of both (a row gather).
+- Attention, per KV group g (G groups, r = query heads per group, hd = head_dim):
+  ``w_qkv (G, (r + 2) * hd, d)`` holds the r query heads of g, then its key head, then its
+  value head; ``b_qkv (G, (r + 2) * hd)`` the matching biases; ``w_o_t (G, r * hd, d)`` the
+  columns of W_o that read the group's heads, transposed. Query head h belongs to group
+  h // r, as in Hugging Face's ``repeat_kv``.
+- Masks as index lists: ``keep_idx (S, n) int32`` is a permutation of 0..n-1 per sample with
+  the kept units first (ascending), ``keep_count (S,) int32`` says how many are kept.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask (S, n) bool`` -> ``keep_idx (S, n) int32`` (kept first, ascending), ``keep_count (S,) int32``."""
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return order.to(torch.int32), mask.sum(dim=1, dtype=torch.int32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32 and cast back (as Hugging Face Llama does)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(rms_norm(h), h)``."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def masked_swiglu(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_count: torch.Tensor,
+) -> torch.Tensor:
+    """SwiGLU MLP of sample s over its kept channels only.
+
+    x ``(S, ..., d)``; w_gate_up ``(m, 2, d)``; w_down_t ``(m, d)``; keep_idx ``(S, m)``;
+    keep_count ``(S,)``. Returns ``(S, ..., d)`` in x's dtype; zeros where nothing is kept.
+    """
+    S, d = x.shape[0], x.shape[-1]
+    out = torch.zeros_like(x)
+    counts = keep_count.tolist()
+    for s in range(S):
+        c = counts[s]
+        if c == 0:
+            continue
+        k = keep_idx[s, :c].long()
+        xs = x[s].reshape(-1, d)
+        gu = (xs @ w_gate_up[k].reshape(2 * c, d).t()).view(-1, c, 2)
+        act = F.silu(gu[..., 0]) * gu[..., 1]
+        out[s] = (act @ w_down_t[k]).view(x.shape[1:])
+    return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face's rotate-half convention; cos/sin ``(T, hd)`` broadcast over x's leading dims."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def masked_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o_t: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_count: torch.Tensor,
+    b_qkv: torch.Tensor | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal GQA self-attention of sample s over its kept KV groups only, through W_o.
+
+    x ``(S, B, T, d)`` (already normalised); w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``;
+    cos/sin ``(T, hd)``; keep_idx ``(S, G)``; keep_count ``(S,)``; optional b_qkv
+    ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3).
+    Returns the o_proj output ``(S, B, T, d)`` (no residual); zeros where nothing is kept.
+    """
+    S, B, T, d = x.shape
+    G, rows, _ = w_qkv.shape
+    hd = cos.shape[-1]
+    r = rows // hd - 2
+    scale = hd**-0.5 if scale is None else scale
+    out = torch.zeros_like(x)
+    counts = keep_count.tolist()
+    for s in range(S):
+        c = counts[s]
+        if c == 0:
+            continue
+        k = keep_idx[s, :c].long()
+        qkv = x[s] @ w_qkv[k].reshape(c * rows, d).t()  # (B, T, c*(r+2)*hd)
+        if b_qkv is not None:
+            qkv = qkv + b_qkv[k].reshape(-1)
+        qkv = qkv.view(B, T, c, r + 2, hd)
+        q = qkv[:, :, :, :r].reshape(B, T, c * r, hd).transpose(1, 2)  # (B, c*r, T, hd)
+        kk = qkv[:, :, :, r].transpose(1, 2)  # (B, c, T, hd)
+        v = qkv[:, :, :, r + 1].transpose(1, 2)
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, norm_eps)
+        if k_norm is not None:
+            kk = rms_norm(kk, k_norm, norm_eps)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        kk = kk.repeat_interleave(r, dim=1)
+        v = v.repeat_interleave(r, dim=1)
+        att = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale)
+        att = att.transpose(1, 2).reshape(B, T, c * r * hd)
+        out[s] = att @ w_o_t[k].reshape(c * r * hd, d)
+    return out
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Per-row cross-entropy of ``h @ weight.T`` without holding all logits at once.
+
+    h ``(N, d)``; weight ``(V, d)``; target ``(N,)`` int64. Logits are computed in h's dtype,
+    the loss in fp32. Returns ``(N,)`` float32; rows whose target is ignore_index get 0.
+    """
+    N = h.shape[0]
+    loss = torch.zeros(N, dtype=torch.float32, device=h.device)
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        logits = (h[rows] @ weight.t()).float()
+        t = target[rows]
+        valid = t != ignore_index
+        picked = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
+        loss[rows] = torch.where(valid, torch.logsumexp(logits, dim=1) - picked, 0.0)
+    return loss

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per kernel family; each defines functions named like the ops they implement."""

@@ -1,0 +1,61 @@
+"""``bpp`` command line: prune | eval | compact | bench."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import BppError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Structured pruning of LLMs by policy gradient (arXiv 2406.10576).")
+console = Console(stderr=True)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Structured pruning of LLMs by policy gradient (arXiv 2406.10576)."""
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Local Hugging Face folder or hub id; default: embedded SmolLM2-135M-Instruct")
+DataOpt = typer.Option("default", "--data", help="default | wikitext2 | c4 | ptb | path/to/file.txt")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = ModelOpt,
+    data: str = DataOpt,
+    split: str = typer.Option("heldout", help="calib | heldout | all"),
+    seq_len: int = typer.Option(128, "--seq-len", help="window length in tokens (128: LLM-Pruner/FLAP; 2048: SparseGPT/Wanda)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+):
+    """Perplexity of a model on held-out text (non-overlapping windows)."""
+    from . import load_model
+    from .data import load_text
+    from .evaluate import perplexity
+
+    text = load_text(data, split)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    ppl = perplexity(lm, tokenizer, text, seq_len=seq_len, batch_size=batch_size, progress=True)
+    typer.echo(f"perplexity {ppl:.3f}  (model {model or 'default'}, data {data}/{split}, seq_len {seq_len})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors (BppError) print one line and exit 2, without a traceback."""
+    try:
+        app(args=argv)  # standalone: click prints usage errors itself and exits 2
+    except BppError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Batched masked forwards per architecture family, built on bpp_kernels ops."""

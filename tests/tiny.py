@@ -1,0 +1,83 @@
+"""Tiny random models of every supported family, built in-process (no hub), and a tiny tokenizer."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# odd sizes on purpose: hidden 60, 6 query heads in 2 KV groups of 3, head_dim 10, 70 channels
+TINY = dict(
+    vocab_size=301,
+    hidden_size=60,
+    intermediate_size=70,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=10,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(TINY, **overrides)
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    with torch.no_grad():  # larger-than-default random weights so masks change the loss visibly
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:  # biases (Qwen2 q/k/v)
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import pydoc_data.topics
+
+    text = list(pydoc_data.topics.topics.values())[:60]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY["vocab_size"],
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with at most 301 tokens (fits the tiny models' vocab)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+    )
+    assert len(tok) <= TINY["vocab_size"]
+    return tok
