@@ -1,6 +1,8 @@
 """``bpp`` command line: prune | eval | compact | bench."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 from typing import Optional
 
@@ -43,6 +45,12 @@ def eval_cmd(
     lm, tokenizer = load_model(model, dtype=dtype, device=device)
     ppl = perplexity(lm, tokenizer, text, seq_len=seq_len, batch_size=batch_size, progress=True)
     typer.echo(f"perplexity {ppl:.3f}  (model {model or 'default'}, data {data}/{split}, seq_len {seq_len})")
+
+
+# Each further command lives in python/bpp/cli_<name>.py, which defines ``register(app)``.
+for _name in ("prune", "compact", "report"):
+    if importlib.util.find_spec(f"{__package__}.cli_{_name}") is not None:
+        importlib.import_module(f"{__package__}.cli_{_name}").register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
