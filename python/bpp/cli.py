@@ -35,8 +35,11 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    tasks: Optional[str] = typer.Option(None, help="also zero-shot accuracy via lm-eval: comma-separated task names, or 'paper' for boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"),
+    limit: Optional[int] = typer.Option(None, help="at most this many samples per task (smoke runs)"),
+    include_path: Optional[str] = typer.Option(None, "--include-path", help="folder of extra lm-eval task YAML files"),
 ):
-    """Perplexity of a model on held-out text (non-overlapping windows)."""
+    """Perplexity of a model on held-out text (non-overlapping windows), and optionally zero-shot accuracy."""
     from . import load_model
     from .data import load_text
     from .evaluate import perplexity
@@ -45,6 +48,13 @@ def eval_cmd(
     lm, tokenizer = load_model(model, dtype=dtype, device=device)
     ppl = perplexity(lm, tokenizer, text, seq_len=seq_len, batch_size=batch_size, progress=True)
     typer.echo(f"perplexity {ppl:.3f}  (model {model or 'default'}, data {data}/{split}, seq_len {seq_len})")
+    if tasks:
+        from .evaluate import ZERO_SHOT_TASKS, zero_shot
+
+        names = list(ZERO_SHOT_TASKS) if tasks == "paper" else [t.strip() for t in tasks.split(",") if t.strip()]
+        for task, row in zero_shot(lm, tokenizer, names, limit=limit, include_path=include_path).items():
+            extra = f"  acc_norm {row['acc_norm']:.4f}" if "acc_norm" in row else ""
+            typer.echo(f"{task:<16} acc {row.get('acc', float('nan')):.4f}{extra}  (n={row['n']}, {row['num_fewshot']}-shot)")
 
 
 # Each further command lives in python/bpp/cli_<name>.py, which defines ``register(app)``.

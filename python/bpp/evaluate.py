@@ -36,3 +36,50 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
         total += nll.item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+# --- zero-shot accuracy through lm-evaluation-harness ----------------------------------------
+
+# the suite LLM-Pruner, FLAP and the PG paper report (MMLU is 5-shot by convention)
+ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+FEW_SHOT = {"mmlu": 5}
+
+
+def zero_shot(model, tokenizer, tasks: list[str] | tuple[str, ...] = ZERO_SHOT_TASKS, *, limit: int | None = None,
+              batch_size: int = 8, include_path: str | None = None, num_fewshot: int | None = None) -> dict:
+    """Accuracy per task with lm-evaluation-harness's Hugging Face wrapper on an in-memory model.
+
+    Returns ``{task: {"acc": .., "acc_norm": .. (when defined), "n": samples, "num_fewshot": k}}``.
+    ``include_path`` adds a folder of task YAML files (e.g. local tasks when the hub is
+    unreachable); ``limit`` caps samples per task (for smoke runs; say so beside the figure).
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise BppError("zero-shot evaluation needs lm-eval: pip install 'bpp[eval]' (or pip install lm-eval)") from None
+    if not tasks:
+        raise BppError("no tasks given")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise BppError(f"unknown lm-eval task(s) {', '.join(unknown)}; e.g. {', '.join(ZERO_SHOT_TASKS)}, mmlu")
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = {}
+    for task in tasks:  # one call per task: few-shot counts differ (MMLU 5-shot)
+        shots = FEW_SHOT.get(task, 0) if num_fewshot is None else num_fewshot
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          verbosity="ERROR")
+        except (ConnectionError, OSError) as e:
+            raise BppError(f"lm-eval could not load the data of task {task!r}: {e}") from None
+        metrics = out["results"][task]
+        row = {"num_fewshot": shots, "n": out.get("n-samples", {}).get(task, {}).get("effective")}
+        for key in ("acc", "acc_norm"):
+            if f"{key},none" in metrics:
+                row[key] = float(metrics[f"{key},none"])
+        results[task] = row
+    return results
