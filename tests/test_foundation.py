@@ -199,3 +199,11 @@ def test_cli_user_errors_are_one_line_without_traceback(tiny_dir, tmp_path, args
     out = _bpp("eval", *args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hub_id_without_hub_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BppError, match="cannot load the config of 'someorg/some-model'"):
+        bpp.load_model("someorg/some-model")
