@@ -1,0 +1,300 @@
+"""The Bernoulli pruning policy: keep-probabilities θ over the prunable units of a model, their
+budget, sampling, the score-function gradient, the projection back onto the budget, and the
+final deterministic mask.
+
+θ lives in float64 (tens of thousands of units at most; float64 makes the projection exact to
+the last bit that matters and the resume test bit-exact). The learned unit types are chosen by
+``granularity``; units of the other types stay kept (θ = 1) and are never sampled out.
+
+Budgets (``kind``):
+- ``"count"`` (the official method): one budget per unit type, Σθ_u = k_t, where k_t is the
+  number of units of type t kept at the target sparsity. Every unit of a type has the same
+  parameter cost, so this is also a parameter budget per type.
+- ``"params"``: one joint budget over all learned units, Σ c_u θ_u = (1 − sparsity)·Σ c_u with
+  c_u the unit's parameter cost, so attention and MLP compete for the same parameters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BppError
+from .space import Masks, MaskSpace
+
+UNIT_TYPES = ("channel", "group", "layer")  # the order of the flat θ vector
+_FIELD = {"channel": "channels", "group": "groups", "layer": "layers"}  # Masks attribute per type
+BUDGET_KINDS = ("count", "params")
+BASELINES = ("moving-average", "leave-one-out")
+# the official code adds this to θ and 1 − θ under the square root of the gradient normalisation
+GRADIENT_EPS = 1e-7
+
+
+def parse_granularity(granularity: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"group,channel"`` → ``("channel", "group")`` (canonical order), with clear errors."""
+    names = [g.strip() for g in granularity.split(",")] if isinstance(granularity, str) else list(granularity)
+    names = [n[:-1] if n.endswith("s") else n for n in names if n]  # accept plural spellings
+    unknown = [n for n in names if n not in UNIT_TYPES]
+    if unknown or not names:
+        raise BppError(f"unknown granularity {','.join(unknown) or repr(granularity)}; "
+                       f"use a comma-separated subset of {', '.join(UNIT_TYPES)}")
+    chosen = tuple(t for t in UNIT_TYPES if t in names)
+    if "layer" in chosen and len(chosen) > 1:
+        # a layer's cost depends on how many of its channels/groups are kept, so a linear budget
+        # over layers and their own units at once would count parameters twice
+        raise BppError("--granularity layer cannot be combined with group/channel yet; use 'layer' "
+                       "alone, or 'group,channel'")
+    return chosen
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not (isinstance(sparsity, (int, float)) and 0.0 < float(sparsity) < 1.0):
+        raise BppError(f"sparsity must be strictly between 0 and 1 (a fraction of the prunable "
+                       f"parameters), got {sparsity}")
+    return float(sparsity)
+
+
+# --- the three numerical pieces, on flat vectors ----------------------------------------------
+
+def project_onto_budget(theta: torch.Tensor, costs: torch.Tensor, budget: float,
+                        iterations: int = 200) -> torch.Tensor:
+    """The point x of {0 ≤ x ≤ 1, Σ c_u x_u = budget} closest to θ in the cost-weighted norm
+    Σ c_u (x_u − θ_u)², which is x = clamp(θ − v, 0, 1) with the scalar dual v solving
+    Σ c_u clamp(θ_u − v, 0, 1) = budget. With equal costs this is the official projection
+    (bisection on v per unit type); unlike the official code v may be negative, so the sum is
+    met exactly from below as well as from above.
+
+    v is found by bisection (the sum is non-increasing in v); once bisection has isolated the
+    units strictly inside (0, 1), v is solved for exactly on that set.
+    """
+    theta = theta.to(torch.float64)
+    costs = costs.to(theta)
+    total = float(costs.sum())
+    if not 0.0 <= budget <= total:
+        raise ValueError(f"budget {budget} outside [0, {total}]")
+
+    def kept(v: float) -> float:
+        return float((costs * (theta - v).clamp(0.0, 1.0)).sum())
+
+    lo, hi = float(theta.min()) - 1.0, float(theta.max())  # kept(lo) = total, kept(hi) = 0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if kept(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    v = 0.5 * (lo + hi)
+    shifted = theta - v
+    inside = (shifted > 0.0) & (shifted < 1.0)
+    if inside.any():  # exact on the identified active set: Σ_in c(θ − v) + Σ_at-one c = budget
+        at_one = costs[shifted >= 1.0].sum()
+        c_in = costs[inside]
+        v_exact = float((c_in * theta[inside]).sum() + at_one - budget) / float(c_in.sum())
+        candidate = (theta - v_exact).clamp(0.0, 1.0)
+        # keep the exact solve only if it did not move a unit across a bound (then it is exact)
+        same_set = torch.equal(((theta - v_exact) > 0) & ((theta - v_exact) < 1), inside)
+        if same_set:
+            return candidate
+    return shifted.clamp(0.0, 1.0)
+
+
+def score_function_gradient(theta: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor,
+                            baseline: torch.Tensor | float, n_samples: int) -> torch.Tensor:
+    """The official policy-gradient estimate for Bernoulli keep-probabilities:
+
+        ĝ_u = Σ_s (L_s − b_s) · (m_su − θ_u) / sqrt((θ_u + ε)(1 − θ_u + ε)) / (n_samples − 1)
+
+    ``masks`` (S, N) in {0, 1}, ``losses`` (S,), ``baseline`` a scalar or (S,) per-sample
+    baselines. (m − θ)/(θ(1 − θ)) is ∇θ log p(m | θ); the official code divides by the square
+    root instead (a Fisher-like rescaling: per unit, the score has unit variance), and by
+    S − 1 rather than S (it makes the leave-one-out form unbiased; see :func:`advantages`)."""
+    theta = theta.to(torch.float64)
+    m = masks.to(torch.float64)
+    adv = losses.to(torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
+    scaled = (m - theta) / torch.sqrt((theta + GRADIENT_EPS) * (1.0 - theta + GRADIENT_EPS))
+    return (adv.reshape(-1, 1) * scaled).sum(0) / (n_samples - 1)
+
+
+def deterministic_mask(theta: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+    """Keep the highest-θ units whose total cost stays within ``budget`` (bool, same shape).
+
+    Units are taken in order of decreasing θ (ties: lower index first); a unit that no longer
+    fits is skipped and the scan goes on, so cheaper units can fill what is left. With equal
+    costs this is exactly the top-k of θ with k = ⌊budget / cost⌋ (the official global threshold)."""
+    order = torch.sort(-theta.to(torch.float64), stable=True).indices
+    keep = torch.zeros(theta.numel(), dtype=torch.bool)
+    sorted_costs = costs.to(torch.float64)[order]
+    if bool((sorted_costs == sorted_costs[0]).all()):  # equal costs: a prefix, no Python loop
+        k = int(math.floor(budget / float(sorted_costs[0]) + 1e-9))
+        keep[order[:k]] = True
+        return keep.reshape(theta.shape)
+    left = float(budget)
+    for idx, c in zip(order.tolist(), sorted_costs.tolist()):
+        if c <= left + 1e-9:
+            keep[idx] = True
+            left -= c
+    return keep.reshape(theta.shape)
+
+
+def binary_entropy(theta: torch.Tensor) -> torch.Tensor:
+    """Per-unit entropy of Bernoulli(θ) in nats (0 at θ ∈ {0, 1})."""
+    t = theta.to(torch.float64)
+    return -(torch.special.xlogy(t, t) + torch.special.xlogy(1.0 - t, 1.0 - t))
+
+
+# --- the policy over a model's MaskSpace -------------------------------------------------------
+
+@dataclass(frozen=True)
+class BudgetPart:
+    """One equality constraint Σ_{u in part} c_u θ_u = target over a slice of flat θ."""
+
+    name: str  # a unit type, or "params" for the joint budget
+    start: int
+    stop: int
+    target: float
+
+
+class Policy:
+    """Keep-probabilities θ for the learned unit types of ``space``, held as one flat float64
+    vector (types in :data:`UNIT_TYPES` order, each flattened layer-major), with their parameter
+    costs and the budget parts."""
+
+    def __init__(self, space: MaskSpace, granularity="group,channel", sparsity: float = 0.2,
+                 budget: str = "count"):
+        self.space = space
+        self.granularity = parse_granularity(granularity)
+        self.sparsity = check_sparsity(sparsity)
+        if budget not in BUDGET_KINDS:
+            raise BppError(f"unknown budget {budget!r}; use one of {', '.join(BUDGET_KINDS)}")
+        self.budget_kind = budget
+        L = space.n_layers
+        sizes = {"channel": L * space.n_channels, "group": L * space.n_groups, "layer": L}
+        unit_cost = {"channel": space.channel_params, "group": space.group_params, "layer": space.layer_params}
+        self.slices: dict[str, slice] = {}
+        costs, start = [], 0
+        for t in self.granularity:
+            self.slices[t] = slice(start, start + sizes[t])
+            costs.append(torch.full((sizes[t],), float(unit_cost[t]), dtype=torch.float64))
+            start += sizes[t]
+        self.costs = torch.cat(costs)
+        self.parts = self._budget_parts(sizes)
+        self.theta = torch.full((start,), 1.0 - self.sparsity, dtype=torch.float64)
+        self.project()
+
+    def _budget_parts(self, sizes: dict) -> list[BudgetPart]:
+        keep = 1.0 - self.sparsity
+        if self.budget_kind == "count":
+            parts = []
+            for t in self.granularity:
+                n = sizes[t]
+                k = int(round(keep * n))
+                if not 0 < k < n:
+                    what = "every" if k == 0 else "no"
+                    raise BppError(
+                        f"sparsity {self.sparsity:g} cannot be met by the granularity {t}: "
+                        f"{n} {t}s in all, keeping {k} would prune {what} {t}; choose a "
+                        f"{'smaller' if k == 0 else 'larger'} sparsity or a finer granularity")
+                sl = self.slices[t]
+                # counts are costed in parameters too, so targets and costs share one unit
+                parts.append(BudgetPart(t, sl.start, sl.stop, k * float(self.costs[sl.start])))
+            return parts
+        total = float(self.costs.sum())
+        target = keep * total
+        cheapest = float(self.costs.min())
+        if total - target < cheapest or target < cheapest:
+            raise BppError(f"sparsity {self.sparsity:g} cannot be met by the granularity "
+                           f"{','.join(self.granularity)}: the budget of {target:.0f} parameters "
+                           f"out of {total:.0f} is finer than the smallest unit ({cheapest:.0f})")
+        return [BudgetPart("params", 0, self.costs.numel(), target)]
+
+    # --- conversions ---------------------------------------------------------------------
+    @property
+    def n_units(self) -> int:
+        return self.theta.numel()
+
+    def to_masks(self, flat: torch.Tensor) -> Masks:
+        """Flat (S, N) values (bool or float) → a Masks container; unlearned types all kept."""
+        S = flat.shape[0]
+        L, sp = self.space.n_layers, self.space
+        shapes = {"channel": (S, L, sp.n_channels), "group": (S, L, sp.n_groups), "layer": (S, L)}
+        out = {}
+        for t in UNIT_TYPES:
+            if t in self.slices:
+                out[_FIELD[t]] = flat[:, self.slices[t]].reshape(shapes[t])
+            else:
+                out[_FIELD[t]] = torch.ones(shapes[t], dtype=flat.dtype)
+        return Masks(**out)
+
+    def from_masks(self, masks: Masks) -> torch.Tensor:
+        """Masks (with S) → flat (S, N) over the learned unit types."""
+        S = masks.layers.shape[0]
+        return torch.cat([getattr(masks, _FIELD[t]).reshape(S, -1) for t in self.granularity], dim=1)
+
+    def theta_masks(self) -> Masks:
+        """θ in a Masks container without S (float64), unlearned types at 1."""
+        m = self.to_masks(self.theta.unsqueeze(0))
+        return Masks(m.channels[0], m.groups[0], m.layers[0])
+
+    def set_theta_masks(self, theta: Masks) -> None:
+        self.theta = self.from_masks(Masks(theta.channels.unsqueeze(0), theta.groups.unsqueeze(0),
+                                           theta.layers.unsqueeze(0)))[0].to(torch.float64).clone()
+
+    # --- the method ----------------------------------------------------------------------
+    def sample(self, S: int, generator: torch.Generator | None = None) -> tuple[Masks, torch.Tensor]:
+        """S masks m ~ Bernoulli(θ): the Masks container and the flat (S, N) bool matrix."""
+        flat = torch.rand((S, self.n_units), generator=generator, dtype=torch.float64) < self.theta
+        return self.to_masks(flat), flat
+
+    def gradient(self, flat_masks: torch.Tensor, losses: torch.Tensor, baseline, n_samples: int) -> torch.Tensor:
+        return score_function_gradient(self.theta, flat_masks, losses, baseline, n_samples)
+
+    def step(self, grad: torch.Tensor, lr: float) -> None:
+        """Plain gradient step θ ← θ − lr·ĝ (as the official code: no momentum), then project."""
+        self.theta = self.theta - lr * grad
+        self.project()
+
+    def project(self) -> None:
+        theta = self.theta.clone()
+        for part in self.parts:
+            sl = slice(part.start, part.stop)
+            theta[sl] = project_onto_budget(self.theta[sl], self.costs[sl], part.target)
+        self.theta = theta
+
+    def final_mask(self, theta: torch.Tensor | None = None) -> Masks:
+        """The deterministic mask keeping the highest-θ units within each budget part (S = 1)."""
+        theta = self.theta if theta is None else theta
+        keep = torch.zeros(self.n_units, dtype=torch.bool)
+        for part in self.parts:
+            sl = slice(part.start, part.stop)
+            keep[sl] = deterministic_mask(theta[sl], self.costs[sl], part.target)
+        return self.to_masks(keep.unsqueeze(0))
+
+    def budget_sums(self, theta: torch.Tensor | None = None) -> list[float]:
+        theta = self.theta if theta is None else theta
+        return [float((self.costs[p.start:p.stop] * theta[p.start:p.stop]).sum()) for p in self.parts]
+
+    def mean_entropy(self) -> float:
+        return float(binary_entropy(self.theta).mean())
+
+
+def advantages(losses: torch.Tensor, baseline_kind: str, moving_baseline: float | None,
+               momentum: float = 0.8) -> tuple[torch.Tensor, float | None]:
+    """Per-sample baselines for the valid (finite) ``losses`` of one step.
+
+    - ``moving-average`` (official): b ← momentum·b + (1 − momentum)·mean(L), starting at the
+      first step's mean, and updated *before* it is used, as the official code does.
+    - ``leave-one-out``: b = mean(L), so that Σ_s (L_s − mean L)/(S − 1) equals the mean of
+      L_s − mean_{j≠s} L_j: each sample is compared with the others on the same batch, which
+      cancels the batch-to-batch loss variation that a moving average carries.
+
+    Returns (baseline to subtract, the new moving baseline)."""
+    mean = losses.to(torch.float64).mean()
+    if baseline_kind == "moving-average":
+        b = float(mean) if moving_baseline is None else momentum * moving_baseline + (1 - momentum) * float(mean)
+        return torch.tensor(b, dtype=torch.float64), b
+    if baseline_kind == "leave-one-out":
+        return mean, moving_baseline
+    raise BppError(f"unknown baseline {baseline_kind!r}; use one of {', '.join(BASELINES)}")
