@@ -1,0 +1,120 @@
+"""FLAP (An et al., AAAI 2024), the strongest metric baseline of the PG paper, as a mask.
+
+- Fluctuation metric (WIFV): for each input column j of o_proj / down_proj, the variance of
+  that input over the calibration tokens times the squared norm of the weight column,
+  S_j = Var_n(X_nj) · ||W_:j||². A KV group scores the sum over its heads' columns.
+- Adaptive global structure (FLAP's "AL-AM"): scores are standardised per unit type across all
+  layers, then one global ranking under a joint parameter budget decides how many groups and
+  channels each layer keeps (heterogeneous).
+- Bias compensation: what a pruned column contributed on average, W_:j · mean_n(X_nj), is added
+  to the output bias at compaction (:func:`compensation_biases`), so the layer's mean output
+  is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import BppError
+from .policy import check_sparsity, deterministic_mask
+from .space import Masks, MaskSpace
+
+
+class InputStats:
+    """Running per-column mean and variance of the inputs of o_proj and down_proj (float64)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.n = 0
+        layers = model.model.layers
+        self.sums = {k: [None] * len(layers) for k in ("attn", "mlp")}
+        self.squares = {k: [None] * len(layers) for k in ("attn", "mlp")}
+
+    def _hook(self, kind: str, layer: int):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            s, q = x.sum(0), x.pow(2).sum(0)
+            if self.sums[kind][layer] is None:
+                self.sums[kind][layer], self.squares[kind][layer] = s, q
+            else:
+                self.sums[kind][layer] += s
+                self.squares[kind][layer] += q
+            if kind == "mlp" and layer == 0:
+                self.n += x.shape[0]
+        return record
+
+    @torch.no_grad()
+    def collect(self, input_ids: torch.Tensor, batch_size: int = 8) -> "InputStats":
+        handles = []
+        for i, layer in enumerate(self.model.model.layers):
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("attn", i)))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("mlp", i)))
+        try:
+            device = next(self.model.parameters()).device
+            for start in range(0, input_ids.shape[0], batch_size):
+                self.model(input_ids[start:start + batch_size].to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        return self
+
+    def mean(self, kind: str) -> list[torch.Tensor]:
+        return [s / self.n for s in self.sums[kind]]
+
+    def variance(self, kind: str) -> list[torch.Tensor]:
+        """Unbiased per-column variance over the calibration tokens."""
+        n = self.n
+        return [((q - s * s / n) / max(n - 1, 1)).clamp_min(0.0) for s, q in zip(self.sums[kind], self.squares[kind])]
+
+
+def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """WIFV fluctuation scores: channels ``(L, m)`` and KV groups ``(L, G)``, float64."""
+    space = MaskSpace.from_model(model)
+    channel, group = [], []
+    for i, layer in enumerate(model.model.layers):
+        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
+        channel.append(stats.variance("mlp")[i] * w_down.pow(2).sum(0))
+        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
+        per_column = stats.variance("attn")[i] * w_o.pow(2).sum(0)
+        group.append(per_column.view(space.n_groups, -1).sum(1))
+    return torch.stack(channel), torch.stack(group)
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    std = x.std()
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
+def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats | None = None) -> Masks:
+    """The FLAP mask at ``sparsity`` of the prunable (group + channel) parameters (S = 1)."""
+    sparsity = check_sparsity(sparsity)
+    space = MaskSpace.from_model(model)
+    stats = stats or InputStats(model).collect(input_ids)
+    channel, group = flap_scores(model, stats)
+    scores = torch.cat([_standardise(channel).flatten(), _standardise(group).flatten()])
+    costs = torch.cat([torch.full((channel.numel(),), float(space.channel_params), dtype=torch.float64),
+                       torch.full((group.numel(),), float(space.group_params), dtype=torch.float64)])
+    keep = deterministic_mask(scores, costs, (1.0 - sparsity) * float(costs.sum()))
+    if not keep.any():
+        raise BppError(f"sparsity {sparsity:g} leaves no unit of the model")
+    L = space.n_layers
+    channels = keep[: channel.numel()].view(1, L, space.n_channels)
+    groups = keep[channel.numel():].view(1, L, space.n_groups)
+    return Masks(channels, groups, torch.ones(1, L, dtype=torch.bool))
+
+
+def compensation_biases(model, masks: Masks, stats: InputStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the output biases of o_proj and down_proj that restore the mean contribution of
+    the pruned columns: ``b = W[:, pruned] @ mean(X[:, pruned])`` (zeros when nothing is pruned)."""
+    space = MaskSpace.from_model(model)
+    masks.validate(space)
+    per_head = space.heads_per_group * space.head_dim
+    attn_bias, mlp_bias = [], []
+    for i, layer in enumerate(model.model.layers):
+        pruned_cols = ~masks.groups[0, i].repeat_interleave(per_head)
+        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
+        attn_bias.append((w_o[:, pruned_cols] @ stats.mean("attn")[i][pruned_cols]).to(w_o.dtype))
+        pruned_ch = ~masks.channels[0, i]
+        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
+        mlp_bias.append(w_down[:, pruned_ch] @ stats.mean("mlp")[i][pruned_ch])
+    dtype = model.model.layers[0].mlp.down_proj.weight.dtype
+    return [b.to(dtype) for b in attn_bias], [b.to(dtype) for b in mlp_bias]

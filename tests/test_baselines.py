@@ -1,0 +1,69 @@
+"""FLAP baseline: fluctuation scores, the global heterogeneous mask, bias compensation."""
+import pytest
+import torch
+
+from bpp.baselines import InputStats, compensation_biases, flap_mask, flap_scores
+from bpp.errors import BppError
+from bpp.space import MaskSpace
+
+
+def _inputs(tiny, n=6, T=17):
+    return torch.randint(0, tiny.config.vocab_size, (n, T))
+
+
+def test_flap_scores_equal_variance_times_column_norm(tiny):
+    ids = _inputs(tiny)
+    stats = InputStats(tiny).collect(ids, batch_size=4)  # two batches: the running sums must merge
+    captured = {}
+    layer = tiny.model.layers[1]
+    h1 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("mlp", a[0]))
+    h2 = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("attn", a[0]))
+    with torch.no_grad():
+        tiny(ids)
+    h1.remove(), h2.remove()
+    channel, group = flap_scores(tiny, stats)
+    x = captured["mlp"].reshape(-1, captured["mlp"].shape[-1]).double()
+    expected = x.var(0) * layer.mlp.down_proj.weight.double().pow(2).sum(0)
+    torch.testing.assert_close(channel[1], expected, rtol=1e-6, atol=1e-9)
+    a = captured["attn"].reshape(-1, captured["attn"].shape[-1]).double()
+    per_col = a.var(0) * layer.self_attn.o_proj.weight.double().pow(2).sum(0)
+    torch.testing.assert_close(group[1], per_col.view(group.shape[1], -1).sum(1), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.5])
+def test_flap_mask_meets_the_parameter_budget(tiny, sparsity):
+    space = MaskSpace.from_model(tiny)
+    mask = flap_mask(tiny, _inputs(tiny), sparsity)
+    mask.validate(space)
+    assert mask.S == 1 and mask.layers.all()
+    kept = mask.channels.sum() * space.channel_params + mask.groups.sum() * space.group_params
+    budget = (1 - sparsity) * space.prunable_params
+    assert budget - space.group_params < kept <= budget  # within one unit of the budget, never over
+
+
+def test_flap_mask_rejects_bad_sparsity(tiny):
+    with pytest.raises(BppError, match="sparsity"):
+        flap_mask(tiny, _inputs(tiny), 1.0)
+
+
+def test_bias_compensation_restores_the_mean_output(tiny):
+    ids = _inputs(tiny)
+    stats = InputStats(tiny).collect(ids)
+    mask = flap_mask(tiny, ids, 0.5, stats=stats)
+    attn_bias, mlp_bias = compensation_biases(tiny, mask, stats)
+    # with each layer's own (unpruned) inputs, the pruned output plus the bias has the same mean
+    # over the calibration tokens as the full output: the compensation is exact on average
+    inputs = {}
+    hooks = [l.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, l in enumerate(tiny.model.layers)]
+    with torch.no_grad():
+        tiny(ids)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(tiny.model.layers):
+        x = inputs[i].reshape(-1, inputs[i].shape[-1])
+        full = x @ layer.mlp.down_proj.weight.t()
+        pruned = (x * mask.channels[0, i]) @ layer.mlp.down_proj.weight.t() + mlp_bias[i]
+        torch.testing.assert_close(pruned.mean(0), full.mean(0), rtol=1e-4, atol=1e-5)
+        assert attn_bias[i].shape == (tiny.config.hidden_size,)
+        assert (mlp_bias[i] != 0).any()
