@@ -1,0 +1,77 @@
+"""``bpp prune``: learn a structured mask by policy gradient and write the pruned result."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .engine import PruneConfig
+
+_D = PruneConfig()  # the defaults, in one place
+
+# option name on the command line → PruneConfig field
+_CONFIG_OPTIONS = {f: f for f in PruneConfig.__dataclass_fields__}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    def prune_cmd(
+        ctx: typer.Context,
+        model: str = typer.Option(_D.model, "--model", "-m", help="local Hugging Face folder, hub id, or 'default' (embedded SmolLM2-135M-Instruct)"),
+        data: str = typer.Option(_D.data, "--data", help="calibration/held-out text: default | wikitext2 | c4 | ptb | path/to/file.txt"),
+        sparsity: float = typer.Option(_D.sparsity, "--sparsity", "-s", help="fraction of the learned units' parameters to remove, in (0, 1)"),
+        granularity: str = typer.Option(_D.granularity, "--granularity", help="unit types to prune: group,channel | group | channel | layer"),
+        budget: str = typer.Option(_D.budget, "--budget", help="count: one budget per unit type (official); params: one joint parameter budget over all units"),
+        steps: int = typer.Option(_D.steps, "--steps", help="policy-gradient steps (one calibration batch each, no batch twice)"),
+        samples: int = typer.Option(_D.samples, "--samples", "-S", help="masks sampled and evaluated per step (official: 2)"),
+        seq_len: int = typer.Option(_D.seq_len, "--seq-len", help="tokens per calibration window"),
+        batch_size: int = typer.Option(_D.batch_size, "--batch-size", "-b", help="calibration windows per step (official: 8)"),
+        lr: float = typer.Option(_D.lr, "--lr", help="learning rate of θ (official: 6e-3)"),
+        schedule: str = typer.Option(_D.schedule, "--schedule", help="cosine | constant"),
+        baseline: str = typer.Option(_D.baseline, "--baseline", help="moving-average (official: b ← 0.8 b + 0.2 mean loss) | leave-one-out"),
+        init: str = typer.Option(_D.init, "--init", help="wanda-sp (official) | magnitude | uniform"),
+        init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows for the wanda-sp metric"),
+        init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per wanda-sp calibration window"),
+        seed: int = typer.Option(_D.seed, "--seed", help="seeds the data order, the wanda-sp windows and mask sampling"),
+        dtype: str = typer.Option(_D.dtype, "--dtype", help="float32 | bfloat16 | float16"),
+        device: str = typer.Option(_D.device, "--device", help="cpu | cuda"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: pruned-<model>-<sparsity>)"),
+        force: bool = typer.Option(False, "--force", help="overwrite the output folder's bpp files if it exists"),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run in this folder (options not given are taken from it)"),
+        checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="write a checkpoint every N steps (0: only at the start and end)"),
+        eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="at most this many held-out windows per perplexity (default: all)"),
+        eval_seq_len: int = typer.Option(128, "--eval-seq-len", help="held-out perplexity window length"),
+        evaluate: bool = typer.Option(True, "--eval/--no-eval", help="held-out perplexity of dense, init and final masks"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ):
+        """Prune a model by policy gradient (arXiv 2406.10576); with no options, the embedded default at 20%."""
+        from click.core import ParameterSource
+
+        from .engine import load_checkpoint, prune
+
+        given = {name: value for name, value in ctx.params.items() if name in _CONFIG_OPTIONS}
+        if resume is not None:
+            if out is not None and Path(out) != Path(resume):
+                from .errors import BppError
+
+                raise BppError("--resume continues in its own folder; do not also pass a different --out")
+            saved = load_checkpoint(resume)["config"]
+            # options typed on this command line must agree with the run; the rest come from it
+            explicit = {k: v for k, v in given.items()
+                        if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+            config = PruneConfig.from_dict({**saved, **explicit})
+            target = resume
+        else:
+            config = PruneConfig.from_dict(given)
+            name = Path(config.model).name if config.model != "default" else "default"
+            target = out if out is not None else Path(f"pruned-{name}-{config.sparsity:g}")
+        report = prune(config, target, force=force, resume=resume is not None, checkpoint_every=checkpoint_every,
+                       eval_windows=eval_windows, eval_seq_len=eval_seq_len, evaluate=evaluate, progress=not quiet)
+        ppl = report["perplexity"]
+        final = report["params"]["final_mask"]
+        typer.echo(f"pruned to {final['params']:,} parameters ({final['sparsity_of_model']:.1%} of the model removed) "
+                   f"in {report['timings_s']['policy_gradient']:.0f}s of policy gradient; output in {target}")
+        if "final_mask" in ppl:
+            parts = [f"{k.replace('_', ' ')} {ppl[k]:.3f}" for k in ("dense", "init_mask", "final_mask") if k in ppl]
+            typer.echo(f"held-out perplexity (seq_len {ppl['seq_len']}): " + ", ".join(parts))
