@@ -1,0 +1,164 @@
+"""The batched masked forward: the per-sample loss of S structured masks in one pass.
+
+Weights are re-laid out once (interleaved gate/up, transposed down, q/k/v/o grouped by KV
+group); the forward is only calls to bpp_kernels ops, so the backend (reference, C++, Triton)
+decides how pruned work is skipped. Works for the Llama family and its relatives that share
+its decoder block: Llama 1/2/3, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm).
+
+A layer that a sample drops is given zero kept channels and groups for that sample, so its
+attention and MLP add exactly zero and the residual passes through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import bpp_kernels as K
+
+from ..errors import BppError
+from ..space import Masks, MaskSpace
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o_t: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down_t: torch.Tensor
+
+
+def _pack_layer(layer, n_groups: int) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    bias = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
+    w_qkv, w_o_t, b_qkv = K.pack_attention(
+        attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach(),
+        attn.o_proj.weight.detach(), n_groups, bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj))
+    w_gate_up, w_down_t = K.pack_swiglu(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                                        mlp.down_proj.weight.detach())
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    return _Layer(
+        attn_norm=layer.input_layernorm.weight.detach(), w_qkv=w_qkv, b_qkv=b_qkv, w_o_t=w_o_t,
+        q_norm=None if q_norm is None else q_norm.weight.detach(),
+        k_norm=None if k_norm is None else k_norm.weight.detach(),
+        mlp_norm=layer.post_attention_layernorm.weight.detach(), w_gate_up=w_gate_up, w_down_t=w_down_t)
+
+
+class MaskedModel:
+    """Evaluates many structured masks of one Hugging Face causal LM in batched passes.
+
+    ``max_tokens_per_pass`` bounds S·B·T per pass (activation memory); more samples than fit are
+    evaluated in consecutive passes, with identical results (batch invariance).
+    """
+
+    def __init__(self, model, max_tokens_per_pass: int = 32768):
+        self.space = MaskSpace.from_model(model)
+        config = model.config
+        if getattr(config, "mlp_bias", False) or getattr(model.model.layers[0].self_attn.o_proj, "bias", None) is not None:
+            raise BppError("biases on o_proj or the MLP are not supported by the masked engine")
+        if max_tokens_per_pass < 1:
+            raise BppError("max_tokens_per_pass must be positive")
+        self.model = model
+        self.max_tokens_per_pass = int(max_tokens_per_pass)
+        self.eps = float(config.rms_norm_eps)
+        self.scale = float(model.model.layers[0].self_attn.scaling)
+        self.vocab_size = int(config.vocab_size)
+        window = getattr(config, "sliding_window", None)
+        uses_window = window is not None and getattr(config, "use_sliding_window", True)
+        self.sliding_window = int(window) if uses_window else None
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.rotary = model.model.rotary_emb
+        self.layers = [_pack_layer(layer, self.space.n_groups) for layer in model.model.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    # --- inputs --------------------------------------------------------------------------
+    def _check_inputs(self, input_ids: torch.Tensor, masks: Masks) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise BppError("input_ids must be an integer tensor of shape (B, T)")
+        B, T = input_ids.shape
+        if B == 0:
+            raise BppError("input_ids is an empty batch (B = 0)")
+        if T < 2:
+            raise BppError(f"input_ids needs at least 2 tokens per row to predict one, got T={T}")
+        if self.sliding_window is not None and T > self.sliding_window:
+            raise BppError(f"T={T} exceeds the model's sliding window {self.sliding_window}; use shorter windows")
+        masks.validate(self.space)
+        if masks.S == 0:
+            raise BppError("masks holds no sample (S = 0)")
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)  # the one host sync of a call
+        if lo < 0 or hi >= self.vocab_size:
+            raise BppError(f"input_ids must lie in [0, {self.vocab_size}); got values in [{lo}, {hi}]")
+
+    def _indices(self, masks: Masks):
+        """Per layer: (keep_idx (S, n), keep_count (S,)) for groups and channels, built on device."""
+        eff = masks.effective().to(self.device)
+        S, L = eff.layers.shape
+
+        def per_layer(m: torch.Tensor):
+            idx, cnt = K.mask_to_index(m.transpose(0, 1).reshape(L * S, -1))
+            idx, cnt = idx.view(L, S, -1), cnt.view(L, S)
+            return [(idx[l], cnt[l]) for l in range(L)]
+
+        return per_layer(eff.groups), per_layer(eff.channels)
+
+    def _rope(self, T: int, dtype: torch.dtype):
+        positions = torch.arange(T, device=self.device).unsqueeze(0)
+        cos, sin = self.rotary(self.embed[:1].to(dtype), positions)
+        return cos[0].to(dtype), sin[0].to(dtype)
+
+    # --- the forward ---------------------------------------------------------------------
+    def _hidden(self, input_ids: torch.Tensor, groups, channels) -> torch.Tensor:
+        """Final-normed hidden states ``(S, B, T, d)`` of the samples whose index lists are given."""
+        S = groups[0][0].shape[0]
+        B, T = input_ids.shape
+        h = self.embed[input_ids].unsqueeze(0).expand(S, B, T, -1).contiguous()
+        cos, sin = self._rope(T, h.dtype)
+        for layer, (g_idx, g_cnt), (c_idx, c_cnt) in zip(self.layers, groups, channels):
+            y = K.rms_norm(h, layer.attn_norm, self.eps)
+            a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, b_qkv=layer.b_qkv,
+                                   q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
+            y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
+            h = h + K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt)
+        return K.rms_norm(h, self.final_norm, self.eps)
+
+    def _chunks(self, S: int, tokens: int):
+        per_pass = max(1, self.max_tokens_per_pass // tokens)
+        return [slice(s, min(s + per_pass, S)) for s in range(0, S, per_pass)]
+
+    @torch.no_grad()
+    def losses(self, input_ids: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """``(S,)`` float32: mean next-token NLL of each mask over the batch ``input_ids (B, T)``."""
+        self._check_inputs(input_ids, masks)
+        input_ids = input_ids.to(self.device, torch.int64)
+        groups, channels = self._indices(masks)
+        B, T = input_ids.shape
+        targets = input_ids[:, 1:].reshape(-1)
+        out = []
+        for part in self._chunks(masks.S, B * T):
+            h = self._hidden(input_ids, [(i[part], c[part]) for i, c in groups],
+                             [(i[part], c[part]) for i, c in channels])
+            # one call per sample: its rows are chunked the same way whatever S is (batch invariance)
+            for s in range(h.shape[0]):
+                rows = h[s, :, :-1].reshape(B * (T - 1), -1)
+                out.append(K.linear_cross_entropy(rows, self.lm_head, targets).mean().reshape(1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """``(S, B, T, V)`` logits of each mask (for checks on small inputs: holds all logits)."""
+        self._check_inputs(input_ids, masks)
+        input_ids = input_ids.to(self.device, torch.int64)
+        groups, channels = self._indices(masks)
+        return self._hidden(input_ids, groups, channels) @ self.lm_head.t()

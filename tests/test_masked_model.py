@@ -1,0 +1,98 @@
+"""The batched masked forward against the hook ground truth (issue 3)."""
+import pytest
+import torch
+
+from bpp import MaskedModel, Masks, MaskSpace
+from bpp.errors import BppError
+from bpp.models.hooks import hook_losses
+from tests.tiny import tiny_model
+
+
+def _edge_masks(space: MaskSpace, S: int, seed: int) -> Masks:
+    """Random masks whose first samples cover the edge cases: all kept, a layer with every
+    channel pruned, a layer with every group pruned, a dropped layer, and everything pruned."""
+    g = torch.Generator().manual_seed(seed)
+    masks = Masks.sample(Masks.probabilities(space, 0.6), S, g)
+    cases = [
+        lambda m: None,
+        lambda m: m.channels[0].__setitem__(0, False),
+        lambda m: m.groups[0].__setitem__(1, False),
+        lambda m: m.layers[0].__setitem__(0, False),
+        lambda m: (m.channels.fill_(False), m.groups.fill_(False)),
+    ]
+    full = Masks.full(space, 1)
+    for s, edit in enumerate(cases[:S]):
+        one = Masks(full.channels.clone(), full.groups.clone(), full.layers.clone()) if s == 0 else masks[s]
+        edit(one)
+        masks.channels[s], masks.groups[s], masks.layers[s] = one.channels[0], one.groups[0], one.layers[0]
+    return masks
+
+
+@pytest.mark.parametrize("S", [1, 8])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_losses_equal_the_hook_masked_hf_model(tiny, S, backend, monkeypatch):
+    monkeypatch.setenv("BPP_KERNELS_BACKEND", backend)
+    space = MaskSpace.from_model(tiny)
+    masks = _edge_masks(space, S, seed=S)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 63))
+    got = MaskedModel(tiny).losses(ids, masks)
+    want = hook_losses(tiny, ids, masks)
+    assert got.shape == (S,) and got.dtype == torch.float32
+    rel = ((got - want).abs() / want.abs()).max().item()
+    assert rel <= 1e-4, f"max relative error {rel:.2e}"
+    if S == 8:  # the masks really change the loss: an engine ignoring them would fail above
+        assert want.unique().numel() >= 6
+
+
+def test_batch_invariance_is_exact(tiny):
+    space = MaskSpace.from_model(tiny)
+    masks = _edge_masks(space, 8, seed=3)
+    ids = torch.randint(0, tiny.config.vocab_size, (3, 21))
+    mm = MaskedModel(tiny)
+    together = mm.losses(ids, masks)
+    for j in (0, 4, 7):
+        assert torch.equal(mm.losses(ids, masks[j]), together[j : j + 1])
+
+
+def test_chunking_by_max_tokens_gives_the_same_losses(tiny):
+    space = MaskSpace.from_model(tiny)
+    masks = _edge_masks(space, 7, seed=5)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 16))
+    whole = MaskedModel(tiny).losses(ids, masks)
+    chunked = MaskedModel(tiny, max_tokens_per_pass=3 * 32).losses(ids, masks)  # passes of 3, 3, 1
+    assert torch.equal(whole, chunked)
+
+
+def test_logits_equal_the_hook_masked_model():
+    from bpp.models.hooks import hook_masks
+
+    model = tiny_model("qwen3")
+    space = MaskSpace.from_model(model)
+    masks = _edge_masks(space, 4, seed=9)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    logits = MaskedModel(model).logits(ids, masks)
+    for s in range(4):
+        with hook_masks(model, masks[s]), torch.no_grad():
+            want = model(ids).logits
+        torch.testing.assert_close(logits[s], want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    mm = MaskedModel(model)
+    masks = Masks.full(space, 2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    other = Masks(masks.channels[:, :, :-1], masks.groups, masks.layers)
+    with pytest.raises(BppError, match=r"masks.channels has shape \(2, 2, 69\).*needs \(2, 2, 70\)"):
+        mm.losses(ids, other)
+    with pytest.raises(BppError, match="must lie in"):
+        mm.losses(ids + model.config.vocab_size, masks)
+    with pytest.raises(BppError, match="empty batch"):
+        mm.losses(ids[:0], masks)
+    with pytest.raises(BppError, match="at least 2 tokens"):
+        mm.losses(ids[:, :1], masks)
+    with pytest.raises(BppError, match=r"shape \(B, T\)"):
+        mm.losses(ids[0], masks)
+    with pytest.raises(BppError, match="bool tensor"):
+        mm.losses(ids, Masks(masks.channels.float(), masks.groups, masks.layers))
