@@ -1,0 +1,181 @@
+"""Final mask → dense, physically smaller weights → a model folder that loads anywhere.
+
+Kept rows of q/k/v (whole KV groups with their query heads) and of gate/up, kept columns of
+o_proj and down_proj; dropped layers removed and the rest renumbered; biases and q/k norms
+carried along. When every kept layer keeps the same numbers of groups and channels (none zero),
+the result is the stock Hugging Face model with a smaller stock config; otherwise it is the
+stock model with per-layer sizes, defined by ``modeling_bpp.py`` shipped in the folder
+(``trust_remote_code=True``, no bpp needed to load it).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import BppError
+from .space import Masks, MaskSpace
+
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_TEMPLATE = Path(__file__).parent / "models" / "modeling_bpp.py"
+MODELING_FILE = "modeling_bpp.py"
+
+
+def modeling_source(family: str) -> str:
+    """The shipped modeling file for ``family``."""
+    return _TEMPLATE.read_text().replace("FAMILY", family).replace("Family", _CLASS_PREFIX[family])
+
+
+def _modeling_module(family: str):
+    """The rendered modeling file imported as a module (the same code the saved folder ships)."""
+    name = f"bpp_modeling_{family}"
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="bpp-modeling-"))
+        path = folder / f"{name}.py"
+        path.write_text(modeling_source(family))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
+    masks.validate(space)
+    if masks.S != 1:
+        raise BppError(f"compaction takes one mask (S = 1), got {masks.S}")
+    eff = masks.effective()
+    if not eff.layers.any() or not (eff.channels.any() or eff.groups.any()):
+        raise BppError("the mask keeps nothing (no layer with a kept group or channel): nothing to compact")
+    return eff
+
+
+def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = None,
+            down_proj_bias: list[torch.Tensor] | None = None):
+    """A new, smaller model equal to ``model`` under the single mask ``masks``; ``model`` is untouched.
+
+    ``o_proj_bias`` / ``down_proj_bias``: optional per-layer output biases (one ``(d,)`` tensor
+    per layer of the original model, e.g. FLAP bias compensation); they force per-layer config."""
+    space = MaskSpace.from_model(model)
+    eff = _check_mask(space, masks)
+    kept_layers = [i for i in range(space.n_layers) if bool(eff.layers[0, i])]
+    groups = [int(eff.groups[0, i].sum()) for i in kept_layers]
+    channels = [int(eff.channels[0, i].sum()) for i in kept_layers]
+    uniform = len(set(groups)) == 1 and len(set(channels)) == 1 and groups[0] > 0 and channels[0] > 0
+    biased = o_proj_bias is not None or down_proj_bias is not None
+
+    config = copy.deepcopy(model.config)
+    r = space.heads_per_group
+    config.num_hidden_layers = len(kept_layers)
+    config.head_dim = space.head_dim
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept_layers]
+    if uniform and not biased:
+        config.num_key_value_heads, config.num_attention_heads = groups[0], groups[0] * r
+        config.intermediate_size = channels[0]
+        from transformers import AutoModelForCausalLM
+
+        new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    else:
+        module = _modeling_module(space.family)
+        fields = config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            fields.pop(key, None)
+        config = module.BppPrunedConfig(kv_heads_per_layer=groups, intermediate_size_per_layer=channels,
+                                        o_proj_bias=o_proj_bias is not None, down_proj_bias=down_proj_bias is not None,
+                                        **fields)
+        config.architectures = ["BppPrunedForCausalLM"]
+        config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.BppPrunedConfig",
+                           "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BppPrunedForCausalLM"}
+        new = module.BppPrunedForCausalLM(config).to(model.dtype)
+    new.generation_config = copy.deepcopy(model.generation_config)
+    _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
+    return new.to(model.device).eval()
+
+
+@torch.no_grad()
+def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bias, down_proj_bias) -> None:
+    G, r, hd, d = space.n_groups, space.heads_per_group, space.head_dim, space.hidden_size
+    dst.model.embed_tokens.weight.copy_(src.model.embed_tokens.weight)
+    dst.model.norm.weight.copy_(src.model.norm.weight)
+    if not src.config.tie_word_embeddings:
+        dst.lm_head.weight.copy_(src.lm_head.weight)
+    for new_idx, old_idx in enumerate(kept_layers):
+        s_layer, d_layer = src.model.layers[old_idx], dst.model.layers[new_idx]
+        g = eff.groups[0, old_idx]
+        if g.any():
+            sa, da = s_layer.self_attn, d_layer.self_attn
+            d_layer.input_layernorm.weight.copy_(s_layer.input_layernorm.weight)
+            da.q_proj.weight.copy_(sa.q_proj.weight.view(G, r * hd, d)[g].reshape(-1, d))
+            da.k_proj.weight.copy_(sa.k_proj.weight.view(G, hd, d)[g].reshape(-1, d))
+            da.v_proj.weight.copy_(sa.v_proj.weight.view(G, hd, d)[g].reshape(-1, d))
+            da.o_proj.weight.copy_(sa.o_proj.weight.view(d, G, r * hd)[:, g].reshape(d, -1))
+            for name, rows in (("q_proj", r * hd), ("k_proj", hd), ("v_proj", hd)):
+                bias = getattr(sa, name).bias
+                if bias is not None:
+                    getattr(da, name).bias.copy_(bias.view(G, rows)[g].reshape(-1))
+            for name in ("q_norm", "k_norm"):
+                if hasattr(sa, name):
+                    getattr(da, name).weight.copy_(getattr(sa, name).weight)
+            if o_proj_bias is not None:
+                da.o_proj.bias.copy_(o_proj_bias[old_idx])
+        ch = eff.channels[0, old_idx]
+        if ch.any():
+            sm, dm = s_layer.mlp, d_layer.mlp
+            d_layer.post_attention_layernorm.weight.copy_(s_layer.post_attention_layernorm.weight)
+            dm.gate_proj.weight.copy_(sm.gate_proj.weight[ch])
+            dm.up_proj.weight.copy_(sm.up_proj.weight[ch])
+            dm.down_proj.weight.copy_(sm.down_proj.weight[:, ch])
+            if down_proj_bias is not None:
+                dm.down_proj.bias.copy_(down_proj_bias[old_idx])
+
+
+def round_mask(masks: Masks, multiple: int, scores: Masks | None = None) -> Masks:
+    """Round each kept layer's channel count up to a multiple of ``multiple`` (at most all of
+    them), adding the pruned channels with the highest ``scores`` (θ, or any importance) first."""
+    if multiple not in (1, 8, 16, 32, 64, 128):
+        raise BppError(f"--round-to must be one of 8, 16, 32, 64, 128, got {multiple}")
+    channels = masks.channels.clone()
+    S, L, m = channels.shape
+    for s in range(S):
+        for i in range(L):
+            kept = int(channels[s, i].sum())
+            if kept == 0:
+                continue
+            target = min(m, -(-kept // multiple) * multiple)
+            if target > kept:
+                score = scores.channels[i].double() if scores is not None else torch.zeros(m, dtype=torch.float64)
+                score = score.masked_fill(channels[s, i], float("-inf"))
+                channels[s, i, torch.sort(-score, stable=True).indices[: target - kept]] = True
+    return Masks(channels, masks.groups.clone(), masks.layers.clone())
+
+
+def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
+                   o_proj_bias=None, down_proj_bias=None) -> Path:
+    """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
+    config, tokenizer, and ``modeling_bpp.py`` when layers differ). Written to a temporary folder
+    and renamed, so a failure leaves nothing half-written."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise BppError(f"{out} exists; pass --force to replace it")
+    compacted = compact(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        compacted.save_pretrained(tmp, safe_serialization=True)
+        if getattr(compacted.config, "auto_map", None):
+            (tmp / MODELING_FILE).write_text(modeling_source(MaskSpace.from_model(model).family))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

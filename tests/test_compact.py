@@ -1,0 +1,215 @@
+"""Compaction: dense pruned weights whose logits equal the masked model's, saved so that plain
+transformers loads them (issue 5)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bpp import Masks, MaskSpace
+from bpp.compact import compact, round_mask, save_compacted
+from bpp.errors import BppError
+from bpp.models.hooks import hook_masks
+from tests.tiny import tiny_model
+
+
+def _mask(space, kind: str, seed: int = 0) -> Masks:
+    g = torch.Generator().manual_seed(seed)
+    full = Masks.full(space, 1)
+    if kind == "full":
+        return full
+    if kind == "uniform":  # the same counts in every layer: the stock-config path
+        for i in range(space.n_layers):
+            full.channels[0, i, torch.randperm(space.n_channels, generator=g)[:40]] = False
+            full.groups[0, i, torch.randperm(space.n_groups, generator=g)[:1]] = False
+        return full
+    mask = Masks.sample(Masks.probabilities(space, 0.6), 1, g)
+    mask.layers[:] = True
+    mask.groups[0, 0] = True
+    mask.channels[0, 0, :5] = True
+    if kind == "no-attention":
+        mask.groups[0, 1] = False
+    elif kind == "no-mlp":
+        mask.channels[0, 1] = False
+    elif kind == "dropped-layer":
+        mask.layers[0, 0] = False
+        mask.groups[0, 1, 0] = False
+    return mask
+
+
+def _masked_logits(model, mask, ids):
+    with hook_masks(model, mask), torch.no_grad():
+        return model(ids).logits
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["random", "no-attention", "no-mlp", "dropped-layer", "full", "uniform"])
+def test_compacted_logits_and_params_equal_the_masked_model(tiny, kind):
+    space = MaskSpace.from_model(tiny)
+    mask = _mask(space, kind)
+    small = compact(tiny, mask)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        got = small(ids).logits
+    assert _rel(got, _masked_logits(tiny, mask, ids)) <= 1e-4
+    assert sum(p.numel() for p in small.parameters()) == int(space.params(mask)[0])
+    eff = mask.effective()
+    kept = [i for i in range(space.n_layers) if eff.layers[0, i]]
+    sizes = {(int(eff.groups[0, i].sum()), int(eff.channels[0, i].sum())) for i in kept}
+    stock = len(sizes) == 1 and min(min(sizes)) > 0  # one shape, no empty block: a stock config
+    assert stock == (kind in ("full", "uniform", "dropped-layer"))
+    assert (getattr(small.config, "auto_map", None) is None) == stock
+    assert small.config.num_hidden_layers == int(mask.layers.sum())
+
+
+def test_compaction_leaves_the_model_untouched():
+    model = tiny_model("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compact(model, _mask(MaskSpace.from_model(model), "random"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _isolated_load(path, ids, trust):
+    """Load and run the saved folder in a fresh interpreter where bpp cannot be imported."""
+    code = f"""
+import importlib.abc, json, sys, torch
+
+class NoBpp(importlib.abc.MetaPathFinder):  # as if bpp were not installed (it is, editable)
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('bpp', 'bpp_kernels'):
+            raise ImportError('bpp is not installed here')
+        return None
+
+sys.meta_path.insert(0, NoBpp())
+try:
+    import bpp
+    raise SystemExit('bpp is importable in the isolated check')
+except ImportError:
+    pass
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code={trust})
+ids = torch.tensor({ids.tolist()})
+with torch.no_grad():
+    logits = m(ids).logits
+    full = m.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=True)
+    nocache = m.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False)
+print(json.dumps({{"logits": logits.tolist(), "cache": full.tolist(), "nocache": nocache.tolist(),
+                   "cls": type(m).__name__}}))
+"""
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["no-attention", "uniform"])
+def test_saved_folder_loads_without_bpp_and_generates_with_cache(tmp_path, tokenizer, kind):
+    model = tiny_model("qwen3" if kind == "uniform" else "llama")
+    space = MaskSpace.from_model(model)
+    mask = _mask(space, kind)
+    out = save_compacted(model, mask, tmp_path / "small", tokenizer=tokenizer)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file()
+    assert (out / "modeling_bpp.py").is_file() == (kind != "uniform")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    result = _isolated_load(out, ids, trust=kind != "uniform")
+    assert _rel(torch.tensor(result["logits"]), _masked_logits(model, mask, ids)) <= 1e-4
+    assert result["cache"] == result["nocache"]  # the KV-cache path decodes the same tokens
+    config = json.loads((out / "config.json").read_text())
+    if kind != "uniform":
+        assert config["kv_heads_per_layer"][1] == 0 and result["cls"] == "BppPrunedForCausalLM"
+
+
+def test_bad_inputs(tmp_path):
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    other = Masks.full(MaskSpace.from_model(tiny_model("llama", intermediate_size=50)), 1)
+    with pytest.raises(BppError, match="masks.channels has shape"):
+        compact(model, other)
+    nothing = Masks.full(space, 1)
+    nothing.layers[:] = False
+    with pytest.raises(BppError, match="keeps nothing"):
+        compact(model, nothing)
+    with pytest.raises(BppError, match="one mask"):
+        compact(model, Masks.full(space, 2))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(BppError, match="exists; pass --force"):
+        save_compacted(model, Masks.full(space, 1), tmp_path / "exists")
+    save_compacted(model, Masks.full(space, 1), tmp_path / "exists", force=True)
+    assert (tmp_path / "exists" / "config.json").is_file()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    mask = _mask(MaskSpace.from_model(model), "random")
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_compacted(model, mask, tmp_path / "out", tokenizer=Broken())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_round_to_adds_the_highest_scored_channels():
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    mask = _mask(space, "random", seed=3)
+    theta = Masks.probabilities(space, 0.5)
+    theta.channels = torch.rand(space.n_layers, space.n_channels)
+    rounded = round_mask(mask, 8, theta)
+    for i in range(space.n_layers):
+        before, after = int(mask.channels[0, i].sum()), int(rounded.channels[0, i].sum())
+        assert after % 8 == 0 or after == space.n_channels
+        assert after >= before and (mask.channels[0, i] <= rounded.channels[0, i]).all()
+        added = rounded.channels[0, i] & ~mask.channels[0, i]
+        left_out = ~rounded.channels[0, i]
+        if added.any() and left_out.any():
+            assert theta.channels[i][added].min() >= theta.channels[i][left_out].max()
+    with pytest.raises(BppError, match="round-to"):
+        round_mask(mask, 7)
+
+
+def test_bias_compensation_restores_mean_mlp_output():
+    from bpp.baselines import InputStats, compensation_biases, flap_mask
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (4, 15))
+    stats = InputStats(model).collect(ids)
+    mask = flap_mask(model, ids, 0.4, stats=stats)
+    attn_bias, mlp_bias = compensation_biases(model, mask, stats)
+    small = compact(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
+    assert small.model.layers[0].mlp.down_proj.bias is not None
+    assert torch.equal(small.model.layers[0].mlp.down_proj.bias, mlp_bias[0])
+    plain = compact(model, mask)
+    with torch.no_grad():
+        assert not torch.allclose(small(ids).logits, plain(ids).logits)
+
+
+def test_cli_compact(tmp_path, tokenizer):
+    from typer.testing import CliRunner
+
+    from bpp.cli import app
+
+    model = tiny_model("mistral")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    mask = _mask(MaskSpace.from_model(model), "no-mlp")
+    mask.save(tmp_path / "mask.safetensors")
+    args = ["compact", "--model", str(tmp_path / "m"), "--mask", str(tmp_path / "mask.safetensors"),
+            "--out", str(tmp_path / "small")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "parameters" in result.output
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small", trust_remote_code=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert _rel(small(ids).logits, _masked_logits(model, mask, ids)) <= 1e-4
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and isinstance(again.exception, BppError)
