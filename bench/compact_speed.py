@@ -1,0 +1,94 @@
+"""The speed a user gets from a compacted model: tokens/s of prefill and decode, dense vs pruned.
+
+On the embedded default (SmolLM2-135M-Instruct, fp32, CPU), masks at 20% and 40% of the
+prunable parameters, uniform across layers (stock config) and FLAP's heterogeneous allocation
+(shipped modeling file). Prefill: one forward of B×T tokens; decode: greedy generation of N new
+tokens with the KV cache after a short prompt. Medians of --repeats runs, all in one process.
+
+    .venv/bin/python bench/compact_speed.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def uniform_mask(space, sparsity: float, seed: int = 0):
+    """The same fraction of channels and groups pruned in every layer (magnitude-free, random)."""
+    from bpp import Masks
+
+    g = torch.Generator().manual_seed(seed)
+    mask = Masks.full(space, 1)
+    drop_ch = round(sparsity * space.n_channels)
+    drop_g = round(sparsity * space.n_groups)
+    for i in range(space.n_layers):
+        mask.channels[0, i, torch.randperm(space.n_channels, generator=g)[:drop_ch]] = False
+        mask.groups[0, i, torch.randperm(space.n_groups, generator=g)[:drop_g]] = False
+    return mask
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    a = p.parse_args()
+
+    import bpp
+    from bpp.baselines import flap_mask
+    from bpp.compact import compact
+    from bpp.data import load_text, windows
+
+    model, tok = bpp.load_model()
+    space = bpp.MaskSpace.from_model(model)
+    ids = windows(tok, load_text("default", "calib"), a.seq_len, a.batch, seed=0)
+    calib = windows(tok, load_text("default", "calib"), 128, 16, seed=1)
+    prompt = ids[:1, :16]
+    variants = [("dense", model, space.total_params)]
+    for sparsity in (0.2, 0.4):
+        for name, mask in (("uniform", uniform_mask(space, sparsity)), ("FLAP", flap_mask(model, calib, sparsity))):
+            variants.append((f"{name} {sparsity:.0%}", compact(model, mask), int(space.params(mask)[0])))
+
+    rows = []
+    for name, lm, params in variants:
+        prefill = timed(lambda: lm(ids), a.repeats)
+        decode = timed(lambda: lm.generate(prompt, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                                           do_sample=False), a.repeats)
+        rows.append((name, params, a.batch * a.seq_len / prefill, a.new_tokens / decode))
+        print(f"  {name}: prefill {prefill:.3f}s decode {decode:.3f}s", flush=True)
+
+    print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"prefill: B×T = {a.batch}×{a.seq_len}; decode: {a.new_tokens} new tokens after a 16-token prompt, batch 1\n")
+    print("| model | params | prefill tok/s | × dense | decode tok/s | × dense |")
+    print("|---|---|---|---|---|---|")
+    dense = rows[0]
+    for name, params, pre, dec in rows:
+        print(f"| {name} | {params / 1e6:.1f} M | {pre:.0f} | {pre / dense[2]:.2f}× | {dec:.1f} | {dec / dense[3]:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
