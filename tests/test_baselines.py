@@ -67,3 +67,32 @@ def test_bias_compensation_restores_the_mean_output(tiny):
         torch.testing.assert_close(pruned.mean(0), full.mean(0), rtol=1e-4, atol=1e-5)
         assert attn_bias[i].shape == (tiny.config.hidden_size,)
         assert (mlp_bias[i] != 0).any()
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "magnitude"])
+def test_baseline_command_writes_a_run_that_report_reads(tmp_path, tokenizer, method):
+    from typer.testing import CliRunner
+
+    from bpp.cli import app
+    from bpp.report import write_report
+    from tests.tiny import tiny_model
+
+    model_dir = tmp_path / "m"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / method
+    result = CliRunner().invoke(app, ["baseline", "--method", method, "--model", str(model_dir), "--sparsity", "0.3",
+                                      "--out", str(out), "--calib-windows", "4", "--calib-seq-len", "32",
+                                      "--eval-windows", "3"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == method
+    space = MaskSpace.from_model(tiny_model("llama"))
+    kept = report["params"]["final_mask"]["params"]
+    target = space.total_params - 0.3 * space.prunable_params
+    assert abs(kept - target) <= space.group_params  # the same parameter count as a PG mask
+    assert (out / "model" / "config.json").is_file() and report["perplexity"]["final_mask"] > 1
+    md, _ = write_report([out], tmp_path / "rep")
+    assert method in md.read_text()
