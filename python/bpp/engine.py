@@ -34,6 +34,7 @@ from .policy import BASELINES, Policy, advantages, check_sparsity, parse_granula
 from .space import Masks, MaskSpace
 
 SCHEDULES = ("cosine", "constant")
+ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth
 CHECKPOINT = "checkpoint.pt"
 OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
                 "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT)
@@ -64,6 +65,7 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    engine: str = "batched"
 
     def validate(self) -> "PruneConfig":
         check_sparsity(self.sparsity)
@@ -82,6 +84,8 @@ class PruneConfig:
             raise BppError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.baseline not in BASELINES:
             raise BppError(f"unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}")
+        if self.engine not in ENGINES:
+            raise BppError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if not 0.0 <= self.baseline_momentum < 1.0:
             raise BppError(f"baseline momentum must be in [0, 1), got {self.baseline_momentum}")
         return self
@@ -108,16 +112,18 @@ def learning_rate(config: PruneConfig, step: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def default_losses(model) -> tuple[LossesFn, str]:
-    """The batched engine ``MaskedModel(model).losses``, or the slow hook ground truth if the
-    batched engine cannot be imported."""
+def default_losses(model, engine: str = "batched") -> tuple[LossesFn, str]:
+    """The batched engine ``MaskedModel(model).losses``, or the slow hook ground truth when
+    asked for or when the batched engine cannot be imported."""
+    from .models.hooks import hook_losses
+
+    if engine == "hooks":
+        return (lambda ids, masks: hook_losses(model, ids, masks)), "hook_losses"
     try:
         from .models.masked import MaskedModel
     except ImportError as e:
         warnings.warn(f"bpp.MaskedModel is unavailable ({e}); evaluating masks with the slow hook "
                       "ground truth (one full forward per mask)", stacklevel=2)
-        from .models.hooks import hook_losses
-
         return (lambda ids, masks: hook_losses(model, ids, masks)), "hook_losses"
     return MaskedModel(model).losses, "MaskedModel"
 
@@ -369,7 +375,7 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
     windows = training_windows(calib_ids, config)  # checks there is enough text before any work
     policy = Policy(space, config.granularity, config.sparsity, config.budget)
     if losses_fn is None:
-        losses_fn, backend = default_losses(model)
+        losses_fn, backend = default_losses(model, config.engine)
     else:
         backend = getattr(losses_fn, "__qualname__", "custom")
     load_seconds = time.perf_counter() - t0

@@ -1,0 +1,128 @@
+"""Quality table of `bpp prune` on the embedded default (SmolLM2-135M-Instruct): held-out
+perplexity (seq_len 128, the default text's held-out part) of the dense model, metric masks and
+the policy-gradient variants, at 20% and 40% sparsity of the prunable (group + channel)
+parameters. Prints a Markdown table and writes it, with the raw numbers, as JSON.
+
+    python bench/quality.py            # the full table (long on CPU)
+    python bench/quality.py --quick    # fewer PG steps and held-out windows
+
+Rows:
+- magnitude, wanda-sp: layer-uniform metric masks at the same per-type keep counts as PG (the
+  wanda-sp one is PG's "init mask").
+- wanda-sp θ₀ (global top-k): PG after 0 steps: the highest sigmap(wanda-sp) probabilities
+  under the global per-type budget; what the policy gradient itself adds is measured from here.
+- FLAP (no bias compensation), when bpp.baselines is available.
+- PG variants: S=2 moving average (the official setting), S=8 moving average (bpp's default),
+  S=8 leave-one-out baseline, S=8 with the joint parameter budget. Same steps and batches for all,
+  so S=2 does a quarter of the forward work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from bpp import load_model  # noqa: E402
+from bpp.data import load_text, tokenize, windows  # noqa: E402
+from bpp.engine import PruneConfig, masked_perplexity, prune  # noqa: E402
+from bpp.init import initialise, metric_mask  # noqa: E402
+from bpp.policy import Policy  # noqa: E402
+from bpp.space import MaskSpace  # noqa: E402
+
+PG_VARIANTS = {
+    "PG S=2 moving-avg (official)": dict(samples=2, baseline="moving-average"),
+    "PG S=8 moving-avg (default)": dict(samples=8, baseline="moving-average"),
+    "PG S=8 leave-one-out": dict(samples=8, baseline="leave-one-out"),
+    "PG S=8 --budget params": dict(samples=8, budget="params"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="30 PG steps, 40 held-out windows")
+    ap.add_argument("--sparsities", default="0.2,0.4")
+    ap.add_argument("--steps", type=int, default=None, help="PG steps (default: bpp prune's default; 30 with --quick)")
+    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows per perplexity (default all)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of PG variant names (substring match)")
+    ap.add_argument("--lr", type=float, default=None, help="override the PG learning rate")
+    ap.add_argument("--engine", default=None, help="batched | hooks (default: bpp prune's)")
+    ap.add_argument("--json", default="bench/quality.json", help="where to write the raw results")
+    args = ap.parse_args()
+
+    defaults = PruneConfig()
+    steps = args.steps or (30 if args.quick else defaults.steps)
+    eval_windows = args.eval_windows or (40 if args.quick else None)
+    variants = {k: v for k, v in PG_VARIANTS.items()
+                if not args.variants or any(s.strip() in k for s in args.variants.split(","))}
+    model, tok = load_model()
+    space = MaskSpace.from_model(model)
+    calib_ids = tokenize(tok, load_text("default", "calib"))
+    held = tokenize(tok, load_text("default", "heldout"))
+    init_calib = windows(tok, calib_ids, defaults.init_seq_len, defaults.init_windows, seed=defaults.seed)
+    ppl = lambda mask: masked_perplexity(model, tok, held, mask, 128, eval_windows)  # noqa: E731
+
+    rows = []
+
+    def add(method, sparsity, mask, seconds, note=""):
+        t0 = time.perf_counter()
+        value = ppl(mask)
+        params = int(space.params(mask)[0]) if mask is not None else space.total_params
+        rows.append(dict(method=method, sparsity=sparsity, params=params, ppl=value,
+                         seconds=seconds, eval_seconds=time.perf_counter() - t0, note=note))
+        print(f"{method:<34} s={sparsity:<4} params {params / 1e6:7.2f}M  ppl {value:9.3f}  "
+              f"({seconds:.0f}s){'  ' + note if note else ''}", flush=True)
+
+    with torch.no_grad():
+        add("dense", 0.0, None, 0.0)
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            t0 = time.perf_counter()
+            add("magnitude (layer-uniform)", sparsity, metric_mask(model, space, "magnitude", sparsity),
+                time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            policy = Policy(space, "group,channel", sparsity)
+            _, wanda_mask, _ = initialise(policy, "wanda-sp", model, init_calib)
+            init_seconds = time.perf_counter() - t0
+            add("wanda-sp (layer-uniform)", sparsity, wanda_mask, init_seconds)
+            add("wanda-sp θ₀ (global top-k)", sparsity, policy.final_mask(), init_seconds, "PG after 0 steps")
+            try:
+                from bpp.baselines import flap_mask
+            except ImportError:
+                flap_mask = None
+            if flap_mask is not None:
+                t0 = time.perf_counter()
+                flap = flap_mask(model, init_calib, sparsity)
+                add("FLAP (no bias compensation)", sparsity, flap, time.perf_counter() - t0)
+            for name, options in variants.items():
+                config = PruneConfig(sparsity=sparsity, steps=steps, **options,
+                                     **({"lr": args.lr} if args.lr else {}),
+                                     **({"engine": args.engine} if args.engine else {}))
+                with tempfile.TemporaryDirectory() as tmp:
+                    report = prune(config, Path(tmp) / "run", model=model, tokenizer=tok, evaluate=False,
+                                   progress=False, compact=False, checkpoint_every=0)
+                    from bpp.space import Masks
+
+                    mask = Masks.load(Path(tmp) / "run" / "mask.safetensors")
+                t = report["timings_s"]
+                add(name, sparsity, mask, t["init"] + t["policy_gradient"],
+                    f"{steps} steps, {t['per_step']:.1f}s/step, {report['losses_backend']}")
+
+    lines = ["| method | sparsity | params (M) | held-out ppl | time (s) | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['params'] / 1e6:.2f} | {r['ppl']:.3f} | "
+                     f"{r['seconds']:.0f} | {r['note']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    meta = {"steps": steps, "eval_windows": eval_windows, "quick": args.quick, "lr": args.lr or defaults.lr,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
