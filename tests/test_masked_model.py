@@ -29,7 +29,7 @@ def _edge_masks(space: MaskSpace, S: int, seed: int) -> Masks:
 
 
 @pytest.mark.parametrize("S", [1, 8])
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_losses_equal_the_hook_masked_hf_model(tiny, S, backend, monkeypatch):
     monkeypatch.setenv("BPP_KERNELS_BACKEND", backend)
     space = MaskSpace.from_model(tiny)
@@ -96,3 +96,14 @@ def test_bad_inputs_are_clear_errors():
         mm.losses(ids[0], masks)
     with pytest.raises(BppError, match="bool tensor"):
         mm.losses(ids, Masks(masks.channels.float(), masks.groups, masks.layers))
+
+
+def test_triton_backend_batch_invariance(monkeypatch):
+    monkeypatch.setenv("BPP_KERNELS_BACKEND", "triton")
+    model = tiny_model("qwen2")
+    masks = _edge_masks(MaskSpace.from_model(model), 8, seed=11)
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    mm = MaskedModel(model)
+    together = mm.losses(ids, masks)
+    for j in (1, 6):
+        assert torch.equal(mm.losses(ids, masks[j]), together[j : j + 1])
