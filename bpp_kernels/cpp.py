@@ -24,3 +24,21 @@ if AVAILABLE:
 
     def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.bpp.mask_to_index(mask)
+
+    @torch.library.register_fake("bpp::masked_swiglu")
+    def _masked_swiglu_fake(x, w_gate_up, w_down_t, keep_idx, keep_count):
+        return torch.empty_like(x)
+
+    def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count):
+        return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count)
+
+    @torch.library.register_fake("bpp::masked_attention")
+    def _masked_attention_fake(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
+                               norm_eps, scale):
+        return torch.empty_like(x)
+
+    def masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv=None, q_norm=None, k_norm=None,
+                         norm_eps=1e-6, scale=None):
+        scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
+        return torch.ops.bpp.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm,
+                                              k_norm, float(norm_eps), scale)
