@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-METHODS = ("batched/reference", "batched/auto", "hook loop (a)", "dense masked (b)", "compacted (d)")
+METHODS = ("batched/reference", "batched/cpp", "hook loop (a)", "dense masked (b)", "compacted (d)")
 
 
 def _peak_rss_mb() -> float:
