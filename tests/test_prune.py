@@ -1,5 +1,6 @@
 """`bpp prune` end to end on a tiny model: outputs, bad inputs, NaN handling, the wanda-sp
 initialisation, and checkpoint/resume after kill -9 (issue 4)."""
+import importlib.util
 import json
 import os
 import signal
@@ -77,6 +78,11 @@ def test_prune_cli_writes_every_output(tiny_dir, tmp_path):
     theta = Masks.load(out / "theta.safetensors")
     assert theta.channels.dtype == torch.float64 and float(theta.channels.min()) >= 0
     assert "pruned to" in result.output
+    if importlib.util.find_spec("bpp.compact") is not None:  # compaction is optional
+        from transformers import AutoModelForCausalLM
+
+        compacted = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+        assert sum(p.numel() for p in compacted.parameters()) == report["params"]["final_mask"]["params"]
     # the same folder again: refused without --force
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, BppError) and "--force" in str(again.exception)

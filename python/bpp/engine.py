@@ -353,6 +353,10 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
 
     t_start = time.perf_counter()
     config.validate()
+    from .distributed import ShardedLosses, setup
+
+    rank, world_size = setup(config.device)
+    writer = rank == 0  # rank 0 alone writes; every rank computes the same θ
     out = Path(out)
     state = None
     if resume:
@@ -363,8 +367,12 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
         if diff:
             raise BppError("--resume: the run in " + str(out) + " was made with a different configuration: "
                            + "; ".join(diff))
-    else:
+    elif writer:
         _prepare_out_dir(out, force)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
 
     t0 = time.perf_counter()
     if model is None:
@@ -378,16 +386,22 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
         losses_fn, backend = default_losses(model, config.engine)
     else:
         backend = getattr(losses_fn, "__qualname__", "custom")
+    if world_size > 1:
+        losses_fn = ShardedLosses(losses_fn, rank, world_size)
+        backend = f"{backend} sharded over {world_size} ranks"
     load_seconds = time.perf_counter() - t0
 
-    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out, checkpoint_every, progress)
+    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out if writer else None, checkpoint_every,
+                              progress and writer)
     if state is not None:
         loop.load_state_dict(state)
         init_mask = Masks.load(out / "init_mask.safetensors") if (out / "init_mask.safetensors").is_file() else None
-        _truncate_metrics(out / "metrics.jsonl", loop.step)
+        if writer:
+            _truncate_metrics(out / "metrics.jsonl", loop.step)
         loop.extra_state["sessions"] = loop.extra_state.get("sessions", 1) + 1
     else:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if writer:
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         t0 = time.perf_counter()
         init_calib = None
         if config.init == "wanda-sp":
@@ -396,13 +410,16 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
             init_calib = random_windows(tokenizer, calib_ids, config.init_seq_len, config.init_windows, seed=config.seed)
         with torch.no_grad():
             _, init_mask, _ = initialise(policy, config.init, model, init_calib)
-        if init_mask is not None:
+        if init_mask is not None and writer:
             init_mask.save(out / "init_mask.safetensors")
         loop.extra_state = {"init_seconds": time.perf_counter() - t0, "sessions": 1}
-        loop.save_checkpoint()  # step 0: a kill during the first steps can still resume
+        if writer:
+            loop.save_checkpoint()  # step 0: a kill during the first steps can still resume
 
     with torch.no_grad():
         loop.run()
+    if not writer:  # outputs and evaluation are rank 0's
+        return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
     final_mask = policy.final_mask()
     final_mask.save(out / "mask.safetensors")
@@ -423,6 +440,7 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
     report = {
         "config": config.to_dict(),
         "losses_backend": backend,
+        "world_size": world_size,
         "steps_done": loop.step,
         "skipped_steps": loop.skipped_steps,
         "dropped_masks": loop.dropped_masks,
@@ -456,22 +474,19 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
     return report
 
 
-def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> str | None:
-    """Compact and save the pruned model when the compaction module exists (it is optional)."""
+def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> dict | None:
+    """Compact and save the pruned model when the compaction module exists (it is optional). A
+    failure there does not lose the run: mask and θ are already saved, and the report says why."""
     try:
-        from . import compact as compaction
+        from .compact import save_compacted
     except ImportError:
         return None
-    save = getattr(compaction, "save_compacted", None)
-    if save is None:
-        return None
     try:
-        save(model, mask, path, tokenizer=tokenizer)
-    except TypeError:  # an older signature without the tokenizer
-        save(model, mask, path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-    return str(path)
+        saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True)
+    except BppError as e:
+        warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
+        return {"path": None, "error": str(e)}
+    return {"path": str(saved)}
 
 
 # --- plots -------------------------------------------------------------------------------------
