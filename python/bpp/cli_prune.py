@@ -69,6 +69,8 @@ def register(app: typer.Typer) -> None:
             target = out if out is not None else Path(f"pruned-{name}-{config.sparsity:g}")
         report = prune(config, target, force=force, resume=resume is not None, checkpoint_every=checkpoint_every,
                        eval_windows=eval_windows, eval_seq_len=eval_seq_len, evaluate=evaluate, progress=not quiet)
+        if report.get("rank", 0) != 0:  # torchrun: rank 0 reports
+            return
         ppl = report["perplexity"]
         final = report["params"]["final_mask"]
         typer.echo(f"pruned to {final['params']:,} parameters ({final['sparsity_of_model']:.1%} of the model removed) "
