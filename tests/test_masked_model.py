@@ -107,3 +107,32 @@ def test_triton_backend_batch_invariance(monkeypatch):
     together = mm.losses(ids, masks)
     for j in (1, 6):
         assert torch.equal(mm.losses(ids, masks[j]), together[j : j + 1])
+
+
+def test_device_map_loaded_model(tmp_path, tokenizer):
+    """A model loaded with an accelerate device map (one device here) runs through the engine."""
+    import bpp
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    mapped, _ = bpp.load_model(tmp_path / "m", device_map={"": "cpu"})
+    masks = _edge_masks(MaskSpace.from_model(model), 3, seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    assert torch.equal(MaskedModel(mapped).losses(ids, masks), MaskedModel(model).losses(ids, masks))
+
+
+@pytest.mark.gpu
+def test_layers_split_over_two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = tiny_model("llama", num_hidden_layers=4)
+    masks = _edge_masks(MaskSpace.from_model(model), 4, seed=4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    want = MaskedModel(model).losses(ids, masks)
+    for i, layer in enumerate(model.model.layers):
+        layer.to(f"cuda:{i // 2}")
+    model.model.embed_tokens.to("cuda:0"), model.model.norm.to("cuda:1"), model.lm_head.to("cuda:1")
+    model.model.rotary_emb.to("cuda:0")
+    got = MaskedModel(model).losses(ids.cuda(), masks.to("cuda:0"))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)

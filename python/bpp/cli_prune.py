@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(_D.seed, "--seed", help="seeds the data order, the wanda-sp windows and mask sampling"),
         dtype: str = typer.Option(_D.dtype, "--dtype", help="float32 | bfloat16 | float16"),
         device: str = typer.Option(_D.device, "--device", help="cpu | cuda"),
+        device_map: Optional[str] = typer.Option(_D.device_map, "--device-map", help="'auto': spread the layers over the GPUs of a node (models too large for one GPU)"),
         engine: str = typer.Option(_D.engine, "--engine", help="batched (bpp.MaskedModel: S masks in one pass) | hooks (one Hugging Face forward per mask, the ground truth)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: pruned-<model>-<sparsity>)"),
         force: bool = typer.Option(False, "--force", help="overwrite the output folder's bpp files if it exists"),

@@ -65,6 +65,7 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None  # e.g. "auto": layers over the GPUs of a node, for models too large for one
     engine: str = "batched"
 
     def validate(self) -> "PruneConfig":
@@ -377,7 +378,7 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(None if config.model == "default" else config.model,
-                                      dtype=config.dtype, device=config.device)
+                                      dtype=config.dtype, device=config.device, device_map=config.device_map)
     space = MaskSpace.from_model(model)
     calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))
     windows = training_windows(calib_ids, config)  # checks there is enough text before any work

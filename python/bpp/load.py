@@ -89,9 +89,11 @@ def default_model_dir() -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", device_map: str | dict | None = None):
     """``(model, tokenizer)`` for the embedded default (None or "default"), a local Hugging Face
-    folder, or a hub id. The model is in eval mode; dtype defaults to float32."""
+    folder, or a hub id. The model is in eval mode; dtype defaults to float32. ``device_map``
+    (e.g. "auto") spreads the layers over the GPUs of a node (accelerate) for models too large
+    for one; the masked engine then pipelines the batched samples through them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
@@ -112,6 +114,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
     except OSError as e:
         raise BppError(f"cannot load the config of {str(source)!r}: {e}") from None
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer

@@ -118,6 +118,11 @@ class MaskedModel:
         cos, sin = self.rotary(self.embed[:1].to(dtype), positions)
         return cos[0].to(dtype), sin[0].to(dtype)
 
+    @staticmethod
+    def _on(device, *tensors):
+        """Tensors moved to ``device`` (a layer placed on another GPU by a device map)."""
+        return tuple(t if t.device == device else t.to(device, non_blocking=True) for t in tensors)
+
     # --- the forward ---------------------------------------------------------------------
     def _hidden(self, input_ids: torch.Tensor, groups, channels) -> torch.Tensor:
         """Final-normed hidden states ``(S, B, T, d)`` of the samples whose index lists are given."""
@@ -126,11 +131,15 @@ class MaskedModel:
         h = self.embed[input_ids].unsqueeze(0).expand(S, B, T, -1).contiguous()
         cos, sin = self._rope(T, h.dtype)
         for layer, (g_idx, g_cnt), (c_idx, c_cnt) in zip(self.layers, groups, channels):
+            # pipeline by layer: with a device map, the samples' hidden states follow the layers
+            h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
+                                                               c_cnt)
             y = K.rms_norm(h, layer.attn_norm, self.eps)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
             y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
             h = h + K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt)
+        (h,) = self._on(self.final_norm.device, h)
         return K.rms_norm(h, self.final_norm, self.eps)
 
     def _chunks(self, S: int, tokens: int):
@@ -150,9 +159,11 @@ class MaskedModel:
             h = self._hidden(input_ids, [(i[part], c[part]) for i, c in groups],
                              [(i[part], c[part]) for i, c in channels])
             # one call per sample: its rows are chunked the same way whatever S is (batch invariance)
+            (targets_here,) = self._on(self.lm_head.device, targets)
+            (h,) = self._on(self.lm_head.device, h)
             for s in range(h.shape[0]):
                 rows = h[s, :, :-1].reshape(B * (T - 1), -1)
-                out.append(K.linear_cross_entropy(rows, self.lm_head, targets).mean().reshape(1))
+                out.append(K.linear_cross_entropy(rows, self.lm_head, targets_here).mean().reshape(1).to(self.device))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -161,4 +172,5 @@ class MaskedModel:
         self._check_inputs(input_ids, masks)
         input_ids = input_ids.to(self.device, torch.int64)
         groups, channels = self._indices(masks)
-        return self._hidden(input_ids, groups, channels) @ self.lm_head.t()
+        h = self._hidden(input_ids, groups, channels)
+        return h.to(self.lm_head.device) @ self.lm_head.t()
