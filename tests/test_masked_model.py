@@ -136,3 +136,29 @@ def test_layers_split_over_two_gpus():
     model.model.rotary_emb.to("cuda:0")
     got = MaskedModel(model).losses(ids.cuda(), masks.to("cuda:0"))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_llama3_rope_scaling_matches_the_hook_model():
+    """cos/sin come from the model's own rotary embedding, so Llama-3 frequency scaling holds."""
+    scaled = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                  high_freq_factor=4.0, original_max_position_embeddings=16)
+    model = tiny_model("llama", rope_parameters=scaled)
+    masks = _edge_masks(MaskSpace.from_model(model), 3, seed=7)
+    ids = torch.randint(0, model.config.vocab_size, (2, 63))
+    got, want = MaskedModel(model).losses(ids, masks), hook_losses(model, ids, masks)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    # the scaling matters at this length: the same weights with plain RoPE give other losses
+    plain = MaskedModel(tiny_model("llama")).losses(ids, masks)
+    assert not torch.allclose(plain, want, rtol=1e-3, atol=0)
+
+
+def test_unsupported_architectures_are_clear_errors():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(BppError, match="not supported"):
+        MaskedModel(gpt2)
+    with pytest.raises(BppError, match="o_proj"):  # Llama with attention_bias also biases o_proj
+        MaskedModel(tiny_model("llama", attention_bias=True))
+    with pytest.raises(BppError, match="max_tokens_per_pass"):
+        MaskedModel(tiny_model("llama"), max_tokens_per_pass=0)
