@@ -1,5 +1,7 @@
 """The speed a user gets from a compacted model: tokens/s of prefill and decode, dense vs pruned.
 
+Variants are timed round-robin in one process (medians), so machine noise hits all alike.
+
 On the embedded default (SmolLM2-135M-Instruct, fp32, CPU), masks at 20% and 40% of the
 prunable parameters, uniform across layers (stock config) and FLAP's heterogeneous allocation
 (shipped modeling file). Prefill: one forward of B×T tokens; decode: greedy generation of N new
@@ -39,8 +41,9 @@ def uniform_mask(space, sparsity: float, seed: int = 0):
     return mask
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
+def timed(fn, repeats: int, warm: bool = True) -> float:
+    if warm:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -73,13 +76,18 @@ def main():
         for name, mask in (("uniform", uniform_mask(space, sparsity)), ("FLAP", flap_mask(model, calib, sparsity))):
             variants.append((f"{name} {sparsity:.0%}", compact(model, mask), int(space.params(mask)[0])))
 
-    rows = []
-    for name, lm, params in variants:
-        prefill = timed(lambda: lm(ids), a.repeats)
-        decode = timed(lambda: lm.generate(prompt, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                                           do_sample=False), a.repeats)
-        rows.append((name, params, a.batch * a.seq_len / prefill, a.new_tokens / decode))
-        print(f"  {name}: prefill {prefill:.3f}s decode {decode:.3f}s", flush=True)
+    # rounds interleave the variants, so a busy machine slows them alike; medians per variant
+    prefill = {name: [] for name, _, _ in variants}
+    decode = {name: [] for name, _, _ in variants}
+    for name, lm, _ in variants:  # warm-up
+        lm(ids), lm.generate(prompt, max_new_tokens=2, do_sample=False)
+    for _ in range(a.repeats):
+        for name, lm, _ in variants:
+            prefill[name].append(timed(lambda: lm(ids), 1, warm=False))
+            decode[name].append(timed(lambda: lm.generate(prompt, max_new_tokens=a.new_tokens,
+                                                          min_new_tokens=a.new_tokens, do_sample=False), 1, warm=False))
+    rows = [(name, params, a.batch * a.seq_len / statistics.median(prefill[name]),
+             a.new_tokens / statistics.median(decode[name])) for name, _, params in variants]
 
     print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"prefill: B×T = {a.batch}×{a.seq_len}; decode: {a.new_tokens} new tokens after a 16-token prompt, batch 1\n")

@@ -11,8 +11,9 @@ On the embedded default (SmolLM2-135M-Instruct, fp32, CPU), B×T = 4×128, S = 8
 - (d) compacted: each mask's kept weights sliced into dense matrices beforehand (not timed),
   then a plain forward per mask: the floor no masked evaluation can beat
 
-Each method runs in its own process, so its peak memory is that process's peak RSS above the
-RSS after loading the model (ru_maxrss). Times are medians of --repeats runs after a warm-up.
+Times: all methods in one process, interleaved round by round (so a busy machine slows them
+alike), medians of --repeats rounds after a warm-up round. Memory: each method once in its own
+process, its peak RSS above the RSS after loading the model (ru_maxrss).
 
     .venv/bin/python bench/masked_forward.py [--repeats 3] [--markdown]
 """
@@ -117,39 +118,60 @@ class DenseForward:
         return nll.view(S, -1).mean(1)
 
 
-def run_method(method: str, repeats: int, S: int, B: int, T: int) -> dict:
+def build(method: str, model, tok, S: int, B: int, T: int):
+    """The callable that evaluates the S masks with ``method`` (and the backend it needs)."""
     import bpp
     from bpp.data import load_text, windows
     from bpp.models.hooks import hook_losses
 
-    model, tok = bpp.load_model()
     space = bpp.MaskSpace.from_model(model)
     ids = windows(tok, load_text("default", "calib"), T, B, seed=0)
     masks = _masks(space, S)
     if method.startswith("batched/"):
-        os.environ["BPP_KERNELS_BACKEND"] = method.split("/")[1]
+        backend = method.split("/")[1]
         mm = bpp.MaskedModel(model)
-        fn = lambda: mm.losses(ids, masks)  # noqa: E731
-    elif method.startswith("hook loop"):
-        fn = lambda: hook_losses(model, ids, masks)  # noqa: E731
-    elif method.startswith("dense masked"):
-        dense = DenseForward(model)
+
+        def fn():
+            os.environ["BPP_KERNELS_BACKEND"] = backend
+            return mm.losses(ids, masks)
+        return fn
+    if method.startswith("hook loop"):
+        return lambda: hook_losses(model, ids, masks)
+    dense = DenseForward(model)
+    if method.startswith("dense masked"):
         w = dense.weights()
         heads = masks.groups.repeat_interleave(dense.r, dim=2).float()
-        fn = lambda: dense.losses(ids, w, S, heads, masks.channels.float())  # noqa: E731
-    else:
-        dense = DenseForward(model)
-        per_mask = [dense.weights(masks[s]) for s in range(S)]
-        fn = lambda: torch.cat([dense.losses(ids, w) for w in per_mask])  # noqa: E731
-    base_rss = _peak_rss_mb()
-    losses = fn()  # warm-up
-    times = []
+        return lambda: dense.losses(ids, w, S, heads, masks.channels.float())
+    per_mask = [dense.weights(masks[s]) for s in range(S)]
+    return lambda: torch.cat([dense.losses(ids, w) for w in per_mask])
+
+
+def peak_memory(method: str, S: int, B: int, T: int) -> dict:
+    """Run once in this (child) process: peak RSS above the RSS after loading the model."""
+    import bpp
+
+    model, tok = bpp.load_model()
+    fn = build(method, model, tok, S, B, T)
+    base = _peak_rss_mb()
+    fn()
+    return {"method": method, "peak_mb": _peak_rss_mb() - base}
+
+
+def timings(methods, repeats: int, S: int, B: int, T: int) -> dict:
+    """Median seconds per method, the methods interleaved round by round in one process so that
+    a busy machine slows all of them alike; plus each method's losses."""
+    import bpp
+
+    model, tok = bpp.load_model()
+    fns = {m: build(m, model, tok, S, B, T) for m in methods}
+    losses = {m: fn() for m, fn in fns.items()}  # warm-up round
+    times = {m: [] for m in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        losses = fn()
-        times.append(time.perf_counter() - t0)
-    return {"method": method, "seconds": statistics.median(times), "peak_mb": _peak_rss_mb() - base_rss,
-            "losses": losses.tolist()}
+        for m, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t0)
+    return {m: {"seconds": statistics.median(times[m]), "losses": losses[m].tolist()} for m in methods}
 
 
 def main():
@@ -162,20 +184,22 @@ def main():
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(run_method(a.child, a.repeats, a.samples, a.batch, a.seq_len)))
+        print(json.dumps(peak_memory(a.child, a.samples, a.batch, a.seq_len)))
         return
     import bpp_kernels
 
-    rows = []
-    for method in a.methods.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", method, "--repeats", str(a.repeats),
-                              "--samples", str(a.samples), "--batch", str(a.batch), "--seq-len", str(a.seq_len)],
-                             capture_output=True, text=True)
+    methods = a.methods.split(",")
+    memory = {}
+    for method in methods:
+        out = subprocess.run([sys.executable, __file__, "--child", method, "--samples", str(a.samples),
+                              "--batch", str(a.batch), "--seq-len", str(a.seq_len)], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{method}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {method}: {rows[-1]['seconds']:.3f} s", file=sys.stderr)
+        memory[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    timed = timings(methods, a.repeats, a.samples, a.batch, a.seq_len)
+    rows = [{"method": m, "seconds": timed[m]["seconds"], "losses": timed[m]["losses"],
+             "peak_mb": memory.get(m, float("nan"))} for m in methods]
     by = {r["method"]: r for r in rows}
     ref_losses = torch.tensor(by[rows[0]["method"]]["losses"])
     cpu = platform.processor() or platform.machine()
