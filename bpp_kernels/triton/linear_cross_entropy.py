@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision
+from ._common import INTERPRET, dot_precision
 
 
 @triton.jit
@@ -51,8 +51,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     V = weight.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=h.device)
     if N:
-        BLOCK_N, BLOCK_V, BLOCK_D = 16, 64, 32
-        _linear_ce_kernel[(triton.cdiv(N, BLOCK_N),)](h, weight, target, loss, N, V, D, ignore_index,
-                                                      BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
-                                                      PRECISION=dot_precision(h.dtype))
+        # fixed tiles (never sized by N): a row's loss must not depend on how many rows run with it
+        if INTERPRET:
+            cfg = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
+        elif h.dtype == torch.float32:
+            cfg = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3)
+        else:
+            cfg = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        _linear_ce_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](h, weight, target, loss, N, V, D, ignore_index,
+                                                             PRECISION=dot_precision(h.dtype), **cfg)
     return loss

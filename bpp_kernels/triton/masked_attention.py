@@ -2,14 +2,15 @@
 reduced through W_o.
 
 Three kernels, each over a static grid sized by the full group count (no host sync); programs
-whose group slot lies past the sample's keep_count exit at once:
+whose group slot lies past the sample's keep_count exit at once. The sample is the slowest grid
+axis, so programs running together belong to one sample and share its gathered weights in L2:
 
-1. ``_qkv_kernel`` (sample, row tile, slot × head-of-group): the kept group's q/k/v rows are a
+1. ``_qkv_kernel`` (row tile, slot × head-of-group, sample): the kept group's q/k/v rows are a
    contiguous block of ``w_qkv (G, (r+2)*hd, d)``; bias, per-head RMSNorm (Qwen3) and RoPE are
    fused in the epilogue. Each head is computed as two halves so rotate-half is a register swap.
-2. ``_flash_kernel`` (sample, batch × slot × query head, query tile): causal flash attention with
+2. ``_flash_kernel`` (query tile, batch × slot × query head, sample): causal flash attention with
    an online softmax in fp32; a query head reads its group's single K/V (GQA without copies).
-3. ``_o_proj_kernel`` (sample, row tile, output tile): reduces over the kept heads' features only,
+3. ``_o_proj_kernel`` (row tile, output tile, sample): reduces over the kept heads' features only,
    gathering rows of ``w_o_t (G, r*hd, d)``.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2
+from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
 
 
 @triton.jit
@@ -26,10 +27,10 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
                 N, T, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.program_id(2) // (R + 2)
-    head = tl.program_id(2) % (R + 2)  # 0..R-1: query heads, R: key, R+1: value
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.program_id(1) // (R + 2)
+    head = tl.program_id(1) % (R + 2)  # 0..R-1: query heads, R: key, R+1: value
+    s = tl.program_id(2).to(tl.int64)
     count = tl.load(KeepCount + s)
     if slot >= count:
         return
@@ -91,9 +92,9 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
 @triton.jit
 def _flash_kernel(Q, K, V, O, KeepCount, B, T, G, R, HD, scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
+    q_tile = tl.program_id(0)
     bh = tl.program_id(1)
-    q_tile = tl.program_id(2)
+    s = tl.program_id(2).to(tl.int64)
     b = bh // (G * R)
     slot = (bh // R) % G
     head = bh % R
@@ -136,9 +137,9 @@ def _flash_kernel(Q, K, V, O, KeepCount, B, T, G, R, HD, scale,
 @triton.jit
 def _o_proj_kernel(O, Wot, KeepIdx, KeepCount, Y, N, D, G, RHD,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.program_id(2).to(tl.int64)
     row_ok = rows < N
     col_ok = cols < D
     count = tl.load(KeepCount + s)
@@ -184,18 +185,22 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     cos, sin = cos.to(dt).contiguous(), sin.to(dt).contiguous()
     precision = dot_precision(dt)
     dummy = w_qkv  # placeholder pointer for absent optional tensors
-    BLOCK_N, BLOCK_D = 32, 32
-    _qkv_kernel[(S, triton.cdiv(N, BLOCK_N), G * (R + 2))](
+    cfg = gemm_config(dt, N)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _qkv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), G * (R + 2), S)](
         x, w_qkv.contiguous(), dummy if b_qkv is None else b_qkv.contiguous(),
         dummy if q_norm is None else q_norm.contiguous(), dummy if k_norm is None else k_norm.contiguous(),
         cos, sin, keep_idx, keep_count, q, k, v, N, T, D, G, R, HD, norm_eps,
         HAS_BIAS=b_qkv is not None, HAS_QNORM=q_norm is not None, HAS_KNORM=k_norm is not None,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision)
-    BLOCK_M = 32
-    _flash_kernel[(S, B * G * R, triton.cdiv(T, BLOCK_M))](
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_K"], HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision,
+        **launch)
+    # flash tiles: 64x64 on a GPU for 16-bit inputs (fp32 ieee dots need half), 32x32 in the interpreter
+    flash_block = 32 if INTERPRET or dt == torch.float32 else 64
+    _flash_kernel[(triton.cdiv(T, flash_block), B * G * R, S)](
         q, k, v, o, keep_count, B, T, G, R, HD, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=32, HD_P=max(16, next_pow2(HD)), PRECISION=precision)
-    _o_proj_kernel[(S, triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))](
+        BLOCK_M=flash_block, BLOCK_N=flash_block, HD_P=max(16, next_pow2(HD)), PRECISION=precision,
+        num_warps=4, num_stages=1 if INTERPRET else 2)
+    _o_proj_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_C"]), S)](
         o, w_o_t.contiguous(), keep_idx, keep_count, y, N, D, G, R * HD,
-        BLOCK_N=BLOCK_N, BLOCK_K=32, BLOCK_D=BLOCK_D, PRECISION=precision)
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_C"], PRECISION=precision, **launch)
     return y

@@ -1,8 +1,9 @@
 """Masked SwiGLU MLP: per sample, only the kept channels are computed.
 
-Two kernels over a static grid (sample, row tile, channel tile) sized by the full channel count,
+Two kernels over a static grid (row tile, channel tile, sample) sized by the full channel count,
 so nothing is read back to the host; a program whose tile starts past its sample's keep_count
-exits at once, so pruned channels cost nothing but an early return.
+exits at once, so pruned channels cost nothing but an early return. Row tiles vary fastest so
+that programs running together share one gathered weight tile in L2.
 
 1. ``_gate_up_kernel``: gathers the kept rows of the interleaved ``w_gate_up (m, 2, d)`` and
    writes ``silu(x W_g^T) * (x W_u^T)`` into a compacted intermediate ``(S, N, m)`` whose
@@ -17,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision
+from ._common import dot_precision, gemm_config
 
 
 @triton.jit
 def _gate_up_kernel(X, Wgu, KeepIdx, KeepCount, Act, N, D, M,
                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    row_tile = tl.program_id(1)
-    chan_tile = tl.program_id(2)
+    row_tile = tl.program_id(0)
+    chan_tile = tl.program_id(1)
+    s = tl.program_id(2).to(tl.int64)
     count = tl.load(KeepCount + s)
     if chan_tile * BLOCK_C >= count:
         return
@@ -54,9 +55,9 @@ def _gate_up_kernel(X, Wgu, KeepIdx, KeepCount, Act, N, D, M,
 @triton.jit
 def _down_kernel(Act, Wdt, KeepIdx, KeepCount, Y, N, D, M,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.program_id(2).to(tl.int64)
     row_ok = rows < N
     col_ok = cols < D
     count = tl.load(KeepCount + s)
@@ -87,11 +88,14 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
     act = torch.empty((S, N, M), dtype=x.dtype, device=x.device)
     keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
     precision = dot_precision(x.dtype)
-    BLOCK_N, BLOCK_C, BLOCK_D = 32, 32, 32
-    _gate_up_kernel[(S, triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_C))](
+    cfg = gemm_config(x.dtype, N)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # gate/up keeps two accumulators, so its channel tile is half as wide for the same registers
+    chan_block = max(32, cfg["BLOCK_C"] // 2)
+    _gate_up_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, chan_block), S)](
         xs, w_gate_up.contiguous(), keep_idx, keep_count, act, N, D, M,
-        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, PRECISION=precision)
-    _down_kernel[(S, triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))](
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=chan_block, BLOCK_D=cfg["BLOCK_K"], PRECISION=precision, **launch)
+    _down_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_C"]), S)](
         act, w_down_t.contiguous(), keep_idx, keep_count, y, N, D, M,
-        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, PRECISION=precision)
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_C"], PRECISION=precision, **launch)
     return y.view(x.shape)

@@ -23,7 +23,9 @@ def _rms_norm_kernel(X, R, W, Y, H, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D:
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     w = tl.load(W + cols, mask=in_row, other=0.0)
-    y = w * (xf * rstd).to(x.dtype)
+    normed = (xf * rstd).to(x.dtype)  # rounded to x's dtype before the weight, as the reference does
+    out_dtype = Y.dtype.element_ty
+    y = w.to(out_dtype) * normed.to(out_dtype)
     tl.store(Y + row * D + cols, y, mask=in_row)
 
 
@@ -31,12 +33,14 @@ def _launch(x, residual, weight, eps):
     x = x.contiguous()
     D = x.shape[-1]
     rows = x.numel() // D if D else 0
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else y
+    # weight * normed.to(x.dtype) promotes like torch does (an fp32 weight on bf16 x gives fp32)
+    y = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    h = torch.empty_like(x) if residual is not None else x
     if rows:
         r = residual.contiguous() if residual is not None else x
-        _rms_norm_kernel[(rows,)](x, r, weight.contiguous(), y, h, D, eps,
-                                  HAS_RESIDUAL=residual is not None, BLOCK_D=next_pow2(D))
+        block = next_pow2(D)
+        _rms_norm_kernel[(rows,)](x, r, weight.contiguous(), y, h, D, eps, HAS_RESIDUAL=residual is not None,
+                                  BLOCK_D=block, num_warps=max(1, min(16, block // 512)))
     return y, h
 
 
