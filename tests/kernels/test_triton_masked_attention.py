@@ -11,6 +11,7 @@ SHAPES = [  # S, B, T, d, G, r, hd, keep
     pytest.param(4, 2, 5, 24, 4, 1, 6, 0.4, id="S4-B2-T5-MHA-hd6"),
     pytest.param(2, 1, 33, 16, 2, 2, 16, 1.0, id="S2-B1-T33-all-kept"),
     pytest.param(2, 2, 9, 16, 2, 2, 8, 0.0, id="S2-B2-T9-none-kept"),
+    pytest.param(2, 1, 40, 36, 2, 2, 64, 0.5, id="S2-B1-T40-d36-hd64"),
 ]
 VARIANTS = [pytest.param(False, False, id="plain"), pytest.param(True, False, id="qkv-bias"),
             pytest.param(False, True, id="qk-norm")]
@@ -28,10 +29,37 @@ def test_masked_attention_matches_reference(S, B, T, d, G, r, hd, keep, bias, qk
     cases.assert_close("masked_attention", ref, out, tol)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_batch_invariance(device):
-    kw = cases.attention_inputs(8, 2, 19, 24, 3, 2, 8, 0.6, device=device, seed=fresh_seed(), bias=True)
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_custom_scale_with_bias_and_qk_norm(device, dtype):
+    kw = cases.attention_inputs(3, 2, 11, 20, 3, 2, 8, 0.5, dtype=dtype, device=device, seed=fresh_seed(),
+                                bias=True, qk_norm=True)
+    kw["scale"], kw["norm_eps"] = 0.3, 1e-5
+    ref, tol = tolerance(reference.masked_attention, kw, dtype)
+    cases.assert_close("masked_attention", ref, ops.masked_attention(**kw, backend="triton"), tol)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_pruned_groups_are_never_read(device, dtype):
+    """NaN in the weights and biases of groups that no sample keeps must not reach the output."""
+    kw = cases.attention_inputs(3, 2, 13, 24, 4, 2, 8, 0.5, dtype=dtype, device=device, seed=fresh_seed(), bias=True)
+    mask = cases.random_mask(3, 4, 0.5, torch.Generator().manual_seed(fresh_seed()))
+    mask[:, 3] = False  # group 3 is pruned in every sample
+    keep_idx, keep_count = reference.mask_to_index(mask)
+    kw["keep_idx"], kw["keep_count"] = keep_idx.to(device), keep_count.to(device)
+    kept_anywhere = mask.any(0).to(device)
+    ref, tol = tolerance(reference.masked_attention, kw, dtype)
+    for name in ("w_qkv", "w_o_t", "b_qkv"):
+        kw[name][~kept_anywhere] = float("nan")
+    out = ops.masked_attention(**kw, backend="triton")
+    assert torch.isfinite(out).all()
+    cases.assert_close("masked_attention", ref, out, tol)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_batch_invariance(device, dtype):
+    kw = cases.attention_inputs(8, 2, 13, 24, 3, 2, 8, 0.6, dtype=dtype, device=device, seed=fresh_seed(),
+                                bias=True)
     together = ops.masked_attention(**kw, backend="triton")
-    for j in (0, 1, 5):
+    for j in (1, 5):
         one = {k: (v[j:j + 1] if k in ("x", "keep_idx", "keep_count") else v) for k, v in kw.items()}
         assert torch.equal(ops.masked_attention(**one, backend="triton")[0], together[j])

@@ -33,9 +33,26 @@ def test_masked_swiglu_keeps_leading_dims():
     cases.assert_close("masked_swiglu 4-D", reference.masked_swiglu(**kw), out, 1e-5)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_batch_invariance(device):
-    kw = cases.swiglu_inputs(8, 37, 24, 50, 0.5, device=device, seed=fresh_seed())
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_pruned_channels_are_never_read(device, dtype):
+    """NaN in the weights of channels that no sample keeps must not reach the output."""
+    kw = cases.swiglu_inputs(3, 21, 40, 90, 0.4, dtype=dtype, device=device, seed=fresh_seed())
+    kw["keep_count"][1] = 60  # no sample keeps everything, so some channels are pruned everywhere
+    kept_anywhere = torch.zeros(90, dtype=torch.bool, device=device)
+    for s in range(3):
+        kept_anywhere[kw["keep_idx"][s, :kw["keep_count"][s]].long()] = True
+    assert not kept_anywhere.all()
+    ref, tol = tolerance(reference.masked_swiglu, kw, dtype)
+    kw["w_gate_up"][~kept_anywhere] = float("nan")
+    kw["w_down_t"][~kept_anywhere] = float("nan")
+    out = ops.masked_swiglu(**kw, backend="triton")
+    assert torch.isfinite(out).all()
+    cases.assert_close("masked_swiglu", ref, out, tol)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_batch_invariance(device, dtype):
+    kw = cases.swiglu_inputs(8, 37, 24, 50, 0.5, dtype=dtype, device=device, seed=fresh_seed())
     together = ops.masked_swiglu(**kw, backend="triton")
     for j in (0, 3, 7):
         alone = ops.masked_swiglu(kw["x"][j:j + 1], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"][j:j + 1],

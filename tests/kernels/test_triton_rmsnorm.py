@@ -19,3 +19,22 @@ def test_rms_norm_and_add_rms_norm(shape, device, dtype):
     assert torch.equal(summed, x + res)
     ref2, tol2 = tolerance(reference.rms_norm, dict(x=x + res, weight=w, eps=1e-5), dtype)
     cases.assert_close("add_rms_norm", ref2, normed, tol2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp32_weight_on_half_input_promotes_like_torch(device):
+    g = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(6, 40, generator=g).to(device, torch.float16)
+    w = (1 + 0.2 * torch.randn(40, generator=g)).to(device)
+    out = ops.rms_norm(x, w, 1e-6, backend="triton")
+    ref = reference.rms_norm(x, w, 1e-6)
+    assert out.dtype == ref.dtype == torch.float32
+    cases.assert_close("rms_norm fp32 weight", ref, out, 1e-6)
+
+
+def test_rows_are_independent():
+    g = torch.Generator().manual_seed(fresh_seed())
+    x, res, w = torch.randn(9, 33, generator=g), torch.randn(9, 33, generator=g), torch.randn(33, generator=g)
+    normed, summed = ops.add_rms_norm(x, res, w, 1e-6, backend="triton")
+    normed2, summed2 = ops.add_rms_norm(x[2:3], res[2:3], w, 1e-6, backend="triton")
+    assert torch.equal(normed2[0], normed[2]) and torch.equal(summed2[0], summed[2])
