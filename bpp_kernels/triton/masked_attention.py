@@ -23,6 +23,18 @@ from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
 
 
 @triton.jit
+def _head_rms_norm(acc_lo, acc_hi, W, e, e_ok, half, HD, eps, dtype: tl.constexpr):
+    """Per-head RMSNorm (Qwen3's q/k norm) of a head held as two halves, rounded like the reference."""
+    lo = acc_lo.to(dtype).to(tl.float32)  # the reference normalises the projection in x's dtype
+    hi = acc_hi.to(dtype).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / HD + eps)
+    w_lo = tl.load(W + e, mask=e_ok, other=0.0)
+    w_hi = tl.load(W + half + e, mask=e_ok, other=0.0)
+    return ((w_lo[None, :] * (lo * rstd[:, None]).to(dtype)).to(tl.float32),
+            (w_hi[None, :] * (hi * rstd[:, None]).to(dtype)).to(tl.float32))
+
+
+@triton.jit
 def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K, V,
                 N, T, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
@@ -59,15 +71,12 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
     dtype = Q.dtype.element_ty
     is_query = head < R
     is_key = head == R
-    if (HAS_QNORM and is_query) or (HAS_KNORM and is_key):
-        lo = acc_lo.to(dtype).to(tl.float32)  # the reference normalises the projection in x's dtype
-        hi = acc_hi.to(dtype).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / HD + eps)
-        norm_w = QNorm if is_query else KNorm
-        w_lo_n = tl.load(norm_w + e, mask=e_ok, other=0.0)
-        w_hi_n = tl.load(norm_w + half + e, mask=e_ok, other=0.0)
-        acc_lo = (w_lo_n[None, :] * (lo * rstd[:, None]).to(dtype)).to(tl.float32)
-        acc_hi = (w_hi_n[None, :] * (hi * rstd[:, None]).to(dtype)).to(tl.float32)
+    if HAS_QNORM:
+        if is_query:
+            acc_lo, acc_hi = _head_rms_norm(acc_lo, acc_hi, QNorm, e, e_ok, half, HD, eps, dtype)
+    if HAS_KNORM:
+        if is_key:
+            acc_lo, acc_hi = _head_rms_norm(acc_lo, acc_hi, KNorm, e, e_ok, half, HD, eps, dtype)
     t = (rows % T).to(tl.int64)
     mask2 = row_ok[:, None] & e_ok[None, :]
     if head <= R:  # RoPE on queries and keys
