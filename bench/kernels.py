@@ -53,6 +53,13 @@ def bench(fn, smoke: bool) -> float:
     return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
 
 
+def check(what: str, rel_err: float, dtype: torch.dtype) -> None:
+    """Stop when a provider's result is off: a fast wrong answer is not a benchmark result."""
+    limit = 1e-4 if dtype == torch.float32 else 3e-2
+    if not rel_err <= limit:
+        sys.exit(f"bench/kernels.py: {what} differs from the floor by relative RMS {rel_err:.1e} > {limit:.0e}")
+
+
 def masks_for(S, n, keep, device):
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(S, n, dtype=torch.bool)
@@ -107,13 +114,14 @@ def attention_providers(x4, wq, wk, wv, wo, G, r, hd, mask, cos, sin):
         a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
         return a, o_w
 
-    def dense():
-        out = []
-        for s in range(S):  # SDPA per sample; the projections are the dense part
-            a, _ = attend(x4[s], wq, wk, wv, wo, G)
-            a = a * heads[s].view(1, -1, 1, 1).to(a.dtype)
-            out.append(a.transpose(1, 2).reshape(B, T, -1) @ wo.t())
-        return torch.stack(out)
+    def dense():  # every head of every sample computed in one batch of S*B sequences, then masked
+        xs = x4.reshape(S * B, T, d)
+        q = (xs @ wq.t()).view(S * B, T, G * r, hd).transpose(1, 2)
+        k = (xs @ wk.t()).view(S * B, T, G, hd).transpose(1, 2)
+        v = (xs @ wv.t()).view(S * B, T, G, hd).transpose(1, 2)
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
+        a = a.view(S, B, G * r, T, hd) * heads.view(S, 1, G * r, 1, 1).to(a.dtype)
+        return a.transpose(2, 3).reshape(S, B, T, G * r * hd) @ wo.t()
 
     def per_sample(weights):
         out = []
@@ -158,9 +166,11 @@ def op_tables(shapes, S, B, T, keeps, device, dtype, smoke, peak):
                                                          masks_for(S, G, keep, device), cos, sin),
                  S * B * T * 2 * d * round(keep * G) * (2 * r + 2) * hd + S * B * 2 * T * T * round(keep * G) * r * hd),
             ):
-                ref = providers["(d) compacted"]()
-                out = providers["triton"]()
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                ref = providers["(d) compacted"]().float()
+                errs = {p: ((fn().float() - ref).norm() / ref.norm()).item() for p, fn in providers.items()}
+                for p, e in errs.items():  # every provider computes the same thing, or its time means nothing
+                    check(f"{name} {op} keep {keep:.0%} {p}", e, dtype)
+                err = errs["triton"]
                 times = {p: bench(fn, smoke) for p, fn in providers.items()}
                 t = times["triton"]
                 lines.append(
@@ -171,6 +181,44 @@ def op_tables(shapes, S, B, T, keeps, device, dtype, smoke, peak):
                                                   "(d) compacted"])
             + " (ms) | speed-up vs (a) | % of floor (d) | TFLOP/s (of peak) | rel. err vs (d) |")
     return [head, "|" + "---|" * 12] + lines
+
+
+def small_op_tables(shapes, S, B, T, device, dtype, smoke):
+    """rms_norm, add_rms_norm and the fused LM head + cross-entropy: triton vs plain PyTorch."""
+    lines = ["| shape | op | triton (ms) | (b) reference (ms) | (a) dense (ms) | speed-up vs (b) | speed-up vs (a) "
+             "| rel. err vs (b) |", "|" + "---|" * 8]
+    vocab = {"LLaMA-2-7B": 32000, "Llama-3-8B": 128256}
+    for name, sh in shapes.items():
+        d, V = sh["d"], vocab.get(name, 500)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(S, B, T, d, generator=g).to(device, dtype)
+        res = torch.randn(S, B, T, d, generator=g).to(device, dtype)
+        w = (1 + 0.1 * torch.randn(d, generator=g)).to(device, dtype)
+        h = torch.randn(S * B * T, d, generator=g).to(device, dtype)
+        lm_head = (torch.randn(V, d, generator=g) / d**0.5).to(device, dtype)
+        target = torch.randint(0, V, (S * B * T,), generator=g).to(device)
+        cases = {
+            "rms_norm": (lambda: K.rms_norm(x, w, 1e-5, backend="triton"), lambda: reference.rms_norm(x, w, 1e-5),
+                         None),
+            "add_rms_norm": (lambda: K.add_rms_norm(x, res, w, 1e-5, backend="triton")[0],
+                             lambda: reference.add_rms_norm(x, res, w, 1e-5)[0], None),
+            f"linear_cross_entropy V={V}": (
+                lambda: K.linear_cross_entropy(h, lm_head, target, backend="triton"),
+                lambda: reference.linear_cross_entropy(h, lm_head, target),
+                lambda: F.cross_entropy((h @ lm_head.t()).float(), target, reduction="none")),  # full logits
+        }
+        for op, (fast, ref_fn, dense) in cases.items():
+            ref = ref_fn().float()
+            err = ((fast().float() - ref).norm() / ref.norm()).item()
+            t, t_ref = bench(fast, smoke), bench(ref_fn, smoke)
+            dense_ms, dense_ratio = "—", "—"  # norms have no dense variant
+            if dense is not None:
+                t_dense = bench(dense, smoke)
+                dense_ms, dense_ratio = f"{t_dense:.3f}", f"{t_dense / t:.2f}×"
+            check(f"{name} {op} triton", err, dtype)
+            lines.append(f"| {name} | {op} | {t:.3f} | {t_ref:.3f} | {dense_ms} | {t_ref / t:.2f}× | {dense_ratio} "
+                         f"| {err:.1e} |")
+    return lines
 
 
 def whole_forward(S, B, T, keep, layers, device, dtype, smoke):
@@ -228,6 +276,7 @@ def main():
            f"torch {torch.__version__}, triton {triton.__version__}, {str(dtype)[6:]}, S={S}, B×T={B}×{T}; "
            f"measured matmul peak {peak:.0f} TFLOP/s. Command: `python bench/kernels.py`", ""]
     out += op_tables(SMOKE if smoke else SHAPES, S, B, T, (0.5, 0.7), device, dtype, smoke, peak)
+    out += [""] + small_op_tables(SMOKE if smoke else SHAPES, S, B, T, device, dtype, smoke)
     out += ["", "| whole masked forward | keep | batched triton (ms, S masks) | HF hook loop (ms) | speed-up | masks per GPU-hour |",
             "|---|---|---|---|---|---|"]
     for keep in (0.5, 0.7):

@@ -180,6 +180,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     HD = cos.shape[-1]
     R = rows // HD - 2
     N = B * T
+    if HD % 2:
+        raise ValueError(f"masked_attention: rotate-half RoPE needs an even head_dim, got {HD} (cos.shape[-1])")
     scale = HD**-0.5 if scale is None else float(scale)
     x = x.contiguous()
     y = torch.empty_like(x)

@@ -63,3 +63,9 @@ def test_batch_invariance(device, dtype):
     for j in (1, 5):
         one = {k: (v[j:j + 1] if k in ("x", "keep_idx", "keep_count") else v) for k, v in kw.items()}
         assert torch.equal(ops.masked_attention(**one, backend="triton")[0], together[j])
+
+
+def test_odd_head_dim_is_refused():
+    kw = cases.attention_inputs(1, 1, 4, 12, 1, 1, 5, 1.0, seed=fresh_seed())
+    with pytest.raises(ValueError, match="even head_dim"):
+        ops.masked_attention(**kw, backend="triton")
