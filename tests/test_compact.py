@@ -14,8 +14,9 @@ from bpp.models.hooks import hook_masks
 from tests.tiny import tiny_model
 
 
-def _mask(space, kind: str, seed: int = 0) -> Masks:
-    g = torch.Generator().manual_seed(seed)
+def _mask(space, kind: str, seed: int | None = None) -> Masks:
+    """A mask of the given kind on a 2-layer model; the random parts are drawn afresh."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed)
     full = Masks.full(space, 1)
     if kind == "full":
         return full
@@ -26,15 +27,19 @@ def _mask(space, kind: str, seed: int = 0) -> Masks:
         return full
     mask = Masks.sample(Masks.probabilities(space, 0.6), 1, g)
     mask.layers[:] = True
-    mask.groups[0, 0] = True
-    mask.channels[0, 0, :5] = True
+    mask.groups[0, 0] = True  # layer 0 keeps every group, layer 1 all but the first: sizes differ
+    mask.groups[0, 1] = True
+    mask.groups[0, 1, 0] = False
+    mask.channels[0, :, :5] = True
     if kind == "no-attention":
         mask.groups[0, 1] = False
     elif kind == "no-mlp":
         mask.channels[0, 1] = False
     elif kind == "dropped-layer":
         mask.layers[0, 0] = False
-        mask.groups[0, 1, 0] = False
+    elif kind == "empty-layer":  # kept, but nothing in it: the identity, dropped at compaction
+        mask.groups[0, 0] = False
+        mask.channels[0, 0] = False
     return mask
 
 
@@ -47,7 +52,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["random", "no-attention", "no-mlp", "dropped-layer", "full", "uniform"])
+@pytest.mark.parametrize("kind", ["random", "no-attention", "no-mlp", "dropped-layer", "empty-layer", "full", "uniform"])
 def test_compacted_logits_and_params_equal_the_masked_model(tiny, kind):
     space = MaskSpace.from_model(tiny)
     mask = _mask(space, kind)
@@ -58,12 +63,12 @@ def test_compacted_logits_and_params_equal_the_masked_model(tiny, kind):
     assert _rel(got, _masked_logits(tiny, mask, ids)) <= 1e-4
     assert sum(p.numel() for p in small.parameters()) == int(space.params(mask)[0])
     eff = mask.effective()
-    kept = [i for i in range(space.n_layers) if eff.layers[0, i]]
+    kept = [i for i in range(space.n_layers) if eff.layers[0, i] and (eff.groups[0, i].any() or eff.channels[0, i].any())]
     sizes = {(int(eff.groups[0, i].sum()), int(eff.channels[0, i].sum())) for i in kept}
     stock = len(sizes) == 1 and min(min(sizes)) > 0  # one shape, no empty block: a stock config
-    assert stock == (kind in ("full", "uniform", "dropped-layer"))
+    assert stock == (kind in ("full", "uniform", "dropped-layer", "empty-layer"))
     assert (getattr(small.config, "auto_map", None) is None) == stock
-    assert small.config.num_hidden_layers == int(mask.layers.sum())
+    assert small.config.num_hidden_layers == (1 if kind in ("dropped-layer", "empty-layer") else 2)
 
 
 def test_compaction_leaves_the_model_untouched():
@@ -71,6 +76,14 @@ def test_compaction_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     compact(model, _mask(MaskSpace.from_model(model), "random"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _masked_greedy(model, mask, prompt, n):
+    """Greedy continuation of the hook-masked full model, recomputed from scratch at each step."""
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, _masked_logits(model, mask, seq)[:, -1:].argmax(-1)], dim=1)
+    return seq.tolist()
 
 
 def _isolated_load(path, ids, trust):
@@ -118,6 +131,7 @@ def test_saved_folder_loads_without_bpp_and_generates_with_cache(tmp_path, token
     result = _isolated_load(out, ids, trust=kind != "uniform")
     assert _rel(torch.tensor(result["logits"]), _masked_logits(model, mask, ids)) <= 1e-4
     assert result["cache"] == result["nocache"]  # the KV-cache path decodes the same tokens
+    assert result["cache"] == _masked_greedy(model, mask, ids[:1], 5)
     config = json.loads((out / "config.json").read_text())
     if kind != "uniform":
         assert config["kv_heads_per_layer"][1] == 0 and result["cls"] == "BppPrunedForCausalLM"
@@ -158,36 +172,96 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_round_to_adds_the_highest_scored_channels():
     model = tiny_model("llama")
     space = MaskSpace.from_model(model)
-    mask = _mask(space, "random", seed=3)
-    theta = Masks.probabilities(space, 0.5)
-    theta.channels = torch.rand(space.n_layers, space.n_channels)
-    rounded = round_mask(mask, 8, theta)
-    for i in range(space.n_layers):
-        before, after = int(mask.channels[0, i].sum()), int(rounded.channels[0, i].sum())
-        assert after % 8 == 0 or after == space.n_channels
-        assert after >= before and (mask.channels[0, i] <= rounded.channels[0, i]).all()
-        added = rounded.channels[0, i] & ~mask.channels[0, i]
-        left_out = ~rounded.channels[0, i]
-        if added.any() and left_out.any():
-            assert theta.channels[i][added].min() >= theta.channels[i][left_out].max()
+    mask = _mask(space, "random")
+    mask.channels[0, 0] = False
+    mask.channels[0, 0, torch.randperm(space.n_channels)[:13]] = True  # 13 → 16
+    mask.channels[0, 1] = False  # an emptied MLP stays empty
+    scores = torch.rand(space.n_layers, space.n_channels)
+    rounded = round_mask(mask, 8, scores)
+    assert not rounded.channels[0, 1].any()
+    assert torch.equal(rounded.groups, mask.groups) and torch.equal(rounded.layers, mask.layers)
+    before, after = int(mask.channels[0, 0].sum()), int(rounded.channels[0, 0].sum())
+    assert (before, after) == (13, 16)
+    assert (mask.channels[0, 0] <= rounded.channels[0, 0]).all()
+    added = rounded.channels[0, 0] & ~mask.channels[0, 0]
+    left_out = ~rounded.channels[0, 0]
+    assert scores[0][added].min() >= scores[0][left_out].max()
     with pytest.raises(BppError, match="round-to"):
         round_mask(mask, 7)
+    with pytest.raises(BppError, match="channel scores have shape"):
+        round_mask(mask, 8, scores[:1])
 
 
-def test_bias_compensation_restores_mean_mlp_output():
-    from bpp.baselines import InputStats, compensation_biases, flap_mask
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bias_compensation_keeps_each_blocks_mean_output(family):
+    """FLAP compensation, analytically: fed the full model's inputs, every compacted o_proj and
+    down_proj (or the constant of an emptied block) has the same mean output over the
+    calibration tokens as the unpruned one, while plain pruning changes that mean."""
+    from bpp.baselines import InputStats, compensation_biases
 
-    model = tiny_model("llama")
+    model = tiny_model(family, seed=int(torch.randint(0, 1000, ())))
+    space = MaskSpace.from_model(model)
     ids = torch.randint(0, model.config.vocab_size, (4, 15))
     stats = InputStats(model).collect(ids)
-    mask = flap_mask(model, ids, 0.4, stats=stats)
+    mask = _mask(space, "no-attention")
     attn_bias, mlp_bias = compensation_biases(model, mask, stats)
     small = compact(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
-    assert small.model.layers[0].mlp.down_proj.bias is not None
-    assert torch.equal(small.model.layers[0].mlp.down_proj.bias, mlp_bias[0])
-    plain = compact(model, mask)
+    assert sum(p.numel() for p in small.parameters()) == int(space.params(mask)[0]) + 2 * 2 * space.hidden_size
+
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda mod, args, key=key: inputs.__setitem__(key, args[0].flatten(0, 1)))
+             for i, layer in enumerate(model.model.layers)
+             for key, module in (((i, "attn"), layer.self_attn.o_proj), ((i, "mlp"), layer.mlp.down_proj))]
     with torch.no_grad():
-        assert not torch.allclose(small(ids).logits, plain(ids).logits)
+        model(ids)
+    for h in hooks:
+        h.remove()
+    per_head = space.heads_per_group * space.head_dim
+    with torch.no_grad():
+        for i in range(space.n_layers):
+            full_layer, small_layer = model.model.layers[i], small.model.layers[i]
+            kept_cols = mask.groups[0, i].repeat_interleave(per_head)
+            z = inputs[(i, "attn")]
+            want = full_layer.self_attn.o_proj(z).mean(0)
+            if kept_cols.any():
+                got = small_layer.self_attn.o_proj(z[:, kept_cols]).mean(0)
+                uncompensated = (z[:, kept_cols] @ full_layer.self_attn.o_proj.weight[:, kept_cols].T).mean(0)
+            else:
+                got, uncompensated = small_layer.self_attn.bias, torch.zeros_like(want)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+            if not kept_cols.all():
+                assert not torch.allclose(uncompensated, want, rtol=1e-4, atol=1e-5)
+            x, kept = inputs[(i, "mlp")], mask.channels[0, i]
+            want = full_layer.mlp.down_proj(x).mean(0)
+            got = small_layer.mlp.down_proj(x[:, kept]).mean(0)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+            assert kept.any() and not kept.all()
+            assert not torch.allclose((x[:, kept] @ full_layer.mlp.down_proj.weight[:, kept].T).mean(0), want,
+                                      rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(BppError, match="gpt2"):
+        compact(gpt2, Masks(torch.ones(1, 1, 128, dtype=torch.bool), torch.ones(1, 1, 2, dtype=torch.bool),
+                            torch.ones(1, 1, dtype=torch.bool)))
+
+
+def test_save_load_roundtrip_is_exact(tiny, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    space = MaskSpace.from_model(tiny)
+    mask = _mask(space, "random")
+    small = compact(tiny, mask)
+    out = save_compacted(tiny, mask, tmp_path / "small", tokenizer=tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    want, got = small.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    record = json.loads((out / "bpp_compaction.json").read_text())
+    assert record["params"] == int(space.params(mask)[0]) == sum(p.numel() for p in loaded.parameters())
+    assert [layer["channels"] for layer in record["layers"]] == mask.channels[0].sum(-1).tolist()
 
 
 def test_cli_compact(tmp_path, tokenizer):

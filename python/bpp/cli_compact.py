@@ -1,6 +1,7 @@
 """``bpp compact``: a saved mask → a smaller model folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="folder for the compacted model"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="the model the mask was made for (default: embedded SmolLM2-135M-Instruct)"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
-        round_to: Optional[int] = typer.Option(None, "--round-to", help="round kept channels per layer up to a multiple of 8, 64 or 128 (highest θ first)"),
+        round_to: Optional[int] = typer.Option(None, "--round-to", help="round kept MLP channels per layer up to a multiple of 8, 16, 32, 64 or 128, adding the highest-θ channels (weight magnitude when DIR has no theta.safetensors)"),
         bias_compensation: bool = typer.Option(False, "--bias-compensation", help="FLAP-style: add the mean contribution of pruned units as output biases"),
         data: str = typer.Option("default", "--data", help="calibration text for --bias-compensation"),
         calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows of 128 tokens for --bias-compensation"),
@@ -30,15 +31,27 @@ def register(app: typer.Typer) -> None:
         lm, tokenizer = load_model(model, dtype=dtype)
         space = MaskSpace.from_model(lm)
         masks.validate(space)
+        if masks.S != 1:
+            raise BppError(f"{mask} holds {masks.S} masks; compaction takes one")
         if out.exists() and not force:
             raise BppError(f"{out} exists; pass --force to replace it")
+        info = {"mask": str(mask)}
         if round_to:
             theta_file = mask.parent / "theta.safetensors"
-            theta = Masks.load(theta_file) if theta_file.is_file() else None
-            before = int(masks.channels.sum())
-            masks = round_mask(masks, round_to, theta)
-            typer.echo(f"rounded kept channels to multiples of {round_to}: {before} → {int(masks.channels.sum())} "
-                       f"(extra channels by {'θ' if theta is not None else 'index order'})")
+            if theta_file.is_file():
+                scores, source = Masks.load(theta_file).channels, "θ"
+            else:
+                from .init import magnitude_metric
+
+                scores, source = magnitude_metric(lm, space)["channel"], "weight magnitude"
+            before = masks.channels.sum(-1)[0]
+            masks = round_mask(masks, round_to, scores)
+            after = masks.channels.sum(-1)[0]
+            info["round_to"] = {"multiple": round_to, "extra_channels_by": source,
+                                "channels_before": before.tolist(), "channels_after": after.tolist()}
+            typer.echo(f"rounded kept channels per layer up to multiples of {round_to} (extra channels by {source}): "
+                       f"{int(before.sum())} → {int(after.sum())}")
+            typer.echo("  per layer: " + ", ".join(f"{int(x)}→{int(y)}" for x, y in zip(before, after)))
         biases = {}
         if bias_compensation:
             from .baselines import InputStats, compensation_biases
@@ -47,6 +60,9 @@ def register(app: typer.Typer) -> None:
             ids = windows(tokenizer, load_text(data, "calib"), 128, calib_windows, seed=0)
             attn_bias, mlp_bias = compensation_biases(lm, masks, InputStats(lm).collect(ids))
             biases = {"o_proj_bias": attn_bias, "down_proj_bias": mlp_bias}
-        path = save_compacted(lm, masks, out, tokenizer=tokenizer, force=force, **biases)
-        kept = int(space.params(masks)[0])
-        typer.echo(f"saved {path}: {kept:,} parameters ({1 - kept / space.total_params:.1%} fewer than {space.total_params:,})")
+        path = save_compacted(lm, masks, out, tokenizer=tokenizer, force=force, info=info, **biases)
+        record = json.loads((path / "bpp_compaction.json").read_text())
+        kept, total = record["params"], record["original_params"]
+        kind = "stock config" if record["stock_config"] else "per-layer sizes, load with trust_remote_code=True"
+        typer.echo(f"saved {path} ({kind}): {len(record['layers'])} layers, {kept:,} parameters "
+                   f"({1 - kept / total:.1%} fewer than {total:,})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,23 @@ def _modeling_module(family: str):
     return sys.modules[name]
 
 
+def _no_init():
+    """Skip the random initialisation of weights that are overwritten anyway (minutes on a 7B model)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _kept_layers(eff: Masks, keep_empty: bool = False) -> list[int]:
+    """Original indices of the layers the compacted model has. A kept layer whose groups and
+    channels are all pruned computes the identity, so it goes too, unless compensation biases
+    make it add a constant (``keep_empty``)."""
+    return [i for i in range(eff.layers.shape[1])
+            if bool(eff.layers[0, i]) and (keep_empty or bool(eff.groups[0, i].any() or eff.channels[0, i].any()))]
+
+
 def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
     masks.validate(space)
     if masks.S != 1:
@@ -63,11 +81,15 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
     per layer of the original model, e.g. FLAP bias compensation); they force per-layer config."""
     space = MaskSpace.from_model(model)
     eff = _check_mask(space, masks)
-    kept_layers = [i for i in range(space.n_layers) if bool(eff.layers[0, i])]
+    for name, biases in (("o_proj_bias", o_proj_bias), ("down_proj_bias", down_proj_bias)):
+        if biases is not None and (len(biases) != space.n_layers
+                                   or any(tuple(b.shape) != (space.hidden_size,) for b in biases)):
+            raise BppError(f"{name} must hold one ({space.hidden_size},) tensor per layer ({space.n_layers})")
+    biased = o_proj_bias is not None or down_proj_bias is not None
+    kept_layers = _kept_layers(eff, keep_empty=biased)
     groups = [int(eff.groups[0, i].sum()) for i in kept_layers]
     channels = [int(eff.channels[0, i].sum()) for i in kept_layers]
     uniform = len(set(groups)) == 1 and len(set(channels)) == 1 and groups[0] > 0 and channels[0] > 0
-    biased = o_proj_bias is not None or down_proj_bias is not None
 
     config = copy.deepcopy(model.config)
     r = space.heads_per_group
@@ -80,7 +102,8 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
         config.intermediate_size = channels[0]
         from transformers import AutoModelForCausalLM
 
-        new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+        with _no_init():
+            new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     else:
         module = _modeling_module(space.family)
         fields = config.to_dict()
@@ -92,7 +115,8 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
         config.architectures = ["BppPrunedForCausalLM"]
         config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.BppPrunedConfig",
                            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BppPrunedForCausalLM"}
-        new = module.BppPrunedForCausalLM(config).to(model.dtype)
+        with _no_init():
+            new = module.BppPrunedForCausalLM._from_config(config, dtype=model.dtype)
     new.generation_config = copy.deepcopy(model.generation_config)
     _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
     return new.to(model.device).eval()
@@ -124,6 +148,8 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
                     getattr(da, name).weight.copy_(getattr(sa, name).weight)
             if o_proj_bias is not None:
                 da.o_proj.bias.copy_(o_proj_bias[old_idx])
+        elif o_proj_bias is not None:  # no head left: the block outputs its compensation, a constant
+            d_layer.self_attn.bias.copy_(o_proj_bias[old_idx])
         ch = eff.channels[0, old_idx]
         if ch.any():
             sm, dm = s_layer.mlp, d_layer.mlp
@@ -133,33 +159,53 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             dm.down_proj.weight.copy_(sm.down_proj.weight[:, ch])
             if down_proj_bias is not None:
                 dm.down_proj.bias.copy_(down_proj_bias[old_idx])
+        elif down_proj_bias is not None:
+            d_layer.mlp.bias.copy_(down_proj_bias[old_idx])
 
 
-def round_mask(masks: Masks, multiple: int, scores: Masks | None = None) -> Masks:
-    """Round each kept layer's channel count up to a multiple of ``multiple`` (at most all of
-    them), adding the pruned channels with the highest ``scores`` (θ, or any importance) first."""
-    if multiple not in (1, 8, 16, 32, 64, 128):
-        raise BppError(f"--round-to must be one of 8, 16, 32, 64, 128, got {multiple}")
+ROUND_TO = (8, 16, 32, 64, 128)
+
+
+def round_mask(masks: Masks, multiple: int, channel_scores: torch.Tensor | None = None) -> Masks:
+    """Round each layer's kept channel count up to a multiple of ``multiple`` (at most all m;
+    a layer with none kept stays empty), adding the pruned channels with the highest
+    ``channel_scores`` ``(L, m)`` first (θ, or a magnitude metric; ties and no scores: lower index).
+
+    KV groups are not rounded: a group is already (r + 2)·head_dim rows, whole head tiles, and
+    models have few of them (rounding 3 groups up to 8 would undo the pruning)."""
+    if multiple not in ROUND_TO:
+        raise BppError(f"--round-to must be one of {', '.join(map(str, ROUND_TO))}, got {multiple}")
     channels = masks.channels.clone()
     S, L, m = channels.shape
+    if channel_scores is not None and tuple(channel_scores.shape) != (L, m):
+        raise BppError(f"channel scores have shape {tuple(channel_scores.shape)}, the mask needs {(L, m)}")
     for s in range(S):
         for i in range(L):
             kept = int(channels[s, i].sum())
-            if kept == 0:
-                continue
             target = min(m, -(-kept // multiple) * multiple)
             if target > kept:
-                score = scores.channels[i].double() if scores is not None else torch.zeros(m, dtype=torch.float64)
+                score = (channel_scores[i].double() if channel_scores is not None
+                         else torch.zeros(m, dtype=torch.float64))
                 score = score.masked_fill(channels[s, i], float("-inf"))
                 channels[s, i, torch.sort(-score, stable=True).indices[: target - kept]] = True
     return Masks(channels, masks.groups.clone(), masks.layers.clone())
 
 
+def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> list[dict]:
+    """Per layer of the compacted model: its index in the original model, kept KV groups,
+    query heads and MLP channels (what ``bpp_compaction.json`` and the CLI report)."""
+    eff = masks.effective()
+    return [{"layer": i, "kv_groups": int(eff.groups[0, i].sum()),
+             "query_heads": int(eff.groups[0, i].sum()) * space.heads_per_group,
+             "channels": int(eff.channels[0, i].sum())} for i in _kept_layers(eff, keep_empty)]
+
+
 def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
-                   o_proj_bias=None, down_proj_bias=None) -> Path:
+                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None) -> Path:
     """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
-    config, tokenizer, and ``modeling_bpp.py`` when layers differ). Written to a temporary folder
-    and renamed, so a failure leaves nothing half-written."""
+    config, tokenizer, ``modeling_bpp.py`` when layers differ, and ``bpp_compaction.json``: the
+    per-layer sizes, parameter counts and ``info``). Written to a temporary folder and renamed,
+    so a failure leaves nothing half-written."""
     out = Path(out)
     if out.exists() and not force:
         raise BppError(f"{out} exists; pass --force to replace it")
@@ -172,6 +218,13 @@ def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, forc
             (tmp / MODELING_FILE).write_text(modeling_source(MaskSpace.from_model(model).family))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        biased = o_proj_bias is not None or down_proj_bias is not None
+        record = {"original_params": MaskSpace.from_model(model).total_params,
+                  "params": sum(p.numel() for p in compacted.parameters()),
+                  "stock_config": not getattr(compacted.config, "auto_map", None),
+                  "bias_compensation": biased,
+                  "layers": layer_sizes(MaskSpace.from_model(model), masks, keep_empty=biased), **(info or {})}
+        (tmp / "bpp_compaction.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

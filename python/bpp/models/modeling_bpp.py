@@ -7,7 +7,8 @@
 #   kv_heads_per_layer[i]         KV groups kept in layer i (query heads: that times the ratio)
 #   intermediate_size_per_layer[i] MLP channels kept in layer i
 # A layer with no KV group has no attention (it adds nothing); one with no channel has no MLP.
-# o_proj_bias / down_proj_bias add output biases (bias compensation of the pruned units).
+# o_proj_bias / down_proj_bias add output biases (bias compensation of the pruned units); an
+# emptied block then adds just that bias, a constant.
 import torch
 from torch import nn
 from transformers.models.FAMILY.configuration_FAMILY import FamilyConfig as _BaseConfig
@@ -28,25 +29,33 @@ class BppPrunedConfig(_BaseConfig):
 
 
 class NoAttention(nn.Module):
-    """Stands in for an attention block whose heads were all pruned: it adds zero. It still
-    records the sequence length in the KV cache (a 1-wide stub), so generation positions stay right."""
+    """Stands in for an attention block whose heads were all pruned: it adds zero, or a constant
+    ``bias`` when bias compensation put back the pruned heads' mean output. It still records the
+    sequence length in the KV cache (a 1-wide stub), so generation positions stay right."""
 
-    def __init__(self, layer_idx):
+    def __init__(self, layer_idx, hidden_size=None, bias=False, like=None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=like.dtype, device=like.device)) if bias else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         if past_key_values is not None:
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             past_key_values.update(stub, stub, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
+        out = torch.zeros_like(hidden_states)
+        return (out if self.bias is None else out + self.bias), None
 
 
 class NoMLP(nn.Module):
-    """Stands in for an MLP whose channels were all pruned: it adds zero."""
+    """Stands in for an MLP whose channels were all pruned: it adds zero (or the constant ``bias``)."""
+
+    def __init__(self, hidden_size=None, bias=False, like=None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=like.dtype, device=like.device)) if bias else None
 
     def forward(self, hidden_states):
-        return torch.zeros_like(hidden_states)
+        out = torch.zeros_like(hidden_states)
+        return out if self.bias is None else out + self.bias
 
 
 def _linear(n_in, n_out, bias, like):
@@ -57,7 +66,7 @@ def _resize_layer(layer, kv_heads, channels, config):
     attn, mlp = layer.self_attn, layer.mlp
     d = config.hidden_size
     if kv_heads == 0:
-        layer.self_attn = NoAttention(attn.layer_idx)
+        layer.self_attn = NoAttention(attn.layer_idx, d, config.o_proj_bias, attn.o_proj.weight)
         layer.input_layernorm = nn.Identity()
     else:
         hd = attn.head_dim
@@ -67,7 +76,7 @@ def _resize_layer(layer, kv_heads, channels, config):
         attn.v_proj = _linear(d, kv_heads * hd, attn.v_proj.bias is not None, attn.v_proj)
         attn.o_proj = _linear(q_heads * hd, d, config.o_proj_bias, attn.o_proj)
     if channels == 0:
-        layer.mlp = NoMLP()
+        layer.mlp = NoMLP(d, config.down_proj_bias, mlp.down_proj.weight)
         layer.post_attention_layernorm = nn.Identity()
     else:
         mlp.gate_proj = _linear(d, channels, False, mlp.gate_proj)
