@@ -287,3 +287,11 @@ def test_cli_compact(tmp_path, tokenizer):
         assert _rel(small(ids).logits, _masked_logits(model, mask, ids)) <= 1e-4
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and isinstance(again.exception, BppError)
+
+    rounded = CliRunner().invoke(app, args + ["--force", "--round-to", "8", "--bias-compensation", "--calib-windows", "2"])
+    assert rounded.exit_code == 0, rounded.output
+    assert "multiples of 8 (extra channels by weight magnitude)" in rounded.output
+    record = json.loads((tmp_path / "small" / "bpp_compaction.json").read_text())
+    assert record["bias_compensation"] and record["round_to"]["channels_after"][1] == 0
+    assert record["round_to"]["channels_after"][0] in (-(-record["round_to"]["channels_before"][0] // 8) * 8, 70)
+    assert [layer["channels"] for layer in record["layers"]] == record["round_to"]["channels_after"]
