@@ -5,6 +5,8 @@ from bpp_kernels import ops, reference
 from tests.kernels import cases
 from tests.kernels.triton_util import device_dtypes, fresh_seed, tolerance
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs go through the interpreter
+
 SHAPES = [  # S, B, T, d, G, r, hd, keep
     pytest.param(3, 2, 7, 24, 3, 2, 8, 0.5, id="S3-B2-T7-G3-r2-hd8"),
     pytest.param(2, 1, 63, 20, 2, 3, 10, 0.6, id="S2-B1-T63-G2-r3-hd10"),
@@ -66,7 +68,7 @@ def test_batch_invariance(device, dtype):
 
 
 def test_odd_head_dim_is_refused():
-    kw = cases.attention_inputs(1, 1, 4, 12, 1, 1, 5, 1.0, seed=fresh_seed())
-    kw["cos"], kw["sin"] = torch.ones(4, 5), torch.zeros(4, 5)  # cases.rope cannot make an odd head_dim
+    kw = cases.attention_inputs(1, 1, 4, 12, 1, 1, 5, 1.0, device=DEVICE, seed=fresh_seed())
+    kw["cos"], kw["sin"] = torch.ones(4, 5, device=DEVICE), torch.zeros(4, 5, device=DEVICE)  # cases.rope cannot make an odd head_dim
     with pytest.raises(ValueError, match="even head_dim"):
         ops.masked_attention(**kw, backend="triton")
