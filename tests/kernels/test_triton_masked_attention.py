@@ -72,3 +72,17 @@ def test_odd_head_dim_is_refused():
     kw["cos"], kw["sin"] = torch.ones(4, 5, device=DEVICE), torch.zeros(4, 5, device=DEVICE)  # cases.rope cannot make an odd head_dim
     with pytest.raises(ValueError, match="even head_dim"):
         ops.masked_attention(**kw, backend="triton")
+
+
+@pytest.mark.gpu
+def test_no_host_sync():
+    """Counts stay on the device: the op must not wait for the GPU (DESIGN: one sync per PG step)."""
+    kw = cases.attention_inputs(4, 2, 64, 64, 4, 2, 16, 0.5, dtype=torch.bfloat16, device="cuda", seed=fresh_seed(),
+                                bias=True, qk_norm=True)
+    ops.masked_attention(**kw, backend="triton")  # compile first: the first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.masked_attention(**kw, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -60,3 +60,17 @@ def test_batch_invariance(device, dtype):
         alone = ops.masked_swiglu(kw["x"][j:j + 1], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"][j:j + 1],
                                   kw["keep_count"][j:j + 1], backend="triton")
         assert torch.equal(alone[0], together[j])
+
+
+@pytest.mark.gpu
+def test_no_host_sync():
+    """Counts stay on the device: the op must not wait for the GPU (DESIGN: one sync per PG step)."""
+    kw = cases.swiglu_inputs(4, 64, 64, 200, 0.5, dtype=torch.bfloat16, device="cuda", seed=fresh_seed())
+    ops.masked_swiglu(**kw, backend="triton")  # compile first: the first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.masked_swiglu(**kw, backend="triton")
+        ops.mask_to_index(torch.rand(4, 200, device="cuda") < 0.5, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
