@@ -10,7 +10,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs go through t
 
 
 @pytest.mark.parametrize("device,dtype", device_dtypes())
-@pytest.mark.parametrize("N,d,V", [(17, 12, 50), (33, 60, 301), (5, 40, 1000)], ids=["N17-V50", "N33-V301", "N5-V1000"])
+@pytest.mark.parametrize("N,d,V", [(17, 12, 50), (33, 60, 301), (5, 40, 1000),
+                                     pytest.param(300, 264, 9000, marks=pytest.mark.gpu)],
+                         ids=["N17-V50", "N33-V301", "N5-V1000", "N300-d264-V9000-three-slices"])
 def test_linear_cross_entropy_matches_reference(N, d, V, device, dtype):
     kw = cases.cross_entropy_inputs(N, d, V, dtype=dtype, device=device, seed=fresh_seed(), n_ignored=2)
     ref, tol = tolerance(reference.linear_cross_entropy, kw, dtype)

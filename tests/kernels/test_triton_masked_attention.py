@@ -14,6 +14,8 @@ SHAPES = [  # S, B, T, d, G, r, hd, keep
     pytest.param(2, 1, 33, 16, 2, 2, 16, 1.0, id="S2-B1-T33-all-kept"),
     pytest.param(2, 2, 9, 16, 2, 2, 8, 0.0, id="S2-B2-T9-none-kept"),
     pytest.param(2, 1, 40, 36, 2, 2, 64, 0.5, id="S2-B1-T40-d36-hd64"),
+    # GPU only: the GPU tile config (128-row tiles, 64-wide flash tiles) at hd 128, T not a multiple of 64
+    pytest.param(3, 2, 200, 264, 4, 2, 128, 0.5, id="S3-B2-T200-d264-hd128", marks=pytest.mark.gpu),
 ]
 VARIANTS = [pytest.param(False, False, id="plain"), pytest.param(True, False, id="qkv-bias"),
             pytest.param(False, True, id="qk-norm")]

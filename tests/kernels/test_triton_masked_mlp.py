@@ -13,6 +13,8 @@ SHAPES = [  # S, N, d, m, keep
     pytest.param(2, 33, 40, 100, 0.7, id="S2-N33-d40-m100-keep0.7"),
     pytest.param(2, 7, 8, 8, 1.0, id="S2-N7-d8-m8-all-kept"),
     pytest.param(3, 9, 16, 24, 0.0, id="S3-N9-d16-m24-none-kept"),
+    # GPU only: enough rows for the 128-row tiles of the GPU config, several tiles in every dim
+    pytest.param(3, 300, 520, 1000, 0.6, id="S3-N300-d520-m1000-keep0.6", marks=pytest.mark.gpu),
 ]
 
 
