@@ -96,8 +96,7 @@ class MaskedModel:
         masks.validate(self.space)
         if masks.S == 0:
             raise BppError("masks holds no sample (S = 0)")
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo), int(hi)  # the one host sync of a call
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # the one device->host sync of a call
         if lo < 0 or hi >= self.vocab_size:
             raise BppError(f"input_ids must lie in [0, {self.vocab_size}); got values in [{lo}, {hi}]")
 
