@@ -1,4 +1,6 @@
 """The batched masked forward against the hook ground truth (issue 3)."""
+import os
+
 import pytest
 import torch
 
@@ -31,6 +33,8 @@ def _edge_masks(space: MaskSpace, S: int, seed: int) -> Masks:
 @pytest.mark.parametrize("S", [1, 8])
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_losses_equal_the_hook_masked_hf_model(tiny, S, backend, monkeypatch):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors reach Triton only under TRITON_INTERPRET=1")
     monkeypatch.setenv("BPP_KERNELS_BACKEND", backend)
     space = MaskSpace.from_model(tiny)
     masks = _edge_masks(space, S, seed=S)
@@ -98,6 +102,7 @@ def test_bad_inputs_are_clear_errors():
         mm.losses(ids, Masks(masks.channels.float(), masks.groups, masks.layers))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU Triton runs need the interpreter")
 def test_triton_backend_batch_invariance(monkeypatch):
     monkeypatch.setenv("BPP_KERNELS_BACKEND", "triton")
     model = tiny_model("qwen2")
