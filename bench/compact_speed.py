@@ -59,7 +59,11 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids OpenMP spin-waits when the cores are shared)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     import bpp
     from bpp.baselines import flap_mask
@@ -74,7 +78,11 @@ def main():
     variants = [("dense", model, space.total_params)]
     for sparsity in (0.2, 0.4):
         for name, mask in (("uniform", uniform_mask(space, sparsity)), ("FLAP", flap_mask(model, calib, sparsity))):
-            variants.append((f"{name} {sparsity:.0%}", compact(model, mask), int(space.params(mask)[0])))
+            t0 = time.perf_counter()
+            small = compact(model, mask)
+            print(f"  compacted {name} {sparsity:.0%} in {time.perf_counter() - t0:.1f}s "
+                  f"({'stock config' if not getattr(small.config, 'auto_map', None) else 'per-layer sizes'})", flush=True)
+            variants.append((f"{name} {sparsity:.0%}", small, int(space.params(mask)[0])))
 
     # rounds interleave the variants, so a busy machine slows them alike; medians per variant
     prefill = {name: [] for name, _, _ in variants}
