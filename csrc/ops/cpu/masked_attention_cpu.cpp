@@ -23,19 +23,13 @@
 namespace bpp {
 namespace {
 
-constexpr int64_t kCopyGrain = 1 << 15;
-
 // dst slab j (width elements, dst_stride apart) = src slab idx[j] (src_stride apart), j < c.
 void gather_slabs(const char* src, int64_t src_stride, const int32_t* idx, int64_t c, int64_t width, char* dst,
                   int64_t dst_stride, int64_t elem_size) {
-  at::parallel_for(0, c * width, kCopyGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t row = i / width, col = i % width, n = std::min(width - col, end - i);
-      std::memcpy(dst + (row * dst_stride + col) * elem_size, src + (idx[row] * src_stride + col) * elem_size,
-                  n * elem_size);
-      i += n;
-    }
-  });
+  // One thread on purpose: a few MB of memcpy is memory-bound, and on a busy machine waking the
+  // pool for it measured slower (ms per parallel region) than the copy itself.
+  for (int64_t j = 0; j < c; ++j)
+    std::memcpy(dst + j * dst_stride * elem_size, src + idx[j] * src_stride * elem_size, width * elem_size);
 }
 
 // Rows [0, c*r*hd) of the result: q of the kept groups; then c*hd rows of k; then c*hd of v.

@@ -12,29 +12,20 @@
 // Batch invariance: samples run one after another, each with the same calls and the same
 // thread count whatever S is, so sample j's bits never depend on its batch companions.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
 
 namespace bpp {
 namespace {
 
-// Elements per parallel chunk of a copy: big enough that a thread's setup is amortised.
-constexpr int64_t kCopyGrain = 1 << 15;
-
 // dst row j (width elements, dst_stride apart) = src row idx[j] (src_stride apart), j < c.
 void gather_rows(const char* src, int64_t src_stride, const int32_t* idx, int64_t c, int64_t width, char* dst,
                  int64_t dst_stride, int64_t elem_size) {
-  at::parallel_for(0, c * width, kCopyGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t row = i / width, col = i % width, n = std::min(width - col, end - i);
-      std::memcpy(dst + (row * dst_stride + col) * elem_size, src + (idx[row] * src_stride + col) * elem_size,
-                  n * elem_size);
-      i += n;
-    }
-  });
+  // One thread on purpose: a few MB of memcpy is memory-bound, and on a busy machine waking the
+  // pool for it measured slower (ms per parallel region) than the copy itself.
+  for (int64_t j = 0; j < c; ++j)
+    std::memcpy(dst + j * dst_stride * elem_size, src + idx[j] * src_stride * elem_size, width * elem_size);
 }
 
 }  // namespace
