@@ -58,7 +58,7 @@ def eval_cmd(
 
 
 # Each further command lives in python/bpp/cli_<name>.py, which defines ``register(app)``.
-for _name in ("prune", "baseline", "compact", "report"):
+for _name in ("prune", "baseline", "compact", "report", "recover"):
     if importlib.util.find_spec(f"{__package__}.cli_{_name}") is not None:
         importlib.import_module(f"{__package__}.cli_{_name}").register(app)
 

@@ -9,7 +9,10 @@ from typing import Optional
 
 import typer
 
-METHODS = ("flap", "wanda-sp", "magnitude")
+# Companion baselines (issue 10), "module:function" with the signature
+# ``fn(model, space, calib, sparsity) -> Masks`` (S = 1, the same per-type keep counts as a PG mask)
+COMPANION_BASELINES = {"loraprune": "bpp.loraprune:loraprune_mask", "besa": "bpp.besa:besa_mask"}
+METHODS = ("flap", "wanda-sp", "magnitude", *COMPANION_BASELINES)
 
 
 def run_baseline(method: str, sparsity: float, out: Path, *, model=None, tokenizer=None, model_name: str = "default",
@@ -47,6 +50,10 @@ def run_baseline(method: str, sparsity: float, out: Path, *, model=None, tokeniz
             if bias_compensation:
                 attn_bias, mlp_bias = compensation_biases(model, mask, stats)
                 biases = {"o_proj_bias": attn_bias, "down_proj_bias": mlp_bias}
+        elif method in COMPANION_BASELINES:
+            from .init import _companion
+
+            mask = _companion(COMPANION_BASELINES[method])(model, space, calib, sparsity)
         else:
             from .init import metric_mask
 
@@ -77,7 +84,7 @@ def run_baseline(method: str, sparsity: float, out: Path, *, model=None, tokeniz
 def register(app: typer.Typer) -> None:
     @app.command("baseline")
     def baseline_cmd(
-        method: str = typer.Option("flap", "--method", help="flap | wanda-sp | magnitude"),
+        method: str = typer.Option("flap", "--method", help="flap | wanda-sp | magnitude | loraprune | besa"),
         model: str = typer.Option("default", "--model", "-m", help="local Hugging Face folder, hub id, or 'default'"),
         data: str = typer.Option("default", "--data", help="calibration/held-out text: default | wikitext2 | c4 | ptb | file.txt"),
         sparsity: float = typer.Option(0.2, "--sparsity", "-s", help="fraction of the prunable (group + channel) parameters to remove"),

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(_D.lr, "--lr", help="learning rate of θ (official: 6e-3)"),
         schedule: str = typer.Option(_D.schedule, "--schedule", help="cosine | constant"),
         baseline: str = typer.Option(_D.baseline, "--baseline", help="moving-average (official: b ← 0.8 b + 0.2 mean loss) | leave-one-out"),
-        init: str = typer.Option(_D.init, "--init", help="wanda-sp (official) | magnitude | uniform"),
+        init: str = typer.Option(_D.init, "--init", help="wanda-sp (official) | magnitude | uniform | loraprune | besa"),
         init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows for the wanda-sp metric"),
         init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per wanda-sp calibration window"),
         seed: int = typer.Option(_D.seed, "--seed", help="seeds the data order, the wanda-sp windows and mask sampling"),

@@ -28,7 +28,23 @@ from .errors import BppError
 from .policy import Policy
 from .space import Masks, MaskSpace
 
-INIT_METHODS = ("wanda-sp", "magnitude", "uniform")
+# Companion methods (issue 10) live in their own modules; each entry is "module:function" with
+# the signature ``fn(model, space, calib, keep, granularity) -> (theta, layer_masks, metrics)``:
+# ``theta`` maps "channel" / "group" to (L, n) keep-probabilities in [0, 1] (projected onto the
+# budget afterwards), ``layer_masks`` maps them to the (L, n) bool init mask at the same per-type
+# keep counts as the final mask, ``metrics`` holds raw per-unit scores for inspection.
+COMPANION_INITS = {"loraprune": "bpp.loraprune:loraprune_init", "besa": "bpp.besa:besa_init"}
+INIT_METHODS = ("wanda-sp", "magnitude", "uniform", *COMPANION_INITS)
+
+
+def _companion(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:  # a companion module that is not there yet
+        raise BppError(f"{spec} is not available: {e}") from e
 
 
 def sigmap(metric: torch.Tensor, keep: float) -> torch.Tensor:
@@ -195,13 +211,20 @@ def initialise(policy: Policy, method: str, model=None, calib: torch.Tensor | No
         counts = {"channel": per_layer_counts(round(keep * space.n_layers * space.n_channels), space.n_layers),
                   "group": per_layer_counts(round(keep * space.n_layers * space.n_groups), space.n_layers)}
         layer_masks = {t: top_per_layer(metrics[t], counts[t]) for t in ("channel", "group")}
-    else:
+        probs = {t: sigmap(metrics[t], keep) for t in ("channel", "group")}
+    elif method == "wanda-sp":
         if calib is None:
             raise BppError("wanda-sp needs calibration windows")
         metrics, layer_masks = wanda_sp_metric(model, space, calib, keep, policy.granularity)
+        probs = {t: sigmap(metrics[t], keep) for t in ("channel", "group")}
+    else:
+        if calib is None:
+            raise BppError(f"{method} needs calibration windows")
+        probs, layer_masks, metrics = _companion(COMPANION_INITS[method])(model, space, calib, keep,
+                                                                           policy.granularity)
     for t in ("channel", "group"):
         if t in policy.slices:
-            theta[policy.slices[t]] = sigmap(metrics[t], keep).reshape(-1)
+            theta[policy.slices[t]] = probs[t].to(torch.float64).reshape(-1)
     policy.theta = theta
     policy.project()
     L = space.n_layers
