@@ -31,8 +31,9 @@ from .space import Masks, MaskSpace
 # Companion methods (issue 10) live in their own modules; each entry is "module:function" with
 # the signature ``fn(model, space, calib, keep, granularity) -> (theta, layer_masks, metrics)``:
 # ``theta`` maps "channel" / "group" to (L, n) keep-probabilities in [0, 1] (projected onto the
-# budget afterwards), ``layer_masks`` maps them to the (L, n) bool init mask at the same per-type
-# keep counts as the final mask, ``metrics`` holds raw per-unit scores for inspection.
+# budget afterwards), ``layer_masks`` maps them to the (L, n) bool init mask the method implies
+# (the same per-type keep counts as the final mask where the method allows, else the same
+# parameter count), ``metrics`` holds raw per-unit scores for inspection.
 COMPANION_INITS = {"loraprune": "bpp.loraprune:loraprune_init", "besa": "bpp.besa:besa_init"}
 INIT_METHODS = ("wanda-sp", "magnitude", "uniform", *COMPANION_INITS)
 
