@@ -3,9 +3,10 @@
 Each function here has the signature of its op in :mod:`bpp_kernels.reference`. Fake (meta)
 implementations are registered so ``torch.compile`` can trace through the ops.
 
-Numerics: fp32 and bf16 run in their own dtype (bf16 GEMMs go through oneDNN); fp16 has no fast
-CPU GEMM, so fp16 inputs are computed in fp32 and rounded once at the end (closer to the fp32
-reference than the reference's own fp16 run). Samples are computed one after another with the
+Numerics: fp32 runs in fp32. fp16 and bf16 run in their own dtype only on CPUs with native
+instructions for them (AVX512-FP16/AMX-FP16, AVX512-BF16/AMX-BF16); elsewhere their GEMMs are
+emulated ~20x slower than fp32, so the inputs are computed in fp32 and rounded once at the end
+(closer to the fp32 reference than the reference's own half-precision run). Samples are computed one after another with the
 same calls whatever S is, so a sample's result is bit-identical alone or in a batch.
 """
 from __future__ import annotations

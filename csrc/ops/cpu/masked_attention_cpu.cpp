@@ -8,11 +8,13 @@
 //   4. attention on those views (enable_gqa: no repeat of K/V); its output is already laid out
 //      (B, T, heads, hd), so it is the left operand of the last GEMM as is;
 //   5. one GEMM through the kept groups' slabs of W_o^T, written straight into out[s].
-// fp16 has no fast CPU GEMM, so fp16 inputs are computed in fp32 and rounded once at the end.
+// fp16/bf16 are computed in fp32 on CPUs without native half-precision GEMMs (compute_dtype.h).
 // Batch invariance: samples run one after another with the same calls whatever S is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "compute_dtype.h"
 
 #include <algorithm>
 #include <cmath>
@@ -126,8 +128,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
   TORCH_CHECK(x.device().is_cpu() && w_qkv.device().is_cpu() && w_o_t.device().is_cpu(),
               "masked_attention: the cpp backend takes CPU tensors only");
 
-  // fp16: fp32 math throughout (see the header); bf16 and fp32 run in their own dtype.
-  const auto compute = store == at::kHalf ? at::kFloat : store;
+  const auto compute = compute_dtype(store);  // see compute_dtype.h
   const auto xs = x.contiguous();
   const auto wqkv = w_qkv.contiguous(), wot = w_o_t.contiguous();
   const auto cs = cos.to(compute).contiguous(), sn = sin.to(compute).contiguous();

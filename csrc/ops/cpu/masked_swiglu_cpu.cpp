@@ -7,12 +7,13 @@
 //      (the interleaved layout would make both strided); G is then the (N, c) activation, read
 //      by the next GEMM through its row stride 2c, no copy;
 //   4. one GEMM against the gathered rows of W_down^T, written straight into out[s].
-// fp16 has no fast CPU GEMM (measured 5-10x slower than fp32 here), so fp16 inputs are
-// computed in fp32 and rounded once at the end: more accurate than the reference, not less.
+// fp16/bf16 are computed in fp32 on CPUs without native half-precision GEMMs (compute_dtype.h).
 // Batch invariance: samples run one after another, each with the same calls and the same
 // thread count whatever S is, so sample j's bits never depend on its batch companions.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "compute_dtype.h"
 
 #include <cstring>
 
@@ -57,7 +58,7 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
   const auto store = xs.scalar_type();
-  const auto compute = store == at::kHalf ? at::kFloat : store;
+  const auto compute = compute_dtype(store);  // see compute_dtype.h
   const int64_t elem = xs.element_size();
   auto out = at::empty_like(xs);
 
