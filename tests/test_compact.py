@@ -295,3 +295,24 @@ def test_cli_compact(tmp_path, tokenizer):
     assert record["bias_compensation"] and record["round_to"]["channels_after"][1] == 0
     assert record["round_to"]["channels_after"][0] in (-(-record["round_to"]["channels_before"][0] // 8) * 8, 70)
     assert [layer["channels"] for layer in record["layers"]] == record["round_to"]["channels_after"]
+
+
+@pytest.mark.parametrize("kind", ["random", "uniform"])
+def test_tied_embeddings_stay_tied(tmp_path, tokenizer, kind):
+    """SmolLM2 (the default model) ties its LM head to the embedding: a compacted model must carry
+    the tie, in memory and through save/load (an untied per-layer model once kept a zero head)."""
+    from transformers import AutoModelForCausalLM
+
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    space = MaskSpace.from_model(tied)
+    mask = _mask(space, kind)
+    small = compact(tied, mask)
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, tied.config.vocab_size, (2, 19))
+    want = _masked_logits(tied, mask, ids)
+    with torch.no_grad():
+        assert _rel(small(ids).logits, want) <= 1e-4
+        loaded = AutoModelForCausalLM.from_pretrained(
+            save_compacted(tied, mask, tmp_path / "small", tokenizer=tokenizer), trust_remote_code=True)
+        assert _rel(loaded(ids).logits, want) <= 1e-4

@@ -118,6 +118,8 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
         with _no_init():
             new = module.BppPrunedForCausalLM._from_config(config, dtype=model.dtype)
     new.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(new.config, "tie_word_embeddings", False):
+        new.tie_weights()  # built under _no_init the LM head is not tied yet: it would stay zeros
     _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
     return new.to(model.device).eval()
 
