@@ -96,3 +96,22 @@ def test_baseline_command_writes_a_run_that_report_reads(tmp_path, tokenizer, me
     assert (out / "model" / "config.json").is_file() and report["perplexity"]["final_mask"] > 1
     md, _ = write_report([out], tmp_path / "rep")
     assert method in md.read_text()
+
+
+def test_flap_standardises_within_each_layer(tiny):
+    """AL-AM as FLAP's code runs it: each layer's scores are standardised on their own, so scaling
+    one layer's down_proj (its WIFV scores by a constant) leaves every score and the mask as they were."""
+    from bpp.baselines import flap_alam_scores
+
+    ids = _inputs(tiny)
+    stats = InputStats(tiny).collect(ids)
+    channel, group = flap_alam_scores(tiny, stats)
+    torch.testing.assert_close(channel.mean(-1), torch.zeros(channel.shape[0], dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(channel.std(-1), torch.ones(channel.shape[0], dtype=torch.float64), atol=1e-9, rtol=0)
+    before = flap_mask(tiny, ids, 0.3, stats=stats)
+    with torch.no_grad():
+        tiny.model.layers[0].mlp.down_proj.weight.mul_(4.0)  # a power of two: exact in fp32
+    channel2, group2 = flap_alam_scores(tiny, stats)  # same inputs, scaled weights
+    torch.testing.assert_close(channel2, channel, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(group2, group, rtol=1e-9, atol=1e-9)
+    assert torch.equal(flap_mask(tiny, ids, 0.3, stats=stats).channels, before.channels)

@@ -3,9 +3,13 @@
 - Fluctuation metric (WIFV): for each input column j of o_proj / down_proj, the variance of
   that input over the calibration tokens times the squared norm of the weight column,
   S_j = Var_n(X_nj) · ||W_:j||². A KV group scores the sum over its heads' columns.
-- Adaptive global structure (FLAP's "AL-AM"): scores are standardised per unit type across all
-  layers, then one global ranking under a joint parameter budget decides how many groups and
-  channels each layer keeps (heterogeneous).
+- Adaptive global structure (FLAP's "AL-AM", as its official code runs it): within each layer
+  the scores of a unit type are standardised (zero mean, unit std over that layer's units; for
+  attention over its o_proj input columns, then averaged over each KV group's columns), and one
+  global ranking of all standardised scores under a joint parameter budget decides how many
+  groups and channels each layer keeps (heterogeneous: layers whose score distributions are more
+  skewed lose more). An earlier version standardised each type across all layers at once; on
+  SmolLM2 that removed every KV group of 25 of the 30 layers at 20% sparsity (ppl > 20,000).
 - Bias compensation: what a pruned column contributed on average, W_:j · mean_n(X_nj), is added
   to the output bias at compaction (:func:`compensation_biases`), so the layer's mean output
   is unchanged.
@@ -79,9 +83,25 @@ def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(channel), torch.stack(group)
 
 
-def _standardise(x: torch.Tensor) -> torch.Tensor:
-    std = x.std()
-    return (x - x.mean()) / (std if std > 0 else 1.0)
+def _standardise_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row (one layer) to zero mean and unit standard deviation (a constant row: zeros)."""
+    std = x.std(-1, keepdim=True)
+    return (x - x.mean(-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def flap_alam_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores FLAP's AL-AM ranks globally: channels ``(L, m)`` and KV groups ``(L, G)``, each
+    standardised within its layer (attention: per o_proj input column, then the mean over a
+    group's columns)."""
+    space = MaskSpace.from_model(model)
+    channel, columns = [], []
+    for i, layer in enumerate(model.model.layers):
+        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
+        channel.append(stats.variance("mlp")[i] * w_down.pow(2).sum(0))
+        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
+        columns.append(stats.variance("attn")[i] * w_o.pow(2).sum(0))
+    group = _standardise_rows(torch.stack(columns)).view(space.n_layers, space.n_groups, -1).mean(-1)
+    return _standardise_rows(torch.stack(channel)), group
 
 
 def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats | None = None) -> Masks:
@@ -89,8 +109,8 @@ def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats
     sparsity = check_sparsity(sparsity)
     space = MaskSpace.from_model(model)
     stats = stats or InputStats(model).collect(input_ids)
-    channel, group = flap_scores(model, stats)
-    scores = torch.cat([_standardise(channel).flatten(), _standardise(group).flatten()])
+    channel, group = flap_alam_scores(model, stats)
+    scores = torch.cat([channel.flatten(), group.flatten()])
     costs = torch.cat([torch.full((channel.numel(),), float(space.channel_params), dtype=torch.float64),
                        torch.full((group.numel(),), float(space.group_params), dtype=torch.float64)])
     keep = deterministic_mask(scores, costs, (1.0 - sparsity) * float(costs.sum()))
