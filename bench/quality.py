@@ -11,7 +11,10 @@ Rows:
   wanda-sp one is PG's "init mask").
 - wanda-sp θ₀ (global top-k): PG after 0 steps: the highest sigmap(wanda-sp) probabilities
   under the global per-type budget; what the policy gradient itself adds is measured from here.
-- FLAP (no bias compensation), when bpp.baselines is available.
+- FLAP: its mask alone, and compacted with its bias compensation (FLAP as published); the default
+  PG mask is also shown with the same bias compensation (`bpp compact --bias-compensation`).
+- with --companions: the rows of bench/quality_companions.py (LoRAPrune, BESA, Pangu Light
+  re-initialisation, LoRA recovery), at the same parameter count.
 - PG variants: S=2 moving average (the official setting), S=8 moving average (bpp's default),
   S=8 leave-one-out baseline, S=8 with the joint parameter budget. Same steps and batches for all,
   so S=2 does a quarter of the forward work.
@@ -28,10 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bpp import load_model  # noqa: E402
 from bpp.data import load_text, tokenize, windows  # noqa: E402
+from bpp.compact import compact  # noqa: E402
+from bpp.baselines import compensation_biases  # noqa: E402
 from bpp.engine import PruneConfig, masked_perplexity, prune  # noqa: E402
+from bpp.evaluate import perplexity  # noqa: E402
 from bpp.init import initialise, metric_mask  # noqa: E402
 from bpp.policy import Policy  # noqa: E402
 from bpp.space import MaskSpace  # noqa: E402
@@ -54,6 +61,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="override the PG learning rate")
     ap.add_argument("--engine", default=None, help="batched | hooks (default: bpp prune's)")
     ap.add_argument("--json", default="bench/quality.json", help="where to write the raw results")
+    ap.add_argument("--companions", action="store_true",
+                    help="also the companion methods (LoRAPrune, BESA, Pangu Light, recovery): bench/quality_companions.py")
     args = ap.parse_args()
 
     defaults = PruneConfig()
@@ -79,6 +88,22 @@ def main() -> None:
         print(f"{method:<34} s={sparsity:<4} params {params / 1e6:7.2f}M  ppl {value:9.3f}  "
               f"({seconds:.0f}s){'  ' + note if note else ''}", flush=True)
 
+    def add_compacted(method, sparsity, mask, stats, seconds, note=""):
+        """A mask compacted with FLAP-style bias compensation, evaluated as the compacted model."""
+        attn_bias, mlp_bias = compensation_biases(model, mask, stats)
+        small = compact(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
+        add_model(method, sparsity, small, int(space.params(mask)[0]), seconds, note)
+
+    def add_model(method, sparsity, small, params, seconds, note=""):
+        """A row for an already-built (compacted) model."""
+        t0 = time.perf_counter()
+        value = perplexity(small, tok, held, seq_len=128, max_windows=eval_windows)
+        rows.append(dict(method=method, sparsity=sparsity, params=params, ppl=value,
+                         seconds=seconds, eval_seconds=time.perf_counter() - t0, note=note))
+        print(f"{method:<34} s={sparsity:<4} params {params / 1e6:7.2f}M  ppl {value:9.3f}  "
+              f"({seconds:.0f}s){'  ' + note if note else ''}", flush=True)
+
+    add.model = add_model
     with torch.no_grad():
         add("dense", 0.0, None, 0.0)
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
@@ -91,14 +116,16 @@ def main() -> None:
             init_seconds = time.perf_counter() - t0
             add("wanda-sp (layer-uniform)", sparsity, wanda_mask, init_seconds)
             add("wanda-sp θ₀ (global top-k)", sparsity, policy.final_mask(), init_seconds, "PG after 0 steps")
-            try:
-                from bpp.baselines import flap_mask
-            except ImportError:
-                flap_mask = None
+            from bpp.baselines import InputStats, flap_mask
+
+            pg_masks = {}
             if flap_mask is not None:
                 t0 = time.perf_counter()
-                flap = flap_mask(model, init_calib, sparsity)
-                add("FLAP (no bias compensation)", sparsity, flap, time.perf_counter() - t0)
+                stats = InputStats(model).collect(init_calib)
+                flap = flap_mask(model, init_calib, sparsity, stats=stats)
+                flap_seconds = time.perf_counter() - t0
+                add("FLAP (no bias compensation)", sparsity, flap, flap_seconds)
+                add_compacted("FLAP + bias compensation (FLAP's own)", sparsity, flap, stats, flap_seconds)
             for name, options in variants.items():
                 config = PruneConfig(sparsity=sparsity, steps=steps, **options,
                                      **({"lr": args.lr} if args.lr else {}),
@@ -112,6 +139,15 @@ def main() -> None:
                 t = report["timings_s"]
                 add(name, sparsity, mask, t["init"] + t["policy_gradient"],
                     f"{steps} steps, {t['per_step']:.1f}s/step, {report['losses_backend']}")
+                pg_masks[name] = mask
+                if "(default)" in name and flap_mask is not None:
+                    add_compacted(name + " + bias compensation", sparsity, mask, stats,
+                                  t["init"] + t["policy_gradient"], "`bpp compact --bias-compensation`")
+            if args.companions:
+                from quality_companions import companion_rows
+
+                companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks,
+                               steps=steps, eval_windows=eval_windows)
 
     lines = ["| method | sparsity | params (M) | held-out ppl | time (s) | note |", "|---|---|---|---|---|---|"]
     for r in rows:
