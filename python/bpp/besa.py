@@ -1,0 +1,425 @@
+"""BESA (Xu et al., "BESA: Pruning Large Language Models with Blockwise Parameter-Efficient
+Sparsity Allocation", ICLR 2024; official code OpenGVLab/LLMPrune-BESA) on bpp's structured units.
+
+BESA prunes one decoder block at a time. The block's inputs are the outputs of the blocks before
+it *as pruned*; its reference outputs are the dense block applied to those inputs. In every
+prunable "layer" of the block the units are ranked by an importance metric, and the layer's keep
+rate is a learned distribution over a grid of candidate rates: with candidate unit counts c_k and
+probabilities p = softmax(logits), the expected mask of the unit ranked r (0 = most important) is
+
+    E[m_r] = Σ_k p_k · 1[r < c_k]                                        (differentiable in p)
+
+and the block's forward uses the hard mask that keeps the round(Σ_k p_k c_k) top units, with the
+gradient of the expected mask (a straight-through estimator, as the official code does). Only the
+logits are trained (the weights stay frozen), on
+
+    loss = reconstruction + λ · ((sparsity − target) / target)²
+
+where the reconstruction is the official per-feature normalised squared error
+Σ_f Σ_tokens (y − ŷ)² / Σ_tokens y² / d, and the sparsity is parameter-weighted over the block.
+
+bpp's adaptation: the prunable "layers" of a block are its attention KV groups (G units, each
+costing ``space.group_params``) and its MLP channels (m units, ``space.channel_params`` each); the
+metric is bpp's wanda-sp score (|W|·input RMS at o_proj / down_proj, as :mod:`bpp.init`); what is
+learned is how the block's parameter budget splits between attention and MLP. Departures from the
+official code, and why:
+
+- plain softmax over the candidate logits (the official default squashes the logits through a
+  sigmoid first, which caps every candidate's probability ratio at e and so the expected keep rate
+  at about 0.62: fine for its 50% target, out of reach for 20% sparsity), initialised at the
+  maximum-entropy distribution whose expected rate is the target (the official all-zero start is
+  the uniform distribution, expected rate 0.5);
+- Adam on the logits (the official code uses Prodigy, not a dependency here);
+- the hard mask is discretised so the *whole model* meets the same parameter budget as a PG mask
+  at that sparsity: the group count of each block is the rounded learned group rate (clamped so
+  the channels can fill the rest), and channels fill the block's budget, with the rounding
+  remainder carried to the next block (so the total is within half a channel of the target).
+- ``across_blocks=True`` (off by default) also learns the split across blocks: each block keeps
+  the parameter rate it settled on under the soft penalty, and the final budgets are those rates
+  rescaled to meet the global budget (blocks whose reconstruction is more sensitive keep more).
+  The official method gives every block the same target, which is the default here.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BppError
+from .init import _layer_inputs, _run_layer, sigmap
+from .policy import check_sparsity, parse_granularity
+from .space import Masks, MaskSpace
+
+TYPES = ("channel", "group")
+
+
+@dataclass
+class BesaConfig:
+    """Knobs of the blockwise allocation. The defaults finish SmolLM2-135M (30 blocks, 32 windows of
+    128 tokens) in a few minutes on two CPU cores."""
+
+    epochs: int = 2  # passes over the calibration windows per block
+    batch_size: int = 8  # windows per optimiser step
+    lr: float = 0.05  # Adam on the candidate logits
+    penalty: float = 5.0  # λ of the sparsity term (the official --sparsity-beta)
+    rate_step: float = 0.01  # spacing of the candidate keep rates (official --sparsity-step)
+    across_blocks: bool = False  # also learn how the budget splits across blocks
+    progress: bool = True
+
+    def validate(self) -> "BesaConfig":
+        if self.epochs < 1 or self.batch_size < 1:
+            raise BppError("BESA needs epochs >= 1 and batch_size >= 1")
+        if not (0.0 < self.rate_step <= 1.0) or self.lr <= 0 or self.penalty < 0:
+            raise BppError("BESA needs 0 < rate_step <= 1, lr > 0 and penalty >= 0")
+        return self
+
+
+@dataclass
+class BesaResult:
+    """What one BESA pass produced: per type, the bool (L, n) masks, the wanda-sp scores (L, n),
+    the learned (expected) keep rates (L,) and the final discretised keep rates (L,)."""
+
+    masks: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    learned_rates: dict[str, torch.Tensor]
+    keep_rates: dict[str, torch.Tensor]
+    block_keep: torch.Tensor  # (L,) learned parameter keep rate of each block (over learned types)
+    reconstruction: torch.Tensor  # (L,) final reconstruction loss of each block's hard mask
+    history: list = field(default_factory=list)
+
+
+# --- the differentiable relaxation -------------------------------------------------------------
+
+def candidate_counts(n: int, step: float = 0.01) -> torch.Tensor:
+    """Candidate kept-unit counts for a layer of ``n`` units: every count when the grid is finer
+    than a unit, else the counts of the keep rates 0, step, 2·step, ..., 1 (int64, increasing)."""
+    if n < 1:
+        raise BppError("a prunable layer needs at least one unit")
+    k = int(round(1.0 / step))
+    if n <= k:
+        return torch.arange(n + 1)
+    return torch.unique(torch.round(torch.linspace(0.0, 1.0, k + 1, dtype=torch.float64) * n).long())
+
+
+def expected_mask(probs: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """E[m_r] = Σ_k p_k·1[r < c_k] for the units in rank order r = 0..n−1 (0 = most important)."""
+    ranks = torch.arange(n, device=probs.device)
+    return (probs.unsqueeze(-1) * (ranks < counts.to(probs.device).unsqueeze(-1)).to(probs.dtype)).sum(-2)
+
+
+def hard_mask(count: int, n: int, device=None) -> torch.Tensor:
+    """The mask keeping the ``count`` top-ranked units, in rank order (float 0/1)."""
+    return (torch.arange(n, device=device) < count).float()
+
+
+def expected_count(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return (probs * counts.to(probs)).sum(-1)
+
+
+def straight_through_mask(logits: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """In rank order: the hard mask of the rounded expected count in the forward pass, the gradient
+    of the expected mask in the backward pass (the official straight-through estimator)."""
+    probs = torch.softmax(logits, -1)
+    soft = expected_mask(probs, counts, n)
+    k = int(torch.round(expected_count(probs, counts)).item())
+    return hard_mask(k, n, soft.device).to(soft.dtype) + soft - soft.detach()
+
+
+def init_logits(counts: torch.Tensor, n: int, keep: float) -> torch.Tensor:
+    """The maximum-entropy distribution over the candidate rates whose expected rate is ``keep``:
+    logits β·rate_k, with β found by bisection (β = 0, the official all-zero start, when ``keep``
+    is the grid's mean rate). Every candidate starts with some probability, so the gradient reaches
+    all of them."""
+    rates = counts.to(torch.float64) / n
+    lo, hi = -500.0, 500.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float((torch.softmax(mid * rates, 0) * rates).sum()) < keep:
+            lo = mid
+        else:
+            hi = mid
+    return (0.5 * (lo + hi) * rates).float()
+
+
+# --- one block ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _input_scales(layer, group_scale, channel_scale, cols_per_group: int):
+    """Multiply the o_proj inputs by the group mask (each group's columns) and the down_proj inputs
+    by the channel mask; ``None`` leaves that projection alone."""
+    handles = []
+
+    def scaler(get):
+        def hook(module, args):
+            return (args[0] * get().to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    if group_scale is not None:
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            scaler(lambda: group_scale().repeat_interleave(cols_per_group))))
+    if channel_scale is not None:
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(scaler(channel_scale)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    """Run ``module`` in eval mode and give every submodule its own training flag back."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _reconstruction(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The official normalised error: per output feature, Σ_tokens (y − ŷ)² / Σ_tokens y², averaged
+    over the features."""
+    ref = ref.float().reshape(-1, ref.shape[-1])
+    err = (out.float().reshape(-1, out.shape[-1]) - ref).pow(2).sum(0)
+    return (err / ref.pow(2).sum(0).clamp_min(1e-12)).mean()
+
+
+@torch.no_grad()
+def _dense_pass(layer, hidden: list[torch.Tensor], kwargs: dict, space: MaskSpace):
+    """Reference outputs of the dense block and its wanda-sp scores on these inputs."""
+    G, r, hd = space.n_groups, space.heads_per_group, space.head_dim
+    device = hidden[0].device
+    sums = {"o": torch.zeros(G * r * hd, dtype=torch.float64, device=device),
+            "down": torch.zeros(space.n_channels, dtype=torch.float64, device=device)}
+
+    def accumulate(key):
+        def hook(module, args):
+            x = args[0].detach().to(torch.float64)
+            sums[key] += (x * x).reshape(-1, x.shape[-1]).sum(0)
+        return hook
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(accumulate("o")),
+               layer.mlp.down_proj.register_forward_pre_hook(accumulate("down"))]
+    try:
+        outputs = [_run_layer(layer, h, kwargs) for h in hidden]
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = sum(h.shape[0] for h in hidden)
+    o_w = layer.self_attn.o_proj.weight.detach().to(torch.float64).abs()
+    d_w = layer.mlp.down_proj.weight.detach().to(torch.float64).abs()
+    o_score = (o_w * (sums["o"] / n).sqrt()).mean(0)
+    scores = {"group": o_score.reshape(G, r, hd).sum(-1).mean(-1).cpu(),
+              "channel": (d_w * (sums["down"] / n).sqrt()).mean(0).cpu()}
+    return outputs, scores
+
+
+def _feasible_groups(budget: float, space: MaskSpace, learned: tuple[str, ...]) -> tuple[int, int]:
+    """The group counts of a block that leave its channels able to fill ``budget`` exactly."""
+    G, m, cg, cc = space.n_groups, space.n_channels, space.group_params, space.channel_params
+    if "channel" not in learned:
+        return 0, G
+    lo = max(0, math.ceil((budget - m * cc) / cg - 1e-9))
+    hi = min(G, math.floor(budget / cg + 1e-9))
+    return lo, max(lo, hi)
+
+
+def _discretise_block(budget: float, group_rate: float | None, carry: float, space: MaskSpace,
+                      learned: tuple[str, ...]) -> tuple[int, int, float]:
+    """(kept groups, kept channels, new carry) meeting ``budget`` parameters for one block: the
+    groups round the learned rate (within what the channels can make up), the finest learned type
+    fills the rest, and its rounding remainder (in units) is carried to the next block."""
+    G, m, cg, cc = space.n_groups, space.n_channels, space.group_params, space.channel_params
+    if learned == ("group",):
+        want = budget / cg + carry
+        k = min(G, max(0, round(want)))
+        return k, m, want - k
+    if "group" in learned:
+        lo, hi = _feasible_groups(budget, space, learned)
+        k_g = min(hi, max(lo, round(group_rate * G)))
+    else:
+        k_g = G
+    want = (budget - (k_g * cg if "group" in learned else 0)) / cc + carry
+    k_c = min(m, max(0, round(want)))
+    return k_g, k_c, want - k_c
+
+
+def _rescale_budgets(learned_keep: torch.Tensor, block_params: float, total: float) -> torch.Tensor:
+    """Per-block budgets proportional to the learned keep rates, summing to ``total``, none above a
+    whole block (water-filling: capped blocks are fixed and the rest rescaled)."""
+    rates = learned_keep.to(torch.float64).clamp_min(1e-6)
+    capped = torch.zeros_like(rates, dtype=torch.bool)
+    budgets = torch.zeros_like(rates)
+    for _ in range(rates.numel() + 1):
+        left = total - block_params * capped.sum()
+        free = ~capped
+        budgets = torch.where(capped, torch.full_like(rates, block_params),
+                              rates * left / rates[free].sum())
+        over = free & (budgets > block_params)
+        if not over.any():
+            break
+        capped |= over
+    return budgets
+
+
+def _check_calib(model, calib) -> torch.Tensor:
+    if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise BppError("BESA needs calibration windows as an (n, T) integer tensor of token ids")
+    if calib.shape[0] < 1 or calib.shape[1] < 1:
+        raise BppError(f"BESA needs at least one calibration window of at least one token, got shape "
+                       f"{tuple(calib.shape)}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(calib.min()) < 0 or int(calib.max()) >= vocab:
+        raise BppError(f"calibration token ids must lie in [0, {vocab}); got [{int(calib.min())}, {int(calib.max())}]")
+    return calib.long()
+
+
+def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
+                  granularity=("channel", "group"), config: BesaConfig | None = None) -> BesaResult:
+    """Run BESA block by block; masks keep ``keep`` of the learned types' parameters (whole model)."""
+    from tqdm.auto import tqdm
+
+    config = (config or BesaConfig()).validate()
+    calib = _check_calib(model, calib)
+    learned = tuple(t for t in TYPES if t in parse_granularity(granularity))
+    if not learned:
+        raise BppError("BESA allocates channels and/or KV groups; granularity 'layer' alone has neither")
+    if not 0.0 < keep < 1.0:
+        raise BppError(f"keep rate must be strictly between 0 and 1, got {keep}")
+    L, G, m = space.n_layers, space.n_groups, space.n_channels
+    sizes = {"channel": m, "group": G}
+    cost = {"channel": float(space.channel_params), "group": float(space.group_params)}
+    block_params = sum(sizes[t] * cost[t] for t in learned)
+    total_budget = keep * L * block_params
+    if total_budget < min(cost[t] for t in learned) or L * block_params - total_budget < min(cost[t] for t in learned):
+        raise BppError(f"sparsity {1 - keep:g} removes less than one unit (or leaves less than one) of "
+                       f"{','.join(learned)}; choose a sparsity further from 0 and 1")
+    counts = {t: candidate_counts(sizes[t], config.rate_step) for t in learned}
+    device = next(model.parameters()).device
+    cols = space.heads_per_group * space.head_dim
+
+    with torch.no_grad():
+        hidden = [_layer_inputs(model, calib[i:i + config.batch_size].to(device))[0]
+                  for i in range(0, calib.shape[0], config.batch_size)]
+        _, kwargs = _layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
+
+    masks = {t: torch.ones(L, sizes[t], dtype=torch.bool) for t in TYPES}
+    scores = {t: torch.zeros(L, sizes[t], dtype=torch.float64) for t in TYPES}
+    learned_rates = {t: torch.ones(L, dtype=torch.float64) for t in TYPES}
+    block_keep = torch.ones(L, dtype=torch.float64)
+    recon = torch.zeros(L, dtype=torch.float64)
+    history = []
+    carry = 0.0
+    bar = tqdm(range(L), desc="BESA blocks", unit="block", disable=not config.progress)
+    for i in bar:
+        layer = model.model.layers[i]
+        with _eval_mode(layer):
+            refs, block_scores = _dense_pass(layer, hidden, kwargs, space)
+            orders = {}
+            for t in TYPES:
+                scores[t][i] = block_scores[t]
+                orders[t] = torch.sort(-block_scores[t], stable=True).indices.to(device)
+            logits = {t: init_logits(counts[t], sizes[t], keep).to(device).requires_grad_(True)
+                      for t in learned}
+            opt = torch.optim.Adam(list(logits.values()), lr=config.lr)
+            current = {}
+
+            def unit_mask(t):  # rank-order straight-through mask → unit order
+                ranked = straight_through_mask(logits[t], counts[t], sizes[t])
+                return torch.empty_like(ranked).scatter(0, orders[t], ranked)
+
+            def block_keep_rate():
+                return sum(expected_count(torch.softmax(logits[t], -1), counts[t]) * cost[t]
+                           for t in learned) / block_params
+
+            scale = {t: (lambda t=t: current[t]) if t in learned else None for t in TYPES}
+            target_sparsity = 1.0 - keep
+            with torch.enable_grad(), _input_scales(layer, scale["group"], scale["channel"], cols):
+                for epoch in range(config.epochs):
+                    for h, ref in zip(hidden, refs):
+                        for t in learned:
+                            current[t] = unit_mask(t)
+                        rec = _reconstruction(_run_layer(layer, h, kwargs), ref)
+                        sparsity = 1.0 - block_keep_rate()
+                        loss = rec + config.penalty * ((sparsity - target_sparsity) / target_sparsity) ** 2
+                        grads = torch.autograd.grad(loss, list(logits.values()))
+                        for p, g in zip(logits.values(), grads):
+                            p.grad = g
+                        opt.step()
+                        history.append({"block": i, "epoch": epoch, "loss": float(loss.detach()),
+                                        "reconstruction": float(rec.detach()), "sparsity": float(sparsity.detach())})
+            with torch.no_grad():
+                for t in learned:
+                    learned_rates[t][i] = float(expected_count(torch.softmax(logits[t], -1), counts[t])) / sizes[t]
+                block_keep[i] = float(block_keep_rate())
+                # the block's mask: the final one (per-block budgets), or the learned rates as they are
+                if config.across_blocks:
+                    k = {t: int(round(float(learned_rates[t][i]) * sizes[t])) for t in learned}
+                else:
+                    k_g, k_c, carry = _discretise_block(keep * block_params, float(learned_rates["group"][i]),
+                                                        carry, space, learned)
+                    k = {"group": k_g, "channel": k_c}
+                for t in learned:
+                    masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
+                    masks[t][i][orders[t][:k[t]].cpu()] = True
+                fixed = {t: masks[t][i].to(device).float() for t in TYPES}
+                with _input_scales(layer, (lambda: fixed["group"]) if "group" in learned else None,
+                                   (lambda: fixed["channel"]) if "channel" in learned else None, cols):
+                    outs = [_run_layer(layer, h, kwargs) for h in hidden]
+                recon[i] = sum(float(_reconstruction(o, r)) * o.shape[0] for o, r in zip(outs, refs)) / calib.shape[0]
+                hidden = outs
+        bar.set_postfix({"groups": int(masks["group"][i].sum()), "channels": int(masks["channel"][i].sum()),
+                         "recon": f"{float(recon[i]):.2e}"})
+
+    if config.across_blocks:  # final budgets: the learned block rates, rescaled onto the global budget
+        budgets = _rescale_budgets(block_keep, block_params, total_budget)
+        carry = 0.0
+        for i in range(L):
+            k_g, k_c, carry = _discretise_block(float(budgets[i]), float(learned_rates["group"][i]), carry,
+                                                space, learned)
+            for t, k in (("group", k_g), ("channel", k_c)):
+                if t in learned:
+                    order = torch.sort(-scores[t][i], stable=True).indices
+                    masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
+                    masks[t][i][order[:k]] = True
+    keep_rates = {t: masks[t].double().mean(-1) for t in TYPES}
+    return BesaResult(masks, scores, learned_rates, keep_rates, block_keep, recon, history)
+
+
+# --- the two entry points (registries in bpp.init and bpp.cli_baseline) ------------------------
+
+def besa_mask(model, space: MaskSpace, calib: torch.Tensor, sparsity: float,
+              config: BesaConfig | None = None) -> Masks:
+    """The BESA mask (S = 1) at ``sparsity`` of the prunable (group + channel) parameters: the same
+    parameter count as a PG mask at that sparsity, within one channel's cost."""
+    sparsity = check_sparsity(sparsity)
+    result = besa_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"), config)
+    L = space.n_layers
+    return Masks(result.masks["channel"].unsqueeze(0), result.masks["group"].unsqueeze(0),
+                 torch.ones(1, L, dtype=torch.bool))
+
+
+def besa_init(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
+              config: BesaConfig | None = None):
+    """θ prior from BESA's learned allocation: within each layer, the units ranked by the wanda-sp
+    score, mapped by sigmap to probabilities whose layer mean is that layer's BESA keep rate.
+    Returns (θ per type (L, n), the BESA mask per type (L, n) bool, metrics)."""
+    result = besa_allocate(model, space, calib, keep, granularity, config)
+    theta = {}
+    for t in TYPES:
+        if t in parse_granularity(granularity):
+            rows = [sigmap(result.scores[t][i].unsqueeze(0), float(result.keep_rates[t][i]))[0]
+                    for i in range(space.n_layers)]
+            theta[t] = torch.stack(rows)
+        else:
+            theta[t] = torch.ones_like(result.scores[t])
+    metrics = {**result.scores,
+               "channel_keep_rate": result.keep_rates["channel"], "group_keep_rate": result.keep_rates["group"],
+               "channel_learned_rate": result.learned_rates["channel"],
+               "group_learned_rate": result.learned_rates["group"],
+               "block_keep": result.block_keep, "reconstruction": result.reconstruction}
+    return theta, result.masks, metrics
