@@ -60,9 +60,9 @@ class BesaConfig:
     """Knobs of the blockwise allocation. The defaults finish SmolLM2-135M (30 blocks, 32 windows of
     128 tokens) in a few minutes on two CPU cores."""
 
-    epochs: int = 2  # passes over the calibration windows per block
-    batch_size: int = 8  # windows per optimiser step
-    lr: float = 0.05  # Adam on the candidate logits
+    epochs: int = 1  # passes over the calibration windows per block
+    batch_size: int = 4  # windows per optimiser step
+    lr: float = 0.2  # Adam on the candidate logits
     penalty: float = 5.0  # λ of the sparsity term (the official --sparsity-beta)
     rate_step: float = 0.01  # spacing of the candidate keep rates (official --sparsity-step)
     across_blocks: bool = False  # also learn how the budget splits across blocks

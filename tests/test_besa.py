@@ -1,0 +1,219 @@
+"""BESA (blockwise learned sparsity allocation) on bpp's structured units: the differentiable
+relaxation, the learned attention/MLP split, the parameter budget, the init and baseline paths."""
+import pytest
+import torch
+
+from bpp.besa import (BesaConfig, _rescale_budgets, besa_allocate, besa_init, besa_mask, candidate_counts,
+                      expected_count, expected_mask, hard_mask, init_logits, straight_through_mask)
+from bpp.errors import BppError
+from bpp.policy import Policy
+from bpp.space import Masks, MaskSpace
+from tests.tiny import tiny_model
+
+QUICK = BesaConfig(progress=False)
+
+
+def _calib(n=4, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (n, T), generator=g)
+
+
+# --- the relaxation ----------------------------------------------------------------------------
+
+def test_expected_mask_equals_the_hard_mask_at_one_hot_probabilities():
+    counts = candidate_counts(10)
+    assert counts.tolist() == list(range(11))
+    for k in (0, 3, 10):
+        probs = torch.nn.functional.one_hot(torch.tensor(k), 11).float()
+        assert torch.equal(expected_mask(probs, counts, 10), hard_mask(k, 10))
+
+
+def test_expected_mask_is_differentiable_and_its_sum_is_the_expected_count():
+    counts = candidate_counts(10)
+    logits = torch.randn(11, requires_grad=True)
+    probs = torch.softmax(logits, 0)
+    soft = expected_mask(probs, counts, 10)
+    assert torch.all(soft[:-1] >= soft[1:])  # a better-ranked unit is at least as likely kept
+    torch.testing.assert_close(soft.sum(), expected_count(probs, counts))
+    weights = torch.linspace(1.0, -1.0, 10)  # a loss that rewards keeping the top units
+    (soft * weights).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    # more probability on larger counts keeps more of the top units: its logit gradient is larger
+    assert logits.grad[5] > logits.grad[0]
+
+
+def test_straight_through_mask_is_hard_forward_and_soft_backward():
+    counts = candidate_counts(10)
+    logits = torch.randn(11, requires_grad=True)
+    ste = straight_through_mask(logits, counts, 10)
+    k = int(torch.round(expected_count(torch.softmax(logits, 0), counts)))
+    assert torch.equal(ste.detach(), hard_mask(k, 10))
+    w = torch.randn(10)
+    (ste * w).sum().backward()
+    g_ste = logits.grad.clone()
+    logits.grad = None
+    (expected_mask(torch.softmax(logits, 0), counts, 10) * w).sum().backward()
+    torch.testing.assert_close(g_ste, logits.grad)
+
+
+def test_candidate_grid_and_initial_rate():
+    counts = candidate_counts(1536, 0.01)
+    assert counts[0] == 0 and counts[-1] == 1536 and len(counts) == 101 and torch.all(counts[1:] > counts[:-1])
+    for n, keep in ((3, 0.8), (1536, 0.8), (70, 0.3)):
+        c = candidate_counts(n)
+        probs = torch.softmax(init_logits(c, n, keep).double(), 0)
+        assert abs(float(expected_count(probs, c)) / n - keep) < 1e-4
+        assert probs.min() > 0  # every candidate reachable by the gradient
+
+
+def test_rescaled_block_budgets_sum_to_the_total_and_respect_a_block():
+    budgets = _rescale_budgets(torch.tensor([0.9, 0.5, 0.7, 0.99]), 10.0, 30.0)
+    torch.testing.assert_close(budgets.sum(), torch.tensor(30.0, dtype=torch.float64))
+    assert budgets.max() <= 10.0 + 1e-9
+    assert budgets[1] < budgets[2] < budgets[0] <= budgets[3]
+
+
+# --- the learned allocation ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("cheap", ["mlp", "attention"])
+def test_allocation_moves_toward_the_type_that_is_free_to_prune(cheap):
+    # 6 KV groups (MHA) so the attention split is not too coarse; one type's output is shrunk
+    # 1000x, so pruning it costs (almost) nothing in reconstruction and BESA should take it first
+    model = tiny_model("llama", num_key_value_heads=6)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.down_proj.weight if cheap == "mlp" else layer.self_attn.o_proj.weight
+            w.mul_(1e-3)
+    space = MaskSpace.from_model(model)
+    keep = 0.7
+    result = besa_allocate(model, space, _calib(8, 32), keep,
+                           config=BesaConfig(epochs=10, batch_size=2, lr=0.05, progress=False))
+    uniform_groups, uniform_channels = round(keep * 6), round(keep * space.n_channels)
+    kept_groups, kept_channels = result.masks["group"].sum(-1), result.masks["channel"].sum(-1)
+    if cheap == "mlp":
+        assert torch.all(result.learned_rates["group"] > keep) and torch.all(result.learned_rates["channel"] < keep)
+        assert torch.all(kept_groups > uniform_groups) and torch.all(kept_channels < uniform_channels)
+    else:
+        assert torch.all(result.learned_rates["group"] < keep) and torch.all(result.learned_rates["channel"] > keep)
+        assert torch.all(kept_groups < uniform_groups) and torch.all(kept_channels > uniform_channels)
+    # the block's parameter budget holds whichever way it splits
+    assert torch.all((result.block_keep - keep).abs() < 0.05)
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.35, 0.6])
+def test_besa_mask_meets_the_parameter_budget(tiny, sparsity):
+    space = MaskSpace.from_model(tiny)
+    mask = besa_mask(tiny, space, _calib(), sparsity, QUICK)
+    mask.validate(space)
+    assert mask.S == 1 and mask.layers.all()
+    kept = int(space.params(mask)[0])
+    target = space.total_params - sparsity * space.prunable_params  # the --budget params target
+    assert abs(kept - target) <= space.channel_params
+    pg = int(space.params(Policy(space, "channel,group", sparsity).final_mask())[0])  # the count budget
+    assert abs(kept - pg) <= space.group_params
+
+
+def test_across_blocks_mode_meets_the_budget_too():
+    model = tiny_model("qwen2", num_hidden_layers=3)
+    space = MaskSpace.from_model(model)
+    result = besa_allocate(model, space, _calib(), 0.6, config=BesaConfig(across_blocks=True, progress=False))
+    mask = Masks(result.masks["channel"][None], result.masks["group"][None], torch.ones(1, 3, dtype=torch.bool))
+    kept = int(space.params(mask)[0])
+    assert abs(kept - (space.total_params - 0.4 * space.prunable_params)) <= space.channel_params
+
+
+# --- the init and baseline paths -----------------------------------------------------------------
+
+def test_besa_init_shapes_ranges_and_layer_rates():
+    model = tiny_model("mistral")
+    space = MaskSpace.from_model(model)
+    theta, layer_masks, metrics = besa_init(model, space, _calib(), 0.7, ("channel", "group"), QUICK)
+    L = space.n_layers
+    assert theta["channel"].shape == (L, space.n_channels) and theta["group"].shape == (L, space.n_groups)
+    assert layer_masks["channel"].shape == (L, space.n_channels) and layer_masks["channel"].dtype == torch.bool
+    assert layer_masks["group"].shape == (L, space.n_groups)
+    for t in ("channel", "group"):
+        assert theta[t].min() >= 0 and theta[t].max() <= 1
+        rates = metrics[f"{t}_keep_rate"]
+        torch.testing.assert_close(rates, layer_masks[t].double().mean(-1))
+        assert metrics[t].shape == theta[t].shape
+        # the prior ranks units like the metric, around the layer's learned keep rate
+        for i in range(L):
+            assert theta[t][i].argmax() == metrics[t][i].argmax()
+            if 0 < rates[i] < 1:
+                assert abs(float(theta[t][i].mean()) - float(rates[i])) < 0.1
+        assert metrics[f"{t}_learned_rate"].shape == (L,)
+
+
+def test_besa_init_channel_only_keeps_every_group():
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    theta, layer_masks, _ = besa_init(model, space, _calib(), 0.6, ("channel",), QUICK)
+    assert layer_masks["group"].all() and torch.all(theta["group"] == 1)
+    assert abs(float(layer_masks["channel"].double().mean()) - 0.6) <= 1 / (space.n_layers * space.n_channels)
+
+
+def test_registry_initialise_with_besa():
+    from bpp.init import initialise
+
+    model = tiny_model("qwen3")
+    space = MaskSpace.from_model(model)
+    policy = Policy(space, "channel,group", 0.3)
+    theta, init_mask, metrics = initialise(policy, "besa", model, _calib())
+    assert theta.shape == (policy.n_units,) and theta.min() >= 0 and theta.max() <= 1
+    for got, part in zip(policy.budget_sums(theta), policy.parts):
+        assert abs(got - part.target) < 1e-6 * part.target
+    assert init_mask.S == 1
+    kept = int(space.params(init_mask)[0])
+    assert abs(kept - (space.total_params - 0.3 * space.prunable_params)) <= space.channel_params
+    assert "group_keep_rate" in metrics
+    with pytest.raises(BppError, match="calibration"):
+        initialise(Policy(space, "channel,group", 0.3), "besa", model, None)
+
+
+def test_run_baseline_writes_mask_and_compacted_model(tmp_path, tokenizer):
+    from bpp.cli_baseline import run_baseline
+
+    model = tiny_model("llama")
+    report = run_baseline("besa", 0.3, tmp_path / "out", model=model, tokenizer=tokenizer, calib_windows=4,
+                          calib_seq_len=32, eval_windows=2)
+    mask = Masks.load(tmp_path / "out" / "mask.safetensors")
+    space = MaskSpace.from_model(model)
+    assert int(space.params(mask)[0]) == report["params"]["final_mask"]["params"]
+    assert abs(report["params"]["final_mask"]["params"] - (space.total_params - 0.3 * space.prunable_params)) \
+        <= space.channel_params
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert report["config"]["method"] == "besa" and report["perplexity"]["final_mask"] > 1
+
+
+def test_the_input_model_is_left_unchanged():
+    model = tiny_model("qwen2")
+    model.train()  # flags must come back as they were
+    model.model.layers[1].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    with torch.no_grad():  # callers may hold no_grad; BESA turns gradients on for its logits
+        besa_mask(model, MaskSpace.from_model(model), _calib(), 0.3, QUICK)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [m.training for m in model.modules()]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_bad_input_is_a_clear_error():
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    for sparsity in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(BppError, match="sparsity"):
+            besa_mask(model, space, _calib(), sparsity, QUICK)
+    with pytest.raises(BppError, match="at least one calibration window"):
+        besa_mask(model, space, torch.empty(0, 16, dtype=torch.long), 0.3, QUICK)
+    with pytest.raises(BppError, match="integer tensor"):
+        besa_mask(model, space, torch.rand(4, 16), 0.3, QUICK)
+    with pytest.raises(BppError, match="integer tensor"):
+        besa_mask(model, space, torch.arange(16), 0.3, QUICK)
+    with pytest.raises(BppError, match="token ids"):
+        besa_mask(model, space, torch.full((2, 8), 10_000), 0.3, QUICK)
+    with pytest.raises(BppError, match="epochs"):
+        besa_mask(model, space, _calib(), 0.3, BesaConfig(epochs=0))
