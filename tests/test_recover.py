@@ -155,6 +155,14 @@ def test_saved_folder_loads_without_bpp_like_its_input(folders, tmp_path, kind):
     original, _, _ = load_pruned(folders[kind])
     assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, recovered.model.layers[0].mlp.down_proj.weight)
 
+    if kind == "uniform":  # --force replaces the folder whole, leaving nothing aside
+        again = CliRunner().invoke(app, ["recover", "--model", str(folders[kind]), "--out", str(out), "--steps", "2",
+                                         "--batch-size", "2", "--seq-len", "32", "--no-eval", "--quiet", "--force"])
+        assert again.exit_code == 0, again.output + repr(again.exception)
+        report = json.loads((out / "report.json").read_text())
+        assert len(report["loss_curve"]) == 2 and report["perplexity"] is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["recovered"]
+
 
 class _Stop(Exception):
     pass
@@ -198,8 +206,9 @@ def _recover_cmd(model_dir, out, *extra):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(folders, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_recover_cmd(folders["hetero"], ref), check=True, env=env, cwd=REPO, capture_output=True,
-                   timeout=300)
+    done = subprocess.run(_recover_cmd(folders["hetero"], ref), check=True, env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert "custom code" not in done.stderr  # bpp's own modeling code: transformers never asks to run the folder's
 
     proc = subprocess.Popen(_recover_cmd(folders["hetero"], cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

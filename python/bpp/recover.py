@@ -432,12 +432,20 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
 
 
 def load_tokenizer(folder: Path):
+    """The folder's tokenizer. ``trust_remote_code=False``: the tokenizer needs no code, and
+    without it transformers would ask on the terminal whether to run the folder's modeling file;
+    its warning that the config is not a stock model type is silenced (that is expected here)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise BppError(f"cannot load the tokenizer saved in {folder}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
