@@ -10,7 +10,10 @@ from bpp.policy import Policy
 from bpp.space import Masks, MaskSpace
 from tests.tiny import tiny_model
 
-QUICK = BesaConfig(progress=False)
+QUICK = BesaConfig(epochs=1, progress=False)
+
+
+torch.manual_seed(0)
 
 
 def _calib(n=4, T=16, seed=0):
@@ -86,8 +89,8 @@ def test_allocation_moves_toward_the_type_that_is_free_to_prune(cheap):
             w.mul_(1e-3)
     space = MaskSpace.from_model(model)
     keep = 0.7
-    result = besa_allocate(model, space, _calib(8, 32), keep,
-                           config=BesaConfig(epochs=10, batch_size=2, lr=0.05, progress=False))
+    config = BesaConfig(epochs=10, batch_size=2, lr=0.05, penalty=5.0, across_blocks=False, progress=False)
+    result = besa_allocate(model, space, _calib(8, 32), keep, config=config)
     uniform_groups, uniform_channels = round(keep * 6), round(keep * space.n_channels)
     kept_groups, kept_channels = result.masks["group"].sum(-1), result.masks["channel"].sum(-1)
     if cheap == "mlp":
@@ -113,13 +116,27 @@ def test_besa_mask_meets_the_parameter_budget(tiny, sparsity):
     assert abs(kept - pg) <= space.group_params
 
 
-def test_across_blocks_mode_meets_the_budget_too():
+def test_across_blocks_prunes_the_block_that_is_free_to_prune_and_meets_the_budget():
+    # block 1's attention and MLP outputs shrunk 1000x: pruning it costs (almost) nothing
     model = tiny_model("qwen2", num_hidden_layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
     space = MaskSpace.from_model(model)
-    result = besa_allocate(model, space, _calib(), 0.6, config=BesaConfig(across_blocks=True, progress=False))
+    result = besa_allocate(model, space, _calib(8, 32), 0.6, config=BesaConfig(progress=False))
+    assert result.block_keep[1] < result.block_keep[0] and result.block_keep[1] < result.block_keep[2]
     mask = Masks(result.masks["channel"][None], result.masks["group"][None], torch.ones(1, 3, dtype=torch.bool))
     kept = int(space.params(mask)[0])
     assert abs(kept - (space.total_params - 0.4 * space.prunable_params)) <= space.channel_params
+    per_block = (result.masks["channel"].sum(-1) * space.channel_params
+                 + result.masks["group"].sum(-1) * space.group_params)
+    assert per_block[1] < per_block[0] and per_block[1] < per_block[2]
+    # with per-block budgets (the official method) every block keeps the same parameters
+    per_block_result = besa_allocate(model, space, _calib(8, 32), 0.6,
+                                     config=BesaConfig(across_blocks=False, progress=False))
+    fixed = (per_block_result.masks["channel"].sum(-1) * space.channel_params
+             + per_block_result.masks["group"].sum(-1) * space.group_params)
+    assert (fixed.max() - fixed.min()) <= 2 * space.channel_params  # rounding to whole channels
 
 
 # --- the init and baseline paths -----------------------------------------------------------------
@@ -217,3 +234,5 @@ def test_bad_input_is_a_clear_error():
         besa_mask(model, space, torch.full((2, 8), 10_000), 0.3, QUICK)
     with pytest.raises(BppError, match="epochs"):
         besa_mask(model, space, _calib(), 0.3, BesaConfig(epochs=0))
+    with pytest.raises(BppError, match="penalty"):
+        besa_mask(model, space, _calib(), 0.3, BesaConfig(penalty=0.0))
