@@ -32,6 +32,30 @@ def test_load_local_folder(tiny_dir):
     assert model16.dtype == torch.bfloat16
 
 
+def test_load_per_layer_size_compacted_folder(tmp_path, tokenizer):
+    """A folder bpp compacted with per-layer sizes (model type bpp_pruned_*) loads through
+    bpp.load_model (so bpp eval and bpp prune take it) with the same logits, and without
+    transformers asking whether to run the folder's code."""
+    from bpp import Masks, MaskSpace
+    from bpp.compact import compact, save_compacted
+
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    mask = Masks.full(space, 1)
+    mask.channels[0, 0, torch.randperm(space.n_channels)[:30]] = False
+    mask.groups[0, 1, 0] = False
+    out = save_compacted(model, mask, tmp_path / "small", tokenizer=tokenizer)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bpp_pruned_llama"
+    loaded, tok = bpp.load_model(out)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        want, got = compact(model, mask)(ids).logits, loaded(ids).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and not loaded.training
+    assert tok("hello world").input_ids == tokenizer("hello world").input_ids
+    text = data.load_text("default", "heldout")[:3000]
+    assert math.isfinite(evaluate.perplexity(loaded, tok, text, seq_len=32))
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_supported_family_loads(tmp_path, family):
     tiny_model(family).save_pretrained(tmp_path / family)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import BppError
+from .init import CALIBRATED_INITS
 from .policy import BASELINES, Policy, advantages, check_sparsity, parse_granularity
 from .space import Masks, MaskSpace
 
@@ -405,7 +406,7 @@ def prune(config: PruneConfig, out: str | os.PathLike, *, force: bool = False, r
             (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         t0 = time.perf_counter()
         init_calib = None
-        if config.init == "wanda-sp":
+        if config.init in CALIBRATED_INITS:
             from .data import windows as random_windows
 
             init_calib = random_windows(tokenizer, calib_ids, config.init_seq_len, config.init_windows, seed=config.seed)

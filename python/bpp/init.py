@@ -36,6 +36,7 @@ from .space import Masks, MaskSpace
 # parameter count), ``metrics`` holds raw per-unit scores for inspection.
 COMPANION_INITS = {"loraprune": "bpp.loraprune:loraprune_init", "besa": "bpp.besa:besa_init"}
 INIT_METHODS = ("wanda-sp", "magnitude", "uniform", *COMPANION_INITS)
+CALIBRATED_INITS = ("wanda-sp", *COMPANION_INITS)  # inits that need calibration windows
 
 
 def _companion(spec: str):

@@ -88,10 +88,21 @@ def default_model_dir() -> Path:
     return target
 
 
+def _is_bpp_pruned(folder: Path) -> bool:
+    import json
+
+    try:
+        model_type = str(json.loads((folder / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError) as e:
+        raise BppError(f"cannot read {folder / 'config.json'}: {e}") from None
+    return model_type.startswith("bpp_pruned_")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", device_map: str | dict | None = None):
     """``(model, tokenizer)`` for the embedded default (None or "default"), a local Hugging Face
-    folder, or a hub id. The model is in eval mode; dtype defaults to float32. ``device_map``
+    folder (a per-layer-size folder written by ``bpp compact`` too: it loads from bpp's copy of its
+    modeling file), or a hub id. The model is in eval mode; dtype defaults to float32. ``device_map``
     (e.g. "auto") spreads the layers over the GPUs of a node (accelerate) for models too large
     for one; the masked engine then pipelines the batched samples through them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +120,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
                            "a hub id like 'meta-llama/Llama-2-7b-hf', or nothing for the embedded default")
         else:
             source = str(name_or_path)
+    if isinstance(source, Path) and _is_bpp_pruned(source):  # a per-layer-size folder bpp compacted
+        if device_map is not None:
+            raise BppError(f"{source} has per-layer sizes; device_map is not supported for it")
+        from .recover import load_pruned
+
+        model, tokenizer, _ = load_pruned(source, dtype=torch_dtype, device=device)
+        return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
