@@ -48,7 +48,29 @@ PG_VARIANTS = {
     "PG S=8 moving-avg (default)": dict(samples=8, baseline="moving-average"),
     "PG S=8 leave-one-out": dict(samples=8, baseline="leave-one-out"),
     "PG S=8 --budget params": dict(samples=8, budget="params"),
+    # every KV group kept, the whole parameter cut taken from MLP channels (the allocation BESA and
+    # FLAP find on SmolLM2): --granularity channel at the channel sparsity of equal parameters
+    "PG S=8 channels only (all KV groups kept)": dict(samples=8, granularity="channel"),
 }
+
+
+def pg_mask(model, tok, config: PruneConfig):
+    """``bpp prune``'s final mask for ``config`` (no evaluation, no compaction) and its report."""
+    from bpp.space import Masks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = prune(config, Path(tmp) / "run", model=model, tokenizer=tok, evaluate=False,
+                       progress=False, compact=False, checkpoint_every=0)
+        return Masks.load(Path(tmp) / "run" / "mask.safetensors"), report
+
+
+def equal_param_sparsity(space: MaskSpace, sparsity: float, granularity: str) -> float:
+    """The sparsity of ``granularity``'s units that removes the parameters ``sparsity`` removes
+    from all group + channel parameters (channel-only: more of the channels)."""
+    if granularity != "channel":
+        return sparsity
+    channel_total = space.n_layers * space.n_channels * space.channel_params
+    return sparsity * space.prunable_params / channel_total
 
 
 def main() -> None:
@@ -103,7 +125,7 @@ def main() -> None:
         print(f"{method:<34} s={sparsity:<4} params {params / 1e6:7.2f}M  ppl {value:9.3f}  "
               f"({seconds:.0f}s){'  ' + note if note else ''}", flush=True)
 
-    add.model = add_model
+    add.model, add.compacted = add_model, add_compacted
     with torch.no_grad():
         add("dense", 0.0, None, 0.0)
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
@@ -127,27 +149,29 @@ def main() -> None:
                 add("FLAP (no bias compensation)", sparsity, flap, flap_seconds)
                 add_compacted("FLAP + bias compensation (FLAP's own)", sparsity, flap, stats, flap_seconds)
             for name, options in variants.items():
-                config = PruneConfig(sparsity=sparsity, steps=steps, **options,
+                if options.get("granularity") == "channel":  # its PG-after-0-steps row
+                    t0 = time.perf_counter()
+                    ch_policy = Policy(space, "channel", equal_param_sparsity(space, sparsity, "channel"))
+                    initialise(ch_policy, "wanda-sp", model, init_calib)
+                    add("wanda-sp θ₀ channels only (all KV groups kept)", sparsity, ch_policy.final_mask(),
+                        time.perf_counter() - t0, "PG after 0 steps")
+                config = PruneConfig(sparsity=equal_param_sparsity(space, sparsity, options.get("granularity", "")),
+                                     steps=steps, **options,
                                      **({"lr": args.lr} if args.lr else {}),
                                      **({"engine": args.engine} if args.engine else {}))
-                with tempfile.TemporaryDirectory() as tmp:
-                    report = prune(config, Path(tmp) / "run", model=model, tokenizer=tok, evaluate=False,
-                                   progress=False, compact=False, checkpoint_every=0)
-                    from bpp.space import Masks
-
-                    mask = Masks.load(Path(tmp) / "run" / "mask.safetensors")
+                mask, report = pg_mask(model, tok, config)
                 t = report["timings_s"]
                 add(name, sparsity, mask, t["init"] + t["policy_gradient"],
                     f"{steps} steps, {t['per_step']:.1f}s/step, {report['losses_backend']}")
                 pg_masks[name] = mask
-                if "(default)" in name and flap_mask is not None:
+                if ("(default)" in name or "channels only" in name) and flap_mask is not None:
                     add_compacted(name + " + bias compensation", sparsity, mask, stats,
                                   t["init"] + t["policy_gradient"], "`bpp compact --bias-compensation`")
             if args.companions:
                 from quality_companions import companion_rows
 
                 companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks,
-                               steps=steps, eval_windows=eval_windows)
+                               steps=steps, eval_windows=eval_windows, stats=stats if flap_mask is not None else None)
 
     lines = ["| method | sparsity | params (M) | held-out ppl | time (s) | note |", "|---|---|---|---|---|---|"]
     for r in rows:
