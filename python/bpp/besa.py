@@ -285,11 +285,11 @@ def _rescale_budgets(learned_keep: torch.Tensor, block_params: float, total: flo
     return budgets
 
 
-def _check_calib(model, calib) -> torch.Tensor:
+def _check_calib(model, calib, method: str = "BESA") -> torch.Tensor:
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise BppError("BESA needs calibration windows as an (n, T) integer tensor of token ids")
+        raise BppError(f"{method} needs calibration windows as an (n, T) integer tensor of token ids")
     if calib.shape[0] < 1 or calib.shape[1] < 1:
-        raise BppError(f"BESA needs at least one calibration window of at least one token, got shape "
+        raise BppError(f"{method} needs at least one calibration window of at least one token, got shape "
                        f"{tuple(calib.shape)}")
     vocab = model.get_input_embeddings().num_embeddings
     if int(calib.min()) < 0 or int(calib.max()) >= vocab:
