@@ -74,11 +74,13 @@ def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
 
 
 def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = None,
-            down_proj_bias: list[torch.Tensor] | None = None):
+            down_proj_bias: list[torch.Tensor] | None = None, pangu=None):
     """A new, smaller model equal to ``model`` under the single mask ``masks``; ``model`` is untouched.
 
     ``o_proj_bias`` / ``down_proj_bias``: optional per-layer output biases (one ``(d,)`` tensor
-    per layer of the original model, e.g. FLAP bias compensation); they force per-layer config."""
+    per layer of the original model, e.g. FLAP bias compensation); they force per-layer config.
+    ``pangu``: a calibrated :class:`bpp.pangu.PanguOptions` (CLAP, SLNP, absorbed norms) applied to
+    the compacted weights; what it did goes to ``pangu.report``."""
     space = MaskSpace.from_model(model)
     eff = _check_mask(space, masks)
     for name, biases in (("o_proj_bias", o_proj_bias), ("down_proj_bias", down_proj_bias)):
@@ -121,6 +123,13 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
     if getattr(new.config, "tie_word_embeddings", False):
         new.tie_weights()  # built under _no_init the LM head is not tied yet: it would stay zeros
     _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
+    if pangu is not None and pangu.any:
+        if pangu.clap and biased:
+            raise BppError("--clap cannot be combined with --bias-compensation: the compensation of a layer's "
+                           "pruned groups no longer holds once CLAP replaces some of its groups")
+        from .pangu import apply
+
+        pangu.report = apply(model, new, eff, kept_layers, pangu)
     return new.to(model.device).eval()
 
 
@@ -203,7 +212,7 @@ def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> lis
 
 
 def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
-                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None) -> Path:
+                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None, pangu=None) -> Path:
     """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
     config, tokenizer, ``modeling_bpp.py`` when layers differ, and ``bpp_compaction.json``: the
     per-layer sizes, parameter counts and ``info``). Written to a temporary folder and renamed,
@@ -211,7 +220,7 @@ def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, forc
     out = Path(out)
     if out.exists() and not force:
         raise BppError(f"{out} exists; pass --force to replace it")
-    compacted = compact(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias)
+    compacted = compact(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias, pangu=pangu)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -226,6 +235,9 @@ def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, forc
                   "stock_config": not getattr(compacted.config, "auto_map", None),
                   "bias_compensation": biased,
                   "layers": layer_sizes(MaskSpace.from_model(model), masks, keep_empty=biased), **(info or {})}
+        if pangu is not None and pangu.any:
+            record["pangu_light"] = {"clap": pangu.clap, "slnp": pangu.slnp, "absorb_norms": pangu.absorb_norms,
+                                     **pangu.report}
         (tmp / "bpp_compaction.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
