@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .baselines import InputStats
 from .errors import BppError
 from .space import Masks, MaskSpace
 
@@ -51,48 +52,32 @@ class PanguOptions:
         return self.clap or self.slnp or self.absorb_norms
 
 
-class _Collector:
-    """One pass of the dense model over calibration windows: per layer, Σ x² of every input
-    column of o_proj and down_proj (the wanda-sp group score) and, under a mask, Σ‖W x‖² and
-    Σ‖W (x ⊙ m)‖² (the SLNP scales)."""
+class _Collector(InputStats):
+    """One pass of the dense model over calibration windows (FLAP's statistics: Σ x² of every
+    input column of o_proj and down_proj, for the wanda-sp group score) and, per layer,
+    under a mask, Σ‖W x‖² and Σ‖W (x ⊙ m)‖² (the SLNP scales)."""
 
     def __init__(self, model, masks: Masks, space: MaskSpace):
-        self.model, self.space = model, space
+        super().__init__(model)
+        self.space = space
         L = space.n_layers
         per_head = space.heads_per_group * space.head_dim
         self.cols = {"attn": [masks.groups[0, i].repeat_interleave(per_head) for i in range(L)],
                      "mlp": [masks.channels[0, i] for i in range(L)]}
-        self.sq = {k: [0.0] * L for k in ("attn", "mlp")}
         self.dense = {k: [0.0] * L for k in ("attn", "mlp")}
         self.pruned = {k: [0.0] * L for k in ("attn", "mlp")}
-        self.n = 0
 
     def _hook(self, kind, i):
+        moments = super()._hook(kind, i)  # Σ x, Σ x² per column and the token count
+
         def record(module, args):
+            moments(module, args)
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             w = module.weight.detach().to(torch.float64)
             keep = self.cols[kind][i].to(x.device, torch.float64)
-            self.sq[kind][i] = self.sq[kind][i] + x.pow(2).sum(0)
             self.dense[kind][i] += float((x @ w.T).pow(2).sum())
             self.pruned[kind][i] += float(((x * keep) @ w.T).pow(2).sum())
-            if kind == "mlp" and i == 0:
-                self.n += x.shape[0]
         return record
-
-    @torch.no_grad()
-    def collect(self, ids: torch.Tensor, batch_size: int = 8) -> "_Collector":
-        handles = []
-        for i, layer in enumerate(self.model.model.layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("attn", i)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("mlp", i)))
-        try:
-            device = next(self.model.parameters()).device
-            for start in range(0, ids.shape[0], batch_size):
-                self.model(ids[start:start + batch_size].to(device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return self
 
 
 def group_scores_from_squares(model, space: MaskSpace, squares: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -121,7 +106,7 @@ def calibrate(model, masks: Masks, ids: torch.Tensor, options: PanguOptions) -> 
         raise BppError("Pangu Light calibration needs (n, T) token windows, n ≥ 1")
     c = _Collector(model, masks, space).collect(ids)
     if options.clap:
-        options.group_scores = group_scores_from_squares(model, space, c.sq["attn"], c.n)
+        options.group_scores = group_scores_from_squares(model, space, c.squares["attn"], c.n)
     if options.slnp:
         def scale(kind, i):
             kept = c.cols[kind][i]
