@@ -22,6 +22,10 @@ of a PG mask at the same sparsity; as a θ prior the moving-average importance o
 mapped to probabilities by the official ``sigmap`` at the keep rate. The adapter only serves the
 importance estimate: the returned mask is applied to the *original* weights (``bpp recover``
 fine-tunes the compacted model afterwards if wanted). The input model is left unchanged.
+
+Measured on SmolLM2-135M at 20% (held-out ppl on 40 windows of 128, dense 23.2): the LoRAPrune mask
+125.8 (60.7 with bias compensation) against wanda-sp's layer-uniform mask 103 and BESA 30.4; with
+72 of 90 KV groups kept per-type budgets hurt both (bench/RESULTS.md, quality section).
 """
 from __future__ import annotations
 
