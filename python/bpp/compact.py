@@ -88,6 +88,9 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
                                    or any(tuple(b.shape) != (space.hidden_size,) for b in biases)):
             raise BppError(f"{name} must hold one ({space.hidden_size},) tensor per layer ({space.n_layers})")
     biased = o_proj_bias is not None or down_proj_bias is not None
+    if pangu is not None and pangu.clap and biased:
+        raise BppError("--clap cannot be combined with --bias-compensation: the compensation of a layer's "
+                       "pruned groups no longer holds once CLAP replaces some of its groups")
     kept_layers = _kept_layers(eff, keep_empty=biased)
     groups = [int(eff.groups[0, i].sum()) for i in kept_layers]
     channels = [int(eff.channels[0, i].sum()) for i in kept_layers]
@@ -124,9 +127,6 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
         new.tie_weights()  # built under _no_init the LM head is not tied yet: it would stay zeros
     _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
     if pangu is not None and pangu.any:
-        if pangu.clap and biased:
-            raise BppError("--clap cannot be combined with --bias-compensation: the compensation of a layer's "
-                           "pruned groups no longer holds once CLAP replaces some of its groups")
         from .pangu import apply
 
         pangu.report = apply(model, new, eff, kept_layers, pangu)

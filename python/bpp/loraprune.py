@@ -103,7 +103,7 @@ def _unit_importance(layer, space: MaskSpace) -> dict[str, torch.Tensor]:
              + saliency(attn.k_proj).sum(1).reshape(G, hd).sum(1)
              + saliency(attn.v_proj).sum(1).reshape(G, hd).sum(1)
              + saliency(attn.o_proj).sum(0).reshape(G, r * hd).sum(1))
-    return {"channel": channel.cpu(), "group": group.cpu()}
+    return {"channel": channel, "group": group}
 
 
 def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
@@ -135,7 +135,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     layers = work.model.layers  # peft replaced the projections in place
     masks = {t: torch.ones(L, sizes[t], dtype=torch.bool) for t in TYPES}
     live = {t: masks[t].to(param.device, torch.float32) for t in TYPES}
-    scores = {t: torch.zeros(L, sizes[t], dtype=torch.float64) for t in TYPES}
+    scores = {t: torch.zeros(L, sizes[t], dtype=torch.float64, device=param.device) for t in TYPES}
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
@@ -144,7 +144,6 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     history = []
     total = config.rounds * config.steps_per_round
     bar = tqdm(total=total, desc="LoRAPrune", unit="step", disable=not config.progress)
-    seen = 0
     with _eval_mode(work), torch.enable_grad(), contextlib.ExitStack() as stack:
         for i, layer in enumerate(layers):
             stack.enter_context(_input_scales(layer, (lambda i=i: live["group"][i]),
@@ -156,29 +155,28 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
                 loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                with torch.no_grad():
+                with torch.no_grad():  # scores stay on the device: no host sync per layer
                     for i, layer in enumerate(layers):
                         now = _unit_importance(layer, space)
                         for t in TYPES:
-                            first = seen == 0
-                            scores[t][i] = now[t] if first else config.ema * scores[t][i] + (1 - config.ema) * now[t]
+                            scores[t][i] = now[t] if not history else config.ema * scores[t][i] + (1 - config.ema) * now[t]
                 opt.step()
-                seen += 1
                 history.append({"round": round_, "loss": float(loss.detach()),
                                 **{f"kept_{t}s": int(masks[t].sum()) for t in TYPES}})
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", round=round_)
             for t in learned:  # prune this round's share: the least important kept units of each layer
+                host = scores[t].cpu()  # one copy per round and type
                 for i in range(L):
                     k = schedule(final[t][i], sizes[t], round_, config.rounds)
-                    ranked = torch.where(masks[t][i], scores[t][i], torch.full_like(scores[t][i], -1.0))
+                    ranked = torch.where(masks[t][i], host[i], torch.full_like(host[i], -1.0))
                     order = torch.sort(-ranked, stable=True).indices
                     masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
                     masks[t][i][order[:k]] = True
                 live[t] = masks[t].to(param.device, torch.float32)
     bar.close()
     del peft_model, work
-    return LoRAPruneResult(masks, scores, history)
+    return LoRAPruneResult(masks, {t: v.cpu() for t, v in scores.items()}, history)
 
 
 # --- the two entry points (registries in bpp.init and bpp.cli_baseline) ------------------------
