@@ -20,6 +20,7 @@ if os.environ.get("BPP_NO_EXT") != "1":
             CppExtension(
                 "bpp_kernels._C",
                 sorted(glob("csrc/**/*.cpp", recursive=True)),
+                depends=sorted(glob("csrc/**/*.h", recursive=True)),
                 extra_compile_args={"cxx": ["-O3", "-fopenmp", "-march=x86-64-v2"]},
                 extra_link_args=["-fopenmp"],
                 optional=True,

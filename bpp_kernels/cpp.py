@@ -48,3 +48,10 @@ if AVAILABLE:
         scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
         return torch.ops.bpp.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm,
                                               k_norm, float(norm_eps), scale)
+
+    @torch.library.register_fake("bpp::linear_cross_entropy")
+    def _linear_cross_entropy_fake(h, weight, target, ignore_index, chunk_size):
+        return h.new_empty((h.shape[0],), dtype=torch.float32)
+
+    def linear_cross_entropy(h, weight, target, ignore_index=-100, chunk_size=4096):
+        return torch.ops.bpp.linear_cross_entropy(h, weight, target, int(ignore_index), int(chunk_size))

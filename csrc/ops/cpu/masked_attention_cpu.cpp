@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "compute_dtype.h"
+#include "gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -157,7 +158,8 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
     const int64_t width = c * rows, q_width = c * r * hd;
     const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({width, d}).to(compute);
     const auto xb = xs[s].view({B * T, d}).to(compute);
-    auto qkv = bias ? at::addmm(gather_qkv(*bias, kept, c, r, hd, 1).to(compute), xb, w.t()) : at::mm(xb, w.t());
+    auto qkv = gemm_nt(xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute))
+                                   : std::nullopt);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "masked_attention_cpu", [&] {
       norm_rope_inplace<scalar_t>(qkv, T, c * r, c, hd, cs, sn, qn, kn, norm_eps);
     });
@@ -170,11 +172,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
     gather_slabs(static_cast<const char*>(wot.const_data_ptr()), r * hd * d, kept, c, r * hd * d,
                  static_cast<char*>(wo.mutable_data_ptr()), r * hd * d, esz);
     const auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
-    if (compute == store) {
-      at::mm_out(dst, att2d, wo.view({q_width, d}));
-    } else {
-      dst.copy_(at::mm(att2d, wo.view({q_width, d}).to(compute)));
-    }
+    dst.copy_(gemm_nt(att2d, wo.view({q_width, d}).to(compute).t()));
   }
   return out;
 }

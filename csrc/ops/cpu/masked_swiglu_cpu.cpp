@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "compute_dtype.h"
+#include "gemm.h"
 
 #include <cstring>
 
@@ -84,15 +85,11 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
                 static_cast<char*>(wd.mutable_data_ptr()), d, elem);
 
     const auto xc = xs[s].to(compute);
-    auto gate_up = at::mm(xc, w.to(compute).t());  // (N, 2c) = [gate | up]
+    auto gate_up = gemm_nt(xc, w.to(compute));  // (N, 2c) = [gate | up]
     auto act = gate_up.narrow(1, 0, c);
     at::silu_(act);
     act.mul_(gate_up.narrow(1, c, c));
-    if (compute == store) {
-      at::mm_out(dst, act, wd);
-    } else {
-      dst.copy_(at::mm(act, wd.to(compute)));
-    }
+    dst.view({-1, d}).copy_(gemm_nt(act, wd.to(compute).t()));
   }
   return out.view(x.sizes());
 }
