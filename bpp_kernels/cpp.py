@@ -3,6 +3,9 @@
 Each function here has the signature of its op in :mod:`bpp_kernels.reference`. Fake (meta)
 implementations are registered so ``torch.compile`` can trace through the ops.
 
+GEMMs: through oneDNN on CPUs with AVX512 (measured faster than ATen's mm there), else mm;
+``BPP_CPU_GEMM=onednn|aten|auto`` overrides, :func:`gemm_library` tells the current choice.
+
 Numerics: fp32 runs in fp32. fp16 and bf16 run in their own dtype only on CPUs with native
 instructions for them (AVX512-FP16/AMX-FP16, AVX512-BF16/AMX-BF16); elsewhere their GEMMs are
 emulated ~20x slower than fp32, so the inputs are computed in fp32 and rounded once at the end
@@ -22,6 +25,10 @@ except ImportError:
 
 
 if AVAILABLE:
+
+    def gemm_library() -> str:
+        """``"onednn"`` or ``"mm"``: the library the C++ ops' GEMMs use under the current settings."""
+        return torch.ops.bpp.cpu_gemm_library()
 
     @torch.library.register_fake("bpp::mask_to_index")
     def _mask_to_index_fake(mask):

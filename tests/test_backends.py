@@ -62,3 +62,20 @@ def test_bad_op_input_is_a_clear_error():
     with pytest.raises(ValueError, match="keep_idx must be"):
         ops.masked_swiglu(torch.randn(2, 3, 4), torch.randn(5, 2, 4), torch.randn(5, 4),
                           torch.zeros(3, 5, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+
+
+def test_cpu_gemm_library_follows_the_environment(monkeypatch):
+    from bpp_kernels import cpp
+
+    if not cpp.AVAILABLE:
+        pytest.skip("bpp_kernels._C not built")
+    monkeypatch.setenv("BPP_CPU_GEMM", "aten")
+    assert cpp.gemm_library() == "mm"
+    monkeypatch.setenv("BPP_CPU_GEMM", "onednn")
+    assert cpp.gemm_library() == ("onednn" if torch.backends.mkldnn.is_available() else "mm")
+    monkeypatch.delenv("BPP_CPU_GEMM")
+    avx512 = torch._C._cpu._get_cpu_capability().get("avx512_f", False)
+    assert cpp.gemm_library() == ("onednn" if avx512 and torch.backends.mkldnn.is_available() else "mm")
+    monkeypatch.setenv("BPP_CPU_GEMM", "blas-magic")
+    with pytest.raises(RuntimeError, match="BPP_CPU_GEMM=blas-magic is not one of onednn, aten, auto"):
+        cpp.gemm_library()

@@ -5,9 +5,13 @@ counts and always include an empty and a full sample when S >= 2.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bpp_kernels import layout, reference
+
+# the C++ ops' GEMM libraries (BPP_CPU_GEMM): both are tested whatever this CPU's default is
+CPU_GEMMS = [pytest.param("onednn", id="onednn"), pytest.param("aten", id="mm")]
 
 
 def random_mask(S: int, n: int, keep: float, generator: torch.Generator) -> torch.Tensor:

@@ -41,8 +41,10 @@ def test_explicit_scale():
                        ops.masked_attention(**kw, scale=0.3, backend="cpp"), 1e-5)
 
 
+@pytest.mark.parametrize("gemm", cases.CPU_GEMMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_batch_invariance(dtype):
+def test_batch_invariance(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("BPP_CPU_GEMM", gemm)
     kw = cases.attention_inputs(8, 2, 11, 24, 3, 2, 8, 0.6, dtype=dtype, seed=fresh_seed(), bias=True,
                                 qk_norm=True)
     together = ops.masked_attention(**kw, backend="cpp")
@@ -67,3 +69,13 @@ def test_bad_inputs_say_what_is_wrong():
         cpp.masked_attention(**{**kw, "keep_idx": bad})
     with pytest.raises(RuntimeError, match="must be even"):
         cpp.masked_attention(**{**kw, "cos": kw["cos"][:, :7], "sin": kw["sin"][:, :7]})
+
+
+@pytest.mark.parametrize("gemm", cases.CPU_GEMMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_gemm_libraries_match_reference(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("BPP_CPU_GEMM", gemm)
+    kw = cases.attention_inputs(4, 2, 13, 24, 3, 2, 8, 0.6, dtype=dtype, seed=fresh_seed(), bias=True,
+                                qk_norm=True)
+    ref, tol = _reference(kw, dtype)
+    cases.assert_close(f"cpp masked_attention ({gemm})", ref, ops.masked_attention(**kw, backend="cpp"), tol)

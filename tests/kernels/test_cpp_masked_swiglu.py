@@ -39,8 +39,10 @@ def test_extra_leading_dims():
                        ops.masked_swiglu(**kw, backend="cpp"), 1e-5)
 
 
+@pytest.mark.parametrize("gemm", cases.CPU_GEMMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_batch_invariance(dtype):
+def test_batch_invariance(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("BPP_CPU_GEMM", gemm)
     kw = cases.swiglu_inputs(8, 21, 24, 40, 0.5, dtype=dtype, seed=fresh_seed())
     together = ops.masked_swiglu(**kw, backend="cpp")
     for j in range(8):
@@ -73,3 +75,12 @@ def test_bad_inputs_say_what_is_wrong():
         torch.ops.bpp.masked_swiglu(*args[:3], bad, kw["keep_count"])
     with pytest.raises(RuntimeError, match="keep_count"):
         torch.ops.bpp.masked_swiglu(*args[:4], torch.tensor([3, 18], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("gemm", cases.CPU_GEMMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_gemm_libraries_match_reference(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("BPP_CPU_GEMM", gemm)
+    kw = cases.swiglu_inputs(4, 37, 40, 90, 0.4, dtype=dtype, seed=fresh_seed())
+    ref, tol = _reference(kw, dtype)
+    cases.assert_close(f"cpp masked_swiglu ({gemm})", ref, ops.masked_swiglu(**kw, backend="cpp"), tol)

@@ -1,4 +1,4 @@
-// y = x @ w.T for the CPU ops, through oneDNN when this torch has it, else ATen's mm (MKL).
+// y = x @ w.T for the CPU ops: through oneDNN on AVX512 CPUs, else ATen's mm (MKL).
 //
 // Why: ATen's fp32 mm goes to MKL; oneDNN's JIT kernels measured 9-16% faster at the ops'
 // shapes on the AVX512 EPYC of bench/RESULTS.md (weights not pre-packed, as the gathered
@@ -6,11 +6,13 @@
 // instruction set and oneDNN by instruction set alone. oneDNN is reached through the op torch
 // registers for it (mkldnn::_linear_pointwise); no oneDNN header is needed, and a torch
 // without it falls back to mm.
-// BPP_CPU_GEMM=aten forces mm (bench/cpu_ops.py times both side by side).
+// BPP_CPU_GEMM=onednn|aten|auto chooses (see use_onednn; bench/cpu_ops.py times both).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "compute_dtype.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -38,13 +40,22 @@ inline const std::optional<c10::TypedOperatorHandle<OnednnLinear>>& onednn_linea
   return op;
 }
 
-// oneDNN unless BPP_CPU_GEMM=aten (read per call, so a benchmark can interleave both; a call's
-// samples all see the same value, so batch invariance holds).
-inline const c10::TypedOperatorHandle<OnednnLinear>* onednn_linear_op() {
+// The GEMM library, from BPP_CPU_GEMM (read per call, so a benchmark can interleave them; all
+// samples of a call see the same value, so batch invariance holds): "onednn", "aten" (mm), or
+// "auto" / unset: oneDNN on CPUs with AVX512, where it was measured faster, and mm elsewhere
+// (on the AVX2 EPYC of bench/RESULTS.md the C++ ops were measured with mm only).
+inline bool use_onednn() {
   const char* env = std::getenv("BPP_CPU_GEMM");
-  if (env != nullptr && std::strcmp(env, "aten") == 0) return nullptr;
-  const auto& handle = onednn_linear_handle();
-  return handle ? &*handle : nullptr;
+  if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "onednn") == 0) return onednn_linear_handle().has_value();
+  TORCH_CHECK(env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0, "BPP_CPU_GEMM=", env,
+              " is not one of onednn, aten, auto");
+  static const bool avx512 = cpu_has("avx512_f");
+  return avx512 && onednn_linear_handle().has_value();
+}
+
+inline const c10::TypedOperatorHandle<OnednnLinear>* onednn_linear_op() {
+  return use_onednn() ? &*onednn_linear_handle() : nullptr;
 }
 
 // x (n, k), w (m, k) (any strides: a transposed view is read as such); returns (n, m) contiguous.
