@@ -200,7 +200,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     """Per-row cross-entropy of ``h @ weight.T`` (fp32 loss) without materialising all logits.
 
     h ``(N, d)``; weight ``(V, d)``; target ``(N,)`` int64 in [0, V) or ignore_index.
-    Returns ``(N,)`` float32; ignored rows get 0.
+    Returns ``(N,)`` float32; ignored rows get 0. chunk_size bounds the rows the reference
+    holds logits for at once; the C++ and Triton kernels work in fixed tiles of their own.
     """
     op = "linear_cross_entropy"
     _check(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], op,
