@@ -4,7 +4,8 @@ Each function here has the signature of its op in :mod:`bpp_kernels.reference`. 
 implementations are registered so ``torch.compile`` can trace through the ops.
 
 GEMMs: through oneDNN on CPUs with AVX512 (measured faster than ATen's mm there), else mm;
-``BPP_CPU_GEMM=onednn|aten|auto`` overrides, :func:`gemm_library` tells the current choice.
+``BPP_CPU_GEMM=onednn|aten|auto`` overrides, ``torch.backends.mkldnn.enabled = False`` turns
+oneDNN off, :func:`gemm_library` tells the current choice.
 
 Numerics: fp32 runs in fp32. fp16 and bf16 run in their own dtype only on CPUs with native
 instructions for them (AVX512-FP16/AMX-FP16, AVX512-BF16/AMX-BF16); elsewhere their GEMMs are

@@ -79,3 +79,13 @@ def test_cpu_gemm_library_follows_the_environment(monkeypatch):
     monkeypatch.setenv("BPP_CPU_GEMM", "blas-magic")
     with pytest.raises(RuntimeError, match="BPP_CPU_GEMM=blas-magic is not one of onednn, aten, auto"):
         cpp.gemm_library()
+
+
+def test_cpu_gemm_library_respects_torch_mkldnn_switch(monkeypatch):
+    from bpp_kernels import cpp
+
+    if not cpp.AVAILABLE:
+        pytest.skip("bpp_kernels._C not built")
+    monkeypatch.setenv("BPP_CPU_GEMM", "onednn")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert cpp.gemm_library() == "mm"

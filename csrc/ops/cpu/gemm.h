@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "compute_dtype.h"
@@ -45,6 +46,7 @@ inline const std::optional<c10::TypedOperatorHandle<OnednnLinear>>& onednn_linea
 // "auto" / unset: oneDNN on CPUs with AVX512, where it was measured faster, and mm elsewhere
 // (on the AVX2 EPYC of bench/RESULTS.md the C++ ops were measured with mm only).
 inline bool use_onednn() {
+  if (!at::globalContext().userEnabledMkldnn()) return false;  // torch.backends.mkldnn.enabled = False
   const char* env = std::getenv("BPP_CPU_GEMM");
   if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
   if (env != nullptr && std::strcmp(env, "onednn") == 0) return onednn_linear_handle().has_value();
