@@ -207,5 +207,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     _check(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], op,
            f"h must be (N, d) and weight (V, d), got {tuple(h.shape)} and {tuple(weight.shape)}")
     _check(target.shape == (h.shape[0],), op, f"target must be ({h.shape[0]},), got {tuple(target.shape)}")
+    _check(target.dtype == torch.int64, op, f"target must be int64, got {target.dtype}")
+    _check(h.dtype == weight.dtype, op, f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
     _check(chunk_size > 0, op, "chunk_size must be positive")
     return _call(op, h, backend, h, weight, target, ignore_index=ignore_index, chunk_size=chunk_size)

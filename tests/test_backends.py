@@ -62,6 +62,10 @@ def test_bad_op_input_is_a_clear_error():
     with pytest.raises(ValueError, match="keep_idx must be"):
         ops.masked_swiglu(torch.randn(2, 3, 4), torch.randn(5, 2, 4), torch.randn(5, 4),
                           torch.zeros(3, 5, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="target must be int64"):
+        ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="share a dtype"):
+        ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4).double(), torch.zeros(3, dtype=torch.int64))
 
 
 def test_cpu_gemm_library_follows_the_environment(monkeypatch):

@@ -8,7 +8,7 @@ from bpp.besa import (BesaConfig, _rescale_budgets, besa_allocate, besa_init, be
 from bpp.errors import BppError
 from bpp.policy import Policy
 from bpp.space import Masks, MaskSpace
-from tests.tiny import tiny_model
+from tests.tiny import check_calibrated_init, tiny_model
 
 QUICK = BesaConfig(epochs=1, progress=False)
 
@@ -171,21 +171,10 @@ def test_besa_init_channel_only_keeps_every_group():
 
 
 def test_registry_initialise_with_besa():
-    from bpp.init import initialise
-
-    model = tiny_model("qwen3")
-    space = MaskSpace.from_model(model)
-    policy = Policy(space, "channel,group", 0.3)
-    theta, init_mask, metrics = initialise(policy, "besa", model, _calib())
-    assert theta.shape == (policy.n_units,) and theta.min() >= 0 and theta.max() <= 1
-    for got, part in zip(policy.budget_sums(theta), policy.parts):
-        assert abs(got - part.target) < 1e-6 * part.target
-    assert init_mask.S == 1
+    space, init_mask, metrics = check_calibrated_init("besa", "qwen3", _calib())
     kept = int(space.params(init_mask)[0])
     assert abs(kept - (space.total_params - 0.3 * space.prunable_params)) <= space.channel_params
     assert "group_keep_rate" in metrics
-    with pytest.raises(BppError, match="calibration"):
-        initialise(Policy(space, "channel,group", 0.3), "besa", model, None)
 
 
 def test_run_baseline_writes_mask_and_compacted_model(tmp_path, tokenizer):

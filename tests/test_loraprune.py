@@ -8,7 +8,7 @@ from bpp.loraprune import (LoRAPruneConfig, _unit_importance, loraprune_allocate
                            schedule)
 from bpp.policy import Policy
 from bpp.space import Masks, MaskSpace
-from tests.tiny import tiny_model
+from tests.tiny import check_calibrated_init, tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -133,18 +133,7 @@ def test_init_theta_ranks_the_mask_first_and_channel_only_keeps_groups():
 
 
 def test_registry_initialise_with_loraprune():
-    from bpp.init import initialise
-
-    model = tiny_model("qwen2")
-    space = MaskSpace.from_model(model)
-    policy = Policy(space, "channel,group", 0.3)
-    theta, init_mask, _ = initialise(policy, "loraprune", model, _calib())
-    assert theta.shape == (policy.n_units,) and theta.min() >= 0 and theta.max() <= 1
-    for got, part in zip(policy.budget_sums(theta), policy.parts):
-        assert abs(got - part.target) < 1e-6 * part.target
-    assert init_mask.S == 1
-    with pytest.raises(BppError, match="calibration"):
-        initialise(Policy(space, "channel,group", 0.3), "loraprune", model, None)
+    check_calibrated_init("loraprune", "qwen2", _calib())
 
 
 def test_run_baseline_loraprune(tmp_path, tokenizer):

@@ -81,3 +81,27 @@ def tiny_tokenizer():
     )
     assert len(tok) <= TINY["vocab_size"]
     return tok
+
+
+def check_calibrated_init(method: str, family: str, calib: torch.Tensor, sparsity: float = 0.3):
+    """Run ``bpp.init.initialise`` with a calibrated method on a tiny model and assert what every
+    such init must give: θ in [0, 1] meeting each part's budget, one init mask, and a clear error
+    without calibration data. Returns ``(space, init_mask, metrics)`` for method-specific checks."""
+    import pytest
+
+    from bpp.errors import BppError
+    from bpp.init import initialise
+    from bpp.policy import Policy
+    from bpp.space import MaskSpace
+
+    model = tiny_model(family)
+    space = MaskSpace.from_model(model)
+    policy = Policy(space, "channel,group", sparsity)
+    theta, init_mask, metrics = initialise(policy, method, model, calib)
+    assert theta.shape == (policy.n_units,) and theta.min() >= 0 and theta.max() <= 1
+    for got, part in zip(policy.budget_sums(theta), policy.parts):
+        assert abs(got - part.target) < 1e-6 * part.target
+    assert init_mask.S == 1
+    with pytest.raises(BppError, match="calibration"):
+        initialise(Policy(space, "channel,group", sparsity), method, model, None)
+    return space, init_mask, metrics

@@ -71,4 +71,14 @@ inline at::Tensor gemm_nt(const at::Tensor& x, const at::Tensor& w, const std::o
   return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
+// dst (n, m), contiguous, = x @ w.T, cast to dst's dtype: mm writes in place when the dtypes
+// agree; oneDNN (or a compute dtype wider than dst's) goes through one temporary.
+inline void gemm_nt_into(at::Tensor& dst, const at::Tensor& x, const at::Tensor& w) {
+  if (onednn_linear_op() == nullptr && dst.scalar_type() == x.scalar_type()) {
+    at::mm_out(dst, x, w.t());
+  } else {
+    dst.copy_(gemm_nt(x, w));
+  }
+}
+
 }  // namespace bpp

@@ -3,9 +3,10 @@
 // The reference computes a (rows, V) logit block per chunk and runs logsumexp over it: for the
 // default model that is ~100 MB of fp32 per sample, walked five times from memory (max, subtract,
 // exp, sum, log), which measured as long as the LM-head GEMM itself. Here the work is cut into
-// tasks of kRows rows x kVocab vocabulary entries; a task's logit tile (kRows x kVocab fp32, 512 KB)
-// stays in the core's cache while one GEMM writes it and its max, exp-sum and target logit are
-// read off it. Tasks run in parallel (at::parallel_for), each single-threaded inside the region.
+// tiles of kRows rows x kVocab vocabulary entries; a tile's logits (kRows x kVocab fp32, 512 KB)
+// stay in the core's cache while one GEMM writes them and their max, exp-sum and target logit are
+// read off. A parallel task (at::parallel_for, single-threaded inside the region) takes one
+// vocabulary chunk and every row tile, so each weight row is read and converted once.
 // Each row then merges its per-chunk (max, exp-sum) pairs in vocabulary order:
 //   M = max_j m_j,  loss = M + log(sum_j s_j exp(m_j - M)) - picked.
 //
@@ -61,31 +62,35 @@ at::Tensor linear_cross_entropy_cpu(const at::Tensor& h, const at::Tensor& weigh
   const auto compute = compute_dtype(h.scalar_type());  // see compute_dtype.h
   const auto hc = h.to(compute).contiguous();
   const auto w = weight.contiguous();
-  const int64_t row_tiles = (N + kRows - 1) / kRows, chunks = (V + kVocab - 1) / kVocab;
+  const int64_t chunks = (V + kVocab - 1) / kVocab;
   // per (row, chunk): the chunk's max logit and sum of exp(logit - max); per row: the target's logit
   std::vector<float> part_max(N * chunks), part_sum(N * chunks);
   std::vector<float> picked(N, 0.f);
 
-  at::parallel_for(0, row_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i0 = (task / chunks) * kRows, j = task % chunks, v0 = j * kVocab;
-      const int64_t rows = std::min(kRows, N - i0), cols = std::min(kVocab, V - v0);
-      auto logits = gemm_nt(hc.narrow(0, i0, rows), w.narrow(0, v0, cols).to(compute));
-      if (logits.scalar_type() != at::kFloat) logits = logits.to(at::kFloat);
-      logits = logits.contiguous();
-      const float* lg = logits.const_data_ptr<float>();
-      for (int64_t a = 0; a < rows; ++a) {
-        const int64_t i = i0 + a;
-        const int64_t ti = t[i];
-        if (ti >= v0 && ti < v0 + cols) picked[i] = lg[a * cols + (ti - v0)];
-      }
-      const auto mx = std::get<0>(logits.max(1, /*keepdim=*/true));
-      const auto se = logits.sub_(mx).exp_().sum(1);
-      const float* mxp = mx.const_data_ptr<float>();
-      const float* sep = se.const_data_ptr<float>();
-      for (int64_t a = 0; a < rows; ++a) {
-        part_max[(i0 + a) * chunks + j] = mxp[a];
-        part_sum[(i0 + a) * chunks + j] = sep[a];
+  // one task per vocabulary chunk: its weight rows are read (and converted, if need be) once and
+  // stay in cache while every row tile of h passes over them
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t v0 = j * kVocab, cols = std::min(kVocab, V - v0);
+      const auto wj = w.narrow(0, v0, cols).to(compute);
+      for (int64_t i0 = 0; i0 < N; i0 += kRows) {
+        const int64_t rows = std::min(kRows, N - i0);
+        auto logits = gemm_nt(hc.narrow(0, i0, rows), wj);
+        if (logits.scalar_type() != at::kFloat) logits = logits.to(at::kFloat);
+        logits = logits.contiguous();
+        const float* lg = logits.const_data_ptr<float>();
+        for (int64_t a = 0; a < rows; ++a) {
+          const int64_t ti = t[i0 + a];
+          if (ti >= v0 && ti < v0 + cols) picked[i0 + a] = lg[a * cols + (ti - v0)];  // one chunk per row
+        }
+        const auto mx = std::get<0>(logits.max(1, /*keepdim=*/true));
+        const auto se = logits.sub_(mx).exp_().sum(1);
+        const float* mxp = mx.const_data_ptr<float>();
+        const float* sep = se.const_data_ptr<float>();
+        for (int64_t a = 0; a < rows; ++a) {
+          part_max[(i0 + a) * chunks + j] = mxp[a];
+          part_sum[(i0 + a) * chunks + j] = sep[a];
+        }
       }
     }
   });

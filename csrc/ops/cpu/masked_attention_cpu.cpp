@@ -172,7 +172,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
     gather_slabs(static_cast<const char*>(wot.const_data_ptr()), r * hd * d, kept, c, r * hd * d,
                  static_cast<char*>(wo.mutable_data_ptr()), r * hd * d, esz);
     const auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
-    dst.copy_(gemm_nt(att2d, wo.view({q_width, d}).to(compute).t()));
+    gemm_nt_into(dst, att2d, wo.view({q_width, d}).to(compute).t());
   }
   return out;
 }

@@ -66,7 +66,7 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   for (int64_t s = 0; s < S; ++s) {
     const int64_t c = counts[s];
     TORCH_CHECK(c >= 0 && c <= m, "masked_swiglu: keep_count[", s, "] = ", c, " is outside [0, m=", m, "]");
-    auto dst = out[s];
+    auto dst = out[s];  // (N, d)
     if (c == 0) {
       dst.zero_();
       continue;
@@ -89,7 +89,7 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     auto act = gate_up.narrow(1, 0, c);
     at::silu_(act);
     act.mul_(gate_up.narrow(1, c, c));
-    dst.view({-1, d}).copy_(gemm_nt(act, wd.to(compute).t()));
+    gemm_nt_into(dst, act, wd.to(compute).t());
   }
   return out.view(x.sizes());
 }
