@@ -66,8 +66,8 @@ def main():
         torch.set_num_threads(a.threads)
 
     import bpp
-    from bpp.baselines import flap_mask
-    from bpp.compact import compact
+    from bpp.methods.flap import flap_mask
+    from bpp.compaction import compact_model
     from bpp.data import load_text, windows
 
     model, tok = bpp.load_model()
@@ -79,7 +79,7 @@ def main():
     for sparsity in (0.2, 0.4):
         for name, mask in (("uniform", uniform_mask(space, sparsity)), ("FLAP", flap_mask(model, calib, sparsity))):
             t0 = time.perf_counter()
-            small = compact(model, mask)
+            small = compact_model(model, mask)
             print(f"  compacted {name} {sparsity:.0%} in {time.perf_counter() - t0:.1f}s "
                   f"({'stock config' if not getattr(small.config, 'auto_map', None) else 'per-layer sizes'})", flush=True)
             variants.append((f"{name} {sparsity:.0%}", small, int(space.params(mask)[0])))

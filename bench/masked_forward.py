@@ -1,4 +1,4 @@
-"""Masks per second of the batched masked forward against the baselines (issue 3).
+"""Masks per second of the batched masked forward against the baselines.
 
 On the embedded default (SmolLM2-135M-Instruct, fp32, CPU), B×T = 4×128, S = 8 masks keeping
 50% of each layer's MLP channels and 2 of its 3 KV groups (random per sample and layer):

@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bpp import load_model  # noqa: E402
 from bpp.data import load_text, tokenize, windows  # noqa: E402
-from bpp.compact import compact  # noqa: E402
-from bpp.baselines import compensation_biases  # noqa: E402
-from bpp.engine import PruneConfig, masked_perplexity, prune  # noqa: E402
+from bpp.compaction import compact_model  # noqa: E402
+from bpp.methods.flap import compensation_biases  # noqa: E402
+from bpp.evaluate import masked_perplexity  # noqa: E402
+from bpp.jobs.prune import prune  # noqa: E402
+from bpp.policy_gradient import PruneConfig  # noqa: E402
 from bpp.evaluate import perplexity  # noqa: E402
-from bpp.init import initialise, metric_mask  # noqa: E402
+from bpp.methods import initialise, prior_mask  # noqa: E402
 from bpp.policy import Policy  # noqa: E402
 from bpp.space import MaskSpace  # noqa: E402
 
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated subset of PG variant names (substring match)")
     ap.add_argument("--lr", type=float, default=None, help="override the PG learning rate")
     ap.add_argument("--engine", default=None, help="batched | hooks (default: bpp prune's)")
-    ap.add_argument("--json", default="bench/quality.json", help="where to write the raw results")
+    ap.add_argument("--json", default="bench/results/quality.json", help="where to write the raw results")
     ap.add_argument("--companions", action="store_true",
                     help="also the companion methods (LoRAPrune, BESA, Pangu Light, recovery): bench/quality_companions.py")
     args = ap.parse_args()
@@ -113,7 +115,7 @@ def main() -> None:
     def add_compacted(method, sparsity, mask, stats, seconds, note=""):
         """A mask compacted with FLAP-style bias compensation, evaluated as the compacted model."""
         attn_bias, mlp_bias = compensation_biases(model, mask, stats)
-        small = compact(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
+        small = compact_model(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
         add_model(method, sparsity, small, int(space.params(mask)[0]), seconds, note)
 
     def add_model(method, sparsity, small, params, seconds, note=""):
@@ -130,7 +132,7 @@ def main() -> None:
         add("dense", 0.0, None, 0.0)
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             t0 = time.perf_counter()
-            add("magnitude (layer-uniform)", sparsity, metric_mask(model, space, "magnitude", sparsity),
+            add("magnitude (layer-uniform)", sparsity, prior_mask(model, space, "magnitude", sparsity),
                 time.perf_counter() - t0)
             t0 = time.perf_counter()
             policy = Policy(space, "group,channel", sparsity)
@@ -138,16 +140,16 @@ def main() -> None:
             init_seconds = time.perf_counter() - t0
             add("wanda-sp (layer-uniform)", sparsity, wanda_mask, init_seconds)
             add("wanda-sp θ₀ (global top-k)", sparsity, policy.final_mask(), init_seconds, "PG after 0 steps")
-            from bpp.baselines import InputStats, flap_mask
+            from bpp.methods.calibration import InputStats
+            from bpp.methods.flap import flap_mask
 
             pg_masks = {}
-            if flap_mask is not None:
-                t0 = time.perf_counter()
-                stats = InputStats(model).collect(init_calib)
-                flap = flap_mask(model, init_calib, sparsity, stats=stats)
-                flap_seconds = time.perf_counter() - t0
-                add("FLAP (no bias compensation)", sparsity, flap, flap_seconds)
-                add_compacted("FLAP + bias compensation (FLAP's own)", sparsity, flap, stats, flap_seconds)
+            t0 = time.perf_counter()
+            stats = InputStats(model).collect(init_calib)
+            flap = flap_mask(model, init_calib, sparsity, stats=stats)
+            flap_seconds = time.perf_counter() - t0
+            add("FLAP (no bias compensation)", sparsity, flap, flap_seconds)
+            add_compacted("FLAP + bias compensation (FLAP's own)", sparsity, flap, stats, flap_seconds)
             for name, options in variants.items():
                 if options.get("granularity") == "channel":  # its PG-after-0-steps row
                     t0 = time.perf_counter()

@@ -13,33 +13,25 @@ masks of the same sparsity:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import time
 
 import torch
 
-from bpp.compact import compact
+from bpp.compaction import compact_model
 from bpp.data import load_text, tokenize
-from bpp.engine import PruneConfig
+from bpp.policy_gradient import PruneConfig
 
 DEFAULT_PG = "PG S=8 moving-avg (default)"
 RECOVER_STEPS = 40
 
 
-def _available(module: str) -> bool:
-    if importlib.util.find_spec(module) is None:
-        print(f"({module} is not in this checkout: its rows are left out)", flush=True)
-        return False
-    return True
-
-
 def companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks, *, steps, eval_windows, stats=None):
     from quality import pg_mask
 
-    for name, module, mask_fn in (("BESA", "bpp.besa", "besa_mask"), ("LoRAPrune", "bpp.loraprune", "loraprune_mask")):
-        if not _available(module):
-            continue
-        fn = getattr(importlib.import_module(module), mask_fn)
+    from bpp.methods.besa import besa_mask
+    from bpp.methods.loraprune import loraprune_mask
+
+    for name, fn in (("BESA", besa_mask), ("LoRAPrune", loraprune_mask)):
         t0 = time.perf_counter()
         mask = fn(model, space, init_calib, sparsity)
         seconds = time.perf_counter() - t0
@@ -65,25 +57,23 @@ def companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks,
     params = int(space.params(base)[0])
     pangu_rows(model, tok, space, sparsity, init_calib, add, base, params)
 
-    from bpp.recover import recover
+    from bpp.methods.lora_recovery import lora_recover
 
-    small = compact(model, base)
+    small = compact_model(model, base)
     train = tokenize(tok, load_text("default", "calib"))
     t0 = time.perf_counter()
-    merged, log = recover(copy.deepcopy(small), tok, train, steps=RECOVER_STEPS, progress=False)
+    merged, log = lora_recover(copy.deepcopy(small), tok, train, steps=RECOVER_STEPS, progress=False)
     add.model(f"{DEFAULT_PG} + LoRA recovery", sparsity, merged, params, time.perf_counter() - t0,
               f"`bpp recover`, {RECOVER_STEPS} steps of 4×128 tokens, rank 8")
 
 
 def pangu_rows(model, tok, space, sparsity, init_calib, add, base, params):
-    if not _available("bpp.pangu"):
-        return
-    from bpp.pangu import PanguOptions, calibrate
+    from bpp.methods.pangu import PanguOptions, calibrate, transform
 
     def compacted(mask, **flags):
         t0 = time.perf_counter()
         options = calibrate(model, mask, init_calib, PanguOptions(**flags))
-        return compact(model, mask, pangu=options), time.perf_counter() - t0, options
+        return compact_model(model, mask, transform=transform(options)), time.perf_counter() - t0, options
 
     for flags in ({"slnp": True}, {"absorb_norms": True}, {"slnp": True, "absorb_norms": True}):
         small, seconds, _ = compacted(base, **flags)

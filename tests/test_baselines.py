@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bpp.baselines import InputStats, compensation_biases, flap_mask, flap_scores
+from bpp.methods.calibration import InputStats
+from bpp.methods.flap import compensation_biases, flap_mask, flap_scores
 from bpp.errors import BppError
 from bpp.space import MaskSpace
 
@@ -74,7 +75,7 @@ def test_baseline_command_writes_a_run_that_report_reads(tmp_path, tokenizer, me
     from typer.testing import CliRunner
 
     from bpp.cli import app
-    from bpp.report import write_report
+    from bpp.jobs.report import write_report
     from tests.tiny import tiny_model
 
     model_dir = tmp_path / "m"
@@ -101,7 +102,7 @@ def test_baseline_command_writes_a_run_that_report_reads(tmp_path, tokenizer, me
 def test_flap_standardises_within_each_layer(tiny):
     """AL-AM as FLAP's code runs it: each layer's scores are standardised on their own, so scaling
     one layer's down_proj (its WIFV scores by a constant) leaves every score and the mask as they were."""
-    from bpp.baselines import flap_alam_scores
+    from bpp.methods.flap import flap_alam_scores
 
     ids = _inputs(tiny)
     stats = InputStats(tiny).collect(ids)

@@ -3,7 +3,7 @@ relaxation, the learned attention/MLP split, the parameter budget, the init and 
 import pytest
 import torch
 
-from bpp.besa import (BesaConfig, _rescale_budgets, besa_allocate, besa_init, besa_mask, candidate_counts,
+from bpp.methods.besa import (BesaConfig, _rescale_budgets, besa_allocate, besa_prior, besa_mask, candidate_counts,
                       expected_count, expected_mask, hard_mask, init_logits, straight_through_mask)
 from bpp.errors import BppError
 from bpp.policy import Policy
@@ -141,10 +141,10 @@ def test_across_blocks_prunes_the_block_that_is_free_to_prune_and_meets_the_budg
 
 # --- the init and baseline paths -----------------------------------------------------------------
 
-def test_besa_init_shapes_ranges_and_layer_rates():
+def test_besa_prior_shapes_ranges_and_layer_rates():
     model = tiny_model("mistral")
     space = MaskSpace.from_model(model)
-    theta, layer_masks, metrics = besa_init(model, space, _calib(), 0.7, ("channel", "group"), QUICK)
+    theta, layer_masks, metrics = besa_prior(model, space, _calib(), 0.7, ("channel", "group"), QUICK)
     L = space.n_layers
     assert theta["channel"].shape == (L, space.n_channels) and theta["group"].shape == (L, space.n_groups)
     assert layer_masks["channel"].shape == (L, space.n_channels) and layer_masks["channel"].dtype == torch.bool
@@ -162,10 +162,10 @@ def test_besa_init_shapes_ranges_and_layer_rates():
         assert metrics[f"{t}_learned_rate"].shape == (L,)
 
 
-def test_besa_init_channel_only_keeps_every_group():
+def test_besa_prior_channel_only_keeps_every_group():
     model = tiny_model("llama")
     space = MaskSpace.from_model(model)
-    theta, layer_masks, _ = besa_init(model, space, _calib(), 0.6, ("channel",), QUICK)
+    theta, layer_masks, _ = besa_prior(model, space, _calib(), 0.6, ("channel",), QUICK)
     assert layer_masks["group"].all() and torch.all(theta["group"] == 1)
     assert abs(float(layer_masks["channel"].double().mean()) - 0.6) <= 1 / (space.n_layers * space.n_channels)
 
@@ -178,10 +178,10 @@ def test_registry_initialise_with_besa():
 
 
 def test_run_baseline_writes_mask_and_compacted_model(tmp_path, tokenizer):
-    from bpp.cli_baseline import run_baseline
+    from bpp.jobs.baseline import baseline
 
     model = tiny_model("llama")
-    report = run_baseline("besa", 0.3, tmp_path / "out", model=model, tokenizer=tokenizer, calib_windows=4,
+    report = baseline("besa", 0.3, tmp_path / "out", model=model, tokenizer=tokenizer, calib_windows=4,
                           calib_seq_len=32, eval_windows=2)
     mask = Masks.load(tmp_path / "out" / "mask.safetensors")
     space = MaskSpace.from_model(model)

@@ -1,5 +1,5 @@
 """Compaction: dense pruned weights whose logits equal the masked model's, saved so that plain
-transformers loads them (issue 5)."""
+transformers loads them."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bpp import Masks, MaskSpace
-from bpp.compact import compact, round_mask, save_compacted
+from bpp.compaction import compact_model, round_mask, save_compacted
 from bpp.errors import BppError
 from bpp.models.hooks import hook_masks
 from tests.tiny import tiny_model
@@ -56,7 +56,7 @@ def _rel(a, b):
 def test_compacted_logits_and_params_equal_the_masked_model(tiny, kind):
     space = MaskSpace.from_model(tiny)
     mask = _mask(space, kind)
-    small = compact(tiny, mask)
+    small = compact_model(tiny, mask)
     ids = torch.randint(0, tiny.config.vocab_size, (2, 19))
     with torch.no_grad():
         got = small(ids).logits
@@ -74,7 +74,7 @@ def test_compacted_logits_and_params_equal_the_masked_model(tiny, kind):
 def test_compaction_leaves_the_model_untouched():
     model = tiny_model("qwen2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    compact(model, _mask(MaskSpace.from_model(model), "random"))
+    compact_model(model, _mask(MaskSpace.from_model(model), "random"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -142,13 +142,13 @@ def test_bad_inputs(tmp_path):
     space = MaskSpace.from_model(model)
     other = Masks.full(MaskSpace.from_model(tiny_model("llama", intermediate_size=50)), 1)
     with pytest.raises(BppError, match="masks.channels has shape"):
-        compact(model, other)
+        compact_model(model, other)
     nothing = Masks.full(space, 1)
     nothing.layers[:] = False
     with pytest.raises(BppError, match="keeps nothing"):
-        compact(model, nothing)
+        compact_model(model, nothing)
     with pytest.raises(BppError, match="one mask"):
-        compact(model, Masks.full(space, 2))
+        compact_model(model, Masks.full(space, 2))
     (tmp_path / "exists").mkdir()
     with pytest.raises(BppError, match="exists; pass --force"):
         save_compacted(model, Masks.full(space, 1), tmp_path / "exists")
@@ -197,7 +197,8 @@ def test_bias_compensation_keeps_each_blocks_mean_output(family):
     """FLAP compensation, analytically: fed the full model's inputs, every compacted o_proj and
     down_proj (or the constant of an emptied block) has the same mean output over the
     calibration tokens as the unpruned one, while plain pruning changes that mean."""
-    from bpp.baselines import InputStats, compensation_biases
+    from bpp.methods.calibration import InputStats
+    from bpp.methods.flap import compensation_biases
 
     model = tiny_model(family, seed=int(torch.randint(0, 1000, ())))
     space = MaskSpace.from_model(model)
@@ -205,7 +206,7 @@ def test_bias_compensation_keeps_each_blocks_mean_output(family):
     stats = InputStats(model).collect(ids)
     mask = _mask(space, "no-attention")
     attn_bias, mlp_bias = compensation_biases(model, mask, stats)
-    small = compact(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
+    small = compact_model(model, mask, o_proj_bias=attn_bias, down_proj_bias=mlp_bias)
     assert sum(p.numel() for p in small.parameters()) == int(space.params(mask)[0]) + 2 * 2 * space.hidden_size
 
     inputs = {}
@@ -245,7 +246,7 @@ def test_unknown_architecture_is_a_clear_error():
 
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(BppError, match="gpt2"):
-        compact(gpt2, Masks(torch.ones(1, 1, 128, dtype=torch.bool), torch.ones(1, 1, 2, dtype=torch.bool),
+        compact_model(gpt2, Masks(torch.ones(1, 1, 128, dtype=torch.bool), torch.ones(1, 1, 2, dtype=torch.bool),
                             torch.ones(1, 1, dtype=torch.bool)))
 
 
@@ -254,7 +255,7 @@ def test_save_load_roundtrip_is_exact(tiny, tmp_path, tokenizer):
 
     space = MaskSpace.from_model(tiny)
     mask = _mask(space, "random")
-    small = compact(tiny, mask)
+    small = compact_model(tiny, mask)
     out = save_compacted(tiny, mask, tmp_path / "small", tokenizer=tokenizer)
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     want, got = small.state_dict(), loaded.state_dict()
@@ -307,7 +308,7 @@ def test_tied_embeddings_stay_tied(tmp_path, tokenizer, kind):
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     space = MaskSpace.from_model(tied)
     mask = _mask(space, kind)
-    small = compact(tied, mask)
+    small = compact_model(tied, mask)
     assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
     ids = torch.randint(0, tied.config.vocab_size, (2, 19))
     want = _masked_logits(tied, mask, ids)

@@ -1,5 +1,5 @@
 """torchrun with the gloo backend on CPU: 2 ranks give the single-process result bit for bit, a
-dead rank stops the job, and its last checkpoint resumes on another number of processes (issue 9)."""
+dead rank stops the job, and its last checkpoint resumes on another number of processes."""
 import os
 import signal
 import subprocess
@@ -74,7 +74,7 @@ def _worker_pids(parent: int) -> list[int]:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"RANK=1" in env and f"TORCHELASTIC_RUN_ID".encode() in b"\0".join(env) and int(pid) != parent:
+        if b"RANK=1" in env and "TORCHELASTIC_RUN_ID".encode() in b"\0".join(env) and int(pid) != parent:
             found.append(int(pid))
     return found
 

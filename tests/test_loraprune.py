@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bpp.errors import BppError
-from bpp.loraprune import (LoRAPruneConfig, _unit_importance, loraprune_allocate, loraprune_init, loraprune_mask,
+from bpp.methods.loraprune import (LoRAPruneConfig, _unit_importance, loraprune_allocate, loraprune_prior, loraprune_mask,
                            schedule)
 from bpp.policy import Policy
 from bpp.space import Masks, MaskSpace
@@ -123,7 +123,7 @@ def test_mask_meets_the_parameter_budget_of_a_pg_mask():
 def test_init_theta_ranks_the_mask_first_and_channel_only_keeps_groups():
     model = tiny_model("llama")
     space = MaskSpace.from_model(model)
-    theta, masks, metrics = loraprune_init(model, space, _calib(), 0.6, ("channel",), QUICK)
+    theta, masks, metrics = loraprune_prior(model, space, _calib(), 0.6, ("channel",), QUICK)
     assert masks["group"].all() and torch.equal(theta["group"], torch.ones_like(theta["group"]))
     t = theta["channel"]
     assert t.shape == (space.n_layers, space.n_channels) and t.min() >= 0 and t.max() <= 1
@@ -137,10 +137,10 @@ def test_registry_initialise_with_loraprune():
 
 
 def test_run_baseline_loraprune(tmp_path, tokenizer):
-    from bpp.cli_baseline import run_baseline
+    from bpp.jobs.baseline import baseline
 
     model = tiny_model("llama")
-    report = run_baseline("loraprune", 0.3, tmp_path / "out", model=model, tokenizer=tokenizer, calib_windows=4,
+    report = baseline("loraprune", 0.3, tmp_path / "out", model=model, tokenizer=tokenizer, calib_windows=4,
                           calib_seq_len=32, eval_windows=2)
     mask = Masks.load(tmp_path / "out" / "mask.safetensors")
     assert int(MaskSpace.from_model(model).params(mask)[0]) == report["params"]["final_mask"]["params"]

@@ -1,4 +1,4 @@
-"""The batched masked forward against the hook ground truth (issue 3)."""
+"""The batched masked forward against the hook ground truth."""
 import os
 
 import pytest

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from bpp.compact import compact
+import bpp
+
+from bpp.compaction import compact_model
 from bpp.errors import BppError
-from bpp.pangu import PanguOptions, absorb_norms, calibrate, clap_plan
+from bpp.methods.pangu import PanguOptions, calibrate, clap_plan, transform
 from bpp.space import Masks, MaskSpace
 from tests.tiny import tiny_model
 
@@ -32,9 +34,9 @@ def test_absorbing_norms_keeps_the_logits(family, tied):
     mask = Masks.full(space, 1)
     mask.channels[0, 0, ::3] = False
     mask.groups[0, 1, 0] = False
-    plain = compact(model, mask)
+    plain = compact_model(model, mask)
     options = PanguOptions(absorb_norms=True)
-    small = compact(model, mask, pangu=options)
+    small = compact_model(model, mask, transform=transform(options))
     ids = _ids(2, 13)
     assert _rel(_logits(small, ids), _logits(plain, ids)) <= 1e-5
     for layer in small.model.layers:
@@ -52,8 +54,8 @@ def test_absorb_norms_on_a_per_layer_size_model():
     mask = Masks.full(space, 1)
     mask.groups[0, 1] = False  # a layer without attention
     mask.channels[0, 2, :50] = False
-    plain = compact(model, mask)
-    small = compact(model, mask, pangu=PanguOptions(absorb_norms=True))
+    plain = compact_model(model, mask)
+    small = compact_model(model, mask, transform=transform(PanguOptions(absorb_norms=True)))
     ids = _ids(2, 9)
     assert _rel(_logits(small, ids), _logits(plain, ids)) <= 1e-5
 
@@ -70,7 +72,7 @@ def test_clap_moving_every_group_equals_swapping_in_the_dropped_attention(family
     mask.channels[0, 1, :7] = False
     options = calibrate(model, mask, _ids(), PanguOptions(clap=True))
     options.group_scores = torch.tensor([[5.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
-    small = compact(model, mask, pangu=options)
+    small = compact_model(model, mask, transform=transform(options))
     assert [(m["from_layer"], m["group"]) for m in options.report["clap_moved_groups"]] == [(0, 0), (0, 1)]
 
     import copy
@@ -78,10 +80,10 @@ def test_clap_moving_every_group_equals_swapping_in_the_dropped_attention(family
     with torch.no_grad():
         ref_model.model.layers[1].self_attn.load_state_dict(model.model.layers[0].self_attn.state_dict())
         ref_model.model.layers[1].input_layernorm.weight.copy_(model.model.layers[0].input_layernorm.weight)
-    reference = compact(ref_model, mask)
+    reference = compact_model(ref_model, mask)
     ids = _ids(2, 11)
     assert _rel(_logits(small, ids), _logits(reference, ids)) <= 1e-5
-    assert _rel(_logits(small, ids), _logits(compact(model, mask), ids)) > 1e-3  # and it did change
+    assert _rel(_logits(small, ids), _logits(compact_model(model, mask), ids)) > 1e-3  # and it did change
 
 
 def test_clap_keeps_the_top_k_of_both_layers_and_the_parameter_count():
@@ -94,7 +96,7 @@ def test_clap_keeps_the_top_k_of_both_layers_and_the_parameter_count():
     scores = torch.rand(3, 2, dtype=torch.float64)
     scores[1, 1], scores[2, 0] = 9.0, 1.0
     options.group_scores = scores
-    small = compact(model, mask, pangu=options)
+    small = compact_model(model, mask, transform=transform(options))
     assert options.report["clap_moved_groups"] == [{"from_layer": 1, "group": 1, "to_layer": 2}]
     sa, da = model.model.layers[1].self_attn, small.model.layers[1].self_attn
     hd, r, d = space.head_dim, space.heads_per_group, space.hidden_size
@@ -105,10 +107,10 @@ def test_clap_keeps_the_top_k_of_both_layers_and_the_parameter_count():
     # the target's own group scored higher: nothing moves, the model is the plain compaction
     options.group_scores = torch.ones(3, 2, dtype=torch.float64)
     options.group_scores[2, 0] = 5.0
-    kept = compact(model, mask, pangu=options)
+    kept = compact_model(model, mask, transform=transform(options))
     assert options.report["clap_moved_groups"] == []
     ids = _ids(1, 9)
-    assert torch.equal(_logits(kept, ids), _logits(compact(model, mask), ids))
+    assert torch.equal(_logits(kept, ids), _logits(compact_model(model, mask), ids))
 
 
 def test_clap_plan_targets_the_next_kept_layer_and_the_last_goes_back():
@@ -156,8 +158,8 @@ def test_slnp_scales_each_block_to_its_dense_output_norm():
     want = ((x @ wo.T).pow(2).sum() / ((x * keep) @ wo.T).pow(2).sum()).sqrt()
     assert abs(options.attn_scale[1] - float(want)) < 1e-9
     assert options.attn_scale[0] == 1.0 and options.mlp_scale[1] == 1.0  # nothing pruned there
-    small = compact(model, mask, pangu=options)
-    plain = compact(model, mask)
+    small = compact_model(model, mask, transform=transform(options))
+    plain = compact_model(model, mask)
     torch.testing.assert_close(small.model.layers[0].mlp.down_proj.weight,
                                plain.model.layers[0].mlp.down_proj.weight * options.mlp_scale[0])
 
@@ -172,12 +174,10 @@ def test_errors():
     llama = tiny_model("llama")
     mask = Masks.full(MaskSpace.from_model(llama), 1)
     mask.layers[0, 0] = False
-    options = calibrate(llama, mask, _ids(), PanguOptions(clap=True))
-    zeros = [torch.zeros(space.hidden_size)] * 2
     with pytest.raises(BppError, match="bias-compensation"):
-        compact(llama, mask, o_proj_bias=zeros, down_proj_bias=zeros, pangu=options)
+        bpp.compact(llama, mask, bias_compensation=True, clap=True)
     with pytest.raises(BppError, match="calibrate"):
-        compact(llama, mask, pangu=PanguOptions(slnp=True))
+        compact_model(llama, mask, transform=transform(PanguOptions(slnp=True)))
 
 
 def test_cli_compact_with_pangu_flags(tmp_path, tokenizer):

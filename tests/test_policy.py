@@ -1,14 +1,14 @@
 """The Bernoulli policy: projection onto the budget, the score-function gradient, baselines,
-the final mask, and the input checks (issue 4)."""
+the final mask, and the input checks."""
 import math
 
 import pytest
 import torch
 
 from bpp.errors import BppError
-from bpp.policy import (Policy, advantages, binary_entropy, deterministic_mask, parse_granularity,
+from bpp.policy import (Policy, loss_baseline, binary_entropy, deterministic_mask, parse_granularity,
                         project_onto_budget, score_function_gradient)
-from bpp.space import Masks, MaskSpace
+from bpp.space import MaskSpace
 from tests.tiny import tiny_model
 
 
@@ -95,19 +95,19 @@ def test_gradient_is_unbiased_for_a_known_objective():
     for _ in range(rounds):
         m = torch.rand(S, 3, dtype=torch.float64) < theta
         losses = (m.double() * w).sum(1)
-        b, _ = advantages(losses, "leave-one-out", None)
+        b, _ = loss_baseline(losses, "leave-one-out", None)
         total += score_function_gradient(theta, m, losses, b, S)
     est = total / rounds / torch.sqrt(theta * (1 - theta))
     assert torch.allclose(est, w, atol=0.08)
 
 
 def test_moving_average_baseline_starts_at_the_first_mean_then_decays():
-    b, state = advantages(torch.tensor([2.0, 4.0]), "moving-average", None)
+    b, state = loss_baseline(torch.tensor([2.0, 4.0]), "moving-average", None)
     assert float(b) == 3.0 and state == 3.0
-    b, state = advantages(torch.tensor([5.0, 5.0]), "moving-average", state)
+    b, state = loss_baseline(torch.tensor([5.0, 5.0]), "moving-average", state)
     assert abs(state - (0.8 * 3.0 + 0.2 * 5.0)) < 1e-12 and float(b) == state
     with pytest.raises(BppError, match="unknown baseline"):
-        advantages(torch.tensor([1.0]), "median", None)
+        loss_baseline(torch.tensor([1.0]), "median", None)
 
 
 def test_entropy():

@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bpp.compact import save_compacted
+from bpp.compaction import save_compacted
 from bpp.data import load_text, tokenize
 from bpp.errors import BppError
-from bpp.recover import (TARGET_MODULES, LoraRecovery, RecoverConfig, load_pruned, lr_factor, partial_dir,
-                         present_targets, recover, training_windows)
+from bpp.jobs.recover import partial_dir
+from bpp.methods.lora_recovery import (TARGET_MODULES, LoraRecovery, RecoverConfig, lora_recover, lr_factor,
+                                       present_targets, recovery_windows)
+from bpp.modelio import load_pruned
 from bpp.space import Masks, MaskSpace
 from tests.test_compact import _isolated_load
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -80,7 +82,7 @@ def test_the_folders_cover_both_save_paths(folders):
 def test_recovery_lowers_the_training_loss_and_changes_only_lora_targets(folders, calib_ids, kind):
     model, tok, _ = load_pruned(folders[kind])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    windows = training_windows(tok, calib_ids, RecoverConfig(**FAST))
+    windows = recovery_windows(tok, calib_ids, RecoverConfig(**FAST))
 
     def mean_loss(m):
         with torch.no_grad():
@@ -88,7 +90,7 @@ def test_recovery_lowers_the_training_loss_and_changes_only_lora_targets(folders
 
     loss0 = mean_loss(model)
     with torch.no_grad():  # callers may hold no_grad: training must still happen
-        merged, log = recover(model, tok, calib_ids, progress=False, **FAST)
+        merged, log = lora_recover(model, tok, calib_ids, progress=False, **FAST)
     assert merged is model and not merged.training
     assert type(merged).__name__ == ("BppPrunedForCausalLM" if kind == "hetero" else "Qwen2ForCausalLM")
     assert mean_loss(merged) < loss0 - 0.05, (loss0, mean_loss(merged))
@@ -171,7 +173,7 @@ class _Stop(Exception):
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(folders, calib_ids, tmp_path):
     kw = dict(FAST, dropout=0.1, progress=False, checkpoint_every=3)  # dropout: the run's RNG matters
     model, tok, _ = load_pruned(folders["hetero"])
-    reference, ref_log = recover(copy.deepcopy(model), tok, calib_ids, **kw)
+    reference, ref_log = lora_recover(copy.deepcopy(model), tok, calib_ids, **kw)
 
     def stop_at_8(record):
         if record["step"] == 7:  # the 8th step is done; the last checkpoint is after step 6
@@ -179,22 +181,22 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(folders, calib
 
     rng_before = torch.get_rng_state()
     with pytest.raises(_Stop):
-        recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, on_step=stop_at_8, **kw)
+        lora_recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, on_step=stop_at_8, **kw)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the run used its own RNG stream
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 6 and {"adapters", "optimizer", "scheduler", "rng"} <= set(state)
 
-    resumed, log = recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **kw)
+    resumed, log = lora_recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **kw)
     assert log["sessions"] == 2 and log["loss"] == ref_log["loss"]
     ref_sd, got_sd = reference.state_dict(), resumed.state_dict()
     assert all(torch.allclose(got_sd[k], ref_sd[k], rtol=0, atol=1e-6) for k in ref_sd)
     assert not torch.equal(ref_sd["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
     with pytest.raises(BppError, match="different configuration"):
-        recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **dict(kw, lr=1e-3))
+        lora_recover(copy.deepcopy(model), tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **dict(kw, lr=1e-3))
     other, _, _ = load_pruned(folders["uniform"])
     with pytest.raises(BppError, match="different configuration|different model"):
-        recover(other, tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **kw)
+        lora_recover(other, tok, calib_ids, checkpoint_dir=tmp_path, resume=True, **kw)
 
 
 def _recover_cmd(model_dir, out, *extra):
@@ -282,7 +284,7 @@ def test_bad_arguments_of_the_function(folders, calib_ids):
                         ({"schedule": "step"}, "unknown schedule"), ({"target_modules": ("nope",)}, "none of the LoRA"),
                         ({"resume": True}, "checkpoint_dir")]:
         with pytest.raises(BppError, match=message):
-            recover(model, tok, calib_ids, **{**FAST, **kw}, progress=False)
+            lora_recover(model, tok, calib_ids, **{**FAST, **kw}, progress=False)
     assert all(not n.startswith("base_model") for n, _ in model.named_modules())  # left unwrapped
 
 

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from bpp.engine import PruneConfig, prune
+from bpp.jobs.prune import prune
+from bpp.policy_gradient import PruneConfig
 from bpp.errors import BppError
-from bpp.report import write_report
+from bpp.jobs.report import write_report
 from tests.tiny import tiny_model, tiny_tokenizer
 
 

@@ -84,13 +84,13 @@ def tiny_tokenizer():
 
 
 def check_calibrated_init(method: str, family: str, calib: torch.Tensor, sparsity: float = 0.3):
-    """Run ``bpp.init.initialise`` with a calibrated method on a tiny model and assert what every
+    """Run ``bpp.methods.initialise`` with a calibrated method on a tiny model and assert what every
     such init must give: θ in [0, 1] meeting each part's budget, one init mask, and a clear error
     without calibration data. Returns ``(space, init_mask, metrics)`` for method-specific checks."""
     import pytest
 
     from bpp.errors import BppError
-    from bpp.init import initialise
+    from bpp.methods import initialise
     from bpp.policy import Policy
     from bpp.space import MaskSpace
 

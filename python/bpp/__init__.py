@@ -1,15 +1,33 @@
-"""bpp: structured pruning of LLMs by policy gradient, without back-propagation through the model."""
+"""bpp: structured pruning of LLMs by policy gradient, without back-propagation through the model.
+
+The package is built in layers; a module imports only from its own layer or the ones above it
+in this list (tests/test_layers.py checks it by reading the imports):
+
+1. ``errors``, ``data``, ``runs`` (run folders: atomic writes, checkpoints, fingerprints),
+   ``modelio`` (model folders in and out: families, loading, the shipped modeling file)
+2. ``space`` (MaskSpace, Masks)
+3. ``models`` (the batched masked forward, the hook ground truth), ``policy`` (θ, sampling, the
+   estimator, the projection)
+4. ``evaluate``, ``compaction``, ``distributed``, ``policy_gradient`` (the PG loop)
+5. ``methods`` (one module per metric or method, their shared calibration, the registry)
+6. ``jobs`` (prune, baseline, compact, recover, evaluate, report: one public function each)
+7. ``cli`` (one thin file per command)
+
+The public names below load on first use, so ``import bpp`` stays light.
+"""
 import importlib
 
 from .errors import BppError
-from .load import SUPPORTED_FAMILIES, load_model
+from .modelio import SUPPORTED_FAMILIES, load_model
 from .space import Masks, MaskSpace
 
 __version__ = "0.1.0"
-__all__ = ["BppError", "MaskSpace", "MaskedModel", "Masks", "SUPPORTED_FAMILIES", "compact", "load_model"]
+__all__ = ["BppError", "MaskSpace", "MaskedModel", "Masks", "PruneConfig", "SUPPORTED_FAMILIES", "baseline",
+           "compact", "evaluate_model", "load_model", "prune", "recover", "write_report"]
 
-# heavier parts load on first use
-_LAZY = {"MaskedModel": ".models.masked", "compact": ".compact"}
+_LAZY = {"MaskedModel": ".models.masked", "PruneConfig": ".policy_gradient", "baseline": ".jobs.baseline",
+         "compact": ".jobs.compact", "evaluate_model": ".jobs.evaluate", "prune": ".jobs.prune", "recover": ".jobs.recover",
+         "write_report": ".jobs.report"}
 
 
 def __getattr__(name):

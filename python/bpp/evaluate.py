@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .data import tokenize
 from .errors import BppError
+from .space import Masks
 
 
 @torch.no_grad()
@@ -36,6 +37,18 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
         total += nll.item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def masked_perplexity(model, tokenizer, ids: torch.Tensor, mask: Masks | None, seq_len: int,
+                      max_windows: int | None) -> float:
+    """:func:`perplexity` of ``model`` under the single mask ``mask`` (None: the dense model),
+    applied by multiplicative hooks (the ground truth of the masked forward)."""
+    from .models.hooks import hook_masks
+
+    if mask is None:
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+    with hook_masks(model, mask):
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
 
 
 # --- zero-shot accuracy through lm-evaluation-harness ----------------------------------------

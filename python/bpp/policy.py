@@ -110,7 +110,7 @@ def score_function_gradient(theta: torch.Tensor, masks: torch.Tensor, losses: to
     ``masks`` (S, N) in {0, 1}, ``losses`` (S,), ``baseline`` a scalar or (S,) per-sample
     baselines. (m − θ)/(θ(1 − θ)) is ∇θ log p(m | θ); the official code divides by the square
     root instead (a Fisher-like rescaling: per unit, the score has unit variance), and by
-    S − 1 rather than S (it makes the leave-one-out form unbiased; see :func:`advantages`)."""
+    S − 1 rather than S (it makes the leave-one-out form unbiased; see :func:`loss_baseline`)."""
     theta = theta.to(torch.float64)
     m = masks.to(torch.float64)
     adv = losses.to(torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
@@ -280,7 +280,7 @@ class Policy:
         return float(binary_entropy(self.theta).mean())
 
 
-def advantages(losses: torch.Tensor, baseline_kind: str, moving_baseline: float | None,
+def loss_baseline(losses: torch.Tensor, baseline_kind: str, moving_baseline: float | None,
                momentum: float = 0.8) -> tuple[torch.Tensor, float | None]:
     """Per-sample baselines for the valid (finite) ``losses`` of one step.
 
@@ -298,3 +298,21 @@ def advantages(losses: torch.Tensor, baseline_kind: str, moving_baseline: float 
     if baseline_kind == "leave-one-out":
         return mean, moving_baseline
     raise BppError(f"unknown baseline {baseline_kind!r}; use one of {', '.join(BASELINES)}")
+
+
+def param_summary(space: MaskSpace, policy: Policy, mask: Masks | None) -> dict | None:
+    """Parameters of ``mask`` after compaction, and its sparsity of the model and of ``policy``'s
+    learned units (None without a mask)."""
+    if mask is None:
+        return None
+    kept = int(space.params(mask)[0])
+    learned = float(policy.costs.sum())
+    eff = mask.effective()
+    removed_prunable = space.total_params - kept
+    return {
+        "params": kept,
+        "sparsity_of_model": 1 - kept / space.total_params,
+        "sparsity_of_learned_units": removed_prunable / learned,
+        "kept_channels": int(eff.channels.sum()), "kept_groups": int(eff.groups.sum()),
+        "kept_layers": int(mask.layers.sum()),
+    }

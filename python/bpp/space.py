@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import BppError
-from .load import check_supported
+from .modelio import check_supported
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ mapped to probabilities by the official ``sigmap`` at the keep rate. The adapter
 importance estimate: the returned mask is applied to the *original* weights (``bpp recover``
 fine-tunes the compacted model afterwards if wanted). The input model is left unchanged.
 
-Measured on SmolLM2-135M at 20% (held-out ppl on 40 windows of 128, dense 23.2): the LoRAPrune mask
-125.8 (60.7 with bias compensation) against wanda-sp's layer-uniform mask 103 and BESA 30.4; with
-72 of 90 KV groups kept per-type budgets hurt both (bench/RESULTS.md, quality section).
+How it compares with the other methods: bench/RESULTS.md, quality section.
 """
 from __future__ import annotations
 
@@ -36,14 +34,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .besa import _check_calib, _eval_mode, _input_scales
-from .errors import BppError
-from .init import per_layer_counts, sigmap
-from .policy import check_sparsity, parse_granularity
-from .space import Masks, MaskSpace
+from ..errors import BppError
+from ..modelio import PROJECTIONS
+from ..policy import check_sparsity, parse_granularity
+from ..space import Masks, MaskSpace
+from .calibration import check_calib, eval_mode, input_scales
+from .ranking import per_layer_counts, sigmap
 
 TYPES = ("channel", "group")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -112,7 +110,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     from peft import LoraConfig, get_peft_model
 
     config = (config or LoRAPruneConfig()).validate()
-    calib = _check_calib(model, calib, "LoRAPrune")
+    calib = check_calib(model, calib, "LoRAPrune")
     learned = parse_granularity(granularity)
     if "layer" in learned:
         raise BppError("LoRAPrune scores channels and KV groups, not whole layers")
@@ -129,7 +127,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     work = copy.deepcopy(model).to(torch.float32)
     for p in work.parameters():
         p.requires_grad_(False)
-    present = [t for t in TARGETS if hasattr(work.model.layers[0].self_attn, t) or hasattr(work.model.layers[0].mlp, t)]
+    present = [t for t in PROJECTIONS if hasattr(work.model.layers[0].self_attn, t) or hasattr(work.model.layers[0].mlp, t)]
     peft_model = get_peft_model(work, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                                                  target_modules=present, bias="none"))
     layers = work.model.layers  # peft replaced the projections in place
@@ -144,9 +142,9 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     history = []
     total = config.rounds * config.steps_per_round
     bar = tqdm(total=total, desc="LoRAPrune", unit="step", disable=not config.progress)
-    with _eval_mode(work), torch.enable_grad(), contextlib.ExitStack() as stack:
+    with eval_mode(work), torch.enable_grad(), contextlib.ExitStack() as stack:
         for i, layer in enumerate(layers):
-            stack.enter_context(_input_scales(layer, (lambda i=i: live["group"][i]),
+            stack.enter_context(input_scales(layer, (lambda i=i: live["group"][i]),
                                               (lambda i=i: live["channel"][i]), cols))
         for round_ in range(1, config.rounds + 1):
             for _ in range(config.steps_per_round):
@@ -179,7 +177,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     return LoRAPruneResult(masks, {t: v.cpu() for t, v in scores.items()}, history)
 
 
-# --- the two entry points (registries in bpp.init and bpp.cli_baseline) ------------------------
+# --- the two entry points (bpp.methods.METHODS) ---------------------------------------------------
 
 def loraprune_mask(model, space: MaskSpace, calib: torch.Tensor, sparsity: float,
                    config: LoRAPruneConfig | None = None) -> Masks:
@@ -191,7 +189,7 @@ def loraprune_mask(model, space: MaskSpace, calib: torch.Tensor, sparsity: float
                  torch.ones(1, space.n_layers, dtype=torch.bool))
 
 
-def loraprune_init(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
+def loraprune_prior(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
                    config: LoRAPruneConfig | None = None):
     """θ prior from LoRAPrune: each layer's moving-average importance mapped by sigmap to
     probabilities with mean ``keep``; units LoRAPrune removed rank last. Returns (θ per type (L, n),

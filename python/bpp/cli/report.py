@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bpp-report"), "--out", "-o", help="folder for report.md and report.png"),
     ):
         """One Markdown + PNG summary comparing pruning runs (params, perplexities, zero-shot, time, masks/s)."""
-        from .report import write_report
+        from ..jobs.report import write_report
 
         md, png = write_report(runs, out)
         typer.echo(md.read_text())

@@ -15,20 +15,16 @@ atomically to ``checkpoint_dir/checkpoint.pt``; a resumed run reproduces an unin
 ``k·B … (k+1)·B``). The run draws its random numbers (LoRA dropout) from its own seeded torch
 RNG stream, swapped in while it trains, so the caller's global RNG is neither used nor changed.
 
-``load_pruned`` / ``save_recovered`` / ``run_recover`` are the ``bpp recover`` job around it:
-load a ``bpp compact`` / ``bpp prune`` model folder (stock config, or per-layer sizes with the
-shipped ``modeling_bpp.py``), fine-tune, and save a folder that loads exactly like the input.
+The ``bpp recover`` job around it (load a compacted folder, fine-tune, save a folder that loads
+exactly like the input) is :func:`bpp.jobs.recover.recover`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +32,12 @@ from typing import Callable
 
 import torch
 
-from .errors import BppError
+from ..errors import BppError
+from ..modelio import PROJECTIONS
+from ..runs import CHECKPOINT, differences, fingerprint, load_checkpoint, save_checkpoint
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = PROJECTIONS  # LoRA on every projection of a decoder block
 SCHEDULES = ("cosine", "linear", "constant")
-CHECKPOINT = "checkpoint.pt"
-MODELING_FILE = "modeling_bpp.py"
 
 
 @dataclass
@@ -100,8 +96,7 @@ class RecoverConfig:
         return cls(**d)
 
     def differences(self, other: "RecoverConfig") -> list[str]:
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} (checkpoint) vs {b[k]!r} (now)" for k in a if a[k] != b[k]]
+        return differences(self.to_dict(), other.to_dict())
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
@@ -138,22 +133,10 @@ def _model_signature(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def training_windows(tokenizer, text_or_ids, config: RecoverConfig) -> torch.Tensor:
+def recovery_windows(tokenizer, text_or_ids, config: RecoverConfig) -> torch.Tensor:
     """``steps · batch_size`` random windows of ``seq_len`` tokens, drawn once from ``seed``.
     Refuses text shorter than the tokens the run reads (it would mostly repeat itself)."""
-    from .data import tokenize, windows
+    from ..data import tokenize, windows
 
     ids = tokenize(tokenizer, text_or_ids) if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids)
     ids = ids.reshape(-1)
@@ -184,7 +167,7 @@ class LoraRecovery:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.progress, self.on_step = checkpoint_every, progress, on_step
         self.extra_state = dict(extra_state or {})
-        self.windows = training_windows(tokenizer, train_ids, self.config)
+        self.windows = recovery_windows(tokenizer, train_ids, self.config)
         targets = present_targets(model, self.config.target_modules)
         if not targets:
             raise BppError(f"the model has none of the LoRA target modules {', '.join(self.config.target_modules)}")
@@ -289,7 +272,7 @@ class LoraRecovery:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": dict(self.rng),
-            "data": {"cursor": self.step * self.config.batch_size, "windows": _fingerprint(self.windows)},
+            "data": {"cursor": self.step * self.config.batch_size, "windows": fingerprint(self.windows)},
             "model": self.signature,
             "targets": self.targets,
             "curves": {"loss": list(self.losses), "lr": list(self.lrs), "grad_norm": list(self.grad_norms)},
@@ -299,10 +282,7 @@ class LoraRecovery:
         }
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        path = Path(path) if path else self.checkpoint_dir / CHECKPOINT
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(self.state_dict(), path)
-        return path
+        return save_checkpoint(self.state_dict(), Path(path) if path else self.checkpoint_dir / CHECKPOINT)
 
     def load_state_dict(self, state: dict) -> None:
         from peft import set_peft_model_state_dict
@@ -312,7 +292,7 @@ class LoraRecovery:
             raise BppError("the checkpoint was made with a different configuration: " + "; ".join(diff))
         if state["model"] != self.signature:
             raise BppError("the checkpoint was made for a different model (its weights or shapes differ)")
-        if state["data"]["windows"] != _fingerprint(self.windows):
+        if state["data"]["windows"] != fingerprint(self.windows):
             raise BppError("the training text differs from the one the checkpoint was made with")
         set_peft_model_state_dict(self.peft_model, {k: v.to(self.device) for k, v in state["adapters"].items()})
         self.optimizer.load_state_dict(state["optimizer"])
@@ -330,7 +310,7 @@ class LoraRecovery:
         path = self.checkpoint_dir / CHECKPOINT if self.checkpoint_dir else None
         if path is None or not path.is_file():
             return False
-        self.load_state_dict(torch.load(path, weights_only=False, map_location="cpu"))
+        self.load_state_dict(load_checkpoint(path))
         return True
 
     def log(self) -> dict:
@@ -340,7 +320,7 @@ class LoraRecovery:
                 "train_seconds": self.seconds, "seconds_per_step": self.seconds / max(1, len(self.losses))}
 
 
-def recover(model, tokenizer, train_ids, *, steps: int = 50, rank: int = 8, alpha: float = 16.0,
+def lora_recover(model, tokenizer, train_ids, *, steps: int = 50, rank: int = 8, alpha: float = 16.0,
             lr: float = 5e-4, batch_size: int = 4, seq_len: int = 128, schedule: str = "cosine",
             warmup: float = 0.1, dropout: float = 0.0, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
             target_modules=TARGET_MODULES, seed: int = 0, progress: bool = True,
@@ -373,233 +353,3 @@ def recover(model, tokenizer, train_ids, *, steps: int = 50, rank: int = 8, alph
     log["merge_seconds"] = time.perf_counter() - t0
     log["extra"] = job.extra_state
     return merged, log
-
-
-# --- the `bpp recover` job: load a pruned folder, fine-tune, save a folder that loads the same way ---
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """The model folder: ``path`` itself, or ``path/model`` for a ``bpp prune`` / ``bpp baseline``
-    output folder."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise BppError(f"model folder {str(path)!r} does not exist")
-    if not folder.is_dir():
-        raise BppError(f"{str(path)!r} is not a folder (give the model folder that bpp compact or bpp prune wrote)")
-    if (folder / "config.json").is_file():
-        return folder
-    if (folder / "model" / "config.json").is_file():
-        return folder / "model"
-    raise BppError(f"{str(path)!r} has no config.json (nor model/config.json): not a model folder")
-
-
-def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
-                trust_remote_code: bool = False):
-    """``(model, tokenizer, folder)`` for a compacted model folder: a stock config of a supported
-    family, or bpp's per-layer-size config whose ``modeling_bpp.py`` is bpp's own (then it is
-    loaded from bpp's copy of that code, not executed from the folder; a different file runs
-    only with ``trust_remote_code``)."""
-    from transformers import AutoModelForCausalLM
-
-    from .compact import _modeling_module, modeling_source
-    from .load import SUPPORTED_FAMILIES, parse_dtype
-
-    folder = resolve_model_dir(path)
-    torch_dtype = parse_dtype(dtype)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BppError(f"cannot read {folder / 'config.json'}: {e}") from None
-    model_type = str(config.get("model_type"))
-    prefix = "bpp_pruned_"
-    if model_type in SUPPORTED_FAMILIES:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    elif model_type.startswith(prefix) and model_type[len(prefix):] in SUPPORTED_FAMILIES:
-        family = model_type[len(prefix):]
-        shipped = folder / MODELING_FILE
-        if not shipped.is_file():
-            raise BppError(f"{folder} has a per-layer-size config ({model_type}) but no {MODELING_FILE}")
-        if shipped.read_text() == modeling_source(family):
-            model = _modeling_module(family).BppPrunedForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        elif trust_remote_code:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True)
-        else:
-            raise BppError(f"{shipped} differs from the modeling file this bpp writes (another bpp version, or "
-                           "edited); pass --trust-remote-code to load it with its own code")
-    else:
-        raise BppError(f"{folder}: model type {model_type!r} is not supported; give a folder written by "
-                       f"bpp compact / bpp prune, or a model of the families {', '.join(SUPPORTED_FAMILIES)}")
-    return model.to(device).eval(), load_tokenizer(folder), folder
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer. ``trust_remote_code=False``: the tokenizer needs no code, and
-    without it transformers would ask on the terminal whether to run the folder's modeling file;
-    its warning that the config is not a stock model type is silenced (that is expected here)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise BppError(f"cannot load the tokenizer saved in {folder}: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished folder ``tmp`` at ``out``; an old ``out`` is moved aside first and removed
-    only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-                   report: dict | None = None) -> Path:
-    """Save ``model`` to ``out`` the way ``source`` (the folder it was loaded from) is saved:
-    safetensors, config (with the same ``auto_map`` and the shipped ``modeling_bpp.py`` when
-    ``source`` has them), generation config, tokenizer, ``bpp_compaction.json`` when present,
-    and ``report``. Written to a temporary folder and renamed: ``out`` is complete or absent."""
-    source, out = Path(source), Path(out)
-    if out.exists() and not force:
-        raise BppError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is not
-        model.save_pretrained(tmp, safe_serialization=True)
-        if getattr(model.config, "auto_map", None) and (source / MODELING_FILE).is_file():
-            shutil.copy2(source / MODELING_FILE, tmp / MODELING_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if (source / "bpp_compaction.json").is_file():
-            shutil.copy2(source / "bpp_compaction.json", tmp / "bpp_compaction.json")
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def partial_dir(out: str | os.PathLike) -> Path:
-    """Where an unfinished ``bpp recover --out OUT`` keeps its checkpoint: ``OUT.partial``."""
-    out = Path(out)
-    return out.with_name(f"{out.name}.partial")
-
-
-RUN_FILE = "run.json"
-
-
-def run_recover(model_dir: str | os.PathLike, out: str | os.PathLike, config: RecoverConfig | None = None, *,
-                data: str = "default", force: bool = False, resume: bool = False, evaluate: bool = True,
-                eval_windows: int | None = None, eval_seq_len: int = 128, checkpoint_every: int = 10,
-                dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-                progress: bool = True) -> dict:
-    """The ``bpp recover`` job; returns the report, also written to ``out/report.json``.
-
-    Checkpoints go to ``OUT.partial/`` (removed once ``out`` is written); ``resume=True``
-    continues the run found there, which must have the same settings."""
-    from .data import load_text, tokenize
-    from .evaluate import perplexity
-
-    t_start = time.perf_counter()
-    config = (config or RecoverConfig()).validate()
-    if eval_windows is not None and eval_windows < 1:
-        raise BppError(f"--eval-windows must be at least 1, got {eval_windows}")
-    out = Path(out)
-    partial = partial_dir(out)
-    run = {"model": str(resolve_model_dir(model_dir).resolve()), "data": data, "dtype": dtype,
-           "recover": config.to_dict(), "checkpoint_every": checkpoint_every, "evaluate": evaluate,
-           "eval_windows": eval_windows, "eval_seq_len": eval_seq_len}
-    if resume:
-        if not (partial / RUN_FILE).is_file() or not (partial / CHECKPOINT).is_file():
-            done = " (it is finished)" if (out / "report.json").is_file() else ""
-            raise BppError(f"nothing to resume: {partial} holds no checkpoint of a run for {out}{done}")
-        saved = json.loads((partial / RUN_FILE).read_text())
-        diff = [f"{k}: {saved.get(k)!r} (interrupted run) vs {v!r} (now)" for k, v in run.items() if saved.get(k) != v]
-        if diff:
-            raise BppError("--resume: the interrupted run had other settings: " + "; ".join(diff))
-    else:
-        if out.exists() and not force:
-            raise BppError(f"{out} exists; pass --force to replace it")
-        if partial.exists():
-            if not force:
-                raise BppError(f"{partial} holds an interrupted run for {out}; pass --resume to continue it, "
-                               "or --force to start over")
-            shutil.rmtree(partial)
-
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(resolve_model_dir(model_dir))
-    train_ids = tokenize(tokenizer, load_text(data, "calib"))
-    training_windows(tokenizer, train_ids, config)  # enough text? (before the model loads)
-    held = tokenize(tokenizer, load_text(data, "heldout")) if evaluate else None
-    model, tokenizer, source = load_pruned(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    load_seconds = time.perf_counter() - t0
-    total_params = sum(p.numel() for p in model.parameters())
-
-    job = LoraRecovery(model, tokenizer, train_ids, config, checkpoint_dir=partial,
-                       checkpoint_every=checkpoint_every, progress=progress)  # checks the text is long enough
-    if resume:
-        job.resume()
-    else:
-        t0 = time.perf_counter()
-        before = None
-        if evaluate:
-            with torch.no_grad():
-                before = perplexity(job.peft_model, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows)
-        job.extra_state = {"perplexity_before": before, "eval_before_seconds": time.perf_counter() - t0, "run": run}
-        partial.mkdir(parents=True, exist_ok=True)
-        job.save_checkpoint()  # step 0: a kill during the first steps can resume
-        (partial / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-
-    job.train()
-    t0 = time.perf_counter()
-    merged = job.merge()
-    merge_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    after = None
-    if evaluate:
-        with torch.no_grad():
-            after = perplexity(merged, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows)
-    eval_after_seconds = time.perf_counter() - t0
-
-    losses = job.losses
-    k = max(1, len(losses) // 10)
-    report = {
-        "source_model": str(source),
-        "config": {"data": data, "dtype": dtype, "device": device, "checkpoint_every": checkpoint_every,
-                   **config.to_dict(), "warmup_steps": config.warmup_steps},
-        "lora": {"target_modules": job.targets, "trainable_params": job.trainable_params, "model_params": total_params,
-                 "merged": True},
-        "perplexity": {"data": f"{data}/heldout", "seq_len": eval_seq_len, "max_windows": eval_windows,
-                       "before": job.extra_state.get("perplexity_before"), "after": after} if evaluate else None,
-        "train_loss": {"first_10pct_mean": sum(losses[:k]) / k, "last_10pct_mean": sum(losses[-k:]) / k},
-        "loss_curve": losses,
-        "lr_curve": job.lrs,
-        "grad_norm_curve": job.grad_norms,
-        "sessions": job.sessions,
-        "timings_s": {"load_this_session": load_seconds,
-                      "eval_before": job.extra_state.get("eval_before_seconds"),
-                      "train": job.seconds, "per_step": job.seconds / max(1, len(losses)),
-                      "merge": merge_seconds, "eval_after": eval_after_seconds},
-    }
-    t0 = time.perf_counter()
-    report["timings_s"]["save"] = None  # filled in below, after the folder is written
-    save_recovered(merged, tokenizer, source, out, force=True, report=report)
-    report["timings_s"]["save"] = time.perf_counter() - t0
-    report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
-    tmp = out / ".report.json.tmp"  # now with the save and total times
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
-    shutil.rmtree(partial, ignore_errors=True)
-    return report

@@ -8,8 +8,8 @@
   attention over its o_proj input columns, then averaged over each KV group's columns), and one
   global ranking of all standardised scores under a joint parameter budget decides how many
   groups and channels each layer keeps (heterogeneous: layers whose score distributions are more
-  skewed lose more). An earlier version standardised each type across all layers at once; on
-  SmolLM2 that removed every KV group of 25 of the 30 layers at 20% sparsity (ppl > 20,000).
+  skewed lose more). Standardising each type across all layers at once instead can empty the
+  attention of most layers (bench/RESULTS.md, quality section).
 - Bias compensation: what a pruned column contributed on average, W_:j · mean_n(X_nj), is added
   to the output bias at compaction (:func:`compensation_biases`), so the layer's mean output
   is unchanged.
@@ -18,69 +18,28 @@ from __future__ import annotations
 
 import torch
 
-from .errors import BppError
-from .policy import check_sparsity, deterministic_mask
-from .space import Masks, MaskSpace
+from ..errors import BppError
+from ..policy import check_sparsity, deterministic_mask
+from ..space import Masks, MaskSpace
+from .calibration import InputStats
 
 
-class InputStats:
-    """Running per-column mean and variance of the inputs of o_proj and down_proj (float64)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.n = 0
-        layers = model.model.layers
-        self.sums = {k: [None] * len(layers) for k in ("attn", "mlp")}
-        self.squares = {k: [None] * len(layers) for k in ("attn", "mlp")}
-
-    def _hook(self, kind: str, layer: int):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            s, q = x.sum(0), x.pow(2).sum(0)
-            if self.sums[kind][layer] is None:
-                self.sums[kind][layer], self.squares[kind][layer] = s, q
-            else:
-                self.sums[kind][layer] += s
-                self.squares[kind][layer] += q
-            if kind == "mlp" and layer == 0:
-                self.n += x.shape[0]
-        return record
-
-    @torch.no_grad()
-    def collect(self, input_ids: torch.Tensor, batch_size: int = 8) -> "InputStats":
-        handles = []
-        for i, layer in enumerate(self.model.model.layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("attn", i)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("mlp", i)))
-        try:
-            device = next(self.model.parameters()).device
-            for start in range(0, input_ids.shape[0], batch_size):
-                self.model(input_ids[start:start + batch_size].to(device))
-        finally:
-            for h in handles:
-                h.remove()
-        return self
-
-    def mean(self, kind: str) -> list[torch.Tensor]:
-        return [s / self.n for s in self.sums[kind]]
-
-    def variance(self, kind: str) -> list[torch.Tensor]:
-        """Unbiased per-column variance over the calibration tokens."""
-        n = self.n
-        return [((q - s * s / n) / max(n - 1, 1)).clamp_min(0.0) for s, q in zip(self.sums[kind], self.squares[kind])]
+def _column_fluctuations(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Var_n(X_nj)·||W_:j||² per input column of down_proj ``(L, m)`` and of o_proj ``(L, H·hd)``."""
+    channel, columns = [], []
+    for i, layer in enumerate(model.model.layers):
+        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
+        channel.append(stats.variance("mlp")[i] * w_down.pow(2).sum(0))
+        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
+        columns.append(stats.variance("attn")[i] * w_o.pow(2).sum(0))
+    return torch.stack(channel), torch.stack(columns)
 
 
 def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
     """WIFV fluctuation scores: channels ``(L, m)`` and KV groups ``(L, G)``, float64."""
     space = MaskSpace.from_model(model)
-    channel, group = [], []
-    for i, layer in enumerate(model.model.layers):
-        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
-        channel.append(stats.variance("mlp")[i] * w_down.pow(2).sum(0))
-        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
-        per_column = stats.variance("attn")[i] * w_o.pow(2).sum(0)
-        group.append(per_column.view(space.n_groups, -1).sum(1))
-    return torch.stack(channel), torch.stack(group)
+    channel, columns = _column_fluctuations(model, stats)
+    return channel, columns.view(space.n_layers, space.n_groups, -1).sum(-1)
 
 
 def _standardise_rows(x: torch.Tensor) -> torch.Tensor:
@@ -94,14 +53,9 @@ def flap_alam_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tens
     standardised within its layer (attention: per o_proj input column, then the mean over a
     group's columns)."""
     space = MaskSpace.from_model(model)
-    channel, columns = [], []
-    for i, layer in enumerate(model.model.layers):
-        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
-        channel.append(stats.variance("mlp")[i] * w_down.pow(2).sum(0))
-        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
-        columns.append(stats.variance("attn")[i] * w_o.pow(2).sum(0))
-    group = _standardise_rows(torch.stack(columns)).view(space.n_layers, space.n_groups, -1).mean(-1)
-    return _standardise_rows(torch.stack(channel)), group
+    channel, columns = _column_fluctuations(model, stats)
+    group = _standardise_rows(columns).view(space.n_layers, space.n_groups, -1).mean(-1)
+    return _standardise_rows(channel), group
 
 
 def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats | None = None) -> Masks:
@@ -138,3 +92,16 @@ def compensation_biases(model, masks: Masks, stats: InputStats) -> tuple[list[to
         mlp_bias.append(w_down[:, pruned_ch] @ stats.mean("mlp")[i][pruned_ch])
     dtype = model.model.layers[0].mlp.down_proj.weight.dtype
     return [b.to(dtype) for b in attn_bias], [b.to(dtype) for b in mlp_bias]
+
+
+def compensation_for(model, masks: Masks, calib: torch.Tensor, stats: InputStats | None = None) -> dict:
+    """FLAP's bias compensation of ``masks`` from one calibration pass over ``calib`` (n, T), as
+    the keyword arguments of :func:`bpp.compaction.compact_model` / ``save_compacted``."""
+    stats = stats or InputStats(model).collect(calib)
+    attn_bias, mlp_bias = compensation_biases(model, masks, stats)
+    return {"o_proj_bias": attn_bias, "down_proj_bias": mlp_bias}
+
+
+def flap_baseline(model, space: MaskSpace, calib: torch.Tensor, sparsity: float) -> Masks:
+    """The FLAP mask at ``sparsity`` (the registry's baseline-mask signature)."""
+    return flap_mask(model, calib, sparsity)

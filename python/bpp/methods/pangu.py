@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .baselines import InputStats
-from .errors import BppError
-from .space import Masks, MaskSpace
+from ..errors import BppError
+from ..space import Masks, MaskSpace
+from .calibration import InputStats, wanda_sp_scores
 
 
 @dataclass
@@ -81,15 +81,9 @@ class _Collector(InputStats):
 
 
 def group_scores_from_squares(model, space: MaskSpace, squares: list[torch.Tensor], n: int) -> torch.Tensor:
-    """(L, G) wanda-sp group scores: |W_o| · input RMS per column, averaged over output rows,
-    summed over a head's features, averaged over a group's heads (as :mod:`bpp.init`)."""
-    G, r, hd = space.n_groups, space.heads_per_group, space.head_dim
-    rows = []
-    for i, layer in enumerate(model.model.layers):
-        w = layer.self_attn.o_proj.weight.detach().to(torch.float64).abs()
-        col = (w * (squares[i].to(w.device) / max(n, 1)).sqrt()).mean(0)
-        rows.append(col.reshape(G, r, hd).sum(-1).mean(-1).cpu())
-    return torch.stack(rows)
+    """(L, G) wanda-sp group scores of every layer from Σ x² of its o_proj inputs over ``n`` tokens."""
+    return torch.stack([wanda_sp_scores(layer, space, squares[i], None, max(n, 1))["group"]
+                        for i, layer in enumerate(model.model.layers)])
 
 
 def calibrate(model, masks: Masks, ids: torch.Tensor, options: PanguOptions) -> PanguOptions:
@@ -155,7 +149,7 @@ def apply(src, new, eff: Masks, kept_layers: list[int], options: PanguOptions) -
     report = {}
     if options.clap:
         if options.group_scores is None:
-            raise BppError("CLAP needs group scores: run bpp.pangu.calibrate first")
+            raise BppError("CLAP needs group scores: run bpp.methods.pangu.calibrate first")
         plan = clap_plan(eff, kept_layers, options.group_scores)
         moved = []
         for target, slots in plan.items():
@@ -178,7 +172,7 @@ def apply(src, new, eff: Masks, kept_layers: list[int], options: PanguOptions) -
         report["clap_moved_groups"] = moved
     if options.slnp:
         if options.attn_scale is None:
-            raise BppError("SLNP needs its scales: run bpp.pangu.calibrate first")
+            raise BppError("SLNP needs its scales: run bpp.methods.pangu.calibrate first")
         for j, i in enumerate(kept_layers):
             layer = new.model.layers[j]
             if hasattr(layer.self_attn, "o_proj"):
@@ -218,3 +212,13 @@ def absorb_norms(model) -> list[str]:
         _fold(model.model.norm, [head])
         folded.append("norm")
     return folded
+
+
+def transform(options: PanguOptions):
+    """The chosen Pangu Light transforms as a compaction transform (``bpp.compaction``): applied to
+    the compacted model, and what was done recorded under ``pangu_light``."""
+    def apply_to(src, new, eff: Masks, kept_layers: list[int]) -> dict:
+        options.report = apply(src, new, eff, kept_layers, options)
+        return {"pangu_light": {"clap": options.clap, "slnp": options.slnp, "absorb_norms": options.absorb_norms,
+                                **options.report}}
+    return apply_to

@@ -10,40 +10,19 @@ stock model with per-layer sizes, defined by ``modeling_bpp.py`` shipped in the 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import shutil
-import sys
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import BppError
+from .modelio import MODELING_FILE, modeling_module, save_model_folder
 from .space import Masks, MaskSpace
 
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-_TEMPLATE = Path(__file__).parent / "models" / "modeling_bpp.py"
-MODELING_FILE = "modeling_bpp.py"
-
-
-def modeling_source(family: str) -> str:
-    """The shipped modeling file for ``family``."""
-    return _TEMPLATE.read_text().replace("FAMILY", family).replace("Family", _CLASS_PREFIX[family])
-
-
-def _modeling_module(family: str):
-    """The rendered modeling file imported as a module (the same code the saved folder ships)."""
-    name = f"bpp_modeling_{family}"
-    if name not in sys.modules:
-        folder = Path(tempfile.mkdtemp(prefix="bpp-modeling-"))
-        path = folder / f"{name}.py"
-        path.write_text(modeling_source(family))
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+# transform(src, new, eff, kept_layers) -> dict: changes the compacted model ``new`` in place
+# (e.g. Pangu Light's re-initialisations) and says what it did
+Transform = Callable[..., dict]
 
 
 def _no_init():
@@ -55,7 +34,7 @@ def _no_init():
     return no_init_weights()
 
 
-def _kept_layers(eff: Masks, keep_empty: bool = False) -> list[int]:
+def kept_layers(eff: Masks, keep_empty: bool = False) -> list[int]:
     """Original indices of the layers the compacted model has. A kept layer whose groups and
     channels are all pruned computes the identity, so it goes too, unless compensation biases
     make it add a constant (``keep_empty``)."""
@@ -73,14 +52,14 @@ def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
     return eff
 
 
-def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = None,
-            down_proj_bias: list[torch.Tensor] | None = None, pangu=None):
+def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = None,
+                  down_proj_bias: list[torch.Tensor] | None = None, transform: Transform | None = None):
     """A new, smaller model equal to ``model`` under the single mask ``masks``; ``model`` is untouched.
 
     ``o_proj_bias`` / ``down_proj_bias``: optional per-layer output biases (one ``(d,)`` tensor
     per layer of the original model, e.g. FLAP bias compensation); they force per-layer config.
-    ``pangu``: a calibrated :class:`bpp.pangu.PanguOptions` (CLAP, SLNP, absorbed norms) applied to
-    the compacted weights; what it did goes to ``pangu.report``."""
+    ``transform(model, new, eff, kept_layers)`` changes the compacted weights in place afterwards
+    (e.g. :func:`bpp.methods.pangu.transform`); what it returns is stored as ``new.bpp_transform``."""
     space = MaskSpace.from_model(model)
     eff = _check_mask(space, masks)
     for name, biases in (("o_proj_bias", o_proj_bias), ("down_proj_bias", down_proj_bias)):
@@ -88,20 +67,17 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
                                    or any(tuple(b.shape) != (space.hidden_size,) for b in biases)):
             raise BppError(f"{name} must hold one ({space.hidden_size},) tensor per layer ({space.n_layers})")
     biased = o_proj_bias is not None or down_proj_bias is not None
-    if pangu is not None and pangu.clap and biased:
-        raise BppError("--clap cannot be combined with --bias-compensation: the compensation of a layer's "
-                       "pruned groups no longer holds once CLAP replaces some of its groups")
-    kept_layers = _kept_layers(eff, keep_empty=biased)
-    groups = [int(eff.groups[0, i].sum()) for i in kept_layers]
-    channels = [int(eff.channels[0, i].sum()) for i in kept_layers]
+    kept = kept_layers(eff, keep_empty=biased)
+    groups = [int(eff.groups[0, i].sum()) for i in kept]
+    channels = [int(eff.channels[0, i].sum()) for i in kept]
     uniform = len(set(groups)) == 1 and len(set(channels)) == 1 and groups[0] > 0 and channels[0] > 0
 
     config = copy.deepcopy(model.config)
     r = space.heads_per_group
-    config.num_hidden_layers = len(kept_layers)
+    config.num_hidden_layers = len(kept)
     config.head_dim = space.head_dim
     if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in kept_layers]
+        config.layer_types = [config.layer_types[i] for i in kept]
     if uniform and not biased:
         config.num_key_value_heads, config.num_attention_heads = groups[0], groups[0] * r
         config.intermediate_size = channels[0]
@@ -110,7 +86,7 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
         with _no_init():
             new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     else:
-        module = _modeling_module(space.family)
+        module = modeling_module(space.family)
         fields = config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             fields.pop(key, None)
@@ -125,12 +101,11 @@ def compact(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = Non
     new.generation_config = copy.deepcopy(model.generation_config)
     if getattr(new.config, "tie_word_embeddings", False):
         new.tie_weights()  # built under _no_init the LM head is not tied yet: it would stay zeros
-    _copy_weights(model, new, eff, kept_layers, space, o_proj_bias, down_proj_bias)
-    if pangu is not None and pangu.any:
-        from .pangu import apply
-
-        pangu.report = apply(model, new, eff, kept_layers, pangu)
-    return new.to(model.device).eval()
+    _copy_weights(model, new, eff, kept, space, o_proj_bias, down_proj_bias)
+    done = transform(model, new, eff, kept) if transform is not None else None
+    new = new.to(model.device).eval()
+    new.bpp_transform = done
+    return new
 
 
 @torch.no_grad()
@@ -208,41 +183,31 @@ def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> lis
     eff = masks.effective()
     return [{"layer": i, "kv_groups": int(eff.groups[0, i].sum()),
              "query_heads": int(eff.groups[0, i].sum()) * space.heads_per_group,
-             "channels": int(eff.channels[0, i].sum())} for i in _kept_layers(eff, keep_empty)]
+             "channels": int(eff.channels[0, i].sum())} for i in kept_layers(eff, keep_empty)]
 
 
 def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
-                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None, pangu=None) -> Path:
+                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None,
+                   transform: Transform | None = None, compacted=None) -> Path:
     """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
     config, tokenizer, ``modeling_bpp.py`` when layers differ, and ``bpp_compaction.json``: the
-    per-layer sizes, parameter counts and ``info``). Written to a temporary folder and renamed,
-    so a failure leaves nothing half-written."""
+    per-layer sizes, parameter counts, what ``transform`` did, and ``info``). Written to a
+    temporary folder and renamed, so a failure leaves nothing half-written. ``compacted``: the
+    result of :func:`compact_model` with the same arguments, when the caller already has it."""
     out = Path(out)
     if out.exists() and not force:
         raise BppError(f"{out} exists; pass --force to replace it")
-    compacted = compact(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias, pangu=pangu)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        compacted.save_pretrained(tmp, safe_serialization=True)
-        if getattr(compacted.config, "auto_map", None):
-            (tmp / MODELING_FILE).write_text(modeling_source(MaskSpace.from_model(model).family))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        biased = o_proj_bias is not None or down_proj_bias is not None
-        record = {"original_params": MaskSpace.from_model(model).total_params,
-                  "params": sum(p.numel() for p in compacted.parameters()),
-                  "stock_config": not getattr(compacted.config, "auto_map", None),
-                  "bias_compensation": biased,
-                  "layers": layer_sizes(MaskSpace.from_model(model), masks, keep_empty=biased), **(info or {})}
-        if pangu is not None and pangu.any:
-            record["pangu_light"] = {"clap": pangu.clap, "slnp": pangu.slnp, "absorb_norms": pangu.absorb_norms,
-                                     **pangu.report}
-        (tmp / "bpp_compaction.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    if compacted is None:
+        compacted = compact_model(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias,
+                                  transform=transform)
+    space = MaskSpace.from_model(model)
+    biased = o_proj_bias is not None or down_proj_bias is not None
+    record = {"original_params": space.total_params,
+              "params": sum(p.numel() for p in compacted.parameters()),
+              "stock_config": not getattr(compacted.config, "auto_map", None),
+              "bias_compensation": biased,
+              "layers": layer_sizes(space, masks, keep_empty=biased), **(info or {})}
+    if compacted.bpp_transform:
+        record.update(compacted.bpp_transform)
+    return save_model_folder(compacted, out, tokenizer=tokenizer, force=force, modeling_family=space.family,
+                             extra_files={"bpp_compaction.json": json.dumps(record, indent=2) + "\n"})

@@ -6,12 +6,10 @@ from typing import Optional
 
 import typer
 
-from .engine import PruneConfig
+from ..policy_gradient import PruneConfig
+from .options import given_on_command_line
 
 _D = PruneConfig()  # the defaults, in one place
-
-# option name on the command line → PruneConfig field
-_CONFIG_OPTIONS = {f: f for f in PruneConfig.__dataclass_fields__}
 
 
 def register(app: typer.Typer) -> None:
@@ -48,34 +46,25 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):
         """Prune a model by policy gradient (arXiv 2406.10576); with no options, the embedded default at 20%."""
-        from click.core import ParameterSource
+        from ..errors import BppError
+        from ..jobs.prune import prune
 
-        from .engine import load_checkpoint, prune
-
-        given = {name: value for name, value in ctx.params.items() if name in _CONFIG_OPTIONS}
-        if resume is not None:
-            if out is not None and Path(out) != Path(resume):
-                from .errors import BppError
-
-                raise BppError("--resume continues in its own folder; do not also pass a different --out")
-            saved = load_checkpoint(resume)["config"]
-            # options typed on this command line must agree with the run; the rest come from it
-            explicit = {k: v for k, v in given.items()
-                        if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-            config = PruneConfig.from_dict({**saved, **explicit})
-            target = resume
-        else:
-            config = PruneConfig.from_dict(given)
-            name = Path(config.model).name if config.model != "default" else "default"
-            target = out if out is not None else Path(f"pruned-{name}-{config.sparsity:g}")
-        report = prune(config, target, force=force, resume=resume is not None, checkpoint_every=checkpoint_every,
-                       eval_windows=eval_windows, eval_seq_len=eval_seq_len, evaluate=evaluate, progress=not quiet)
+        if resume is not None and out is not None and Path(out) != Path(resume):
+            raise BppError("--resume continues in its own folder; do not also pass a different --out")
+        fields = PruneConfig.__dataclass_fields__
+        # a new run takes every option; a resumed one only those typed, which must agree with it
+        options = given_on_command_line(ctx, fields) if resume is not None else \
+            {k: v for k, v in ctx.params.items() if k in fields}
+        target = resume if resume is not None else out
+        report = prune(out=target, force=force, resume=resume is not None, checkpoint_every=checkpoint_every,
+                       eval_windows=eval_windows, eval_seq_len=eval_seq_len, evaluate=evaluate, progress=not quiet,
+                       **options)
         if report.get("rank", 0) != 0:  # torchrun: rank 0 reports
             return
         ppl = report["perplexity"]
         final = report["params"]["final_mask"]
         typer.echo(f"pruned to {final['params']:,} parameters ({final['sparsity_of_model']:.1%} of the model removed) "
-                   f"in {report['timings_s']['policy_gradient']:.0f}s of policy gradient; output in {target}")
+                   f"in {report['timings_s']['policy_gradient']:.0f}s of policy gradient; output in {report['out']}")
         if "final_mask" in ppl:
             parts = [f"{k.replace('_', ' ')} {ppl[k]:.3f}" for k in ("dense", "init_mask", "final_mask") if k in ppl]
             typer.echo(f"held-out perplexity (seq_len {ppl['seq_len']}): " + ", ".join(parts))

@@ -1,32 +1,30 @@
 """``bpp recover``: LoRA recovery fine-tuning of a pruned model folder, merged into one dense model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-# options that define the run; on --resume the ones not given are taken from the interrupted run
-_RUN_OPTIONS = ("model", "data", "steps", "rank", "alpha", "dropout", "lr", "batch_size", "seq_len", "schedule",
-                "warmup", "weight_decay", "max_grad_norm", "targets", "seed", "checkpoint_every", "no_eval",
-                "eval_windows", "dtype")
+from .options import given_on_command_line
+
+# CLI option → job option (the rest of the job's options have the same names)
+_RENAMED = {"targets": "target_modules", "no_eval": "evaluate"}
 
 
-def _saved_options(run: dict) -> dict:
-    """The CLI option values of an interrupted run (its ``run.json``)."""
-    rec = run["recover"]
-    return {"model": run["model"], "data": run["data"], "dtype": run["dtype"], "steps": rec["steps"],
-            "rank": rec["rank"], "alpha": rec["alpha"], "dropout": rec["dropout"], "lr": rec["lr"],
-            "batch_size": rec["batch_size"], "seq_len": rec["seq_len"], "schedule": rec["schedule"],
-            "warmup": rec["warmup"], "weight_decay": rec["weight_decay"], "max_grad_norm": rec["max_grad_norm"],
-            "targets": ",".join(rec["target_modules"]), "seed": rec["seed"],
-            "checkpoint_every": run["checkpoint_every"], "no_eval": not run["evaluate"],
-            "eval_windows": run["eval_windows"]}
+def _job_options(options: dict) -> dict:
+    out = {}
+    for name, value in options.items():
+        if name == "targets":
+            value = tuple(t.strip() for t in value.split(",") if t.strip())
+        elif name == "no_eval":
+            value = not value
+        out[_RENAMED.get(name, name)] = value
+    return out
 
 
 def register(app: typer.Typer) -> None:
-    from .recover import TARGET_MODULES, RecoverConfig
+    from ..methods.lora_recovery import TARGET_MODULES, RecoverConfig
 
     defaults = RecoverConfig()
 
@@ -60,36 +58,19 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):
         """Fine-tune a pruned model with LoRA to recover quality, merge the adapters, and save one dense model."""
-        from click.core import ParameterSource
+        from ..jobs.recover import recover
 
-        from .errors import BppError
-        from .recover import RUN_FILE, partial_dir, run_recover
-
-        options = dict(ctx.params)
-        if resume:
-            run_file = partial_dir(out) / RUN_FILE
-            if not run_file.is_file():
-                done = " (it is finished)" if (out / "report.json").is_file() else ""
-                raise BppError(f"nothing to resume: {partial_dir(out)} holds no checkpoint of a run for {out}{done}")
-            saved = _saved_options(json.loads(run_file.read_text()))
-            for name in _RUN_OPTIONS:
-                if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
-                    options[name] = saved[name]
-        if options["model"] is None:
-            raise BppError("give the pruned model folder with --model DIR")
-        config = RecoverConfig(steps=options["steps"], rank=options["rank"], alpha=options["alpha"],
-                               dropout=options["dropout"], lr=options["lr"], batch_size=options["batch_size"],
-                               seq_len=options["seq_len"], schedule=options["schedule"], warmup=options["warmup"],
-                               weight_decay=options["weight_decay"], max_grad_norm=options["max_grad_norm"],
-                               seed=options["seed"],
-                               target_modules=tuple(t.strip() for t in options["targets"].split(",") if t.strip()))
-        report = run_recover(options["model"], out, config, data=options["data"], force=force, resume=resume,
-                             evaluate=not options["no_eval"], eval_windows=options["eval_windows"],
-                             checkpoint_every=options["checkpoint_every"], dtype=options["dtype"], device=device,
-                             trust_remote_code=trust_remote_code, progress=not quiet)
+        run_options = ("data", "steps", "rank", "alpha", "dropout", "lr", "batch_size", "seq_len", "schedule", "warmup",
+                       "weight_decay", "max_grad_norm", "targets", "seed", "checkpoint_every", "no_eval",
+                       "eval_windows", "dtype")
+        # a new run takes every option; a resumed one only those typed, which must agree with it
+        given = given_on_command_line(ctx, run_options) if resume else {k: ctx.params[k] for k in run_options}
+        report = recover(model, out, force=force, resume=resume, device=device, trust_remote_code=trust_remote_code,
+                         progress=not quiet, **_job_options(given))
+        config = report["config"]
         loss = report["train_loss"]
-        line = (f"recovered {report['source_model']} with LoRA r={config.rank} on {', '.join(report['lora']['target_modules'])}: "
-                f"{report['lora']['trainable_params']:,} trainable parameters, {config.steps} steps in "
+        line = (f"recovered {report['source_model']} with LoRA r={config['rank']} on {', '.join(report['lora']['target_modules'])}: "
+                f"{report['lora']['trainable_params']:,} trainable parameters, {config['steps']} steps in "
                 f"{report['timings_s']['train']:.1f} s; training loss {loss['first_10pct_mean']:.3f} → "
                 f"{loss['last_10pct_mean']:.3f} (first/last 10% of steps)")
         typer.echo(line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import BppError
+from ..errors import BppError
 
 
 def load_run(path: str | Path) -> dict:

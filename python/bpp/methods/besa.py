@@ -20,7 +20,7 @@ where the reconstruction is the official per-feature normalised squared error
 
 bpp's adaptation: the prunable "layers" of a block are its attention KV groups (G units, each
 costing ``space.group_params``) and its MLP channels (m units, ``space.channel_params`` each); the
-metric is bpp's wanda-sp score (|W|·input RMS at o_proj / down_proj, as :mod:`bpp.init`); what is
+metric is bpp's wanda-sp score (|W|·input RMS at o_proj / down_proj, as :mod:`bpp.methods.wanda_sp`); what is
 learned is how the parameter budget splits between attention and MLP within each block, and (by
 default) across blocks. Departures from the official code, and why:
 
@@ -33,8 +33,7 @@ default) across blocks. Departures from the official code, and why:
 - KV groups use the expected mask in the forward pass too (``soft_types``), channels the
   straight-through hard mask. With 3 groups a block, the straight-through linearisation of
   removing a third of the attention is poor: the learned group rate sat on the rounding boundary
-  (2.5 groups) and the final choice was noise (SmolLM2 at 20%: held-out ppl 39.4 straight-through
-  vs 32.6 soft, both per-block budgets, 64 steps). Scaling a group's output by its keep
+  (2.5 groups) and the final choice was noise (bench/RESULTS.md, "BESA ablations"). Scaling a group's output by its keep
   probability costs (1 − p)²·E for a group whose removal costs E, so rounding the relaxed optimum
   at p = 1/2 takes the same decision as comparing E with the penalty's price;
 - ``across_blocks`` (default) also learns the split across blocks: under a soft penalty (λ = 0.05,
@@ -48,30 +47,30 @@ default) across blocks. Departures from the official code, and why:
   channels can make up the rest), channels fill the block's budget, and the rounding remainder is
   carried to the next block, so the total is within half a channel of the target.
 
-Measured on SmolLM2-135M at 20% (32 calibration windows of 128 tokens, held-out ppl on 40 windows
-of 128; dense 23.2): default 30.5 in 69 s; per-block budgets 31.5 (λ = 0.05) / 32.6 (λ = 5); for
-comparison wanda-sp (layer-uniform) 103, FLAP 35.5, PG default 41 (bench/quality-20.json).
+How it compares with the other methods, and the ablations behind these choices: bench/RESULTS.md,
+quality section.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BppError
-from .init import _layer_inputs, _run_layer, sigmap
-from .policy import check_sparsity, parse_granularity
-from .space import Masks, MaskSpace
+from ..errors import BppError
+from ..policy import check_sparsity, parse_granularity
+from ..space import Masks, MaskSpace
+from .calibration import (check_calib, eval_mode, input_scales, input_squares, layer_inputs, run_layer,
+                          wanda_sp_scores)
+from .ranking import sigmap
 
 TYPES = ("channel", "group")
 
 
 @dataclass
 class BesaConfig:
-    """Knobs of the blockwise allocation. The defaults (64 optimiser steps per block) take about
-    70 s on SmolLM2-135M (30 blocks, 32 windows of 128 tokens) on two quiet CPU cores."""
+    """Knobs of the blockwise allocation (the defaults: 64 optimiser steps per block on 32
+    calibration windows)."""
 
     epochs: int = 4  # passes over the calibration windows per block
     batch_size: int = 2  # windows per optimiser step
@@ -164,41 +163,6 @@ def init_logits(counts: torch.Tensor, n: int, keep: float) -> torch.Tensor:
 
 # --- one block ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _input_scales(layer, group_scale, channel_scale, cols_per_group: int):
-    """Multiply the o_proj inputs by the group mask (each group's columns) and the down_proj inputs
-    by the channel mask; ``None`` leaves that projection alone."""
-    handles = []
-
-    def scaler(get):
-        def hook(module, args):
-            return (args[0] * get().to(args[0].dtype),) + tuple(args[1:])
-        return hook
-
-    if group_scale is not None:
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            scaler(lambda: group_scale().repeat_interleave(cols_per_group))))
-    if channel_scale is not None:
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(scaler(channel_scale)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _eval_mode(module):
-    """Run ``module`` in eval mode and give every submodule its own training flag back."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _reconstruction(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The official normalised error: per output feature, Σ_tokens (y − ŷ)² / Σ_tokens y², averaged
     over the features."""
@@ -210,30 +174,9 @@ def _reconstruction(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _dense_pass(layer, hidden: list[torch.Tensor], kwargs: dict, space: MaskSpace):
     """Reference outputs of the dense block and its wanda-sp scores on these inputs."""
-    G, r, hd = space.n_groups, space.heads_per_group, space.head_dim
-    device = hidden[0].device
-    sums = {"o": torch.zeros(G * r * hd, dtype=torch.float64, device=device),
-            "down": torch.zeros(space.n_channels, dtype=torch.float64, device=device)}
-
-    def accumulate(key):
-        def hook(module, args):
-            x = args[0].detach().to(torch.float64)
-            sums[key] += (x * x).reshape(-1, x.shape[-1]).sum(0)
-        return hook
-
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(accumulate("o")),
-               layer.mlp.down_proj.register_forward_pre_hook(accumulate("down"))]
-    try:
-        outputs = [_run_layer(layer, h, kwargs) for h in hidden]
-    finally:
-        for handle in handles:
-            handle.remove()
-    n = sum(h.shape[0] for h in hidden)
-    o_w = layer.self_attn.o_proj.weight.detach().to(torch.float64).abs()
-    d_w = layer.mlp.down_proj.weight.detach().to(torch.float64).abs()
-    o_score = (o_w * (sums["o"] / n).sqrt()).mean(0)
-    scores = {"group": o_score.reshape(G, r, hd).sum(-1).mean(-1).cpu(),
-              "channel": (d_w * (sums["down"] / n).sqrt()).mean(0).cpu()}
+    with input_squares(layer, space) as sums:
+        outputs = [run_layer(layer, h, kwargs) for h in hidden]
+    scores = wanda_sp_scores(layer, space, sums["o"], sums["down"], sum(h.shape[0] for h in hidden))
     return outputs, scores
 
 
@@ -285,25 +228,13 @@ def _rescale_budgets(learned_keep: torch.Tensor, block_params: float, total: flo
     return budgets
 
 
-def _check_calib(model, calib, method: str = "BESA") -> torch.Tensor:
-    if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise BppError(f"{method} needs calibration windows as an (n, T) integer tensor of token ids")
-    if calib.shape[0] < 1 or calib.shape[1] < 1:
-        raise BppError(f"{method} needs at least one calibration window of at least one token, got shape "
-                       f"{tuple(calib.shape)}")
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(calib.min()) < 0 or int(calib.max()) >= vocab:
-        raise BppError(f"calibration token ids must lie in [0, {vocab}); got [{int(calib.min())}, {int(calib.max())}]")
-    return calib.long()
-
-
 def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                   granularity=("channel", "group"), config: BesaConfig | None = None) -> BesaResult:
     """Run BESA block by block; masks keep ``keep`` of the learned types' parameters (whole model)."""
     from tqdm.auto import tqdm
 
     config = (config or BesaConfig()).validate()
-    calib = _check_calib(model, calib)
+    calib = check_calib(model, calib, "BESA")
     learned = tuple(t for t in TYPES if t in parse_granularity(granularity))
     if not learned:
         raise BppError("BESA allocates channels and/or KV groups; granularity 'layer' alone has neither")
@@ -322,9 +253,9 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
     cols = space.heads_per_group * space.head_dim
 
     with torch.no_grad():
-        hidden = [_layer_inputs(model, calib[i:i + config.batch_size].to(device))[0]
+        hidden = [layer_inputs(model, calib[i:i + config.batch_size].to(device))[0]
                   for i in range(0, calib.shape[0], config.batch_size)]
-        _, kwargs = _layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
+        _, kwargs = layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
 
     masks = {t: torch.ones(L, sizes[t], dtype=torch.bool) for t in TYPES}
     scores = {t: torch.zeros(L, sizes[t], dtype=torch.float64) for t in TYPES}
@@ -336,7 +267,7 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
     bar = tqdm(range(L), desc="BESA blocks", unit="block", disable=not config.progress)
     for i in bar:
         layer = model.model.layers[i]
-        with _eval_mode(layer):
+        with eval_mode(layer):
             refs, block_scores = _dense_pass(layer, hidden, kwargs, space)
             orders = {}
             for t in TYPES:
@@ -360,12 +291,12 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
 
             scale = {t: (lambda t=t: current[t]) if t in learned else None for t in TYPES}
             target_sparsity = 1.0 - keep
-            with torch.enable_grad(), _input_scales(layer, scale["group"], scale["channel"], cols):
+            with torch.enable_grad(), input_scales(layer, scale["group"], scale["channel"], cols):
                 for epoch in range(config.epochs):
                     for h, ref in zip(hidden, refs):
                         for t in learned:
                             current[t] = unit_mask(t)
-                        rec = _reconstruction(_run_layer(layer, h, kwargs), ref)
+                        rec = _reconstruction(run_layer(layer, h, kwargs), ref)
                         sparsity = 1.0 - block_keep_rate()
                         loss = rec + config.penalty * ((sparsity - target_sparsity) / target_sparsity) ** 2
                         grads = torch.autograd.grad(loss, list(logits.values()))
@@ -389,9 +320,9 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                     masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
                     masks[t][i][orders[t][:k[t]].cpu()] = True
                 fixed = {t: masks[t][i].to(device).float() for t in TYPES}
-                with _input_scales(layer, (lambda: fixed["group"]) if "group" in learned else None,
+                with input_scales(layer, (lambda: fixed["group"]) if "group" in learned else None,
                                    (lambda: fixed["channel"]) if "channel" in learned else None, cols):
-                    outs = [_run_layer(layer, h, kwargs) for h in hidden]
+                    outs = [run_layer(layer, h, kwargs) for h in hidden]
                 recon[i] = sum(float(_reconstruction(o, r)) * o.shape[0] for o, r in zip(outs, refs)) / calib.shape[0]
                 hidden = outs
         bar.set_postfix({"groups": int(masks["group"][i].sum()), "channels": int(masks["channel"][i].sum()),
@@ -412,7 +343,7 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
     return BesaResult(masks, scores, learned_rates, keep_rates, block_keep, recon, history)
 
 
-# --- the two entry points (registries in bpp.init and bpp.cli_baseline) ------------------------
+# --- the two entry points (bpp.methods.METHODS) ---------------------------------------------------
 
 def besa_mask(model, space: MaskSpace, calib: torch.Tensor, sparsity: float,
               config: BesaConfig | None = None) -> Masks:
@@ -425,7 +356,7 @@ def besa_mask(model, space: MaskSpace, calib: torch.Tensor, sparsity: float,
                  torch.ones(1, L, dtype=torch.bool))
 
 
-def besa_init(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
+def besa_prior(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
               config: BesaConfig | None = None):
     """θ prior from BESA's learned allocation: within each layer, the units ranked by the wanda-sp
     score, mapped by sigmap to probabilities whose layer mean is that layer's BESA keep rate.

@@ -1,0 +1,52 @@
+"""``bpp compact``: a saved mask → a smaller model folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compact")
+    def compact_cmd(
+        mask: Path = typer.Option(..., "--mask", help="mask.safetensors written by `bpp prune`"),
+        out: Path = typer.Option(..., "--out", "-o", help="folder for the compacted model"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="the model the mask was made for (default: embedded SmolLM2-135M-Instruct)"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+        round_to: Optional[int] = typer.Option(None, "--round-to", help="round kept MLP channels per layer up to a multiple of 8, 16, 32, 64 or 128, adding the highest-θ channels (weight magnitude when DIR has no theta.safetensors)"),
+        bias_compensation: bool = typer.Option(False, "--bias-compensation", help="FLAP-style: add the mean contribution of pruned units as output biases"),
+        clap: bool = typer.Option(False, "--clap", help="Pangu Light Cross-Layer Attention Pruning: a dropped layer's best KV groups move into the next kept layer's slots"),
+        slnp: bool = typer.Option(False, "--slnp", help="Pangu Light-style stabilisation: rescale each width-pruned block's output to its dense magnitude"),
+        absorb_norms: bool = typer.Option(False, "--absorb-norms", help="fold RMSNorm scales into the next linear layers (same logits)"),
+        data: str = typer.Option("default", "--data", help="calibration text for --bias-compensation, --clap, --slnp"),
+        calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows of 128 tokens for --bias-compensation, --clap, --slnp"),
+        dtype: str = typer.Option("float32", "--dtype"),
+    ):
+        """Turn a mask into dense, smaller weights that load with plain transformers."""
+        from ..jobs.compact import compact
+
+        small = compact(model, mask, out, round_to=round_to, bias_compensation=bias_compensation, clap=clap,
+                        slnp=slnp, absorb_norms=absorb_norms, data=data, calib_windows=calib_windows, dtype=dtype,
+                        force=force)
+        done = small.bpp_compaction
+        if "round_to" in done:
+            r = done["round_to"]
+            before, after = r["channels_before"], r["channels_after"]
+            typer.echo(f"rounded kept channels per layer up to multiples of {round_to} (extra channels by "
+                       f"{r['extra_channels_by']}): {sum(before)} → {sum(after)}")
+            typer.echo("  per layer: " + ", ".join(f"{x}→{y}" for x, y in zip(before, after)))
+        record = json.loads((out / "bpp_compaction.json").read_text())
+        kept, total = record["params"], record["original_params"]
+        kind = "stock config" if record["stock_config"] else "per-layer sizes, load with trust_remote_code=True"
+        typer.echo(f"saved {out} ({kind}): {len(record['layers'])} layers, {kept:,} parameters "
+                   f"({1 - kept / total:.1%} fewer than {total:,})")
+        pangu = record.get("pangu_light", {})
+        if "clap_moved_groups" in pangu:
+            typer.echo(f"CLAP: {len(pangu['clap_moved_groups'])} KV groups moved from dropped layers")
+        if "slnp_scales" in pangu:
+            scales = pangu["slnp_scales"]["attention"] + pangu["slnp_scales"]["mlp"]
+            typer.echo(f"SLNP: block output scales {min(scales):.3f} … {max(scales):.3f}")
+        if "absorbed_norms" in pangu:
+            typer.echo(f"absorbed {len(pangu['absorbed_norms'])} RMSNorm scales into the next linear layers")

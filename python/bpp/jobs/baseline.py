@@ -1,0 +1,73 @@
+"""``bpp baseline``: a method's own mask (FLAP, wanda-sp, magnitude, BESA, LoRAPrune) at the
+parameter count of a policy-gradient mask at the same sparsity, compacted and evaluated the way
+``bpp prune`` is, so ``bpp report`` compares them."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..compaction import compact_model, save_compacted
+from ..data import load_text, tokenize, windows
+from ..evaluate import perplexity
+from ..methods import baseline_mask
+from ..methods import method as method_entry
+from ..methods.flap import compensation_for
+from ..modelio import load_model
+from ..policy import Policy, check_sparsity, param_summary
+from ..runs import atomic_write_json, prepare_out_dir
+from ..space import MaskSpace
+
+OUTPUT_FILES = ("mask.safetensors", "report.json")
+
+
+def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None = None, *, model=None,
+             tokenizer=None, data: str = "default", calib_windows: int = 32,
+             calib_seq_len: int = 128, seed: int = 0, bias_compensation: bool = True, eval_seq_len: int = 128,
+             eval_windows: int | None = None, force: bool = False) -> dict:
+    """Write ``mask.safetensors``, ``model/`` (compacted) and ``report.json`` for one baseline into
+    ``out`` (default ``baseline-<method>-<sparsity>``); returns the report. ``bias_compensation``
+    applies to FLAP only (FLAP as published). ``model``: a folder / hub id / None (the embedded
+    default), or a loaded model passed with its ``tokenizer``."""
+    method_entry(method, "baseline")
+    check_sparsity(sparsity)
+    out = Path(out) if out is not None else Path(f"baseline-{method}-{sparsity:g}")
+    prepare_out_dir(out, force, OUTPUT_FILES)
+    t_start = time.perf_counter()
+    model_name = "default"
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model_name = str(model or "default")
+        model, tokenizer = load_model(None if model_name == "default" else model_name)
+    else:
+        model_name = str(getattr(model.config, "_name_or_path", "") or "in-memory model")
+    space = MaskSpace.from_model(model)
+    calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed)
+    biases = {}
+    with torch.no_grad():
+        mask = baseline_mask(method, model, space, calib, sparsity)
+        if method == "flap" and bias_compensation:
+            biases = compensation_for(model, mask, calib)
+    mask_seconds = time.perf_counter() - t_start
+    mask.save(out / "mask.safetensors")
+    save_compacted(model, mask, out / "model", tokenizer=tokenizer, force=True, **biases)
+    held = tokenize(tokenizer, load_text(data, "heldout"))
+    with torch.no_grad():
+        small = compact_model(model, mask, **biases)
+        ppl = {"dense": perplexity(model, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows),
+               "final_mask": perplexity(small, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows)}
+    report = {
+        "out": str(out),
+        "config": {"method": method, "model": model_name, "data": data, "sparsity": sparsity,
+                   "calib_windows": calib_windows, "calib_seq_len": calib_seq_len, "seed": seed,
+                   "bias_compensation": bool(biases)},
+        "params": {"dense": space.total_params, "prunable": space.prunable_params,
+                   "final_mask": param_summary(space, Policy(space, "channel,group", sparsity), mask)},
+        "perplexity": {"data": f"{data}/heldout", "seq_len": eval_seq_len, "max_windows": eval_windows,
+                       "evaluated_on": "compacted model", **ppl},
+        "timings_s": {"mask": mask_seconds, "total_this_session": time.perf_counter() - t_start},
+        "compacted_model": str(out / "model"),
+    }
+    atomic_write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,78 @@
+"""``bpp compact``: a mask → a smaller dense model, in memory or saved as a model folder, with the
+optional transforms of the compacted weights (rounding channel counts, FLAP's bias compensation,
+Pangu Light's re-initialisations)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..compaction import compact_model, round_mask, save_compacted
+from ..errors import BppError
+from ..modelio import load_model
+from ..space import Masks, MaskSpace
+
+
+def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
+            tokenizer=None, round_to: int | None = None, theta: Masks | None = None, bias_compensation: bool = False,
+            clap: bool = False, slnp: bool = False, absorb_norms: bool = False, data: str = "default",
+            calib_windows: int = 32, dtype: str = "float32", force: bool = False, progress: bool = False):
+    """The model that ``masks`` (S = 1) leaves of ``model``, as dense, smaller weights.
+
+    ``model``: a loaded model, or a folder / hub id / None (the embedded default) to load with
+    ``dtype``. ``masks``: a :class:`bpp.Masks` or a ``mask.safetensors`` path. With ``out`` the
+    result is also saved there as a model folder (``--force`` replaces it). ``round_to`` rounds
+    each layer's kept channels up to a multiple, adding channels by ``theta`` (default: the
+    ``theta.safetensors`` beside a mask file, else weight magnitude). ``bias_compensation``,
+    ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``;
+    ``absorb_norms`` folds RMSNorm scales into the next linear layers. Returns the compacted model;
+    ``model.bpp_compaction`` holds what was done."""
+    from ..data import load_text, windows
+    from ..methods.flap import compensation_for
+    from ..methods.magnitude import magnitude_metric
+    from ..methods.pangu import PanguOptions, calibrate, transform
+
+    if masks is None:
+        raise BppError("give the mask to compact (a bpp.Masks, or the path of a mask.safetensors)")
+    mask_path = None
+    if not isinstance(masks, Masks):
+        mask_path = Path(masks)
+        masks = Masks.load(mask_path)
+    if out is not None and Path(out).exists() and not force:
+        raise BppError(f"{out} exists; pass --force to replace it")
+    if clap and bias_compensation:
+        raise BppError("--clap cannot be combined with --bias-compensation (CLAP replaces groups whose "
+                       "pruned neighbours the compensation accounts for)")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, loaded_tokenizer = load_model(model, dtype=dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    space = MaskSpace.from_model(model)
+    masks.validate(space)
+    if masks.S != 1:
+        raise BppError(f"{mask_path or 'masks'} holds {masks.S} masks; compaction takes one")
+    info = {"mask": str(mask_path)} if mask_path is not None else {}
+    if round_to:
+        theta_file = mask_path.parent / "theta.safetensors" if mask_path is not None else None
+        if theta is not None:
+            scores, source = theta.channels, "θ"
+        elif theta_file is not None and theta_file.is_file():
+            scores, source = Masks.load(theta_file).channels, "θ"
+        else:
+            scores, source = magnitude_metric(model, space)["channel"], "weight magnitude"
+        before = masks.channels.sum(-1)[0]
+        masks = round_mask(masks, round_to, scores)
+        info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),
+                            "channels_after": masks.channels.sum(-1)[0].tolist()}
+    ids = windows(tokenizer, load_text(data, "calib"), 128, calib_windows, seed=0) \
+        if (bias_compensation or clap or slnp) else None
+    pangu = PanguOptions(clap=clap, slnp=slnp, absorb_norms=absorb_norms)
+    with torch.no_grad():
+        if clap or slnp:
+            calibrate(model, masks, ids, pangu)
+        biases = compensation_for(model, masks, ids) if bias_compensation else {}
+        small = compact_model(model, masks, transform=transform(pangu) if pangu.any else None, **biases)
+        if out is not None:
+            save_compacted(model, masks, out, tokenizer=tokenizer, force=force, info=info, compacted=small, **biases)
+    small.bpp_compaction = {**info, "bias_compensation": bool(biases), **(small.bpp_transform or {})}
+    return small

