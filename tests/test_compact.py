@@ -152,7 +152,13 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(BppError, match="exists; pass --force"):
         save_compacted(model, Masks.full(space, 1), tmp_path / "exists")
-    save_compacted(model, Masks.full(space, 1), tmp_path / "exists", force=True)
+    save_compacted(model, Masks.full(space, 1), tmp_path / "exists", force=True)  # empty: nothing to lose
+    save_compacted(model, Masks.full(space, 1), tmp_path / "exists", force=True)  # bpp's own: replaced
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(BppError, match="not a model folder bpp wrote"):
+        save_compacted(model, Masks.full(space, 1), tmp_path / "foreign", force=True)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "exists" / "config.json").is_file()
 
 

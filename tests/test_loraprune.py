@@ -178,3 +178,18 @@ def test_bad_inputs_raise_clear_errors():
         loraprune_allocate(model, space, _calib(), 0.1, config=QUICK)
     with pytest.raises(BppError, match="layers"):
         loraprune_allocate(model, space, _calib(), 0.5, ("layer",), QUICK)
+
+
+def test_the_mask_does_not_depend_on_the_callers_random_state():
+    """The adapters' random init is seeded by the config: the same inputs give the same mask
+    whatever ran before in the process, and the caller's RNG is left as it was."""
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    calib = _calib(seed=3)
+    torch.manual_seed(1)
+    first = loraprune_mask(model, space, calib, 0.3, QUICK)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = loraprune_mask(model, space, calib, 0.3, QUICK)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.channels, second.channels) and torch.equal(first.groups, second.groups)

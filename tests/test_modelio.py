@@ -28,7 +28,7 @@ def test_load_local_folder(tiny_dir):
 
 
 def test_load_per_layer_size_compacted_folder(tmp_path, tokenizer):
-    """A folder bpp compacted with per-layer sizes (model type bpp_pruned_*) loads through
+    """A folder bpp compacted with per-layer sizes (per-layer sizes, bpp's modeling file) loads through
     bpp.load_model (so bpp eval and bpp prune take it) with the same logits, and without
     transformers asking whether to run the folder's code."""
     from bpp import Masks, MaskSpace
@@ -40,7 +40,8 @@ def test_load_per_layer_size_compacted_folder(tmp_path, tokenizer):
     mask.channels[0, 0, torch.randperm(space.n_channels)[:30]] = False
     mask.groups[0, 1, 0] = False
     out = save_compacted(model, mask, tmp_path / "small", tokenizer=tokenizer)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "bpp_pruned_llama"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "modeling_bpp.BppPrunedConfig" in config["auto_map"].values()
     loaded, tok = bpp.load_model(out)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():

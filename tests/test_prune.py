@@ -126,17 +126,18 @@ def test_bad_inputs(tiny_dir, tmp_path, loaded, changes, message):
               progress=False, compact=False)
 
 
-def test_existing_dir_needs_force(tiny_dir, tmp_path, loaded):
+def test_existing_dir_needs_force_and_force_replaces_only_bpps_files(tiny_dir, tmp_path, loaded):
     model, tok = loaded
     out = tmp_path / "exists"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
     kw = dict(model=model, tokenizer=tok, losses_fn=_hook_fn(model), evaluate=False, progress=False, compact=False)
+    prune(_config(tiny_dir, steps=2), out, **kw)
+    (out / "notes.txt").write_text("mine")  # the user's own file in a bpp run folder
+    first = (out / "mask.safetensors").stat().st_mtime_ns
     with pytest.raises(BppError, match="already exists"):
         prune(_config(tiny_dir, steps=2), out, **kw)
     prune(_config(tiny_dir, steps=2), out, force=True, **kw)
     assert (out / "notes.txt").read_text() == "mine"  # --force only replaces bpp's own files
-    assert (out / "mask.safetensors").is_file()
+    assert (out / "mask.safetensors").stat().st_mtime_ns != first
 
 
 def test_resume_with_a_different_config_names_the_difference(tiny_dir, tmp_path, loaded):

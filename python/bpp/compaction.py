@@ -188,15 +188,17 @@ def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> lis
 
 def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
                    o_proj_bias=None, down_proj_bias=None, info: dict | None = None,
-                   transform: Transform | None = None, compacted=None) -> Path:
+                   transform: Transform | None = None, compacted=None, protected: tuple = ()) -> Path:
     """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
     config, tokenizer, ``modeling_bpp.py`` when layers differ, and ``bpp_compaction.json``: the
     per-layer sizes, parameter counts, what ``transform`` did, and ``info``). Written to a
     temporary folder and renamed, so a failure leaves nothing half-written. ``compacted``: the
-    result of :func:`compact_model` with the same arguments, when the caller already has it."""
+    result of :func:`compact_model` with the same arguments, when the caller already has it;
+    ``protected``: inputs ``out`` must not hold (the source model's folder)."""
+    from .runs import check_model_folder_target
+
     out = Path(out)
-    if out.exists() and not force:
-        raise BppError(f"{out} exists; pass --force to replace it")
+    check_model_folder_target(out, force=force, protected=protected)  # before the work
     if compacted is None:
         compacted = compact_model(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias,
                                   transform=transform)
@@ -209,5 +211,5 @@ def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, forc
               "layers": layer_sizes(space, masks, keep_empty=biased), **(info or {})}
     if compacted.bpp_transform:
         record.update(compacted.bpp_transform)
-    return save_model_folder(compacted, out, tokenizer=tokenizer, force=force, modeling_family=space.family,
+    return save_model_folder(compacted, out, tokenizer=tokenizer, force=force, protected=protected,
                              extra_files={"bpp_compaction.json": json.dumps(record, indent=2) + "\n"})

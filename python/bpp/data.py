@@ -61,7 +61,11 @@ def default_text(split: str = "calib") -> str:
 
 
 def _file_text(path: Path, split: str) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    head = raw[:65536]
+    if b"\x00" in head or head.decode("utf-8", errors="replace").count("\ufffd") > max(8, len(head) // 100):
+        raise BppError(f"{path} does not look like text (binary or not UTF-8); give a UTF-8 .txt file with --data")
+    text = raw.decode("utf-8", errors="replace")
     if split == "all":
         return text
     cut = text.rfind("\n", 0, int(len(text) * 0.9))  # calib = first ~90% up to a line break

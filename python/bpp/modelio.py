@@ -7,6 +7,7 @@ through this one.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import BppError, missing_dependency
+from .errors import BppError, first_line, missing_dependency
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
 FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 # the linear layers of a decoder block (LoRA targets, and what compaction resizes)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# model_type of a folder with per-layer sizes that bpp compacted: PRUNED_PREFIX + family
+# model_type of per-layer-size folders written by bpp before their config took the family's own
 PRUNED_PREFIX = "bpp_pruned_"
 MODELING_FILE = "modeling_bpp.py"
 _MODELING_TEMPLATE = Path(__file__).parent / "models" / MODELING_FILE
@@ -51,6 +52,23 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in _DTYPES:
         raise BppError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES)))}")
     return _DTYPES[dtype]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists here, or a one-line error."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BppError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BppError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}); "
+                           "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BppError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type != "cpu":
+        raise BppError(f"--device {device}: bpp runs on cpu or cuda devices")
+    return parsed
 
 
 def check_supported(config) -> None:
@@ -115,16 +133,21 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def pruned_family(model_type) -> str | None:
-    """The family of a per-layer-size ``model_type`` that bpp wrote (``bpp_pruned_llama`` → llama)."""
-    model_type = str(model_type)
+def pruned_family(config: dict) -> str | None:
+    """The family of a per-layer-size folder bpp compacted (its config.json as a dict), else None:
+    a supported model type with per-layer sizes and bpp's modeling file in ``auto_map`` (or the
+    ``bpp_pruned_<family>`` model type of earlier bpp versions)."""
+    model_type = str(config.get("model_type"))
     if model_type.startswith(PRUNED_PREFIX) and model_type[len(PRUNED_PREFIX):] in SUPPORTED_FAMILIES:
         return model_type[len(PRUNED_PREFIX):]
+    if model_type in SUPPORTED_FAMILIES and "kv_heads_per_layer" in config \
+            and MODELING_FILE[:-3] in json.dumps(config.get("auto_map")):
+        return model_type
     return None
 
 
 def _is_bpp_pruned(folder: Path) -> bool:
-    return str(read_config(folder).get("model_type")).startswith(PRUNED_PREFIX)
+    return pruned_family(read_config(folder)) is not None
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -137,6 +160,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    check_device(device)
     if name_or_path is None or str(name_or_path) == "default":
         source = default_model_dir()
     else:
@@ -159,12 +183,30 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
     except OSError as e:
         raise BppError(f"cannot load the config of {str(source)!r}: {e}") from None
     check_supported(config)
-    if device_map is not None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with _load_errors(source):
+        if device_map is not None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _load_errors(source):
+    """Loading a model whose files are missing, truncated or corrupt: one line naming the folder."""
+    try:
+        yield
+    except BppError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        detail = first_line(e, 200)
+        raise BppError(f"cannot load the model in {source}: {detail} (are its weight files complete?)") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise BppError(f"cannot load the model in {source}: a weight file is damaged ({e}); copy or convert "
+                       "it again") from None
 
 
 # --- the modeling file shipped inside per-layer-size folders -----------------------------------
@@ -174,17 +216,37 @@ def modeling_source(family: str) -> str:
     return _MODELING_TEMPLATE.read_text().replace("FAMILY", family).replace("Family", FAMILY_CLASS_PREFIX[family])
 
 
+def _is_bpps_modeling_file(text: str, family: str) -> bool:
+    """``text`` is the modeling file this bpp ships for ``family``, or the one earlier versions
+    shipped (the same code, with the ``bpp_pruned_<family>`` model type)."""
+    current = modeling_source(family)
+    earlier = current.replace(f'    model_type = "{family}"\n', f'    model_type = "{PRUNED_PREFIX}{family}"\n')
+    strip = lambda t: "\n".join(line for line in t.splitlines() if not line.lstrip().startswith("#"))  # noqa: E731
+    return text == current or strip(text) == strip(earlier)
+
+
 def modeling_module(family: str):
-    """The rendered modeling file imported as a module (the same code the saved folder ships)."""
-    name = f"bpp_modeling_{family}"
+    """The rendered modeling file imported as a module (the same code the saved folder ships).
+
+    It is imported as ``bpp_modeling_<family>.modeling_bpp`` and its classes are registered for
+    the Auto classes, so ``save_pretrained`` of a model built from it copies ``modeling_bpp.py``
+    into the folder (transformers saves the file that defines a registered custom class), and the
+    folder loads with ``trust_remote_code=True`` however it was saved."""
+    package = f"bpp_modeling_{family}"
+    name = f"{package}.{MODELING_FILE[:-3]}"
     if name not in sys.modules:
-        folder = Path(tempfile.mkdtemp(prefix="bpp-modeling-"))
-        path = folder / f"{name}.py"
-        path.write_text(modeling_source(family))
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        folder = Path(tempfile.mkdtemp(prefix="bpp-modeling-")) / package
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+        (folder / MODELING_FILE).write_text(modeling_source(family))
+        for module_name, path in ((package, folder / "__init__.py"), (name, folder / MODELING_FILE)):
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        module = sys.modules[name]
+        module.BppPrunedConfig.register_for_auto_class("AutoConfig")
+        module.BppPrunedForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     return sys.modules[name]
 
 
@@ -215,21 +277,26 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
 
     folder = resolve_model_dir(path)
     torch_dtype = parse_dtype(dtype)
-    model_type = str(read_config(folder).get("model_type"))
-    family = pruned_family(model_type)
-    if model_type in SUPPORTED_FAMILIES:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    elif family is not None:
+    check_device(device)
+    config = read_config(folder)
+    model_type = str(config.get("model_type"))
+    family = pruned_family(config)
+    if family is not None:
         shipped = folder / MODELING_FILE
         if not shipped.is_file():
             raise BppError(f"{folder} has a per-layer-size config ({model_type}) but no {MODELING_FILE}")
-        if shipped.read_text() == modeling_source(family):
-            model = modeling_module(family).BppPrunedForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        if _is_bpps_modeling_file(shipped.read_text(), family):
+            with _load_errors(folder):
+                model = modeling_module(family).BppPrunedForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         elif trust_remote_code:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True)
+            with _load_errors(folder):
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True)
         else:
             raise BppError(f"{shipped} differs from the modeling file this bpp writes (another bpp version, or "
                            "edited); pass --trust-remote-code to load it with its own code")
+    elif model_type in SUPPORTED_FAMILIES:
+        with _load_errors(folder):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     else:
         raise BppError(f"{folder}: model type {model_type!r} is not supported; give a folder written by "
                        f"bpp compact / bpp prune, or a model of the families {', '.join(SUPPORTED_FAMILIES)}")
@@ -268,32 +335,44 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def save_model_folder(model, out: str | os.PathLike, *, tokenizer=None, force: bool = False,
-                      modeling_family: str | None = None, extra_files: dict | None = None,
-                      copy_files: list | None = None) -> Path:
-    """Save ``model`` (safetensors, config, generation config) and ``tokenizer`` to ``out``, with
-    the shipped ``modeling_bpp.py`` for ``modeling_family`` when the config names it in
-    ``auto_map``, ``extra_files`` ({name: text}) and ``copy_files`` (paths copied in). Written to a
-    temporary folder beside ``out`` and renamed: ``out`` is complete or absent."""
+                      extra_files: dict | None = None, copy_files: list | None = None, protected: tuple = ()) -> Path:
+    """Save ``model`` (safetensors, config, generation config; the shipped ``modeling_bpp.py`` when
+    its config names it in ``auto_map``) and ``tokenizer`` to ``out``, with ``extra_files``
+    ({name: text}) and ``copy_files`` (paths copied in), and a manifest of what bpp wrote.
+
+    Written to a temporary folder beside ``out`` and renamed: ``out`` is complete or absent. With
+    ``force`` an earlier model folder bpp wrote is replaced; anything else is refused (see
+    :mod:`bpp.runs`), as is a target holding one of the ``protected`` inputs."""
+    from .runs import MANIFEST, PARTIAL_MARKER, atomic_write_json, check_model_folder_target, clean_partials, \
+        model_folder_lock
+
     out = Path(out)
-    if out.exists() and not force:
-        raise BppError(f"{out} exists; pass --force to replace it")
+    check_model_folder_target(out, force=force, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    lock = model_folder_lock(out, "model").acquire()
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is not
-        model.save_pretrained(tmp, safe_serialization=True)
-        if getattr(model.config, "auto_map", None) and modeling_family is not None:
-            (tmp / MODELING_FILE).write_text(modeling_source(modeling_family))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for path in copy_files or []:
-            shutil.copy2(path, tmp / Path(path).name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for prefix in (f".{out.name}-", f".{out.name}.old-"):
+            clean_partials(out.parent, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            (tmp / PARTIAL_MARKER).write_text("")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is not
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for path in copy_files or []:
+                shutil.copy2(path, tmp / Path(path).name)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            (tmp / PARTIAL_MARKER).unlink()
+            files = sorted(e.name for e in tmp.iterdir())
+            atomic_write_json(tmp / MANIFEST, {"tool": "bpp", "job": "model", "files": files})
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
     return out

@@ -33,9 +33,10 @@ GRADIENT_EPS = 1e-7
 
 def parse_granularity(granularity: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"group,channel"`` → ``("channel", "group")`` (canonical order), with clear errors."""
-    names = [g.strip() for g in granularity.split(",")] if isinstance(granularity, str) else list(granularity)
-    names = [n[:-1] if n.endswith("s") else n for n in names if n]  # accept plural spellings
-    unknown = [n for n in names if n not in UNIT_TYPES]
+    given = [g.strip() for g in granularity.split(",")] if isinstance(granularity, str) else list(granularity)
+    given = [n for n in given if n]
+    names = [n[:-1] if n.endswith("s") and n[:-1] in UNIT_TYPES else n for n in given]  # plural spellings
+    unknown = [g for g, n in zip(given, names) if n not in UNIT_TYPES]
     if unknown or not names:
         raise BppError(f"unknown granularity {','.join(unknown) or repr(granularity)}; "
                        f"use a comma-separated subset of {', '.join(UNIT_TYPES)}")

@@ -17,18 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .errors import BppError
+from .modelio import check_device
 from .policy import BASELINES, Policy, check_sparsity, loss_baseline, parse_granularity
-from .runs import CHECKPOINT, differences, fingerprint, save_checkpoint
+from .runs import CHECKPOINT, differences, fingerprint, rng_state, save_checkpoint, set_rng_state
 from .space import Masks
 
 SCHEDULES = ("cosine", "constant")
@@ -65,6 +64,7 @@ class PruneConfig:
 
     def validate(self) -> "PruneConfig":
         check_sparsity(self.sparsity)
+        check_device(self.device)
         self.granularity = ",".join(parse_granularity(self.granularity))
         if self.samples < 2:
             raise BppError(f"--samples must be at least 2 (a baseline needs two masks per step), got {self.samples}")
@@ -218,9 +218,7 @@ class PolicyGradientLoop:
             "schedule": {"kind": self.config.schedule, "lr": self.config.lr, "total_steps": self.config.steps},
             "optimizer": {"kind": "plain step θ ← θ − lr·ĝ (stateless)"},
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "numpy_rng": np.random.get_state(),
+            "rng": rng_state(),
             "data": {"cursor": self.step * self.config.batch_size, "windows": fingerprint(self.windows)},
             "space": dataclasses.asdict(self.policy.space),
             "counters": {"skipped_steps": self.skipped_steps, "dropped_masks": self.dropped_masks,
@@ -245,9 +243,7 @@ class PolicyGradientLoop:
         self.policy.theta = state["theta"].to(torch.float64).clone()
         self.moving_baseline = state["moving_baseline"]
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        set_rng_state(state["rng"])
         c = state["counters"]
         self.skipped_steps, self.dropped_masks, self.seconds = c["skipped_steps"], c["dropped_masks"], c["seconds"]
         self.extra_state = dict(state.get("extra", {}))

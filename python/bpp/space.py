@@ -12,12 +12,14 @@ layer removes all of its parameters.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from .errors import BppError
+from .errors import BppError, first_line
 from .modelio import check_supported
 
 
@@ -38,6 +40,9 @@ class MaskSpace:
     def from_model(cls, model) -> "MaskSpace":
         config = model.config
         check_supported(config)
+        if getattr(config, "kv_heads_per_layer", None) is not None:
+            raise BppError("this model has per-layer sizes (bpp compacted it); bpp prunes models whose layers "
+                           "all have the same shape: prune the original model instead")
         if getattr(config, "mlp_bias", False):
             raise BppError("models with MLP biases (mlp_bias=True) are not supported yet")
         layer = model.model.layers[0]
@@ -167,20 +172,86 @@ class Masks:
         keep = self.layers.unsqueeze(-1)
         return replace(self, channels=self.channels & keep, groups=self.groups & keep)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, model: dict | None = None) -> None:
+        """Write the masks as safetensors; ``model``: the :func:`model_fingerprint` of the model they
+        were made for, stored in the file's metadata so that another model is refused later."""
         from safetensors.torch import save_file
 
-        save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(path))
+        metadata = {"bpp_model": json.dumps(model)} if model is not None else None
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
+                      metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
-        from safetensors.torch import load_file
+        """Masks written by :meth:`save`; ``masks.model`` is the fingerprint of the model they were
+        made for (None when the file does not say)."""
+        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise BppError(f"mask file {path} not found")
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise BppError(f"{path} is not a readable mask file (truncated or corrupt: "
+                           f"{first_line(e, 100)}); write it again with bpp prune or bpp baseline") from None
         missing = [f.name for f in fields(cls) if f.name not in tensors]
         if missing:
             raise BppError(f"{path} is not a bpp mask file (missing {', '.join(missing)})")
-        return cls(*(tensors[f.name] for f in fields(cls)))
+        masks = cls(*(tensors[f.name] for f in fields(cls)))
+        try:
+            masks.model = json.loads(metadata["bpp_model"]) if "bpp_model" in metadata else None
+        except ValueError:
+            masks.model = None
+        return masks
+
+    def check_model(self, model, what: str = "the mask") -> None:
+        """Refuse ``model`` when these masks say they were made for another model."""
+        made_for = getattr(self, "model", None)
+        if made_for is None:
+            return
+        reason = fingerprint_difference(made_for, model_fingerprint(model))
+        if reason:
+            raise BppError(f"{what} was made for another model ({reason}); give the model it was made for, or "
+                           "pass --allow-other-model if this one really is it")
+
+
+# --- which model a mask belongs to -----------------------------------------------------------------
+
+def _weight_stats(t: torch.Tensor) -> list[float]:
+    rows = t.detach().reshape(t.shape[0], -1)[:8].to(torch.float64)
+    return [float(rows.abs().mean()), float(rows.norm())]
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> dict:
+    """What identifies the model a mask was made for: its architecture and sizes, and statistics
+    of a few weights (robust to the dtype it was loaded in, not to other weights)."""
+    space = MaskSpace.from_model(model)
+    layers = model.model.layers
+    probes = [model.model.embed_tokens.weight, layers[0].self_attn.q_proj.weight,
+              layers[len(layers) // 2].mlp.down_proj.weight, layers[-1].mlp.gate_proj.weight]
+    return {"family": space.family, "layers": space.n_layers, "hidden": space.hidden_size,
+            "channels": space.n_channels, "groups": space.n_groups, "heads_per_group": space.heads_per_group,
+            "head_dim": space.head_dim, "vocab": int(model.config.vocab_size),
+            "weights": [x for w in probes for x in _weight_stats(w)]}
+
+
+def fingerprint_difference(a: dict, b: dict, rtol: float = 2e-2) -> str | None:
+    """Why two fingerprints are of different models, or None when they match."""
+    for key in ("family", "layers", "hidden", "channels", "groups", "heads_per_group", "head_dim", "vocab"):
+        if a.get(key) != b.get(key):
+            return f"{key} {a.get(key)} vs {b.get(key)}"
+    x, y = a.get("weights") or [], b.get("weights") or []
+    if len(x) != len(y) or any(abs(p - q) > rtol * max(abs(p), abs(q), 1e-6) for p, q in zip(x, y)):
+        return "same shape, other weights"
+    return None

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import BppError
+from ..runs import write_error
 from . import baseline, compact, eval, prune, recover, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)  # standalone: click prints usage errors itself and exits 2
     except BppError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:  # a write or read the job did not foresee: one line, not a traceback
+        console.print(f"[bold red]error:[/] {write_error(e, getattr(e, 'filename', None) or 'a file')}",
+                      highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -23,13 +23,14 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option("default", "--data", help="calibration text for --bias-compensation, --clap, --slnp"),
         calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows of 128 tokens for --bias-compensation, --clap, --slnp"),
         dtype: str = typer.Option("float32", "--dtype"),
+        allow_other_model: bool = typer.Option(False, "--allow-other-model", help="compact a mask made for another model of the same shape (refused by default)"),
     ):
         """Turn a mask into dense, smaller weights that load with plain transformers."""
         from ..jobs.compact import compact
 
         small = compact(model, mask, out, round_to=round_to, bias_compensation=bias_compensation, clap=clap,
                         slnp=slnp, absorb_norms=absorb_norms, data=data, calib_windows=calib_windows, dtype=dtype,
-                        force=force)
+                        force=force, allow_other_model=allow_other_model)
         done = small.bpp_compaction
         if "round_to" in done:
             r = done["round_to"]

@@ -52,13 +52,15 @@ def register(app: typer.Typer) -> None:
         if resume is not None and out is not None and Path(out) != Path(resume):
             raise BppError("--resume continues in its own folder; do not also pass a different --out")
         fields = PruneConfig.__dataclass_fields__
-        # a new run takes every option; a resumed one only those typed, which must agree with it
-        options = given_on_command_line(ctx, fields) if resume is not None else \
-            {k: v for k, v in ctx.params.items() if k in fields}
+        job_options = ("checkpoint_every", "eval_windows", "eval_seq_len", "evaluate")
+        # a new run takes every option; a resumed one only those typed (the run's own must agree,
+        # its evaluation options are replaced)
+        if resume is not None:
+            options = given_on_command_line(ctx, (*fields, *job_options))
+        else:
+            options = {k: v for k, v in ctx.params.items() if k in fields or k in job_options}
         target = resume if resume is not None else out
-        report = prune(out=target, force=force, resume=resume is not None, checkpoint_every=checkpoint_every,
-                       eval_windows=eval_windows, eval_seq_len=eval_seq_len, evaluate=evaluate, progress=not quiet,
-                       **options)
+        report = prune(out=target, force=force, resume=resume is not None, progress=not quiet, **options)
         if report.get("rank", 0) != 0:  # torchrun: rank 0 reports
             return
         ppl = report["perplexity"]

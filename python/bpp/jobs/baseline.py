@@ -17,10 +17,10 @@ from ..methods import method as method_entry
 from ..methods.flap import compensation_for
 from ..modelio import load_model
 from ..policy import Policy, check_sparsity, param_summary
-from ..runs import atomic_write_json, prepare_out_dir
-from ..space import MaskSpace
+from ..runs import RunFolder, atomic_write_json, write_error
+from ..space import MaskSpace, model_fingerprint
 
-OUTPUT_FILES = ("mask.safetensors", "report.json")
+OUTPUT_FILES = ("mask.safetensors", "report.json", "model")
 
 
 def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None = None, *, model=None,
@@ -34,7 +34,24 @@ def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None
     method_entry(method, "baseline")
     check_sparsity(sparsity)
     out = Path(out) if out is not None else Path(f"baseline-{method}-{sparsity:g}")
-    prepare_out_dir(out, force, OUTPUT_FILES)
+    local = tuple(Path(p) for p in (model, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())
+    folder = RunFolder(out, "baseline").open(force=force, protected=local)
+    ok = False
+    try:
+        report = _run(method, sparsity, out, folder, model=model, tokenizer=tokenizer, data=data,
+                      calib_windows=calib_windows, calib_seq_len=calib_seq_len, seed=seed,
+                      bias_compensation=bias_compensation, eval_seq_len=eval_seq_len, eval_windows=eval_windows,
+                      force=force)
+        ok = True
+        return report
+    except OSError as e:
+        raise write_error(e, out) from None
+    finally:
+        folder.close(ok)
+
+
+def _run(method, sparsity, out: Path, folder: RunFolder, *, model, tokenizer, data, calib_windows, calib_seq_len,
+         seed, bias_compensation, eval_seq_len, eval_windows, force) -> dict:
     t_start = time.perf_counter()
     model_name = "default"
     if model is None or isinstance(model, (str, os.PathLike)):
@@ -44,17 +61,18 @@ def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None
         model_name = str(getattr(model.config, "_name_or_path", "") or "in-memory model")
     space = MaskSpace.from_model(model)
     calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed)
+    held = tokenize(tokenizer, load_text(data, "heldout"))
+    folder.claim(force=force, files=OUTPUT_FILES)
     biases = {}
     with torch.no_grad():
         mask = baseline_mask(method, model, space, calib, sparsity)
         if method == "flap" and bias_compensation:
             biases = compensation_for(model, mask, calib)
     mask_seconds = time.perf_counter() - t_start
-    mask.save(out / "mask.safetensors")
-    save_compacted(model, mask, out / "model", tokenizer=tokenizer, force=True, **biases)
-    held = tokenize(tokenizer, load_text(data, "heldout"))
+    mask.save(out / "mask.safetensors", model=model_fingerprint(model))
     with torch.no_grad():
         small = compact_model(model, mask, **biases)
+        save_compacted(model, mask, out / "model", tokenizer=tokenizer, force=True, compacted=small, **biases)
         ppl = {"dense": perplexity(model, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows),
                "final_mask": perplexity(small, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows)}
     report = {

@@ -11,13 +11,15 @@ import torch
 from ..compaction import compact_model, round_mask, save_compacted
 from ..errors import BppError
 from ..modelio import load_model
+from ..runs import check_model_folder_target, write_error
 from ..space import Masks, MaskSpace
 
 
 def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
             tokenizer=None, round_to: int | None = None, theta: Masks | None = None, bias_compensation: bool = False,
             clap: bool = False, slnp: bool = False, absorb_norms: bool = False, data: str = "default",
-            calib_windows: int = 32, dtype: str = "float32", force: bool = False, progress: bool = False):
+            calib_windows: int = 32, dtype: str = "float32", force: bool = False, allow_other_model: bool = False,
+            progress: bool = False):
     """The model that ``masks`` (S = 1) leaves of ``model``, as dense, smaller weights.
 
     ``model``: a loaded model, or a folder / hub id / None (the embedded default) to load with
@@ -26,8 +28,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     each layer's kept channels up to a multiple, adding channels by ``theta`` (default: the
     ``theta.safetensors`` beside a mask file, else weight magnitude). ``bias_compensation``,
     ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``;
-    ``absorb_norms`` folds RMSNorm scales into the next linear layers. Returns the compacted model;
-    ``model.bpp_compaction`` holds what was done."""
+    ``absorb_norms`` folds RMSNorm scales into the next linear layers. A mask made for another
+    model is refused unless ``allow_other_model``. ``out`` must be new, or (with ``force``) a model
+    folder bpp wrote. Returns the compacted model; ``model.bpp_compaction`` holds what was done."""
     from ..data import load_text, windows
     from ..methods.flap import compensation_for
     from ..methods.magnitude import magnitude_metric
@@ -39,11 +42,12 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     if not isinstance(masks, Masks):
         mask_path = Path(masks)
         masks = Masks.load(mask_path)
-    if out is not None and Path(out).exists() and not force:
-        raise BppError(f"{out} exists; pass --force to replace it")
     if clap and bias_compensation:
         raise BppError("--clap cannot be combined with --bias-compensation (CLAP replaces groups whose "
                        "pruned neighbours the compensation accounts for)")
+    local = tuple(Path(p) for p in (model, mask_path, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())
+    if out is not None:
+        check_model_folder_target(out, force=force, protected=local)  # before any work
     if model is None or isinstance(model, (str, os.PathLike)):
         model, loaded_tokenizer = load_model(model, dtype=dtype)
         tokenizer = tokenizer or loaded_tokenizer
@@ -51,6 +55,8 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     masks.validate(space)
     if masks.S != 1:
         raise BppError(f"{mask_path or 'masks'} holds {masks.S} masks; compaction takes one")
+    if not allow_other_model:
+        masks.check_model(model, str(mask_path or "the mask"))
     info = {"mask": str(mask_path)} if mask_path is not None else {}
     if round_to:
         theta_file = mask_path.parent / "theta.safetensors" if mask_path is not None else None
@@ -73,6 +79,10 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
         biases = compensation_for(model, masks, ids) if bias_compensation else {}
         small = compact_model(model, masks, transform=transform(pangu) if pangu.any else None, **biases)
         if out is not None:
-            save_compacted(model, masks, out, tokenizer=tokenizer, force=force, info=info, compacted=small, **biases)
+            try:
+                save_compacted(model, masks, out, tokenizer=tokenizer, force=force, info=info, compacted=small,
+                               protected=local, **biases)
+            except OSError as e:
+                raise write_error(e, out) from None
     small.bpp_compaction = {**info, "bias_compensation": bool(biases), **(small.bpp_transform or {})}
     return small

@@ -15,11 +15,11 @@ from ..errors import BppError
 from ..evaluate import masked_perplexity
 from ..policy import Policy, param_summary
 from ..policy_gradient import LossesFn, PolicyGradientLoop, PruneConfig, calibration_batches, default_losses
-from ..runs import CHECKPOINT, atomic_write_text, load_checkpoint, prepare_out_dir
-from ..space import Masks, MaskSpace
+from ..runs import CHECKPOINT, RunFolder, atomic_write_json, atomic_write_text, load_checkpoint, write_error
+from ..space import Masks, MaskSpace, model_fingerprint
 
 OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
-                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT)
+                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -65,68 +65,122 @@ def resolve_config(config: PruneConfig | None, options: dict, saved: dict | None
     return saved.validate()
 
 
+# options of the job that do not change the mask; a resumed run keeps its own unless given again
+JOB_DEFAULTS = {"checkpoint_every": 20, "eval_windows": None, "eval_seq_len": 128, "evaluate": True}
+_UNSET = object()
+
+
+def _local_inputs(config: PruneConfig) -> tuple:
+    """Local files and folders the run reads, which its output folder must not hold."""
+    return tuple(Path(p) for p in (config.model, config.data) if p not in ("default",) and Path(p).exists())
+
+
 def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = None, *, force: bool = False,
-          resume: bool = False, checkpoint_every: int = 20, eval_windows: int | None = None, eval_seq_len: int = 128,
-          evaluate: bool = True, progress: bool = True, model=None, tokenizer=None,
-          losses_fn: LossesFn | None = None, compact: bool = True, **options) -> dict:
+          resume: bool = False, checkpoint_every=_UNSET, eval_windows=_UNSET, eval_seq_len=_UNSET, evaluate=_UNSET,
+          progress: bool = True, model=None, tokenizer=None, losses_fn: LossesFn | None = None,
+          compact: bool = True, **options) -> dict:
     """The ``bpp prune`` job: returns the report (also written to ``out/report.json``).
 
     The run is configured by ``config`` or by keyword ``options`` (the fields of
     :class:`PruneConfig`, e.g. ``sparsity=0.3, steps=50``); ``out`` defaults to
     ``pruned-<model>-<sparsity>``. ``resume=True`` continues the run in ``out`` with its saved
-    configuration (options given must agree with it). ``model`` is a folder / hub id / "default"
-    (the config's ``model``), or a loaded model passed with its ``tokenizer`` (benchmarks reuse
-    one); ``losses_fn`` replaces the default batched engine."""
-    from ..data import load_text, tokenize
-    from ..distributed import ShardedLosses, setup
-    from ..methods import initialise, method
-    from ..modelio import load_model
+    configuration (options given must agree with it) and its saved ``checkpoint_every`` and
+    evaluation options (those given again replace them, and the report says so). ``model`` is a
+    folder / hub id / "default" (the config's ``model``), or a loaded model passed with its
+    ``tokenizer`` (benchmarks reuse one); ``losses_fn`` replaces the default batched engine.
 
-    t_start = time.perf_counter()
+    The output folder follows :mod:`bpp.runs`: one writer at a time, ``force`` replaces only the
+    files an earlier bpp prune run wrote there, and nothing is removed before the model and the
+    text have loaded."""
+    from ..distributed import ShardedLosses, setup
+
+    given = {k: v for k, v in dict(checkpoint_every=checkpoint_every, eval_windows=eval_windows,
+                                   eval_seq_len=eval_seq_len, evaluate=evaluate).items() if v is not _UNSET}
     if model is None or isinstance(model, (str, os.PathLike)):
         if model is not None:
             options["model"] = str(model)
         model = None
     elif config is None and "model" not in options:  # a loaded model: the config names where it came from
         options["model"] = str(getattr(model.config, "_name_or_path", "") or "in-memory model")
-    state = None
+    if resume and out is None:
+        raise BppError("resuming needs the run folder (--resume DIR)")
+    out = Path(out) if out is not None else None
     if resume:
-        if out is None:
-            raise BppError("resuming needs the run folder (--resume DIR)")
-        state = run_checkpoint(Path(out))
-        if (Path(out) / "report.json").is_file():
+        if (out / "report.json").is_file():
             raise BppError(f"{out} holds a finished run (report.json exists); nothing to resume")
-    config = resolve_config(config, options, state["config"] if state else None)
-    method(config.init, "init")
-    out = Path(out) if out is not None else default_out(config)
-
+        state = run_checkpoint(out)
+        config = resolve_config(config, options, state["config"])
+    else:
+        state = None
+        config = resolve_config(config, options)
+    out = out if out is not None else default_out(config)
     rank, world_size = setup(config.device)
     writer = rank == 0  # rank 0 alone writes; every rank computes the same θ
-    if not resume and writer:
-        prepare_out_dir(out, force, OUTPUT_FILES)
-    if world_size > 1:
-        import torch.distributed as dist
+    folder = RunFolder(out, "prune")
+    if writer:
+        folder.open(force=force, resume=resume, protected=_local_inputs(config))
+    ok = False
+    try:
+        if resume:
+            state = run_checkpoint(out)  # again, under the lock
+        report = _run(config, out, folder if writer else None, state, given, rank=rank, world_size=world_size,
+                      force=force, progress=progress, model=model, tokenizer=tokenizer, losses_fn=losses_fn,
+                      compact=compact, sharded=ShardedLosses)
+        ok = True
+        return report
+    except OSError as e:
+        raise BppError(f"{write_error(e, out)}; what was written is kept: once that is fixed, continue with "
+                       f"bpp prune --resume {out}") from None
+    finally:
+        if writer:
+            folder.close(ok)
 
-        dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
 
+def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict | None, given: dict, *, rank: int,
+         world_size: int, force: bool, progress: bool, model, tokenizer, losses_fn, compact: bool, sharded) -> dict:
+    from ..data import load_text, tokenize
+    from ..methods import initialise, method
+    from ..modelio import load_model
+
+    t_start = time.perf_counter()
+    writer = folder is not None
+    saved_job = (state or {}).get("extra", {}).get("job", {})
+    job = {**JOB_DEFAULTS, **saved_job, **given}
+    if job["eval_windows"] is not None and job["eval_windows"] < 1:
+        raise BppError(f"--eval-windows must be at least 1, got {job['eval_windows']}")
+    if job["checkpoint_every"] < 0:
+        raise BppError(f"--checkpoint-every must be at least 0, got {job['checkpoint_every']}")
+    changed = {k: v for k, v in given.items() if k in saved_job and saved_job[k] != v}
+    method(config.init, "init")
+
+    # every input loads and is checked before the folder is touched
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(None if config.model == "default" else config.model,
                                       dtype=config.dtype, device=config.device, device_map=config.device_map)
     space = MaskSpace.from_model(model)
     calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))
-    windows = calibration_batches(calib_ids, config)  # checks there is enough text before any work
+    windows = calibration_batches(calib_ids, config)  # enough text?
+    held = tokenize(tokenizer, load_text(config.data, "heldout")) if job["evaluate"] else None
     policy = Policy(space, config.granularity, config.sparsity, config.budget)
     if losses_fn is None:
         losses_fn, backend = default_losses(model, config.engine)
     else:
         backend = getattr(losses_fn, "__qualname__", "custom")
     if world_size > 1:
-        losses_fn = ShardedLosses(losses_fn, rank, world_size)
+        losses_fn = sharded(losses_fn, rank, world_size)
         backend = f"{backend} sharded over {world_size} ranks"
     load_seconds = time.perf_counter() - t0
+    fingerprint = model_fingerprint(model)
 
-    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out if writer else None, checkpoint_every,
+    if writer:
+        folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
+
+    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out if writer else None, job["checkpoint_every"],
                               progress and writer)
     if state is not None:
         loop.load_state_dict(state)
@@ -134,9 +188,13 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         if writer:
             _truncate_metrics(out / "metrics.jsonl", loop.step)
         loop.extra_state["sessions"] = loop.extra_state.get("sessions", 1) + 1
+        loop.extra_state["job"] = job
+        if changed:
+            loop.extra_state.setdefault("job_changes", []).append({"session": loop.extra_state["sessions"],
+                                                                   **changed})
     else:
         if writer:
-            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            atomic_write_json(out / "config.json", config.to_dict())
         t0 = time.perf_counter()
         init_calib = None
         if method(config.init, "init").calibrated:
@@ -146,8 +204,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         with torch.no_grad():
             _, init_mask, _ = initialise(policy, config.init, model, init_calib)
         if init_mask is not None and writer:
-            init_mask.save(out / "init_mask.safetensors")
-        loop.extra_state = {"init_seconds": time.perf_counter() - t0, "sessions": 1}
+            init_mask.save(out / "init_mask.safetensors", model=fingerprint)
+        loop.extra_state = {"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job}
         if writer:
             loop.save_checkpoint()  # step 0: a kill during the first steps can still resume
 
@@ -157,14 +215,13 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
     final_mask = policy.final_mask()
-    final_mask.save(out / "mask.safetensors")
-    theta = policy.theta_masks()
-    theta.save(out / "theta.safetensors")
+    final_mask.save(out / "mask.safetensors", model=fingerprint)
+    policy.theta_masks().save(out / "theta.safetensors", model=fingerprint)
 
     t0 = time.perf_counter()
     perplexities = {}
-    if evaluate:
-        held = tokenize(tokenizer, load_text(config.data, "heldout"))
+    eval_seq_len, eval_windows = job["eval_seq_len"], job["eval_windows"]
+    if job["evaluate"]:
         with torch.no_grad():
             perplexities["dense"] = masked_perplexity(model, tokenizer, held, None, eval_seq_len, eval_windows)
             if init_mask is not None:
@@ -175,6 +232,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
     report = {
         "config": config.to_dict(),
         "out": str(out),
+        "job": job,
+        "job_changes_on_resume": loop.extra_state.get("job_changes", []),
         "losses_backend": backend,
         "world_size": world_size,
         "steps_done": loop.step,
@@ -206,7 +265,7 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
     if compact:
         report["compacted_model"] = _save_compacted(model, tokenizer, final_mask, out / "model")
     report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "report.json", report)
     return report
 
 
@@ -217,7 +276,7 @@ def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> dict:
 
     try:
         saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True)
-    except BppError as e:
+    except (BppError, OSError) as e:
         warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
         return {"path": None, "error": str(e)}
     return {"path": str(saved)}

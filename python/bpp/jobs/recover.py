@@ -14,10 +14,10 @@ import torch
 from ..errors import BppError
 from ..methods.lora_recovery import CHECKPOINT, LoraRecovery, RecoverConfig, recovery_windows
 from ..modelio import MODELING_FILE, load_pruned, load_tokenizer, resolve_model_dir, save_model_folder
-from ..runs import atomic_write_json, differences
+from ..runs import RunFolder, atomic_write_json, check_model_folder_target, differences, read_json, write_error
 
 def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-                   report: dict | None = None) -> Path:
+                   report: dict | None = None, protected: tuple = ()) -> Path:
     """Save ``model`` to ``out`` the way ``source`` (the folder it was loaded from) is saved:
     safetensors, config (with the same ``auto_map`` and the shipped ``modeling_bpp.py`` when
     ``source`` has them), generation config, tokenizer, ``bpp_compaction.json`` when present,
@@ -27,7 +27,8 @@ def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.Pa
     if getattr(model.config, "auto_map", None) and (source / MODELING_FILE).is_file():
         copies.append(source / MODELING_FILE)
     extra = {"report.json": json.dumps(report, indent=2) + "\n"} if report is not None else None
-    return save_model_folder(model, out, tokenizer=tokenizer, force=force, copy_files=copies, extra_files=extra)
+    return save_model_folder(model, out, tokenizer=tokenizer, force=force, copy_files=copies, extra_files=extra,
+                             protected=protected)
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
@@ -43,6 +44,8 @@ RUN_FILE = "run.json"
 RUN_DEFAULTS = {"data": "default", "dtype": "float32", "checkpoint_every": 10, "evaluate": True,
                 "eval_windows": None, "eval_seq_len": 128}
 CONFIG_FIELDS = tuple(RecoverConfig.__dataclass_fields__)
+# options that do not change the weights: given again on resume, they replace the saved ones
+CHANGEABLE_ON_RESUME = ("checkpoint_every", "evaluate", "eval_windows", "eval_seq_len")
 
 
 def _resolve_run(model_dir, config: RecoverConfig | None, options: dict, saved: dict | None) -> dict:
@@ -62,7 +65,8 @@ def _resolve_run(model_dir, config: RecoverConfig | None, options: dict, saved: 
         config = (config or RecoverConfig(**config_options)).validate()
         return {"model": str(resolve_model_dir(model_dir).resolve()), **RUN_DEFAULTS, **run_options,
                 "recover": config.to_dict()}
-    asked = dict(run_options)
+    changeable = {k: v for k, v in run_options.items() if k in CHANGEABLE_ON_RESUME}
+    asked = {k: v for k, v in run_options.items() if k not in CHANGEABLE_ON_RESUME}
     if model_dir is not None:
         asked["model"] = str(resolve_model_dir(model_dir).resolve())
     saved_config = saved["recover"]
@@ -72,7 +76,7 @@ def _resolve_run(model_dir, config: RecoverConfig | None, options: dict, saved: 
     if diff:
         raise BppError("--resume continues the interrupted run as it was configured; these options differ from it: "
                        + "; ".join(diff) + " (drop them, or start over with --force)")
-    return dict(saved)
+    return {**saved, **changeable}
 
 
 def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
@@ -85,35 +89,51 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     ``eval_windows``, ``eval_seq_len``. Checkpoints go to ``OUT.partial/`` (removed once ``out`` is
     written); ``resume=True`` continues the run found there with its saved settings (options
     given must agree with them)."""
-    from ..data import load_text, tokenize
-    from ..evaluate import perplexity
 
     t_start = time.perf_counter()
     if out is None:
         raise BppError("give the output folder with --out DIR")
     out = Path(out)
-    partial = partial_dir(out)
-    saved = None
-    if resume:
-        if not (partial / RUN_FILE).is_file() or not (partial / CHECKPOINT).is_file():
-            done = " (it is finished)" if (out / "report.json").is_file() else ""
-            raise BppError(f"nothing to resume: {partial} holds no checkpoint of a run for {out}{done}")
-        saved = json.loads((partial / RUN_FILE).read_text())
+    partial = RunFolder(partial_dir(out), "recover")
+    if resume and not (partial.path / CHECKPOINT).is_file():
+        done = " (it is finished)" if (out / "report.json").is_file() else ""
+        raise BppError(f"nothing to resume: {partial.path} holds no checkpoint of a run for {out}{done}")
+    if not resume and partial.path.exists() and not force:
+        raise BppError(f"{partial.path} holds an interrupted run for {out}; pass --resume to continue it, "
+                       "or --force to start over")
+    local = tuple(Path(p) for p in (model_dir, options.get("data")) if isinstance(p, (str, os.PathLike))
+                  and Path(p).exists())
+    check_model_folder_target(out, force=force, protected=local)
+    partial.open(force=force, resume=resume, protected=local)
+    ok = False
+    try:
+        report = _run(model_dir, out, partial, config, options, force=force, resume=resume, device=device,
+                      trust_remote_code=trust_remote_code, progress=progress, t_start=t_start, local=local)
+        ok = True
+        return report
+    except OSError as e:
+        raise BppError(f"{write_error(e, out)}; the last checkpoint in {partial.path} is kept: once that is fixed, "
+                       f"continue with bpp recover --out {out} --resume") from None
+    finally:
+        partial.close(ok)
+        if ok:
+            shutil.rmtree(partial.path, ignore_errors=True)
+
+
+def _run(model_dir, out: Path, partial: RunFolder, config, options: dict, *, force: bool, resume: bool, device: str,
+         trust_remote_code: bool, progress: bool, t_start: float, local: tuple) -> dict:
+    from ..data import load_text, tokenize
+    from ..evaluate import perplexity
+
+    saved = read_json(partial.path / RUN_FILE, "the run settings") if resume else None
     run = _resolve_run(model_dir, config, options, saved)
     config = RecoverConfig.from_dict(run["recover"]).validate()
     model_dir, data, dtype, evaluate = run["model"], run["data"], run["dtype"], run["evaluate"]
     eval_windows, eval_seq_len, checkpoint_every = run["eval_windows"], run["eval_seq_len"], run["checkpoint_every"]
     if eval_windows is not None and eval_windows < 1:
         raise BppError(f"--eval-windows must be at least 1, got {eval_windows}")
-    if not resume:
-        if out.exists() and not force:
-            raise BppError(f"{out} exists; pass --force to replace it")
-        if partial.exists():
-            if not force:
-                raise BppError(f"{partial} holds an interrupted run for {out}; pass --resume to continue it, "
-                               "or --force to start over")
-            shutil.rmtree(partial)
 
+    # every input loads and is checked before the folders are touched
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(resolve_model_dir(model_dir))
     train_ids = tokenize(tokenizer, load_text(data, "calib"))
@@ -122,8 +142,9 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     model, tokenizer, source = load_pruned(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - t0
     total_params = sum(p.numel() for p in model.parameters())
+    partial.claim(force=force, resume=resume, files=(CHECKPOINT, RUN_FILE))
 
-    job = LoraRecovery(model, tokenizer, train_ids, config, checkpoint_dir=partial,
+    job = LoraRecovery(model, tokenizer, train_ids, config, checkpoint_dir=partial.path,
                        checkpoint_every=checkpoint_every, progress=progress)  # checks the text is long enough
     if resume:
         job.resume()
@@ -134,9 +155,8 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
             with torch.no_grad():
                 before = perplexity(job.peft_model, tokenizer, held, seq_len=eval_seq_len, max_windows=eval_windows)
         job.extra_state = {"perplexity_before": before, "eval_before_seconds": time.perf_counter() - t0, "run": run}
-        partial.mkdir(parents=True, exist_ok=True)
         job.save_checkpoint()  # step 0: a kill during the first steps can resume
-        atomic_write_json(partial / RUN_FILE, run)
+        atomic_write_json(partial.path / RUN_FILE, run)
 
     job.train()
     t0 = time.perf_counter()
@@ -171,9 +191,8 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     }
     t0 = time.perf_counter()
     report["timings_s"]["save"] = None  # filled in below, after the folder is written
-    save_recovered(merged, tokenizer, source, out, force=True, report=report)
+    save_recovered(merged, tokenizer, source, out, force=True, report=report, protected=local)
     report["timings_s"]["save"] = time.perf_counter() - t0
     report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", report)  # now with the save and total times
-    shutil.rmtree(partial, ignore_errors=True)
     return report

@@ -5,10 +5,10 @@ Reads each run's ``report.json`` (written by ``bpp prune``) and, when present, a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BppError
+from ..runs import atomic_write_text, read_json
 
 
 def load_run(path: str | Path) -> dict:
@@ -16,13 +16,10 @@ def load_run(path: str | Path) -> dict:
     report_file = path / "report.json" if path.is_dir() else path
     if not report_file.is_file():
         raise BppError(f"{path} has no report.json: give folders written by `bpp prune`")
-    try:
-        report = json.loads(report_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BppError(f"{report_file} is not valid JSON: {e}") from None
+    report = read_json(report_file, "a bpp report")
     zero_shot = report_file.parent / "zero_shot.json"
     if zero_shot.is_file():
-        report["zero_shot"] = json.loads(zero_shot.read_text())
+        report["zero_shot"] = read_json(zero_shot, "a zero-shot result")
     report["_name"] = report_file.parent.name
     return report
 
@@ -99,6 +96,6 @@ def write_report(dirs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md, png = out / "report.md", out / "report.png"
-    md.write_text("# bpp runs\n\n" + markdown(runs) + "\n![perplexity vs parameters](report.png)\n")
+    atomic_write_text(md, "# bpp runs\n\n" + markdown(runs) + "\n![perplexity vs parameters](report.png)\n")
     plot(runs, png)
     return md, png

@@ -128,8 +128,10 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     for p in work.parameters():
         p.requires_grad_(False)
     present = [t for t in PROJECTIONS if hasattr(work.model.layers[0].self_attn, t) or hasattr(work.model.layers[0].mlp, t)]
-    peft_model = get_peft_model(work, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                                                 target_modules=present, bias="none"))
+    with torch.random.fork_rng(devices=[]):  # the adapters' init is seeded, the caller's RNG left alone
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(work, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                                                     target_modules=present, bias="none"))
     layers = work.model.layers  # peft replaced the projections in place
     masks = {t: torch.ones(L, sizes[t], dtype=torch.bool) for t in TYPES}
     live = {t: masks[t].to(param.device, torch.float32) for t in TYPES}

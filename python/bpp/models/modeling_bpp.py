@@ -16,7 +16,9 @@ from transformers.models.FAMILY.modeling_FAMILY import FamilyForCausalLM as _Bas
 
 
 class BppPrunedConfig(_BaseConfig):
-    model_type = "bpp_pruned_FAMILY"
+    # the family's own model type: AutoConfig (and so AutoTokenizer) reads the folder without
+    # running this file; the model itself needs it (auto_map, trust_remote_code=True)
+    model_type = "FAMILY"
 
     def __init__(self, kv_heads_per_layer=None, intermediate_size_per_layer=None, o_proj_bias=False,
                  down_proj_bias=False, **kwargs):
