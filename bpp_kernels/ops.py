@@ -10,11 +10,15 @@ else the environment variable ``BPP_KERNELS_BACKEND`` in {auto, reference, cpp, 
 (a backend lacking an op falls back to reference for it), where ``auto`` means triton for
 CUDA tensors and cpp for CPU tensors when built, else reference.
 :func:`backend_info` tells what each op resolves to on this machine.
+
+Gradients: every op but :func:`mask_to_index` is differentiable on every backend, first order.
+The reference is plain autograd; the C++ and Triton ops register their own backward with
+``torch.library.register_autograd`` (a backward op beside each forward op, recomputing what it
+needs from the saved inputs), so eager autograd and ``torch.compile`` both use them. The
+backward runs on the backend that ran the forward.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 
 import torch
@@ -36,22 +40,37 @@ _TRITON_MODULE = {
 OPS = tuple(_TRITON_MODULE)
 
 
-@functools.cache
+# backend modules by name, loaded on first use (a plain dict, not functools.cache: torch.compile
+# traces through the dispatch, and it warns about cache wrappers)
+_LOADED: dict = {}
+
+
 def _cpp_module():
-    try:
-        from . import cpp  # loads bpp_kernels._C
-    except (ImportError, OSError):
-        return None
-    return cpp if getattr(cpp, "AVAILABLE", False) else None
+    if "cpp" not in _LOADED:
+        try:
+            from . import cpp  # loads bpp_kernels._C
+        except (ImportError, OSError):
+            cpp = None
+        _LOADED["cpp"] = cpp if getattr(cpp, "AVAILABLE", False) else None
+    return _LOADED["cpp"]
 
 
-@functools.cache
+def _triton_modules() -> dict | None:
+    if "triton" not in _LOADED:
+        # plain import statements (not importlib), so torch.compile traces through the dispatch
+        try:
+            from .triton import linear_cross_entropy, mask_index, masked_attention, masked_mlp, rmsnorm
+        except ImportError:
+            _LOADED["triton"] = None
+        else:
+            _LOADED["triton"] = dict(mask_index=mask_index, rmsnorm=rmsnorm, masked_mlp=masked_mlp,
+                                     masked_attention=masked_attention, linear_cross_entropy=linear_cross_entropy)
+    return _LOADED["triton"]
+
+
 def _triton_impl(op: str):
-    try:
-        module = importlib.import_module(f"{__package__}.triton.{_TRITON_MODULE[op]}")
-    except ImportError:
-        return None
-    return getattr(module, op, None)
+    modules = _triton_modules()
+    return None if modules is None else getattr(modules[_TRITON_MODULE[op]], op, None)
 
 
 def _impl(op: str, backend: str):
@@ -115,11 +134,17 @@ def _check(cond: bool, op: str, msg: str) -> None:
         raise ValueError(f"{op}: {msg}")
 
 
-def _check_index(op: str, keep_idx: torch.Tensor, keep_count: torch.Tensor, S: int, n: int) -> None:
+def _check_index(op: str, keep_idx: torch.Tensor, keep_count: torch.Tensor, S: int, n: int,
+                 unit_scale: torch.Tensor | None, x: torch.Tensor) -> None:
     _check(keep_idx.shape == (S, n), op, f"keep_idx must be (S={S}, n={n}), got {tuple(keep_idx.shape)}")
     _check(keep_count.shape == (S,), op, f"keep_count must be (S={S},), got {tuple(keep_count.shape)}")
     _check(keep_idx.dtype == torch.int32 and keep_count.dtype == torch.int32, op,
            "keep_idx and keep_count must be int32 (use mask_to_index)")
+    if unit_scale is not None:
+        _check(unit_scale.shape == (S, n) and unit_scale.is_floating_point(), op,
+               f"unit_scale must be a floating (S={S}, n={n}) tensor aligned with keep_idx, got "
+               f"{tuple(unit_scale.shape)} {unit_scale.dtype}")
+        _check(unit_scale.device == x.device, op, f"unit_scale is on {unit_scale.device}, x on {x.device}")
 
 
 def mask_to_index(mask: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +170,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
-                  keep_count: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Per-sample SwiGLU MLP over kept channels only: ``down(silu(gate(x)) * up(x))``.
+                  keep_count: torch.Tensor, *, unit_scale: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """Per-sample SwiGLU MLP over kept channels only: ``down(a * silu(gate(x)) * up(x))``.
 
     x ``(S, ..., d)`` fp32/fp16/bf16; w_gate_up ``(m, 2, d)``, w_down_t ``(m, d)`` from
-    :func:`bpp_kernels.layout.pack_swiglu`; keep_idx ``(S, m)`` int32, keep_count ``(S,)`` int32.
-    Returns ``(S, ..., d)``; a sample that keeps no channel gets zeros. Pruned channels cost nothing.
+    :func:`bpp_kernels.layout.pack_swiglu`; keep_idx ``(S, m)`` int32, keep_count ``(S,)`` int32;
+    unit_scale ``(S, m)`` floating or None: ``a = unit_scale[s, j]`` for the j-th kept channel
+    ``keep_idx[s, j]`` (soft masks; None = 1, the scale-free path).
+    Returns ``(S, ..., d)``; a sample that keeps no channel gets zeros. Pruned channels cost
+    nothing, forward or backward. Differentiable in x, w_gate_up, w_down_t and unit_scale.
     """
     op = "masked_swiglu"
     _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
@@ -158,22 +187,25 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
     _check(w_gate_up.shape == (m, 2, d), op, f"w_gate_up must be ({m}, 2, {d}), got {tuple(w_gate_up.shape)}")
     _check(x.shape[-1] == d, op, f"x's last dim {x.shape[-1]} != hidden size {d}")
     _check(x.dtype == w_gate_up.dtype == w_down_t.dtype, op, "x and weights must share a dtype")
-    _check_index(op, keep_idx, keep_count, x.shape[0], m)
-    return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count)
+    _check_index(op, keep_idx, keep_count, x.shape[0], m, unit_scale, x)
+    return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale)
 
 
 def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, *,
                      b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, scale: float | None = None,
-                     backend: str | None = None) -> torch.Tensor:
+                     unit_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Per-sample causal GQA attention over kept KV groups only, through W_o (no residual).
 
     x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
     ``(G, (r+2)*hd)`` from :func:`bpp_kernels.layout.pack_attention`; cos/sin ``(T, hd)``
     (Hugging Face rotate-half RoPE); q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
-    keep_idx ``(S, G)`` int32, keep_count ``(S,)`` int32; scale defaults to hd**-0.5.
-    Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros.
+    keep_idx ``(S, G)`` int32, keep_count ``(S,)`` int32; scale (the softmax scale) defaults
+    to hd**-0.5; unit_scale ``(S, G)`` floating or None multiplies the attention output of the
+    j-th kept group (all its r query heads) by ``unit_scale[s, j]`` before W_o.
+    Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros. Differentiable in x,
+    w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos and sin are constants.
     """
     op = "masked_attention"
     _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
@@ -190,9 +222,11 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         _check(w is None or w.shape == (hd,), op, f"{name} must be ({hd},)")
     _check(x.dtype == w_qkv.dtype == w_o_t.dtype, op, "x and weights must share a dtype")
-    _check_index(op, keep_idx, keep_count, S, G)
+    _check(not (cos.requires_grad or sin.requires_grad), op,
+           "cos and sin are RoPE constants and get no gradient; pass them detached")
+    _check_index(op, keep_idx, keep_count, S, G, unit_scale, x)
     return _call(op, x, backend, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count,
-                 b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale)
+                 b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale, unit_scale=unit_scale)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
@@ -200,8 +234,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     """Per-row cross-entropy of ``h @ weight.T`` (fp32 loss) without materialising all logits.
 
     h ``(N, d)``; weight ``(V, d)``; target ``(N,)`` int64 in [0, V) or ignore_index.
-    Returns ``(N,)`` float32; ignored rows get 0. chunk_size bounds the rows the reference
-    holds logits for at once; the C++ and Triton kernels work in fixed tiles of their own.
+    Returns ``(N,)`` float32; ignored rows get 0. Differentiable in h and weight: the C++ and
+    Triton backward recompute the logits tile by tile (C++) or chunk by chunk (Triton, at most
+    ``chunk_size`` rows) and never hold all of them; the reference's autograd keeps every
+    chunk's logits. chunk_size bounds the rows the reference holds logits for at once; the C++
+    and Triton forward kernels work in fixed tiles of their own.
     """
     op = "linear_cross_entropy"
     _check(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], op,

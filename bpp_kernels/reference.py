@@ -16,6 +16,15 @@ Layouts (built once by :mod:`bpp_kernels.layout`):
   h // r, as in Hugging Face's ``repeat_kv``.
 - Masks as index lists: ``keep_idx (S, n) int32`` is a permutation of 0..n-1 per sample with
   the kept units first (ascending), ``keep_count (S,) int32`` says how many are kept.
+- Per-unit scales (soft masks): ``unit_scale (S, n)`` floating, aligned with ``keep_idx``:
+  ``unit_scale[s, j]`` multiplies the output of unit ``keep_idx[s, j]`` for ``j < keep_count[s]``
+  (an MLP channel's activation before W_down; a KV group's attention output, all r query heads
+  of it, before W_o). Entries at ``j >= keep_count[s]`` are never read and get zero gradient.
+  ``None`` (a hard mask) is the same as all ones.
+
+Differentiable: every function here is plain autograd (``torch.autograd.gradcheck`` runs on
+them in float64). :func:`linear_cross_entropy` keeps every chunk's logits for its backward
+here; the C++ and Triton backends recompute them chunk by chunk instead.
 """
 from __future__ import annotations
 
@@ -30,8 +39,9 @@ def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in fp32 and cast back (as Hugging Face Llama does)."""
-    h = x.float()
+    """RMSNorm over the last dim, computed in fp32 (float64 stays float64) and cast back (as
+    Hugging Face Llama does)."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
@@ -50,11 +60,14 @@ def masked_swiglu(
     w_down_t: torch.Tensor,
     keep_idx: torch.Tensor,
     keep_count: torch.Tensor,
+    unit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU MLP of sample s over its kept channels only.
 
     x ``(S, ..., d)``; w_gate_up ``(m, 2, d)``; w_down_t ``(m, d)``; keep_idx ``(S, m)``;
-    keep_count ``(S,)``. Returns ``(S, ..., d)`` in x's dtype; zeros where nothing is kept.
+    keep_count ``(S,)``; unit_scale ``(S, m)`` or None: the j-th kept channel's activation is
+    multiplied by ``unit_scale[s, j]`` (in x's dtype). Returns ``(S, ..., d)`` in x's dtype;
+    zeros where nothing is kept.
     """
     S, d = x.shape[0], x.shape[-1]
     out = torch.zeros_like(x)
@@ -67,6 +80,8 @@ def masked_swiglu(
         xs = x[s].reshape(-1, d)
         gu = (xs @ w_gate_up[k].reshape(2 * c, d).t()).view(-1, c, 2)
         act = F.silu(gu[..., 0]) * gu[..., 1]
+        if unit_scale is not None:
+            act = act * unit_scale[s, :c].to(act.dtype)
         out[s] = (act @ w_down_t[k]).view(x.shape[1:])
     return out
 
@@ -91,12 +106,15 @@ def masked_attention(
     k_norm: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     scale: float | None = None,
+    unit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA self-attention of sample s over its kept KV groups only, through W_o.
 
     x ``(S, B, T, d)`` (already normalised); w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``;
     cos/sin ``(T, hd)``; keep_idx ``(S, G)``; keep_count ``(S,)``; optional b_qkv
-    ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3).
+    ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3);
+    ``scale`` is the softmax scale (default hd**-0.5); unit_scale ``(S, G)`` or None multiplies
+    the attention output of the j-th kept group's r query heads by ``unit_scale[s, j]``.
     Returns the o_proj output ``(S, B, T, d)`` (no residual); zeros where nothing is kept.
     """
     S, B, T, d = x.shape
@@ -126,6 +144,8 @@ def masked_attention(
         kk = kk.repeat_interleave(r, dim=1)
         v = v.repeat_interleave(r, dim=1)
         att = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale)
+        if unit_scale is not None:
+            att = att * unit_scale[s, :c].to(att.dtype).repeat_interleave(r).view(1, c * r, 1, 1)
         att = att.transpose(1, 2).reshape(B, T, c * r * hd)
         out[s] = att @ w_o_t[k].reshape(c * r * hd, d)
     return out
@@ -141,13 +161,15 @@ def linear_cross_entropy(
     """Per-row cross-entropy of ``h @ weight.T`` without holding all logits at once.
 
     h ``(N, d)``; weight ``(V, d)``; target ``(N,)`` int64. Logits are computed in h's dtype,
-    the loss in fp32. Returns ``(N,)`` float32; rows whose target is ignore_index get 0.
+    the loss in fp32 (float64 for float64 h). Returns ``(N,)`` float32 (float64); rows whose
+    target is ignore_index get 0.
     """
     N = h.shape[0]
-    loss = torch.zeros(N, dtype=torch.float32, device=h.device)
+    wide = torch.promote_types(h.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+    loss = torch.zeros(N, dtype=wide, device=h.device)
     for start in range(0, N, chunk_size):
         rows = slice(start, min(start + chunk_size, N))
-        logits = (h[rows] @ weight.t()).float()
+        logits = (h[rows] @ weight.t()).to(wide)
         t = target[rows]
         valid = t != ignore_index
         picked = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)

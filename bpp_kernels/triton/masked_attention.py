@@ -10,16 +10,32 @@ axis, so programs running together belong to one sample and share its gathered w
    fused in the epilogue. Each head is computed as two halves so rotate-half is a register swap.
 2. ``_flash_kernel`` (query tile, batch × slot × query head, sample): causal flash attention with
    an online softmax in fp32; a query head reads its group's single K/V (GQA without copies).
-3. ``_o_proj_kernel`` (row tile, output tile, sample): reduces over the kept heads' features only,
-   gathering rows of ``w_o_t (G, r*hd, d)``.
+3. the o_proj (row tile, output tile, sample) reduces over the kept heads' features only,
+   gathering rows of ``w_o_t (G, r*hd, d)`` (:func:`._gathered.gathered_rows_product`), with
+   ``unit_scale`` multiplying each kept group's features on the way.
+
+Backward (only the inputs are saved; FlashAttention-2's scheme): kernel 1 recomputes q/k/v (and
+the projections before the q/k norm, when there is one), kernel 2 recomputes the attention with
+its per-row log-sum-exp, ``dO = dY W_o^T`` runs over the kept groups only
+(:func:`._gathered.gathered_projection`); ``_flash_dkdv_kernel`` (key tile, batch × slot, sample)
+sums dK and dV over the r query heads of a group inside one program (GQA without atomics) and
+``_flash_dq_kernel`` (query tile, batch × slot × head, sample) gives dQ. RoPE and the q/k norm are
+differentiated by a few elementwise torch ops over the slot-space buffers; then ``dX`` and the
+kept groups' weight gradients come from :mod:`._gathered`. Pruned groups' weights are never read.
+
+Both directions are ``torch.library`` custom ops (``bpp_triton::masked_attention`` and its
+``_backward``) tied by ``register_autograd``.
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
+from ._common import INTERPRET, dot_precision, empty_unless, gemm_config, next_pow2
+from ._gathered import gathered_projection, gathered_rows_product, slot_positions, unit_bias_grad, unit_weight_grad
 
 
 @triton.jit
@@ -35,9 +51,9 @@ def _head_rms_norm(acc_lo, acc_hi, W, e, e_ok, half, HD, eps, dtype: tl.constexp
 
 
 @triton.jit
-def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K, V,
+def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K, V, Pre,
                 N, T, D, G, R, HD, eps,
-                HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, STORE_PRE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.program_id(1) // (R + 2)
@@ -71,14 +87,20 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
     dtype = Q.dtype.element_ty
     is_query = head < R
     is_key = head == R
+    t = (rows % T).to(tl.int64)
+    mask2 = row_ok[:, None] & e_ok[None, :]
+    row64 = rows.to(tl.int64)[:, None]
+    if STORE_PRE:  # the backward's copy of the q/k projections before norm and RoPE, (S, G, R+1, N, hd)
+        if head <= R:
+            pre = Pre + ((s * G + slot) * (R + 1) + head) * N * HD + row64 * HD
+            tl.store(pre + e[None, :], acc_lo.to(dtype), mask=mask2)
+            tl.store(pre + half + e[None, :], acc_hi.to(dtype), mask=mask2)
     if HAS_QNORM:
         if is_query:
             acc_lo, acc_hi = _head_rms_norm(acc_lo, acc_hi, QNorm, e, e_ok, half, HD, eps, dtype)
     if HAS_KNORM:
         if is_key:
             acc_lo, acc_hi = _head_rms_norm(acc_lo, acc_hi, KNorm, e, e_ok, half, HD, eps, dtype)
-    t = (rows % T).to(tl.int64)
-    mask2 = row_ok[:, None] & e_ok[None, :]
     if head <= R:  # RoPE on queries and keys
         cos_lo = tl.load(Cos + t[:, None] * HD + e[None, :], mask=mask2, other=0.0).to(tl.float32)
         cos_hi = tl.load(Cos + t[:, None] * HD + half + e[None, :], mask=mask2, other=0.0).to(tl.float32)
@@ -87,7 +109,6 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
         rot_lo = acc_lo * cos_lo - acc_hi * sin_lo
         rot_hi = acc_hi * cos_hi + acc_lo * sin_hi
         acc_lo, acc_hi = rot_lo, rot_hi
-    row64 = rows.to(tl.int64)[:, None]
     if is_query:
         base = Q + ((s * G + slot) * R + head) * N * HD
     elif is_key:
@@ -99,7 +120,7 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
 
 
 @triton.jit
-def _flash_kernel(Q, K, V, O, KeepCount, B, T, G, R, HD, scale,
+def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -138,80 +159,317 @@ def _flash_kernel(Q, K, V, O, KeepCount, B, T, G, R, HD, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
+    if STORE_LSE:  # per query row, (S, G, R, N): what the backward needs to rebuild the probabilities
+        tl.store(Lse + ((s * G + slot) * R + head) * N + b * T + tq, m_i + tl.log(l_i), mask=tq_ok)
     feature = (slot * R + head) * HD + e
     o_base = O + s * N * (G * R * HD) + (b * T + tq).to(tl.int64)[:, None] * (G * R * HD)
     tl.store(o_base + feature[None, :], out.to(O.dtype.element_ty), mask=tq_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
-def _o_proj_kernel(O, Wot, KeepIdx, KeepCount, Y, N, D, G, RHD,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, HD, scale,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
+    k_tile = tl.program_id(0)
+    b = tl.program_id(1) // G
+    slot = tl.program_id(1) % G
     s = tl.program_id(2).to(tl.int64)
-    row_ok = rows < N
-    col_ok = cols < D
     count = tl.load(KeepCount + s)
-    n_features = count * RHD
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    o_base = O + s * N * (G * RHD) + rows.to(tl.int64)[:, None] * (G * RHD)
-    for f0 in range(0, n_features, BLOCK_K):
-        f = f0 + tl.arange(0, BLOCK_K)
-        f_ok = f < n_features
-        group = tl.load(KeepIdx + s * G + f // RHD, mask=f_ok, other=0).to(tl.int64)
-        a = tl.load(o_base + f[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        w = tl.load(Wot + (group * RHD + f % RHD)[:, None] * D + cols[None, :], mask=f_ok[:, None] & col_ok[None, :],
-                    other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
-    out = Y + s * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(out, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if slot >= count:
+        return
+    N = B * T
+    e = tl.arange(0, HD_P)
+    e_ok = e < HD
+    tk = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    tk_ok = tk < T
+    kv_off = (s * G + slot) * N * HD + b * T * HD
+    kv_ptrs = kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :]
+    kv_mask = tk_ok[:, None] & e_ok[None, :]
+    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+    dtype = k.dtype
+    dk = tl.zeros((BLOCK_N, HD_P), tl.float32)
+    dv = tl.zeros((BLOCK_N, HD_P), tl.float32)
+    first_q = (k_tile * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: earlier queries never see these keys
+    width = G * R * HD
+    for head in range(0, R):  # the group's query heads share its K and V: sum them here, no atomics
+        q_base = Q + ((s * G + slot) * R + head) * N * HD + b * T * HD
+        row_base = ((s * G + slot) * R + head) * N + b * T
+        do_base = DO + s * N * width + (slot * R + head) * HD
+        for q0 in range(first_q, T, BLOCK_M):
+            tq = q0 + tl.arange(0, BLOCK_M)
+            tq_ok = tq < T
+            q_mask = tq_ok[:, None] & e_ok[None, :]
+            q = tl.load(q_base + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + (b * T + tq).to(tl.int64)[:, None] * width + e[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(Lse + row_base + tq, mask=tq_ok, other=0.0)
+            delta = tl.load(Delta + row_base + tq, mask=tq_ok, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
+            p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=PRECISION)
+    tl.store(DK + kv_ptrs, dk * scale, mask=kv_mask)
+    tl.store(DV + kv_ptrs, dv, mask=kv_mask)
+
+
+@triton.jit
+def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, B, T, G, R, HD, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    s = tl.program_id(2).to(tl.int64)
+    b = bh // (G * R)
+    slot = (bh // R) % G
+    head = bh % R
+    count = tl.load(KeepCount + s)
+    if slot >= count:
+        return
+    N = B * T
+    e = tl.arange(0, HD_P)
+    e_ok = e < HD
+    tq = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tq_ok = tq < T
+    q_mask = tq_ok[:, None] & e_ok[None, :]
+    q_ptrs = ((s * G + slot) * R + head) * N * HD + b * T * HD + tq.to(tl.int64)[:, None] * HD + e[None, :]
+    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+    width = G * R * HD
+    do = tl.load(DO + s * N * width + (b * T + tq).to(tl.int64)[:, None] * width + (slot * R + head) * HD + e[None, :],
+                 mask=q_mask, other=0.0)
+    row = ((s * G + slot) * R + head) * N + b * T + tq
+    lse = tl.load(Lse + row, mask=tq_ok, other=0.0)
+    delta = tl.load(Delta + row, mask=tq_ok, other=0.0)
+    kv_off = (s * G + slot) * N * HD + b * T * HD
+    dq = tl.zeros((BLOCK_M, HD_P), tl.float32)
+    end = tl.minimum((q_tile + 1) * BLOCK_M, T)
+    for k0 in range(0, end, BLOCK_N):
+        tk = k0 + tl.arange(0, BLOCK_N)
+        tk_ok = tk < T
+        kv_mask = tk_ok[:, None] & e_ok[None, :]
+        k = tl.load(K + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
+        p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + q_ptrs, dq * scale, mask=q_mask)
+
+
+def _flash_block(dt: torch.dtype) -> int:
+    # 64x64 on a GPU for 16-bit inputs (fp32 ieee dots need half), 32x32 in the interpreter
+    return 32 if INTERPRET or dt == torch.float32 else 64
+
+
+def _project_and_attend(x, w_qkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps, scale,
+                        for_backward: bool):
+    """Kernels 1 and 2: q/k/v of the kept groups and the attention output o ``(S, N, G*r*hd)``.
+    For the backward also the projections before the q/k norm (when there is one) and the
+    per-row log-sum-exp, and every buffer zero-filled (pruned slots then read as zeros)."""
+    S, B, T, D = x.shape
+    G, rows, _ = w_qkv.shape
+    HD = cos.shape[-1]
+    R = rows // HD - 2
+    N = B * T
+    dt, dev = x.dtype, x.device
+    alloc = torch.zeros if for_backward else torch.empty
+    q = alloc((S, G, R, N, HD), dtype=dt, device=dev)
+    k = alloc((S, G, N, HD), dtype=dt, device=dev)
+    v = alloc((S, G, N, HD), dtype=dt, device=dev)
+    o = alloc((S, N, G * R * HD), dtype=dt, device=dev)
+    store_pre = for_backward and (q_norm is not None or k_norm is not None)
+    pre = torch.zeros((S, G, R + 1, N, HD), dtype=dt, device=dev) if store_pre else None
+    lse = torch.zeros((S, G, R, N), dtype=torch.float32, device=dev) if for_backward else None
+    cos, sin = cos.to(dt).contiguous(), sin.to(dt).contiguous()
+    precision = dot_precision(dt)
+    dummy = w_qkv  # placeholder pointer for absent optional tensors
+    cfg = gemm_config(dt, N)
+    _qkv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), G * (R + 2), S)](
+        x, w_qkv, dummy if b_qkv is None else b_qkv.contiguous(),
+        dummy if q_norm is None else q_norm.contiguous(), dummy if k_norm is None else k_norm.contiguous(),
+        cos, sin, keep_idx, keep_count, q, k, v, dummy if pre is None else pre, N, T, D, G, R, HD, norm_eps,
+        HAS_BIAS=b_qkv is not None, HAS_QNORM=q_norm is not None, HAS_KNORM=k_norm is not None, STORE_PRE=store_pre,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_K"], HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    block = _flash_block(dt)
+    _flash_kernel[(triton.cdiv(T, block), B * G * R, S)](
+        q, k, v, o, o if lse is None else lse, keep_count, B, T, G, R, HD, scale, STORE_LSE=lse is not None,
+        BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=precision,
+        num_warps=4, num_stages=1 if INTERPRET else 2)
+    return q, k, v, o, pre, lse
+
+
+def _check_head_dim(HD: int) -> None:
+    if HD % 2:
+        raise ValueError(f"masked_attention: rotate-half RoPE needs an even head_dim, got {HD} (cos.shape[-1])")
+
+
+def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale):
+    S, B, T, D = x.shape
+    G, rows, _ = w_qkv.shape
+    HD = cos.shape[-1]
+    R = rows // HD - 2
+    _check_head_dim(HD)
+    if S == 0 or B * T == 0:
+        return torch.empty_like(x)
+    x = x.contiguous()
+    keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
+    o = _project_and_attend(x, w_qkv.contiguous(), cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps,
+                            scale, for_backward=False)[3]
+    y = gathered_rows_product(o, w_o_t.contiguous().view(G * R * HD, D), keep_idx, keep_count, R * HD, x.dtype,
+                              None if unit_scale is None else unit_scale.contiguous())
+    return y.view(S, B, T, D)
+
+
+def _rope_transposed(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient through rotate-half RoPE: its transpose applied to g (..., N, hd)."""
+    half = g.shape[-1] // 2
+    lo, hi = g[..., :half], g[..., half:]
+    return torch.cat((lo * cos[:, :half] + hi * sin[:, half:], hi * cos[:, half:] - lo * sin[:, :half]), dim=-1)
+
+
+def _head_norm_backward(g, pre, weight, eps, dtype):
+    """Per-head RMSNorm ``weight * round(pre * rstd)``: (gradient of pre, gradient of weight)."""
+    rstd = torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = pre * rstd
+    dweight = (g * xhat.to(dtype).float()).reshape(-1, g.shape[-1]).sum(0)
+    dn = g * weight.float()
+    return rstd * (dn - xhat * (dn * xhat).mean(-1, keepdim=True)), dweight
+
+
+def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
+              scale, output_mask):
+    S, B, T, D = x.shape
+    G, rows, _ = w_qkv.shape
+    HD = cos.shape[-1]
+    R = rows // HD - 2
+    N, RHD = B * T, R * HD
+    dt, dev = x.dtype, x.device
+    need_x, need_wqkv, need_wo = output_mask[:3]
+    need_b, need_qn, need_kn, need_scale = (bool(w) and t is not None for w, t in
+                                            zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)))
+    empty = lambda: x.new_empty(0)  # noqa: E731  (a fresh tensor per output: outputs must not alias)
+    if S == 0 or N == 0:
+        zeros = lambda wanted, t: torch.zeros_like(t) if wanted else empty()  # noqa: E731
+        return (zeros(need_x, x), zeros(need_wqkv, w_qkv), zeros(need_wo, w_o_t), zeros(need_b, b_qkv),
+                zeros(need_qn, q_norm), zeros(need_kn, k_norm), zeros(need_scale, unit_scale))
+    x = x.contiguous()
+    xs = x.view(S, N, D)
+    dy = grad_out.to(dt).contiguous().view(S, N, D)
+    keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
+    wqkv, wot = w_qkv.contiguous(), w_o_t.contiguous()
+    q, k, v, o, pre, lse = _project_and_attend(x, wqkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
+                                               norm_eps, scale, for_backward=True)
+    pos = slot_positions(keep_idx, keep_count)
+    d_att = gathered_projection(dy, wot.view(G * RHD, D), keep_idx, keep_count, RHD)  # (S, N, G*RHD)
+    o_scaled, dscale = o, empty()
+    if unit_scale is not None:
+        kept = torch.arange(G, device=dev) < keep_count[:, None]
+        if need_scale:
+            dscale = (o.float() * d_att.float()).view(S, N, G, RHD).sum((1, 3))
+            dscale = torch.where(kept, dscale, 0.0).to(unit_scale.dtype)
+        a = torch.where(kept, unit_scale.float(), 0.0).repeat_interleave(RHD, dim=1)[:, None, :]
+        d_att = (d_att.float() * a).to(dt)
+        o_scaled = (o.float() * a).to(dt)
+    dwo = unit_weight_grad(o_scaled, dy, pos, RHD).view(G, RHD, D).to(w_o_t.dtype) if need_wo else empty()
+    if not (need_x or need_wqkv or need_b or need_qn or need_kn):
+        return empty(), empty(), dwo, empty(), empty(), empty(), dscale
+
+    delta = (o.float() * d_att.float()).view(S, N, G, R, HD).sum(-1).permute(0, 2, 3, 1).contiguous()  # (S, G, R, N)
+    dq = torch.zeros((S, G, R, N, HD), dtype=torch.float32, device=dev)
+    dk = torch.zeros((S, G, N, HD), dtype=torch.float32, device=dev)
+    dv = torch.zeros_like(dk)
+    block = _flash_block(dt)
+    common = dict(BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=dot_precision(dt),
+                  num_warps=4, num_stages=1 if INTERPRET else 2)
+    _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, B, T, G, R,
+                                                          HD, scale, **common)
+    _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, B, T, G, R,
+                                                            HD, scale, **common)
+    cos_n, sin_n = cos.float().repeat(B, 1), sin.float().repeat(B, 1)  # (N, hd): row n is position n % T
+    dq, dk = _rope_transposed(dq, cos_n, sin_n), _rope_transposed(dk, cos_n, sin_n)
+    dqn, dkn = empty(), empty()
+    if q_norm is not None:
+        dq, dqn = _head_norm_backward(dq, pre[:, :, :R].float(), q_norm, norm_eps, dt)
+        dqn = dqn.to(q_norm.dtype) if need_qn else empty()
+    if k_norm is not None:
+        dk, dkn = _head_norm_backward(dk, pre[:, :, R].float(), k_norm, norm_eps, dt)
+        dkn = dkn.to(k_norm.dtype) if need_kn else empty()
+    # slot space in w_qkv's row order: per kept group, its r query heads, then k, then v
+    dpre = torch.cat((dq.permute(0, 3, 1, 2, 4), dk.permute(0, 2, 1, 3)[:, :, :, None],
+                      dv.permute(0, 2, 1, 3)[:, :, :, None]), dim=3).reshape(S, N, G * rows).to(dt)
+    db = unit_bias_grad(dpre, pos, rows).view(G, rows).to(b_qkv.dtype) if need_b else empty()
+    dx = gathered_rows_product(dpre, wqkv.view(G * rows, D), keep_idx, keep_count, rows, dt).view(S, B, T, D) \
+        if need_x else empty()
+    dwqkv = unit_weight_grad(dpre, xs, pos, rows).view(G, rows, D).to(w_qkv.dtype) if need_wqkv else empty()
+    return dx, dwqkv, dwo, db, dqn, dkn, dscale
+
+
+@torch.library.custom_op("bpp_triton::masked_attention", mutates_args=())
+def _masked_attention_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
+                         b_qkv: Optional[torch.Tensor], q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                         unit_scale: Optional[torch.Tensor], norm_eps: float, scale: float) -> torch.Tensor:
+    return _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
+                    scale)
+
+
+@_masked_attention_op.register_fake
+def _(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bpp_triton::masked_attention_backward", mutates_args=())
+def _masked_attention_backward_op(
+        grad_out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, b_qkv: Optional[torch.Tensor],
+        q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], unit_scale: Optional[torch.Tensor],
+        norm_eps: float, scale: float, output_mask: List[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                     norm_eps, scale, output_mask)
+
+
+@_masked_attention_backward_op.register_fake
+def _(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale,
+      output_mask):
+    out = [empty_unless(output_mask[0], x), empty_unless(output_mask[1], w_qkv), empty_unless(output_mask[2], w_o_t)]
+    for wanted, t in zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)):
+        out.append(empty_unless(bool(wanted) and t is not None, t if t is not None else x))
+    return tuple(out)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:11])
+    ctx.norm_eps, ctx.scale = inputs[11], inputs[12]
+
+
+def _autograd_backward(ctx, grad):
+    x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    wanted = [need[0], need[1], need[2]] + [t is not None and need[i]
+                                            for i, t in ((7, b_qkv), (8, q_norm), (9, k_norm), (10, unit_scale))]
+    grads = _masked_attention_backward_op(grad, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
+                                          unit_scale, ctx.norm_eps, ctx.scale, wanted)
+    dx, dwqkv, dwo, db, dqn, dkn, dscale = (g if w else None for g, w in zip(grads, wanted))
+    return dx, dwqkv, dwo, None, None, None, None, db, dqn, dkn, dscale, None, None
+
+
+_masked_attention_op.register_autograd(_autograd_backward, setup_context=_setup)
 
 
 def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
                      b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, unit_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``; cos/sin ``(T, hd)``;
-    keep_idx ``(S, G)`` int32; keep_count ``(S,)`` int32; optional b_qkv, q_norm/k_norm.
-    Returns the o_proj output ``(S, B, T, d)`` in x's dtype (zeros where nothing is kept)."""
-    S, B, T, D = x.shape
-    G, rows, _ = w_qkv.shape
-    HD = cos.shape[-1]
-    R = rows // HD - 2
-    N = B * T
-    if HD % 2:
-        raise ValueError(f"masked_attention: rotate-half RoPE needs an even head_dim, got {HD} (cos.shape[-1])")
-    scale = HD**-0.5 if scale is None else float(scale)
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    if S == 0 or N == 0:
-        return y
-    dt = x.dtype
-    q = torch.empty((S, G, R, N, HD), dtype=dt, device=x.device)
-    k = torch.empty((S, G, N, HD), dtype=dt, device=x.device)
-    v = torch.empty_like(k)
-    o = torch.empty((S, N, G * R * HD), dtype=dt, device=x.device)
-    keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
-    cos, sin = cos.to(dt).contiguous(), sin.to(dt).contiguous()
-    precision = dot_precision(dt)
-    dummy = w_qkv  # placeholder pointer for absent optional tensors
-    cfg = gemm_config(dt, N)
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _qkv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), G * (R + 2), S)](
-        x, w_qkv.contiguous(), dummy if b_qkv is None else b_qkv.contiguous(),
-        dummy if q_norm is None else q_norm.contiguous(), dummy if k_norm is None else k_norm.contiguous(),
-        cos, sin, keep_idx, keep_count, q, k, v, N, T, D, G, R, HD, norm_eps,
-        HAS_BIAS=b_qkv is not None, HAS_QNORM=q_norm is not None, HAS_KNORM=k_norm is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_K"], HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision,
-        **launch)
-    # flash tiles: 64x64 on a GPU for 16-bit inputs (fp32 ieee dots need half), 32x32 in the interpreter
-    flash_block = 32 if INTERPRET or dt == torch.float32 else 64
-    _flash_kernel[(triton.cdiv(T, flash_block), B * G * R, S)](
-        q, k, v, o, keep_count, B, T, G, R, HD, scale,
-        BLOCK_M=flash_block, BLOCK_N=flash_block, HD_P=max(16, next_pow2(HD)), PRECISION=precision,
-        num_warps=4, num_stages=1 if INTERPRET else 2)
-    _o_proj_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_C"]), S)](
-        o, w_o_t.contiguous(), keep_idx, keep_count, y, N, D, G, R * HD,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_C"], PRECISION=precision, **launch)
-    return y
+    keep_idx ``(S, G)`` int32; keep_count ``(S,)`` int32; optional b_qkv, q_norm/k_norm, unit_scale
+    ``(S, G)``. Returns the o_proj output ``(S, B, T, d)`` in x's dtype (zeros where nothing is
+    kept). Differentiable in x, the weights, the bias, the norms and unit_scale (not cos/sin)."""
+    _check_head_dim(cos.shape[-1])
+    scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _masked_attention_op(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                                float(norm_eps), scale)

@@ -1,14 +1,26 @@
-"""RMSNorm, optionally fused with the residual add that precedes it.
+"""RMSNorm, optionally fused with the residual add that precedes it, and its backward.
 
-One program per row; statistics in fp32, the normalised value cast back to the input dtype
-before the weight multiplies it (as Hugging Face's Llama RMSNorm does)."""
+Forward: one program per row; statistics in fp32, the normalised value cast back to the input
+dtype before the weight multiplies it (as Hugging Face's Llama RMSNorm does).
+
+Backward: one program per block of rows recomputes each row's statistics from the saved input
+(``h = x + residual`` for add_rms_norm, an output of the forward) and writes
+``dx = rstd * (dn - xhat * mean(dn * xhat))`` with ``dn = dy * weight`` (plus the gradient that
+reached ``h`` directly, for add_rms_norm); the weight gradient is summed per block in fp32 and the
+blocks' partial sums are added in block order (no atomics). The rounding of the normalised value
+to the input dtype is treated as the identity. All three ops are ``torch.library`` custom ops.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import next_pow2
+
+_ROWS_PER_PROGRAM = 16  # backward: rows whose weight-gradient contributions one program sums
 
 
 @triton.jit
@@ -29,6 +41,32 @@ def _rms_norm_kernel(X, R, W, Y, H, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D:
     tl.store(Y + row * D + cols, y, mask=in_row)
 
 
+@triton.jit
+def _rms_norm_backward_kernel(X, W, DY, DH, DX, DWPart, ROWS, D, eps, HAS_DH: tl.constexpr,
+                              ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    block = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = block * ROWS_PER_PROGRAM + i
+        if row < ROWS:
+            off = row.to(tl.int64) * D + cols
+            x = tl.load(X + off, mask=in_row, other=0.0)
+            xf = x.to(tl.float32)
+            dy = tl.load(DY + off, mask=in_row, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+            xhat = xf * rstd
+            dw += dy * xhat.to(x.dtype).to(tl.float32)
+            dn = dy * w
+            dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / D))
+            if HAS_DH:
+                dx += tl.load(DH + off, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=in_row)
+    tl.store(DWPart + block.to(tl.int64) * D + cols, dw, mask=in_row)
+
+
 def _launch(x, residual, weight, eps):
     x = x.contiguous()
     D = x.shape[-1]
@@ -44,11 +82,90 @@ def _launch(x, residual, weight, eps):
     return y, h
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x ``(..., d)``, weight ``(d,)`` -> ``(..., d)`` in x's dtype."""
+def _backward(grad_out, grad_h, h, weight, eps, need_weight):
+    h = h.contiguous()
+    D = h.shape[-1]
+    rows = h.numel() // D if D else 0
+    dx = torch.empty_like(h)
+    blocks = triton.cdiv(rows, _ROWS_PER_PROGRAM)
+    dw_part = torch.zeros((max(blocks, 1), D), dtype=torch.float32, device=h.device)
+    if rows:
+        block = next_pow2(D)
+        _rms_norm_backward_kernel[(blocks,)](
+            h, weight.contiguous(), grad_out.contiguous(), h if grad_h is None else grad_h.contiguous(), dx, dw_part,
+            rows, D, eps, HAS_DH=grad_h is not None, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, BLOCK_D=block,
+            num_warps=max(1, min(16, block // 512)))
+    dw = dw_part.sum(0).to(weight.dtype) if need_weight else weight.new_empty(0)
+    return dx, dw
+
+
+@torch.library.custom_op("bpp_triton::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``h = x + residual``; returns ``(rms_norm(h), h)``."""
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
+
+
+@torch.library.custom_op("bpp_triton::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.result_type(weight, x)), torch.empty_like(x)
+
+
+@torch.library.custom_op("bpp_triton::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor,
+                          weight: torch.Tensor, eps: float, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, grad_h, h, weight, eps, need_weight)
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad_out, grad_h, h, weight, eps, need_weight):
+    return torch.empty_like(h), weight.new_empty(weight.shape if need_weight else (0,))
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_norm_autograd(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw = _rms_norm_backward_op(grad, None, x, weight, ctx.eps, need[1])
+    return (dx if need[0] else None), (dw if need[1] else None), None
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[2])  # h = x + residual, weight
+    ctx.eps = inputs[3]
+
+
+def _add_rms_norm_autograd(ctx, grad, grad_h):
+    h, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dh, dw = _rms_norm_backward_op(grad, grad_h, h, weight, ctx.eps, need[2])
+    return (dh if need[0] else None), (dh if need[1] else None), (dw if need[2] else None), None
+
+
+_rms_norm_op.register_autograd(_rms_norm_autograd, setup_context=_rms_norm_setup)
+_add_rms_norm_op.register_autograd(_add_rms_norm_autograd, setup_context=_add_rms_norm_setup)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x ``(..., d)``, weight ``(d,)`` -> ``(..., d)`` in x's dtype (promoted with weight's).
+    Differentiable in x and weight."""
+    return _rms_norm_op(x, weight, float(eps))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = x + residual``; returns ``(rms_norm(h), h)``. Differentiable in x, residual and weight."""
+    return _add_rms_norm_op(x, residual, weight, float(eps))

@@ -1,9 +1,19 @@
-// Schema: per-sample causal GQA attention over kept KV groups only, through W_o (see
-// bpp_kernels/reference.py for the packed layouts).
+// Schemas: per-sample causal GQA attention over kept KV groups only, through W_o (see
+// bpp_kernels/reference.py for the packed layouts), and its backward. unit_scale (S, G), aligned
+// with keep_idx, scales the kept groups' attention outputs; scale is the softmax scale. The
+// backward recomputes the projections and the attention (only the inputs are saved) and returns
+// the gradients of x, w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; output_mask says which
+// are wanted (absent optional inputs are never wanted), the others come back as empty (0,) tensors.
+// cos and sin are constants (no gradient).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bpp, m) {
   m.def(
       "masked_attention(Tensor x, Tensor w_qkv, Tensor w_o_t, Tensor cos, Tensor sin, Tensor keep_idx, "
-      "Tensor keep_count, Tensor? b_qkv, Tensor? q_norm, Tensor? k_norm, float norm_eps, float scale) -> Tensor");
+      "Tensor keep_count, Tensor? b_qkv, Tensor? q_norm, Tensor? k_norm, Tensor? unit_scale, float norm_eps, "
+      "float scale) -> Tensor");
+  m.def(
+      "masked_attention_backward(Tensor grad_out, Tensor x, Tensor w_qkv, Tensor w_o_t, Tensor cos, Tensor sin, "
+      "Tensor keep_idx, Tensor keep_count, Tensor? b_qkv, Tensor? q_norm, Tensor? k_norm, Tensor? unit_scale, "
+      "float norm_eps, float scale, bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

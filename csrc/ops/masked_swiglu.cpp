@@ -1,6 +1,16 @@
-// Schema: per-sample SwiGLU MLP over kept channels only (see bpp_kernels/reference.py).
+// Schemas: per-sample SwiGLU MLP over kept channels only, and its backward (see
+// bpp_kernels/reference.py). unit_scale (S, m), aligned with keep_idx, scales the j-th kept
+// channel's activation; None is a hard mask. The backward recomputes the kept channels'
+// gate/up projections (nothing but the inputs is saved) and returns, in order, the gradients of
+// x, w_gate_up, w_down_t and unit_scale; output_mask says which are wanted, the others come back
+// as empty (0,) tensors.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bpp, m) {
-  m.def("masked_swiglu(Tensor x, Tensor w_gate_up, Tensor w_down_t, Tensor keep_idx, Tensor keep_count) -> Tensor");
+  m.def(
+      "masked_swiglu(Tensor x, Tensor w_gate_up, Tensor w_down_t, Tensor keep_idx, Tensor keep_count, "
+      "Tensor? unit_scale) -> Tensor");
+  m.def(
+      "masked_swiglu_backward(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down_t, Tensor keep_idx, "
+      "Tensor keep_count, Tensor? unit_scale, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

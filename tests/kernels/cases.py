@@ -1,17 +1,56 @@
-"""Random inputs for every bpp_kernels op, shared by the backend tests (Triton, C++).
+"""Inputs, backends and tolerances shared by the per-op kernel tests.
 
-Inputs are fresh random tensors per call (never zeros); masks are random with ragged kept
-counts and always include an empty and a full sample when S >= 2.
+Inputs are random tensors drawn from a fixed seed (never zeros), so a failure reproduces; masks
+are random with ragged kept counts and always include an empty and a full sample when S >= 2.
+
+Backends: every op test is parametrised over the backends that have the op by :func:`targets`:
+``cpp`` (CPU; fp32, bf16, fp16), ``triton`` on CPU through the interpreter (fp32, fp16: the
+interpreter gets bf16 wrong) and on CUDA (fp32, fp16, bf16; marked ``gpu``, skipped without a
+device), and ``reference`` where a property (not a comparison with itself) is tested.
+
+Tolerances: fp32 compares the relative RMS error ``||ref - out|| / ||ref||`` with 1e-5; fp16 and
+bf16 use FlashAttention's rule: the fp32 reference is the truth, and a kernel may err at most
+twice as much as the same reference run in the kernel's dtype (:func:`low_precision_tolerance`,
+:func:`grad_tolerances` for gradients).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from bpp_kernels import layout, reference
+from bpp_kernels import cpp, layout, ops, reference
+
+FP32_TOL = 1e-5
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRETER_DTYPES = (torch.float32, torch.float16)
 
 # the C++ ops' GEMM libraries (BPP_CPU_GEMM): both are tested whatever this CPU's default is
 CPU_GEMMS = [pytest.param("onednn", id="onednn"), pytest.param("aten", id="mm")]
+
+needs_cpp = pytest.mark.skipif(not cpp.AVAILABLE, reason="bpp_kernels._C not built")
+# CPU tensors reach Triton only through the interpreter (tests/conftest.py turns it on without a GPU)
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="CPU Triton cases run under TRITON_INTERPRET=1 only")
+
+
+def targets(*, cpp_backend: bool = True, triton: bool = True, reference_backend: bool = False,
+            dtypes=ALL_DTYPES) -> list:
+    """``(backend, device, dtype)`` params for ``pytest.mark.parametrize("backend,device,dtype", ...)``."""
+    params = []
+    if reference_backend:
+        params += [pytest.param("reference", "cpu", dt, id=f"reference-{DTYPE_IDS[dt]}") for dt in dtypes
+                   if dt == torch.float32]
+    if cpp_backend:
+        params += [pytest.param("cpp", "cpu", dt, id=f"cpp-{DTYPE_IDS[dt]}", marks=needs_cpp) for dt in dtypes]
+    if triton:
+        params += [pytest.param("triton", "cpu", dt, id=f"triton-cpu-{DTYPE_IDS[dt]}", marks=needs_interpreter)
+                   for dt in dtypes if dt in INTERPRETER_DTYPES]
+        params += [pytest.param("triton", "cuda", dt, id=f"triton-cuda-{DTYPE_IDS[dt]}", marks=pytest.mark.gpu)
+                   for dt in dtypes]
+    return params
 
 
 def random_mask(S: int, n: int, keep: float, generator: torch.Generator) -> torch.Tensor:
@@ -28,8 +67,13 @@ def random_mask(S: int, n: int, keep: float, generator: torch.Generator) -> torc
     return mask
 
 
-def swiglu_inputs(S, N, d, m, keep, dtype=torch.float32, device="cpu", seed=0):
-    """x (S, N, d), packed weights, keep_idx, keep_count: kwargs for masked_swiglu."""
+def unit_scales(S: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(S, n) fp32 in (0.05, 1]: the kept units' values of a relaxed (hard-concrete) mask."""
+    return 0.05 + 0.95 * torch.rand(S, n, generator=generator)
+
+
+def swiglu_inputs(S, N, d, m, keep, dtype=torch.float32, device="cpu", seed=0, unit_scale=False):
+    """x (S, N, d), packed weights, keep_idx, keep_count (and unit_scale): kwargs for masked_swiglu."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S, N, d, generator=g)
     w_gate, w_up = torch.randn(m, d, generator=g) / d**0.5, torch.randn(m, d, generator=g) / d**0.5
@@ -37,8 +81,11 @@ def swiglu_inputs(S, N, d, m, keep, dtype=torch.float32, device="cpu", seed=0):
     w_gate_up, w_down_t = layout.pack_swiglu(w_gate, w_up, w_down)
     keep_idx, keep_count = reference.mask_to_index(random_mask(S, m, keep, g))
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(x=to(x), w_gate_up=to(w_gate_up), w_down_t=to(w_down_t),
-                keep_idx=keep_idx.to(device), keep_count=keep_count.to(device))
+    out = dict(x=to(x), w_gate_up=to(w_gate_up), w_down_t=to(w_down_t),
+               keep_idx=keep_idx.to(device), keep_count=keep_count.to(device))
+    if unit_scale:
+        out["unit_scale"] = unit_scales(S, m, g).to(device)
+    return out
 
 
 def rope(T, hd, base=10000.0, dtype=torch.float32, device="cpu"):
@@ -49,7 +96,7 @@ def rope(T, hd, base=10000.0, dtype=torch.float32, device="cpu"):
 
 
 def attention_inputs(S, B, T, d, G, r, hd, keep, dtype=torch.float32, device="cpu", seed=0,
-                     bias=False, qk_norm=False):
+                     bias=False, qk_norm=False, unit_scale=False):
     """kwargs for masked_attention: x (S, B, T, d), packed q/k/v/o for G groups of r query heads."""
     g = torch.Generator().manual_seed(seed)
     H = G * r
@@ -68,6 +115,8 @@ def attention_inputs(S, B, T, d, G, r, hd, keep, dtype=torch.float32, device="cp
     if qk_norm:
         out["q_norm"] = to(1.0 + 0.2 * torch.randn(hd, generator=g))
         out["k_norm"] = to(1.0 + 0.2 * torch.randn(hd, generator=g))
+    if unit_scale:
+        out["unit_scale"] = unit_scales(S, G, g).to(device)
     return out
 
 
@@ -81,6 +130,15 @@ def cross_entropy_inputs(N, d, V, dtype=torch.float32, device="cpu", seed=0, n_i
     return dict(h=h.to(device, dtype), weight=w.to(device, dtype), target=target.to(device))
 
 
+def norm_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
+    """x, residual (shape) and weight (shape[-1],) for rms_norm / add_rms_norm."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).to(device, dtype)
+    res = torch.randn(*shape, generator=g).to(device, dtype)
+    w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(device, dtype)
+    return x, res, w
+
+
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Relative RMS error ||ref - out|| / ||ref|| in fp32 (0 when both are zero)."""
     ref, out = ref.float(), out.float()
@@ -92,14 +150,74 @@ def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
     assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out.float()).all(), f"{name}: non-finite values"
-    err = rel_err(ref, out)
+    err = rel_err(ref.cpu(), out.cpu())
     assert err <= tol, f"{name}: relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def upcast(kwargs: dict) -> dict:
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
 
 
 def low_precision_tolerance(ref_fn, kwargs: dict, dtype: torch.dtype, floor: float = 1e-6) -> tuple[torch.Tensor, float]:
     """FlashAttention's rule: the fp32 reference output and 2x the error of the same reference
     run in ``dtype`` (the error a PyTorch implementation in that precision already makes)."""
-    up = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
-    ref32 = ref_fn(**up)
+    ref32 = ref_fn(**upcast(kwargs))
     ref_lp = ref_fn(**kwargs)
     return ref32, max(2.0 * rel_err(ref32, ref_lp), floor)
+
+
+def tolerance(ref_fn, kwargs: dict, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(reference output, tolerance): fp32 tight, fp16/bf16 by :func:`low_precision_tolerance`."""
+    if dtype == torch.float32:
+        return ref_fn(**upcast(kwargs)), FP32_TOL
+    return low_precision_tolerance(ref_fn, kwargs, dtype)
+
+
+def forward_backward(fn, kwargs: dict, wrt: list[str], grad_seed: int = 1) -> tuple[torch.Tensor, dict]:
+    """fn(**kwargs) and the gradients of ``sum(out * g)`` (g a fixed random tensor) w.r.t. the
+    kwargs named in ``wrt`` that are present; fresh leaf copies, the inputs are left alone."""
+    leaves = {k: kwargs[k].detach().clone().requires_grad_() for k in wrt if kwargs.get(k) is not None}
+    out = fn(**{**kwargs, **leaves})
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    if not out.requires_grad:  # the reference when every sample prunes everything: a constant output
+        return out, {k: torch.zeros_like(v) for k, v in leaves.items()}
+    grads = torch.autograd.grad(out, list(leaves.values()), g, allow_unused=True, materialize_grads=True)
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def grad_tolerances(ref_fn, kwargs: dict, wrt: list[str], dtype: torch.dtype):
+    """(reference output, reference gradients, {name: tolerance}) with the output under "out":
+    fp32 inputs -> 1e-5 each; fp16/bf16 -> FlashAttention's rule per tensor, the fp32 reference
+    against the same reference run in ``dtype``."""
+    out32, grads32 = forward_backward(ref_fn, upcast(kwargs), wrt)
+    if dtype == torch.float32:
+        return out32, grads32, {k: FP32_TOL for k in ["out", *grads32]}
+    out_lp, grads_lp = forward_backward(ref_fn, kwargs, wrt)
+    tols = {"out": max(2.0 * rel_err(out32, out_lp), 1e-6)}
+    tols.update({k: max(2.0 * rel_err(grads32[k], grads_lp[k]), 1e-6) for k in grads32})
+    return out32, grads32, tols
+
+
+def assert_grads_match(name: str, op, kwargs: dict, wrt: list[str], backend: str, dtype: torch.dtype) -> dict:
+    """The backend's output and gradients against the reference's (see :func:`grad_tolerances`);
+    returns the backend's gradients."""
+    ref_fn = getattr(reference, op)
+    ref_out, ref_grads, tols = grad_tolerances(ref_fn, kwargs, wrt, dtype)
+    out, grads = forward_backward(lambda **k: getattr(ops, op)(**k, backend=backend), kwargs, wrt)
+    assert_close(f"{name} output", ref_out, out, tols["out"])
+    for k, g in grads.items():
+        assert g.dtype == kwargs[k].dtype, f"{name} d{k}: dtype {g.dtype} != input's {kwargs[k].dtype}"
+        assert_close(f"{name} d{k}", ref_grads[k], g, tols[k])
+    return grads
+
+
+def interpreted(target) -> bool:
+    """Whether a :func:`targets` param runs Triton through the (slow) CPU interpreter."""
+    return target.id.startswith("triton-cpu")
+
+
+def cross(cases_, targets_, keep=lambda case, target: True) -> list:
+    """The product of two param lists (case values first, then the target's), both ids and marks
+    joined, keeping the pairs ``keep`` accepts: cheaper case lists for the interpreter."""
+    return [pytest.param(*c.values, *t.values, id=f"{c.id}-{t.id}", marks=[*c.marks, *t.marks])
+            for c in cases_ for t in targets_ if keep(c, t)]

@@ -9,15 +9,26 @@
 //      (B, T, heads, hd), so it is the left operand of the last GEMM as is;
 //   5. one GEMM through the kept groups' slabs of W_o^T, written straight into out[s].
 // fp16/bf16 are computed in fp32 on CPUs without native half-precision GEMMs (compute_dtype.h).
+// unit_scale (S, G), aligned with keep_idx, multiplies the kept groups' attention outputs before step 5.
+// Backward, per sample: the same gathers; qkv and its normed, rotated copy recomputed (one GEMM
+// and one pass); attention recomputed with its log-sum-exp and differentiated by ATen's CPU
+// flash-attention kernels (GQA without copies); dO = dY W_o (one GEMM); RoPE and q/k norm
+// differentiated in place in one pass; dX = dQKV W (one GEMM); the kept slabs' weight gradients
+// (two GEMMs) added into float accumulators slab by slab. Pruned slabs are never read and keep
+// a zero gradient.
 // Batch invariance: samples run one after another with the same calls whatever S is.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "compute_dtype.h"
+#include "gather.h"
 #include "gemm.h"
+#include "parallel.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -25,15 +36,6 @@
 
 namespace bpp {
 namespace {
-
-// dst slab j (width elements, dst_stride apart) = src slab idx[j] (src_stride apart), j < c.
-void gather_slabs(const char* src, int64_t src_stride, const int32_t* idx, int64_t c, int64_t width, char* dst,
-                  int64_t dst_stride, int64_t elem_size) {
-  // One thread on purpose: a few MB of memcpy is memory-bound, and on a busy machine waking the
-  // pool for it measured slower (ms per parallel region) than the copy itself.
-  for (int64_t j = 0; j < c; ++j)
-    std::memcpy(dst + j * dst_stride * elem_size, src + idx[j] * src_stride * elem_size, width * elem_size);
-}
 
 // Rows [0, c*r*hd) of the result: q of the kept groups; then c*hd rows of k; then c*hd of v.
 // The same order serves the weight (elem_per_row = d) and the bias (elem_per_row = 1).
@@ -44,9 +46,9 @@ at::Tensor gather_qkv(const at::Tensor& w, const int32_t* kept, int64_t c, int64
   const char* src = static_cast<const char*>(w.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   const int64_t group = rows * elem_per_row;
-  gather_slabs(src, group, kept, c, q, dst, q, esz);
-  gather_slabs(src + q * esz, group, kept, c, kv, dst + c * q * esz, kv, esz);
-  gather_slabs(src + (q + kv) * esz, group, kept, c, kv, dst + c * (q + kv) * esz, kv, esz);
+  gather_rows(src, group, kept, c, q, dst, q, esz);
+  gather_rows(src + q * esz, group, kept, c, kv, dst + c * q * esz, kv, esz);
+  gather_rows(src + (q + kv) * esz, group, kept, c, kv, dst + c * (q + kv) * esz, kv, esz);
   return out;
 }
 
@@ -64,7 +66,7 @@ void norm_rope_inplace(at::Tensor& qkv, int64_t T, int64_t q_heads, int64_t k_he
   const scalar_t* qw = q_norm ? q_norm->const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* kw = k_norm ? k_norm->const_data_ptr<scalar_t>() : nullptr;
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, BT, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BT, grain_for((q_heads + k_heads) * hd), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(hd);
     for (int64_t bt = begin; bt < end; ++bt) {
       const scalar_t* ct = cs + (bt % T) * hd;
@@ -91,13 +93,83 @@ void norm_rope_inplace(at::Tensor& qkv, int64_t T, int64_t q_heads, int64_t k_he
   });
 }
 
-}  // namespace
+// acc (float, (G, (r+2)*hd, elem_per_row)) += the gathered-order block src (float, rows as
+// gather_qkv returns them): the transpose of gather_qkv, for the weight and bias gradients.
+void scatter_add_qkv(at::Tensor& acc, const at::Tensor& src, const int32_t* kept, int64_t c, int64_t r, int64_t hd,
+                     int64_t elem_per_row) {
+  const int64_t group = (r + 2) * hd * elem_per_row, q = r * hd * elem_per_row, kv = hd * elem_per_row;
+  float* a = acc.mutable_data_ptr<float>();
+  const auto flat = src.reshape(-1);
+  scatter_add_rows(a, group, kept, c, q, flat, q);
+  scatter_add_rows(a + q, group, kept, c, kv, flat.narrow(0, c * q, c * kv), kv);
+  scatter_add_rows(a + q + kv, group, kept, c, kv, flat.narrow(0, c * (q + kv), c * kv), kv);
+}
 
-at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o_t,
-                                const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keep_idx,
-                                const at::Tensor& keep_count, const std::optional<at::Tensor>& b_qkv,
+// The transpose of norm_rope_inplace, in place on the q and k head rows of dqkv (B*T, width),
+// which hold the gradients of the rotated heads on entry and those of the projections (before
+// the norm) on exit. pre holds the projections themselves (read only when a norm is present).
+// The norm weights' gradient contributions go to dqn_rows / dkn_rows (B*T, hd), one row per
+// token, summed by the caller (so every entry has one writer and a fixed order).
+template <typename scalar_t>
+void norm_rope_backward_inplace(at::Tensor& dqkv, const at::Tensor& pre, int64_t T, int64_t q_heads, int64_t k_heads,
+                                int64_t hd, const at::Tensor& cos, const at::Tensor& sin,
                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                                double norm_eps, double scale) {
+                                double eps, float* dqn_rows, float* dkn_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t BT = dqkv.size(0), width = dqkv.size(1), half = hd / 2;
+  scalar_t* base = dqkv.mutable_data_ptr<scalar_t>();
+  const scalar_t* pbase = pre.const_data_ptr<scalar_t>();
+  const scalar_t* cs = cos.const_data_ptr<scalar_t>();
+  const scalar_t* sn = sin.const_data_ptr<scalar_t>();
+  const scalar_t* qw = q_norm ? q_norm->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* kw = k_norm ? k_norm->const_data_ptr<scalar_t>() : nullptr;
+  const acc_t feps = static_cast<acc_t>(eps);
+  at::parallel_for(0, BT, grain_for((q_heads + k_heads) * hd), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(hd);
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const scalar_t* ct = cs + (bt % T) * hd;
+      const scalar_t* st = sn + (bt % T) * hd;
+      for (int64_t h = 0; h < q_heads + k_heads; ++h) {
+        scalar_t* row = base + bt * width + h * hd;
+        for (int64_t e = 0; e < half; ++e) {  // RoPE transposed
+          const acc_t lo = static_cast<acc_t>(row[e]), hi = static_cast<acc_t>(row[e + half]);
+          g[e] = lo * static_cast<acc_t>(ct[e]) + hi * static_cast<acc_t>(st[e + half]);
+          g[e + half] = hi * static_cast<acc_t>(ct[e + half]) - lo * static_cast<acc_t>(st[e]);
+        }
+        const scalar_t* w = h < q_heads ? qw : kw;
+        if (w == nullptr) {
+          for (int64_t e = 0; e < hd; ++e) row[e] = static_cast<scalar_t>(g[e]);
+          continue;
+        }
+        float* dw = (h < q_heads ? dqn_rows : dkn_rows) + bt * hd;
+        const scalar_t* p = pbase + bt * width + h * hd;
+        acc_t ss = 0;
+        for (int64_t e = 0; e < hd; ++e) ss += static_cast<acc_t>(p[e]) * static_cast<acc_t>(p[e]);
+        const acc_t rstd = 1 / std::sqrt(ss / static_cast<acc_t>(hd) + feps);
+        acc_t dot = 0;
+        for (int64_t e = 0; e < hd; ++e) {
+          const acc_t xhat = static_cast<acc_t>(p[e]) * rstd;
+          dw[e] += static_cast<float>(g[e] * static_cast<acc_t>(static_cast<scalar_t>(xhat)));
+          dot += g[e] * static_cast<acc_t>(w[e]) * xhat;
+        }
+        const acc_t mean = dot / static_cast<acc_t>(hd);
+        for (int64_t e = 0; e < hd; ++e) {
+          const acc_t xhat = static_cast<acc_t>(p[e]) * rstd;
+          row[e] = static_cast<scalar_t>(rstd * (g[e] * static_cast<acc_t>(w[e]) - xhat * mean));
+        }
+      }
+    }
+  });
+}
+
+struct Shapes {
+  int64_t S, B, T, d, hd, G, rows, r;
+};
+
+Shapes check_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o_t, const at::Tensor& cos,
+                    const at::Tensor& sin, const at::Tensor& keep_idx, const at::Tensor& keep_count,
+                    const std::optional<at::Tensor>& b_qkv, const std::optional<at::Tensor>& q_norm,
+                    const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale) {
   TORCH_CHECK(x.dim() == 4, "masked_attention: x must be (S, B, T, d), got ", x.sizes());
   const int64_t S = x.size(0), B = x.size(1), T = x.size(2), d = x.size(3);
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.sizes() == sin.sizes(),
@@ -126,59 +198,207 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
                   keep_count.size(0) == S,
               "masked_attention: keep_idx must be (S=", S, ", G=", G, ") and keep_count (S,), got ", keep_idx.sizes(),
               " and ", keep_count.sizes());
+  TORCH_CHECK(!unit_scale || (unit_scale->dim() == 2 && unit_scale->size(0) == S && unit_scale->size(1) == G &&
+                              at::isFloatingType(unit_scale->scalar_type())),
+              "masked_attention: unit_scale must be a floating (S=", S, ", G=", G, ") tensor aligned with keep_idx");
   TORCH_CHECK(x.device().is_cpu() && w_qkv.device().is_cpu() && w_o_t.device().is_cpu(),
               "masked_attention: the cpp backend takes CPU tensors only");
+  return {S, B, T, d, hd, G, rows, r};
+}
 
-  const auto compute = compute_dtype(store);  // see compute_dtype.h
+int64_t kept_groups(const int32_t* counts, const int32_t* indices, int64_t s, int64_t G) {
+  const int64_t c = counts[s];
+  TORCH_CHECK(c >= 0 && c <= G, "masked_attention: keep_count[", s, "] = ", c, " is outside [0, G=", G, "]");
+  const int32_t* kept = indices + s * G;
+  for (int64_t j = 0; j < c; ++j)
+    TORCH_CHECK(kept[j] >= 0 && kept[j] < G, "masked_attention: keep_idx[", s, ", ", j, "] = ", kept[j],
+                " is outside [0, G=", G, ")");
+  return c;
+}
+
+// The kept groups' W_o^T slabs, (c * r*hd, d) in the compute dtype.
+at::Tensor gather_wo(const at::Tensor& wot, const int32_t* kept, int64_t c, int64_t rhd, int64_t d,
+                     at::ScalarType compute) {
+  auto wo = at::empty({c * rhd, d}, wot.options());
+  gather_rows(static_cast<const char*>(wot.const_data_ptr()), rhd * d, kept, c, rhd * d,
+              static_cast<char*>(wo.mutable_data_ptr()), rhd * d, wot.element_size());
+  return wo.to(compute);
+}
+
+// q/k/v of one sample: the projection qkv (B*T, c*(r+2)*hd) (bias added), normed and rotated
+// in place unless keep_pre, in which case the rotated copy is returned and qkv left as it is.
+at::Tensor project_qkv(const at::Tensor& xb, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       at::Tensor& pre, bool keep_pre, const Shapes& sh, int64_t c, const at::Tensor& cs,
+                       const at::Tensor& sn, const std::optional<at::Tensor>& qn, const std::optional<at::Tensor>& kn,
+                       double eps) {
+  pre = gemm_nt(xb, w, bias);
+  if (!pre.is_contiguous()) pre = pre.contiguous();
+  auto post = keep_pre ? pre.clone() : pre;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, post.scalar_type(), "masked_attention_cpu", [&] {
+    norm_rope_inplace<scalar_t>(post, sh.T, c * sh.r, c, sh.hd, cs, sn, qn, kn, eps);
+  });
+  return post;
+}
+
+}  // namespace
+
+at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o_t,
+                                const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keep_idx,
+                                const at::Tensor& keep_count, const std::optional<at::Tensor>& b_qkv,
+                                const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                                const std::optional<at::Tensor>& unit_scale, double norm_eps, double scale) {
+  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale);
+  const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r;
+  const auto compute = compute_dtype(x.scalar_type());  // see compute_dtype.h
   const auto xs = x.contiguous();
   const auto wqkv = w_qkv.contiguous(), wot = w_o_t.contiguous();
   const auto cs = cos.to(compute).contiguous(), sn = sin.to(compute).contiguous();
-  std::optional<at::Tensor> bias, qn, kn;
+  std::optional<at::Tensor> bias, qn, kn, us;
   if (b_qkv) bias = b_qkv->contiguous();
   if (q_norm) qn = q_norm->to(compute).contiguous();
   if (k_norm) kn = k_norm->to(compute).contiguous();
+  if (unit_scale) us = unit_scale->to(compute).contiguous();
   const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
-  const int64_t esz = xs.element_size();
   auto out = at::empty_like(xs);
 
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t c = counts[s];
-    TORCH_CHECK(c >= 0 && c <= G, "masked_attention: keep_count[", s, "] = ", c, " is outside [0, G=", G, "]");
+    const int64_t c = kept_groups(counts, indices, s, G);
     auto dst = out[s].view({B * T, d});
     if (c == 0) {
       dst.zero_();
       continue;
     }
     const int32_t* kept = indices + s * G;
-    for (int64_t j = 0; j < c; ++j)
-      TORCH_CHECK(kept[j] >= 0 && kept[j] < G, "masked_attention: keep_idx[", s, ", ", j, "] = ", kept[j],
-                  " is outside [0, G=", G, ")");
-    const int64_t width = c * rows, q_width = c * r * hd;
-    const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({width, d}).to(compute);
+    const int64_t q_width = c * r * hd;
+    const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({c * sh.rows, d}).to(compute);
     const auto xb = xs[s].view({B * T, d}).to(compute);
-    auto qkv = gemm_nt(xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute))
-                                   : std::nullopt);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "masked_attention_cpu", [&] {
-      norm_rope_inplace<scalar_t>(qkv, T, c * r, c, hd, cs, sn, qn, kn, norm_eps);
-    });
+    at::Tensor pre;  // normed and rotated in place: qkv below is the same tensor
+    const auto qkv = project_qkv(
+        xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
+        false, sh, c, cs, sn, qn, kn, norm_eps);
     const auto q = qkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
     const auto k = qkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
     const auto v = qkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
     const auto att = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, scale,
                                                       /*enable_gqa=*/true);
-    auto wo = at::empty({c, r * hd, d}, wot.options());
-    gather_slabs(static_cast<const char*>(wot.const_data_ptr()), r * hd * d, kept, c, r * hd * d,
-                 static_cast<char*>(wo.mutable_data_ptr()), r * hd * d, esz);
-    const auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
-    gemm_nt_into(dst, att2d, wo.view({q_width, d}).to(compute).t());
+    auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
+    if (us) att2d = (att2d.view({B * T, c, r * hd}) * (*us)[s].narrow(0, 0, c).view({1, c, 1})).view({B * T, q_width});
+    gemm_nt_into(dst, att2d, gather_wo(wot, kept, c, r * hd, d, compute).t());
   }
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_qkv,
+                              const at::Tensor& w_o_t, const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& keep_idx, const at::Tensor& keep_count,
+                              const std::optional<at::Tensor>& b_qkv, const std::optional<at::Tensor>& q_norm,
+                              const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale,
+                              double norm_eps, double scale, std::array<bool, 7> output_mask) {
+  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale);
+  const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r, rows = sh.rows;
+  const int64_t BT = B * T;
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "masked_attention_backward: grad_out ", grad_out.sizes(), " != x ",
+              x.sizes());
+  const auto compute = compute_dtype(x.scalar_type());
+  const auto xs = x.contiguous(), gys = grad_out.contiguous();
+  const auto wqkv = w_qkv.contiguous(), wot = w_o_t.contiguous();
+  const auto cs = cos.to(compute).contiguous(), sn = sin.to(compute).contiguous();
+  std::optional<at::Tensor> bias, qn, kn, us;
+  if (b_qkv) bias = b_qkv->contiguous();
+  if (q_norm) qn = q_norm->to(compute).contiguous();
+  if (k_norm) kn = k_norm->to(compute).contiguous();
+  if (unit_scale) us = unit_scale->to(compute).contiguous();
+  const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
+  const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
+  const int32_t* indices = idx_all.const_data_ptr<int32_t>();
+
+  const bool need_x = output_mask[0], need_wqkv = output_mask[1], need_wo = output_mask[2];
+  const bool need_b = output_mask[3] && b_qkv.has_value(), need_qn = output_mask[4] && q_norm.has_value();
+  const bool need_kn = output_mask[5] && k_norm.has_value(), need_scale = output_mask[6] && unit_scale.has_value();
+  const bool need_dqkv = need_x || need_wqkv || need_b || need_qn || need_kn;
+  const auto fopt = xs.options().dtype(at::kFloat);
+  // a fresh (0,) tensor per unwanted output: the outputs of an op must not alias
+  const auto empty = [&] { return at::empty({0}, xs.options()); };
+  auto dx = need_x ? at::empty_like(xs) : empty();
+  auto dwqkv = need_wqkv ? at::zeros({G, rows, d}, fopt) : empty();  // float accumulators
+  auto dwo = need_wo ? at::zeros({G, r * hd, d}, fopt) : empty();
+  auto db = need_b ? at::zeros({G, rows}, fopt) : empty();
+  auto dqn_rows = need_qn ? at::zeros({BT, hd}, fopt) : empty();
+  auto dkn_rows = need_kn ? at::zeros({BT, hd}, fopt) : empty();
+  auto dscale = need_scale ? at::zeros({S, G}, fopt) : empty();
+
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t c = kept_groups(counts, indices, s, G);
+    if (c == 0) {
+      if (need_x) dx[s].zero_();
+      continue;
+    }
+    const int32_t* kept = indices + s * G;
+    const int64_t q_width = c * r * hd, width = c * rows, rhd = r * hd;
+    const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({width, d}).to(compute);
+    const auto xb = xs[s].view({BT, d}).to(compute);
+    const auto gy = gys[s].view({BT, d}).to(compute);
+    at::Tensor pre;
+    const auto post = project_qkv(
+        xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
+        qn.has_value() || kn.has_value(), sh, c, cs, sn, qn, kn, norm_eps);
+    const auto q = post.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
+    const auto k = post.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
+    const auto v = post.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
+    const auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, /*is_causal=*/true,
+                                                                          std::nullopt, scale);
+    const auto wo = gather_wo(wot, kept, c, rhd, d, compute);
+    auto d_att = at::mm(gy, wo.t());  // (BT, q_width): gradient of the (scaled) attention output
+    auto att2d = o.transpose(1, 2).reshape({BT, q_width});  // a view of o: never written
+    if (us) {
+      const auto a = (*us)[s].narrow(0, 0, c).view({1, c, 1});
+      if (need_scale) {
+        const auto g = (att2d.view({BT, c, rhd}) * d_att.view({BT, c, rhd})).sum({0, 2}).to(at::kFloat);
+        dscale[s].narrow(0, 0, c).add_(g);
+      }
+      d_att.view({BT, c, rhd}).mul_(a);
+      att2d = (att2d.view({BT, c, rhd}) * a).view({BT, q_width});
+    }
+    if (need_wo) {
+      const auto g = at::mm(att2d.t(), gy).to(at::kFloat).contiguous();  // (q_width, d)
+      scatter_add_rows(dwo.mutable_data_ptr<float>(), rhd * d, kept, c, rhd * d, g, rhd * d);
+    }
+    if (!need_dqkv) continue;
+    const auto d_out = d_att.view({B, T, c * r, hd}).transpose(1, 2);
+    const auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out, q, k, v, o, lse, 0.0, /*is_causal=*/true, std::nullopt, scale);
+    auto dqkv = at::empty({BT, width}, pre.options());
+    dqkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).copy_(dq.transpose(1, 2));
+    dqkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).copy_(dk.transpose(1, 2));
+    dqkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).copy_(dv.transpose(1, 2));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dqkv.scalar_type(), "masked_attention_backward", [&] {
+      norm_rope_backward_inplace<scalar_t>(dqkv, pre, T, c * r, c, hd, cs, sn, qn, kn, norm_eps,
+                                           need_qn ? dqn_rows.mutable_data_ptr<float>() : nullptr,
+                                           need_kn ? dkn_rows.mutable_data_ptr<float>() : nullptr);
+    });
+    if (need_b) scatter_add_qkv(db, dqkv.sum(0).to(at::kFloat).contiguous(), kept, c, r, hd, 1);
+    if (need_x) {
+      auto dst = dx[s].view({BT, d});
+      gemm_nt_into(dst, dqkv, w.t());
+    }
+    if (need_wqkv) scatter_add_qkv(dwqkv, at::mm(dqkv.t(), xb).to(at::kFloat).contiguous(), kept, c, r, hd, d);
+  }
+  const auto wdtype = w_qkv.scalar_type();
+  return {dx,
+          need_wqkv ? dwqkv.to(wdtype) : dwqkv,
+          need_wo ? dwo.to(wdtype) : dwo,
+          need_b ? db.to(b_qkv->scalar_type()) : db,
+          need_qn ? dqn_rows.sum(0).to(q_norm->scalar_type()) : dqn_rows,
+          need_kn ? dkn_rows.sum(0).to(k_norm->scalar_type()) : dkn_rows,
+          need_scale ? dscale.to(unit_scale->scalar_type()) : dscale};
 }
 
 }  // namespace bpp
 
 TORCH_LIBRARY_IMPL(bpp, CPU, m) {
   m.impl("masked_attention", &bpp::masked_attention_cpu);
+  m.impl("masked_attention_backward", &bpp::masked_attention_backward_cpu);
 }

@@ -1,0 +1,267 @@
+"""Forward + backward of the masked MLP and attention against dense-with-mask autograd.
+
+S masks, each keeping 50% of the units (chosen at random per mask, so the masks differ), over a
+B×T batch of one layer. MLP: SmolLM2-135M's d=576, m=1536 channels. Attention: d=576 with 8
+query heads in 4 KV groups of head_dim 64 (SmolLM2 has 3 groups, where 50% is not a count), so
+each mask keeps 2 groups. Every provider computes the same loss, ``sum(y * g)`` for a fixed
+random ``g``, and its gradients with respect to x and the weights (and the per-unit scales with
+``--soft``), from the same inputs:
+
+- ``dense+mask``: every unit computed, the mask multiplied into the activations (MLP channels
+  before W_down, attention head outputs before W_o), plain autograd: what users do without the
+  kernels (all pruned work done and stored for the backward);
+- ``reference``: :mod:`bpp_kernels.reference` under autograd (kept units only, one sample at a time);
+- the fast backend of the device: ``cpp`` on CPU, ``triton`` on CUDA.
+
+Columns: median wall time of forward + backward over ``--repeats`` interleaved runs (after a
+warm-up), its ratio to dense+mask (> 1: faster), the peak memory above the inputs while it runs
+(CPU: the growth of the process's peak RSS, each provider measured in a fresh subprocess; CUDA:
+``torch.cuda.max_memory_allocated``), the bytes autograd saved for the backward beyond the inputs,
+and the largest relative RMS error of the output and gradients against dense+mask (a wrong fast
+kernel shows here). Wall-clock numbers only mean something on an otherwise idle machine.
+
+    .venv/bin/python bench/kernels_backward.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+        [--S 8] [--B 4] [--T 128] [--repeats 5] [--soft] [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bpp_kernels  # noqa: E402
+from bpp_kernels import layout, ops, reference  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+D, M = 576, 1536
+HEADS, GROUPS, HEAD_DIM = 8, 4, 64
+
+
+def _masks(S: int, n: int, g: torch.Generator) -> torch.Tensor:
+    mask = torch.zeros(S, n, dtype=torch.bool)
+    for s in range(S):
+        mask[s, torch.randperm(n, generator=g)[: n // 2]] = True
+    return mask
+
+
+def make_inputs(op: str, S: int, B: int, T: int, dtype, device, soft: bool, seed: int = 0) -> dict:
+    """Leaf tensors (requires_grad where they get a gradient) and the mask of one op."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale)  # noqa: E731
+    n = M if op == "mlp" else GROUPS
+    mask = _masks(S, n, g)
+    scale = (0.05 + 0.95 * torch.rand(S, n, generator=g)) if soft else None
+    x = rnd(S, B, T, D)
+    if op == "mlp":
+        w_gate_up, w_down_t = layout.pack_swiglu(rnd(M, D, scale=D**-0.5), rnd(M, D, scale=D**-0.5),
+                                                 rnd(D, M, scale=M**-0.5))
+        weights = dict(w_gate_up=w_gate_up, w_down_t=w_down_t)
+    else:
+        w_qkv, w_o_t, _ = layout.pack_attention(rnd(HEADS * HEAD_DIM, D, scale=D**-0.5),
+                                                rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
+                                                rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
+                                                rnd(D, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), GROUPS)
+        inv = 1.0 / 10000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
+        emb = torch.outer(torch.arange(T, dtype=torch.float32), inv).repeat(1, 2)
+        weights = dict(w_qkv=w_qkv, w_o_t=w_o_t)
+    out = {k: v.to(device, dtype).requires_grad_() for k, v in dict(x=x, **weights).items()}
+    if op == "attention":
+        out["cos"], out["sin"] = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    keep_idx, keep_count = reference.mask_to_index(mask)
+    out.update(keep_idx=keep_idx.to(device), keep_count=keep_count.to(device), unit_mask=mask.to(device, dtype))
+    if scale is not None:  # aligned with keep_idx: slot j holds the scale of unit keep_idx[s, j]
+        out["unit_scale"] = scale.to(device).requires_grad_()
+    out["grad"] = rnd(S, B, T, D).to(device, dtype)
+    return out
+
+
+def dense_mlp(x, w_gate_up, w_down_t, unit_mask):
+    act = F.silu(x @ w_gate_up[:, 0].t()) * (x @ w_gate_up[:, 1].t())
+    return (act * unit_mask[:, None, None, :]) @ w_down_t
+
+
+def dense_attention(x, w_qkv, w_o_t, cos, sin, unit_mask):
+    S, B, T, d = x.shape
+    G, rows, _ = w_qkv.shape
+    hd = cos.shape[-1]
+    r = rows // hd - 2
+    y = (x @ w_qkv.reshape(-1, d).t()).view(S, B, T, G, r + 2, hd)
+    q = y[..., :r, :].reshape(S, B, T, G * r, hd).transpose(2, 3)
+    k, v = y[..., r, :].transpose(2, 3), y[..., r + 1, :].transpose(2, 3)
+    q, k = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    att = att * unit_mask.repeat_interleave(r, dim=1)[:, None, :, None, None]
+    return att.transpose(2, 3).reshape(S, B, T, G * r * hd) @ w_o_t.reshape(-1, d)
+
+
+def _grad_names(inp: dict) -> list[str]:
+    return [k for k, v in inp.items() if torch.is_tensor(v) and v.requires_grad]
+
+
+def run(op: str, provider: str, inp: dict):
+    """One forward + backward; returns (output, {name: gradient}) with the mask's scales' gradient
+    mapped to unit_scale's slot layout for dense+mask."""
+    names = _grad_names(inp)
+    if provider == "dense+mask":
+        unit_mask = inp["unit_mask"]
+        if "unit_scale" in inp:  # the same soft mask, differentiable through the scales
+            n = unit_mask.shape[1]
+            slots = torch.arange(n, device=unit_mask.device) < inp["keep_count"][:, None]
+            unit_mask = torch.zeros_like(unit_mask).scatter(
+                1, inp["keep_idx"].long(), torch.where(slots, inp["unit_scale"].to(unit_mask.dtype), 0.0))
+        if op == "mlp":
+            y = dense_mlp(inp["x"], inp["w_gate_up"], inp["w_down_t"], unit_mask)
+        else:
+            y = dense_attention(inp["x"], inp["w_qkv"], inp["w_o_t"], inp["cos"], inp["sin"], unit_mask)
+    else:
+        backend = provider
+        kw = {k: inp[k] for k in names}
+        kw.update(keep_idx=inp["keep_idx"], keep_count=inp["keep_count"])
+        if op == "mlp":
+            y = ops.masked_swiglu(**kw, backend=backend)
+        else:
+            y = ops.masked_attention(**kw, cos=inp["cos"], sin=inp["sin"], backend=backend)
+    grads = torch.autograd.grad(y, [inp[k] for k in names], inp["grad"])
+    return y.detach(), dict(zip(names, grads))
+
+
+def saved_bytes(op: str, provider: str, inp: dict) -> int:
+    """Bytes autograd keeps for the backward beyond the inputs (distinct storages)."""
+    input_ptrs = {v.untyped_storage().data_ptr() for v in inp.values() if torch.is_tensor(v)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_ptrs:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(op, provider, inp)
+    return sum(seen.values())
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_extra_bytes(op: str, provider: str, args) -> int:
+    """Peak memory above the inputs during one forward + backward."""
+    if args.device == "cuda":
+        inp = make_inputs(op, args.S, args.B, args.T, DTYPES[args.dtype], "cuda", args.soft)
+        run(op, provider, inp)  # warm-up (kernel compilation) outside the measurement
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run(op, provider, inp)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    child = [sys.executable, os.path.abspath(__file__), "--child-peak", op, provider, "--dtype", args.dtype,
+             "--S", str(args.S), "--B", str(args.B), "--T", str(args.T)] + (["--soft"] if args.soft else [])
+    return int(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def _child_peak(op: str, provider: str, args) -> None:
+    inp = make_inputs(op, args.S, args.B, args.T, DTYPES[args.dtype], "cpu", args.soft)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(op, provider, inp)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--S", type=int, default=8)
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--soft", action="store_true", help="per-unit scales (a relaxed mask), gradients for them too")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--child-peak", nargs=2, metavar=("OP", "PROVIDER"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_peak:
+        _child_peak(*args.child_peak, args)
+        return []
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    fast = "triton" if args.device == "cuda" else "cpp"
+    providers = ["dense+mask", "reference", fast]
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for op in ("mlp", "attention"):
+        inp = make_inputs(op, args.S, args.B, args.T, dtype, args.device, args.soft)
+        results = {pr: run(op, pr, inp) for pr in providers}  # warm-up, and the values compared
+        times = {pr: [] for pr in providers}
+        for _ in range(args.repeats):
+            for pr in providers:  # interleaved: a busy machine slows every provider alike
+                _sync(args.device)
+                t0 = time.perf_counter()
+                run(op, pr, inp)
+                _sync(args.device)
+                times[pr].append(time.perf_counter() - t0)
+        dense_out, dense_grads = results["dense+mask"]
+        for pr in providers:
+            out, grads = results[pr]
+            err = max([_rel(out, dense_out)] + [_rel(grads[k], dense_grads[k]) for k in grads])
+            rows.append(dict(op=op, provider=pr, ms=1000 * statistics.median(times[pr]),
+                             saved_mib=saved_bytes(op, pr, inp) / 2**20,
+                             peak_mib=peak_extra_bytes(op, pr, args) / 2**20, max_rel_err=err))
+        dense_ms = next(r["ms"] for r in rows if r["op"] == op and r["provider"] == "dense+mask")
+        for r in rows:
+            if r["op"] == op:
+                r["speedup"] = dense_ms / r["ms"]
+    print(f"# {_machine(args.device)}; torch {torch.__version__}, bpp_kernels {bpp_kernels.__version__}; "
+          f"{args.dtype}, S={args.S} masks at 50% keep, B×T={args.B}×{args.T}, "
+          f"{'per-unit scales' if args.soft else 'hard masks'}, median of {args.repeats}")
+    header = ["op", "provider", "fwd+bwd ms", "vs dense+mask", "peak MiB above inputs", "saved for bwd MiB",
+              "max rel err vs dense"]
+    lines = [[r["op"], r["provider"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['peak_mib']:.0f}",
+              f"{r['saved_mib']:.0f}", f"{r['max_rel_err']:.1e}"] for r in rows]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for line in lines:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=_machine(args.device), args=vars(args), rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

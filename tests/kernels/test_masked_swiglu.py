@@ -1,0 +1,166 @@
+"""masked_swiglu on every backend against the reference: forward and gradients (x, both
+weights, per-unit scales) on ragged, empty and full masks at odd sizes, pruned channels never
+read and given exactly zero gradient, batch invariance, torch.compile, input errors."""
+import pytest
+import torch
+
+from bpp_kernels import cpp, ops, reference
+from tests.kernels import cases
+
+WRT = ["x", "w_gate_up", "w_down_t", "unit_scale"]
+
+SHAPES = [  # S, N, d, m, keep
+    pytest.param(3, 5, 12, 17, 0.5, id="S3-N5-d12-m17-keep0.5"),
+    pytest.param(4, 63, 60, 70, 0.3, id="S4-N63-d60-m70-keep0.3"),
+    pytest.param(2, 33, 40, 100, 0.7, id="S2-N33-d40-m100-keep0.7"),
+    pytest.param(2, 130, 64, 300, 0.5, id="S2-N130-d64-m300-keep0.5"),
+    pytest.param(2, 7, 8, 8, 1.0, id="S2-N7-d8-m8-all-kept"),
+    pytest.param(3, 9, 16, 24, 0.0, id="S3-N9-d16-m24-none-kept"),
+    # GPU only: enough rows for the 128-row tiles of the GPU config, several tiles in every dim
+    pytest.param(3, 300, 520, 1000, 0.6, id="S3-N300-d520-m1000-keep0.6", marks=pytest.mark.gpu),
+]
+GRAD_CASES = [  # S, N, d, m, keep, unit_scale
+    pytest.param(3, 5, 12, 17, 0.5, False, id="S3-N5-d12-m17-keep0.5-hard-mask"),
+    pytest.param(3, 5, 12, 17, 0.5, True, id="S3-N5-d12-m17-keep0.5-unit-scale"),
+    pytest.param(3, 1, 16, 40, 0.6, True, id="S3-N1-d16-m40-one-token-unit-scale"),
+    pytest.param(4, 37, 40, 70, 0.4, False, id="S4-N37-d40-m70-keep0.4-hard-mask"),
+    pytest.param(4, 37, 40, 70, 0.4, True, id="S4-N37-d40-m70-keep0.4-unit-scale"),
+    pytest.param(2, 7, 8, 8, 1.0, False, id="S2-N7-d8-m8-all-kept-hard-mask"),
+    pytest.param(2, 9, 16, 24, 0.0, True, id="S2-N9-d16-m24-none-kept-unit-scale"),
+    pytest.param(3, 300, 520, 1000, 0.6, True, id="S3-N300-d520-m1000-keep0.6-unit-scale", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases.targets())
+@pytest.mark.parametrize("S,N,d,m,keep", SHAPES)
+def test_forward_matches_reference(S, N, d, m, keep, backend, device, dtype):
+    kw = cases.swiglu_inputs(S, N, d, m, keep, dtype=dtype, device=device, seed=11)
+    ref, tol = cases.tolerance(reference.masked_swiglu, kw, dtype)
+    out = ops.masked_swiglu(**kw, backend=backend)
+    assert out.dtype == dtype
+    cases.assert_close(f"{backend} masked_swiglu", ref, out, tol)
+    assert (out[kw["keep_count"] == 0] == 0).all(), "a sample keeping no channel must give zeros"
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases.targets())
+@pytest.mark.parametrize("S,N,d,m,keep,scaled", GRAD_CASES)
+def test_gradients_match_reference(S, N, d, m, keep, scaled, backend, device, dtype):
+    kw = cases.swiglu_inputs(S, N, d, m, keep, dtype=dtype, device=device, seed=12, unit_scale=scaled)
+    grads = cases.assert_grads_match(f"{backend} masked_swiglu", "masked_swiglu", kw, WRT, backend, dtype)
+    empty = kw["keep_count"] == 0
+    assert (grads["x"][empty] == 0).all(), "a sample keeping no channel passes no gradient to x"
+    if scaled:
+        slots = torch.arange(m, device=device)[None, :] >= kw["keep_count"][:, None]
+        assert (grads["unit_scale"][slots] == 0).all(), "scales past keep_count are never read"
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpp", "cpu", marks=cases.needs_cpp),
+                                            pytest.param("triton", "cpu", marks=cases.needs_interpreter)])
+def test_extra_leading_dims(backend, device):
+    kw = cases.swiglu_inputs(3, 2 * 7, 12, 17, 0.5, device=device, seed=13, unit_scale=True)
+    kw["x"] = kw["x"].view(3, 2, 7, 12)
+    grads = cases.assert_grads_match(f"{backend} masked_swiglu (S, B, T, d)", "masked_swiglu", kw, WRT, backend,
+                                     torch.float32)
+    assert grads["x"].shape == (3, 2, 7, 12)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases.targets(reference_backend=True))
+def test_pruned_channels_are_never_read_and_get_zero_gradient(backend, device, dtype):
+    """NaN in the weights of channels that no sample keeps reaches neither the output nor any
+    gradient, and those channels' weight gradients are exactly zero."""
+    kw = cases.swiglu_inputs(3, 21, 40, 90, 0.4, dtype=dtype, device=device, seed=14, unit_scale=True)
+    kw["keep_count"][1] = 60  # no sample keeps everything, so some channels are pruned everywhere
+    kept_anywhere = torch.zeros(90, dtype=torch.bool, device=device)
+    for s in range(3):
+        kept_anywhere[kw["keep_idx"][s, :kw["keep_count"][s]].long()] = True
+    assert not kept_anywhere.all()
+    ref_out, ref_grads, tols = cases.grad_tolerances(reference.masked_swiglu, kw, WRT, dtype)
+    kw["w_gate_up"][~kept_anywhere] = float("nan")
+    kw["w_down_t"][~kept_anywhere] = float("nan")
+    out, grads = cases.forward_backward(lambda **k: ops.masked_swiglu(**k, backend=backend), kw, WRT)
+    cases.assert_close(f"{backend} masked_swiglu", ref_out, out, tols["out"])
+    for name in WRT:
+        cases.assert_close(f"{backend} masked_swiglu d{name}", ref_grads[name], grads[name], tols[name])
+    for name in ("w_gate_up", "w_down_t"):
+        assert (grads[name][~kept_anywhere] == 0).all(), f"d{name} of pruned channels must be exactly 0"
+
+
+@pytest.mark.parametrize("backend,device,dtype", [p for p in cases.targets(reference_backend=True) if p.id != "cpp-fp16"])
+def test_batch_invariance(backend, device, dtype, monkeypatch):
+    """Sample j's output is the same bits alone and in a batch of 8 (both GEMM libraries for C++)."""
+    kw = cases.swiglu_inputs(8, 21, 24, 40, 0.5, dtype=dtype, device=device, seed=15, unit_scale=True)
+    for gemm in (("onednn", "aten") if backend == "cpp" else ("default",)):
+        monkeypatch.setenv("BPP_CPU_GEMM", gemm if backend == "cpp" else "auto")
+        together = ops.masked_swiglu(**kw, backend=backend)
+        for j in range(8):
+            alone = ops.masked_swiglu(kw["x"][j:j + 1], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"][j:j + 1],
+                                      kw["keep_count"][j:j + 1], unit_scale=kw["unit_scale"][j:j + 1],
+                                      backend=backend)
+            assert torch.equal(alone[0], together[j]), f"sample {j} differs alone and in a batch of 8 ({gemm})"
+
+
+@cases.needs_cpp
+@pytest.mark.parametrize("gemm", cases.CPU_GEMMS)
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=lambda dt: cases.DTYPE_IDS[dt])
+def test_cpp_both_gemm_libraries_match_reference(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("BPP_CPU_GEMM", gemm)
+    kw = cases.swiglu_inputs(4, 37, 40, 90, 0.4, dtype=dtype, seed=16, unit_scale=True)
+    cases.assert_grads_match(f"cpp masked_swiglu ({gemm})", "masked_swiglu", kw, WRT, "cpp", dtype)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpp", "cpu", marks=cases.needs_cpp),
+                                            pytest.param("triton", "cpu", marks=cases.needs_interpreter),
+                                            pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
+def test_forward_and_backward_compile_without_graph_break(backend, device):
+    """mask -> index lists -> masked_swiglu -> loss, and its backward, in one torch.compile graph
+    (fullgraph=True raises on any graph break); the same values as eager."""
+    kw = cases.swiglu_inputs(3, 5, 12, 17, 0.5, device=device, seed=17, unit_scale=True)
+    mask = cases.random_mask(3, 17, 0.5, torch.Generator().manual_seed(18)).to(device)
+
+    def loss_fn(x, w_gate_up, w_down_t, unit_scale, mask):
+        keep_idx, keep_count = ops.mask_to_index(mask, backend=backend)
+        y = ops.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale, backend=backend)
+        return (y * y).mean()
+
+    args = {k: kw[k].detach().clone().requires_grad_() for k in ("x", "w_gate_up", "w_down_t", "unit_scale")}
+    eager = loss_fn(**args, mask=mask)
+    eager_grads = torch.autograd.grad(eager, list(args.values()))
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    got = compiled(**args, mask=mask)
+    got_grads = torch.autograd.grad(got, list(args.values()))
+    assert torch.equal(got, eager)
+    for name, a, b in zip(args, got_grads, eager_grads):
+        assert torch.equal(a, b), f"d{name} differs compiled and eager"
+
+
+@cases.needs_cpp
+def test_bad_inputs_say_what_is_wrong():
+    kw = cases.swiglu_inputs(2, 5, 12, 17, 0.5)
+    args = [kw["x"], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"], kw["keep_count"]]
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.bpp.masked_swiglu(*args[:3], kw["keep_idx"].long(), kw["keep_count"], None)
+    bad = kw["keep_idx"].clone()
+    bad[1, 0] = 17
+    with pytest.raises(RuntimeError, match=r"keep_idx\[1, 0\] = 17 is outside"):
+        torch.ops.bpp.masked_swiglu(*args[:3], bad, kw["keep_count"], None)
+    with pytest.raises(RuntimeError, match="keep_count"):
+        torch.ops.bpp.masked_swiglu(*args[:4], torch.tensor([3, 18], dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match="unit_scale must be a floating"):
+        cpp.masked_swiglu(*args, unit_scale=torch.ones(2, 16))
+    with pytest.raises(ValueError, match=r"unit_scale must be a floating \(S=2, n=17\)"):
+        ops.masked_swiglu(*args, unit_scale=torch.ones(2, 17, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_no_host_sync():
+    """Counts stay on the device: neither direction waits for the GPU (DESIGN: one sync per PG step)."""
+    kw = cases.swiglu_inputs(4, 64, 64, 200, 0.5, dtype=torch.bfloat16, device="cuda", seed=19, unit_scale=True)
+    x = kw.pop("x").requires_grad_()
+    ops.masked_swiglu(x, **kw, backend="triton").sum().backward()  # compile first: the first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.masked_swiglu(x, **kw, backend="triton").sum().backward()
+        ops.mask_to_index(torch.rand(4, 200, device="cuda") < 0.5, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
