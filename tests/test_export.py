@@ -293,6 +293,42 @@ def test_tokenizer_matches_transformers(tmp_path, tokenizer):
     assert llm.detokenize(tokenizer(text)["input_ids"]).decode() == text
 
 
+def _sentencepiece_style_tokenizer():
+    """A tiny tokenizer shaped like Llama 2's / Mistral's tokenizer.json (SentencePiece converted
+    to BPE): '▁' for spaces prepended to the text, byte fallback, BOS added."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:60], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_matches_transformers(tmp_path):
+    """Byte-fallback BPE (Llama 2 / Mistral): llama.cpp's SentencePiece tokenizer with scores from
+    the merge ranks splits a text as transformers does, bytes for unseen characters included."""
+    tok = _sentencepiece_style_tokenizer()
+    model = _tiny("mistral", vocab_size=len(tok))
+    path = export_gguf(_save_dense(model, tok, tmp_path / "m"), tmp_path / "m.gguf", progress=False)
+    assert _field(path, "tokenizer.ggml.model") == "llama"
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    import pydoc_data.topics
+
+    for text in (list(pydoc_data.topics.topics.values())[70][:1500], "Grüße 🦙 and  two  spaces\nnew line"):
+        want = tok(text)["input_ids"]
+        assert want[0] == tok.bos_token_id and tok.unk_token_id not in want
+        assert llm.tokenize(text.encode(), add_bos=True) == want
+    llm.close()
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _no_output(tmp_path, name="out.gguf"):
