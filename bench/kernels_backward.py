@@ -5,23 +5,25 @@ B×T batch of one layer. MLP: SmolLM2-135M's d=576, m=1536 channels. Attention: 
 query heads in 4 KV groups of head_dim 64 (SmolLM2 has 3 groups, where 50% is not a count), so
 each mask keeps 2 groups. Every provider computes the same loss, ``sum(y * g)`` for a fixed
 random ``g``, and its gradients with respect to x and the weights (and the per-unit scales with
-``--soft``), from the same inputs:
+``--soft``), from the same inputs. A third op, ``cross_entropy``, is the LM head and loss as the
+engine calls it: one sample's B×(T-1) rows against SmolLM2's 49,152-word head (no mask):
 
 - ``dense+mask``: every unit computed, the mask multiplied into the activations (MLP channels
   before W_down, attention head outputs before W_o), plain autograd: what users do without the
-  kernels (all pruned work done and stored for the backward);
+  kernels (all pruned work done and stored for the backward); for cross_entropy ``dense``: the
+  full (N, V) logits and ``F.cross_entropy`` under autograd;
 - ``reference``: :mod:`bpp_kernels.reference` under autograd (kept units only, one sample at a time);
 - the fast backend of the device: ``cpp`` on CPU, ``triton`` on CUDA.
 
 Columns: median wall time of forward + backward over ``--repeats`` interleaved runs (after a
 warm-up), its ratio to dense+mask (> 1: faster), the peak memory above the inputs while it runs
-(CPU: the growth of the process's peak RSS, each provider measured in a fresh subprocess; CUDA:
+(CPU: the process's peak RSS above its RSS before the call, each provider in a fresh subprocess; CUDA:
 ``torch.cuda.max_memory_allocated``), the bytes autograd saved for the backward beyond the inputs,
 and the largest relative RMS error of the output and gradients against dense+mask (a wrong fast
 kernel shows here). Wall-clock numbers only mean something on an otherwise idle machine.
 
     .venv/bin/python bench/kernels_backward.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-        [--S 8] [--B 4] [--T 128] [--repeats 5] [--soft] [--markdown]
+        [--S 8] [--B 4] [--T 128] [--repeats 5] [--threads N] [--soft] [--markdown] [--json FILE]
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,8 @@ from bpp_kernels import layout, ops, reference  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 D, M = 576, 1536
 HEADS, GROUPS, HEAD_DIM = 8, 4, 64
+VOCAB = 49152
+OPS_BENCHED = ("mlp", "attention", "cross_entropy")
 
 
 def _masks(S: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -58,6 +61,11 @@ def make_inputs(op: str, S: int, B: int, T: int, dtype, device, soft: bool, seed
     """Leaf tensors (requires_grad where they get a gradient) and the mask of one op."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale)  # noqa: E731
+    if op == "cross_entropy":
+        N = B * (T - 1)
+        return dict(h=rnd(N, D).to(device, dtype).requires_grad_(),
+                    weight=rnd(VOCAB, D, scale=D**-0.5).to(device, dtype).requires_grad_(),
+                    target=torch.randint(0, VOCAB, (N,), generator=g).to(device), grad=rnd(N).to(device))
     n = M if op == "mlp" else GROUPS
     mask = _masks(S, n, g)
     scale = (0.05 + 0.95 * torch.rand(S, n, generator=g)) if soft else None
@@ -112,7 +120,12 @@ def run(op: str, provider: str, inp: dict):
     """One forward + backward; returns (output, {name: gradient}) with the mask's scales' gradient
     mapped to unit_scale's slot layout for dense+mask."""
     names = _grad_names(inp)
-    if provider == "dense+mask":
+    if op == "cross_entropy":
+        if provider == "dense+mask":
+            y = F.cross_entropy((inp["h"] @ inp["weight"].t()).float(), inp["target"], reduction="none")
+        else:
+            y = ops.linear_cross_entropy(inp["h"], inp["weight"], inp["target"], backend=provider)
+    elif provider == "dense+mask":
         unit_mask = inp["unit_mask"]
         if "unit_scale" in inp:  # the same soft mask, differentiable through the scales
             n = unit_mask.shape[1]
@@ -168,16 +181,27 @@ def peak_extra_bytes(op: str, provider: str, args) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     child = [sys.executable, os.path.abspath(__file__), "--child-peak", op, provider, "--dtype", args.dtype,
-             "--S", str(args.S), "--B", str(args.B), "--T", str(args.T)] + (["--soft"] if args.soft else [])
+             "--S", str(args.S), "--B", str(args.B), "--T", str(args.T)] + (["--soft"] if args.soft else []) \
+        + ([f"--threads={args.threads}"] if args.threads else [])
     return int(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
 def _child_peak(op: str, provider: str, args) -> None:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would start at its
+    # parent's peak; writing 5 to clear_refs resets the high-water mark to the current RSS. A tiny
+    # warm-up first, so one-time initialisation (thread pools, kernel libraries) is not counted.
+    run(op, provider, make_inputs(op, 1, 1, 4, DTYPES[args.dtype], "cpu", args.soft))
     inp = make_inputs(op, args.S, args.B, args.T, DTYPES[args.dtype], "cpu", args.soft)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     run(op, provider, inp)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    print((_status_kib("VmHWM") - before) * 1024)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,11 +228,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--soft", action="store_true", help="per-unit scales (a relaxed mask), gradients for them too")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--child-peak", nargs=2, metavar=("OP", "PROVIDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_peak:
         _child_peak(*args.child_peak, args)
         return []
@@ -218,7 +245,7 @@ def main(argv=None) -> list[dict]:
     providers = ["dense+mask", "reference", fast]
     dtype = DTYPES[args.dtype]
     rows = []
-    for op in ("mlp", "attention"):
+    for op in OPS_BENCHED:
         inp = make_inputs(op, args.S, args.B, args.T, dtype, args.device, args.soft)
         results = {pr: run(op, pr, inp) for pr in providers}  # warm-up, and the values compared
         times = {pr: [] for pr in providers}
@@ -245,7 +272,8 @@ def main(argv=None) -> list[dict]:
           f"{'per-unit scales' if args.soft else 'hard masks'}, median of {args.repeats}")
     header = ["op", "provider", "fwd+bwd ms", "vs dense+mask", "peak MiB above inputs", "saved for bwd MiB",
               "max rel err vs dense"]
-    lines = [[r["op"], r["provider"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['peak_mib']:.0f}",
+    label = lambda r: "dense" if r["op"] == "cross_entropy" and r["provider"] == "dense+mask" else r["provider"]  # noqa: E731
+    lines = [[r["op"], label(r), f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['peak_mib']:.0f}",
               f"{r['saved_mib']:.0f}", f"{r['max_rel_err']:.1e}"] for r in rows]
     if args.markdown:
         print("| " + " | ".join(header) + " |")

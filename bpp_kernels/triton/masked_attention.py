@@ -382,8 +382,9 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     dk = torch.zeros((S, G, N, HD), dtype=torch.float32, device=dev)
     dv = torch.zeros_like(dk)
     block = _flash_block(dt)
+    # two fp32 (block x hd) accumulators per program (dK and dV): eight warps on a GPU, as FlashAttention-2
     common = dict(BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=dot_precision(dt),
-                  num_warps=4, num_stages=1 if INTERPRET else 2)
+                  num_warps=4 if INTERPRET else 8, num_stages=1 if INTERPRET else 2)
     _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, B, T, G, R,
                                                           HD, scale, **common)
     _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, B, T, G, R,
