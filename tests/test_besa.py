@@ -225,3 +225,49 @@ def test_bad_input_is_a_clear_error():
         besa_mask(model, space, _calib(), 0.3, BesaConfig(epochs=0))
     with pytest.raises(BppError, match="penalty"):
         besa_mask(model, space, _calib(), 0.3, BesaConfig(penalty=0.0))
+
+
+# --- the two engines: bpp_kernels' masked ops and the Hugging Face layer with hooks ---------------
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kernels_and_hooks_learn_the_same_allocation(family):
+    """The masked ops (per-unit scales, every unit kept while learning, pruned units skipped in the
+    fixed-mask pass) and the Hugging Face layer with scaled projection inputs compute the same
+    block: same masks, learned rates and losses within fp32 rounding."""
+    model = tiny_model(family, num_hidden_layers=3)
+    space = MaskSpace.from_model(model)
+    calib = _calib(6, 24, seed=1)
+    config = dict(epochs=2, progress=False)
+    hf = besa_allocate(model, space, calib, 0.6, config=BesaConfig(engine="hf", **config))
+    kernels = besa_allocate(model, space, calib, 0.6, config=BesaConfig(engine="kernels", **config))
+    assert hf.engine == "hf" and kernels.engine == "kernels"
+    for t in ("group", "channel"):
+        assert torch.equal(hf.masks[t], kernels.masks[t]), t
+        torch.testing.assert_close(kernels.learned_rates[t], hf.learned_rates[t], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kernels.block_keep, hf.block_keep, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kernels.reconstruction, hf.reconstruction, rtol=1e-4, atol=1e-9)
+    losses = lambda r: torch.tensor([h["loss"] for h in r.history], dtype=torch.float64)  # noqa: E731
+    assert len(hf.history) == len(kernels.history) == 3 * 2 * 3
+    torch.testing.assert_close(losses(kernels), losses(hf), rtol=1e-4, atol=1e-9)
+    assert hf.masks["channel"].float().mean() < 1  # something was pruned: the fixed-mask pass skipped units
+
+
+def test_auto_engine_takes_the_kernels_where_they_compute_the_layer_and_hooks_elsewhere():
+    calib = _calib(4, 16)
+    auto = BesaConfig(epochs=1, progress=False)
+    model = tiny_model("llama")
+    assert besa_allocate(model, MaskSpace.from_model(model), calib, 0.7, config=auto).engine == "kernels"
+    # a GELU MLP and a sliding window shorter than the windows are Hugging Face features the ops lack
+    for family, overrides, reason in (("llama", dict(hidden_act="gelu"), "activation is gelu"),
+                                      ("mistral", dict(sliding_window=8), "sliding window")):
+        model = tiny_model(family, **overrides)
+        space = MaskSpace.from_model(model)
+        result = besa_allocate(model, space, calib, 0.7, config=auto)
+        assert result.engine == "hf" and result.masks["channel"].sum() < result.masks["channel"].numel()
+        with pytest.raises(BppError, match=f"cannot run through bpp_kernels: .*{reason}"):
+            besa_allocate(model, space, calib, 0.7, config=BesaConfig(epochs=1, progress=False, engine="kernels"))
+    # the same window length within the sliding window runs on the kernels
+    model = tiny_model("mistral", sliding_window=16)
+    assert besa_allocate(model, MaskSpace.from_model(model), calib, 0.7, config=auto).engine == "kernels"
+    with pytest.raises(BppError, match="engine must be one of"):
+        besa_mask(model, MaskSpace.from_model(model), calib, 0.3, BesaConfig(engine="triton"))

@@ -52,6 +52,7 @@ quality section.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -60,8 +61,8 @@ import torch
 from ..errors import BppError
 from ..policy import check_sparsity, parse_granularity
 from ..space import Masks, MaskSpace
-from .calibration import (check_calib, eval_mode, input_scales, input_squares, layer_inputs, run_layer,
-                          wanda_sp_scores)
+from .calibration import (ENGINES, check_calib, choose_engine, eval_mode, input_scales, input_squares, kernel_block,
+                          layer_inputs, pack_block, run_layer, wanda_sp_scores)
 from .ranking import sigmap
 
 TYPES = ("channel", "group")
@@ -81,6 +82,10 @@ class BesaConfig:
     rate_step: float = 0.01  # spacing of the candidate keep rates (official --sparsity-step)
     across_blocks: bool = True  # also learn how the budget splits across blocks
     soft_types: tuple = ("group",)  # unit types whose forward uses the expected mask, not the hard one
+    # how a block runs while its allocation is learned: "kernels" (bpp_kernels' masked ops, the
+    # scales as per-unit scales), "hf" (the Hugging Face layer with its projections' inputs scaled
+    # by hooks), "auto" (kernels where they compute what the layer does: calibration.kernel_blocks_unsupported)
+    engine: str = "auto"
     progress: bool = True
 
     def validate(self) -> "BesaConfig":
@@ -91,6 +96,8 @@ class BesaConfig:
         unknown = [t for t in self.soft_types if t not in TYPES]
         if unknown:
             raise BppError(f"BESA soft_types must be among {', '.join(TYPES)}, got {', '.join(map(str, unknown))}")
+        if self.engine not in ENGINES:
+            raise BppError(f"BESA engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         return self
 
 
@@ -106,6 +113,7 @@ class BesaResult:
     block_keep: torch.Tensor  # (L,) learned parameter keep rate of each block (over learned types)
     reconstruction: torch.Tensor  # (L,) final reconstruction loss of each block's hard mask
     history: list = field(default_factory=list)
+    engine: str = "hf"  # what ran the blocks: "kernels" or "hf" (BesaConfig.engine)
 
 
 # --- the differentiable relaxation -------------------------------------------------------------
@@ -256,6 +264,12 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
         hidden = [layer_inputs(model, calib[i:i + config.batch_size].to(device))[0]
                   for i in range(0, calib.shape[0], config.batch_size)]
         _, kwargs = layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
+    no_rope = None if "position_embeddings" in kwargs else "the model passes its layers no position embeddings"
+    engine, _ = choose_engine(config.engine, model, calib.shape[1], "BESA", reason=no_rope)
+    if engine == "kernels":
+        import bpp_kernels as K
+
+        cos, sin = (t[0].detach() for t in kwargs["position_embeddings"])  # (T, hd), the same for every window
 
     masks = {t: torch.ones(L, sizes[t], dtype=torch.bool) for t in TYPES}
     scores = {t: torch.zeros(L, sizes[t], dtype=torch.float64) for t in TYPES}
@@ -269,6 +283,9 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
         layer = model.model.layers[i]
         with eval_mode(layer):
             refs, block_scores = _dense_pass(layer, hidden, kwargs, space)
+            if engine == "kernels":  # frozen weights, packed once; only the scales get gradients
+                block = pack_block(layer)
+                block_out = lambda h, **units: kernel_block(block, h[None], cos, sin, **units)[0]  # noqa: E731
             orders = {}
             for t in TYPES:
                 scores[t][i] = block_scores[t]
@@ -291,12 +308,18 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
 
             scale = {t: (lambda t=t: current[t]) if t in learned else None for t in TYPES}
             target_sparsity = 1.0 - keep
-            with torch.enable_grad(), input_scales(layer, scale["group"], scale["channel"], cols):
+            if engine == "kernels":  # every unit kept (a straight-through zero still needs its gradient)
+                scaled = contextlib.nullcontext()
+                learning_out = lambda h: block_out(h, **{f"{t}_scale": current[t][None] for t in learned})  # noqa: E731
+            else:
+                scaled = input_scales(layer, scale["group"], scale["channel"], cols)
+                learning_out = lambda h: run_layer(layer, h, kwargs)  # noqa: E731
+            with torch.enable_grad(), scaled:
                 for epoch in range(config.epochs):
                     for h, ref in zip(hidden, refs):
                         for t in learned:
                             current[t] = unit_mask(t)
-                        rec = _reconstruction(run_layer(layer, h, kwargs), ref)
+                        rec = _reconstruction(learning_out(h), ref)
                         sparsity = 1.0 - block_keep_rate()
                         loss = rec + config.penalty * ((sparsity - target_sparsity) / target_sparsity) ** 2
                         grads = torch.autograd.grad(loss, list(logits.values()))
@@ -319,10 +342,14 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                 for t in learned:
                     masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
                     masks[t][i][orders[t][:k[t]].cpu()] = True
-                fixed = {t: masks[t][i].to(device).float() for t in TYPES}
-                with input_scales(layer, (lambda: fixed["group"]) if "group" in learned else None,
-                                   (lambda: fixed["channel"]) if "channel" in learned else None, cols):
-                    outs = [run_layer(layer, h, kwargs) for h in hidden]
+                if engine == "kernels":  # pruned units skipped, not scaled by zero
+                    kept = {f"{t}s": K.mask_to_index(masks[t][i][None].to(device)) for t in TYPES}
+                    outs = [block_out(h, **kept) for h in hidden]
+                else:
+                    fixed = {t: masks[t][i].to(device).float() for t in TYPES}
+                    with input_scales(layer, (lambda: fixed["group"]) if "group" in learned else None,
+                                       (lambda: fixed["channel"]) if "channel" in learned else None, cols):
+                        outs = [run_layer(layer, h, kwargs) for h in hidden]
                 recon[i] = sum(float(_reconstruction(o, r)) * o.shape[0] for o, r in zip(outs, refs)) / calib.shape[0]
                 hidden = outs
         bar.set_postfix({"groups": int(masks["group"][i].sum()), "channels": int(masks["channel"][i].sum()),
@@ -340,7 +367,7 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                     masks[t][i] = torch.zeros(sizes[t], dtype=torch.bool)
                     masks[t][i][order[:k]] = True
     keep_rates = {t: masks[t].double().mean(-1) for t in TYPES}
-    return BesaResult(masks, scores, learned_rates, keep_rates, block_keep, recon, history)
+    return BesaResult(masks, scores, learned_rates, keep_rates, block_keep, recon, history, engine)
 
 
 # --- the two entry points (bpp.methods.METHODS) ---------------------------------------------------
