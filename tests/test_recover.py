@@ -48,16 +48,29 @@ def _uniform_mask(space):
     return mask
 
 
+def _emptied_mask(space):
+    """Layer 0 keeps its attention and no MLP channel; layer 1 no KV group and 35 channels."""
+    mask = _hetero_mask(space)
+    mask.channels[0, 0] = False
+    return mask
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """{'hetero': a tied-embedding Llama compacted to per-layer sizes, 'uniform': a Qwen2 (q/k/v
-    biases) compacted to a stock config}, both with the tiny tokenizer."""
+    biases) compacted to a stock config, 'biased': a Qwen3 (q/k norms) with bias compensation whose
+    layer 0 has no MLP and layer 1 no attention}, all with the tiny tokenizer."""
     root = tmp_path_factory.mktemp("compacted")
     tok = tiny_tokenizer()
     llama = tiny_model("llama", tie_word_embeddings=True)
     qwen = tiny_model("qwen2")
+    qwen3 = tiny_model("qwen3")
+    g = torch.Generator().manual_seed(5)
+    o_bias, down_bias = ([0.1 * torch.randn(60, generator=g) for _ in range(2)] for _ in range(2))
     return {"hetero": save_compacted(llama, _hetero_mask(MaskSpace.from_model(llama)), root / "hetero", tokenizer=tok),
-            "uniform": save_compacted(qwen, _uniform_mask(MaskSpace.from_model(qwen)), root / "uniform", tokenizer=tok)}
+            "uniform": save_compacted(qwen, _uniform_mask(MaskSpace.from_model(qwen)), root / "uniform", tokenizer=tok),
+            "biased": save_compacted(qwen3, _emptied_mask(MaskSpace.from_model(qwen3)), root / "biased", tokenizer=tok,
+                                     o_proj_bias=o_bias, down_proj_bias=down_bias)}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +113,51 @@ def test_recovery_lowers_the_training_loss_and_changes_only_lora_targets(folders
     targets = [k for k in before if k.endswith(".weight") and k.split(".")[-2] in TARGET_MODULES]
     assert targets and all(not torch.equal(after[k], before[k]) for k in targets)
     assert all(torch.equal(after[k], before[k]) for k in before if k not in targets)  # norms, embeddings, biases
+
+
+@pytest.mark.parametrize("kind", ["hetero", "uniform", "biased"])
+def test_kernels_and_the_hf_forward_train_the_same_adapters(folders, calib_ids, kind):
+    """The same seed through bpp_kernels' ops (adapted weights W + s·B·A packed each step, the LM
+    head fused with the loss) and through the peft model's Hugging Face forward: the same loss and
+    gradient-norm curves and merged weights within fp32 rounding. The kernel path never runs the
+    LM head module, so no (batch·T, vocab) logits exist."""
+    model, tok, _ = load_pruned(folders[kind])
+    if kind == "biased":
+        layers = model.model.layers
+        assert type(layers[0].mlp).__name__ == "NoMLP" and layers[0].mlp.bias is not None
+        assert type(layers[1].self_attn).__name__ == "NoAttention" and layers[1].self_attn.bias is not None
+        assert layers[0].self_attn.o_proj.bias is not None and layers[1].mlp.down_proj.bias is not None
+    runs = {}
+    for engine in ("hf", "kernels"):
+        copy_ = copy.deepcopy(model)
+        head_calls = []
+        copy_.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+        merged, log = lora_recover(copy_, tok, calib_ids, progress=False, engine=engine, **FAST)
+        assert log["engine"] == engine and log["engine_fallback_reason"] is None
+        assert len(head_calls) == (FAST["steps"] if engine == "hf" else 0)
+        runs[engine] = merged.state_dict(), log
+    (hf, hf_log), (kern, kern_log) = runs["hf"], runs["kernels"]
+    for curve in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(kern_log[curve]), torch.tensor(hf_log[curve]), rtol=1e-5, atol=0)
+    assert set(kern) == set(hf)
+    changed = [k for k in hf if not torch.equal(hf[k], model.state_dict()[k])]
+    assert changed and all(k.split(".")[-2] in TARGET_MODULES for k in changed)
+    assert all(_rel(kern[k], hf[k]) <= 1e-5 for k in changed)
+    assert all(torch.equal(kern[k], hf[k]) for k in hf if k not in changed)
+
+
+def test_auto_engine_trains_through_the_hf_forward_where_the_kernels_cannot(folders, calib_ids):
+    model, tok, _ = load_pruned(folders["uniform"])
+    job = LoraRecovery(copy.deepcopy(model), tok, calib_ids, RecoverConfig(**FAST), progress=False)
+    assert job.engine == "kernels" and job.engine_reason is None
+    job = LoraRecovery(copy.deepcopy(model), tok, calib_ids, RecoverConfig(**FAST, dropout=0.1), progress=False)
+    assert job.engine == "hf" and "dropout" in job.engine_reason and job.log()["engine"] == "hf"
+    with pytest.raises(BppError, match="cannot run through bpp_kernels: LoRA dropout"):
+        LoraRecovery(copy.deepcopy(model), tok, calib_ids, RecoverConfig(**FAST, dropout=0.1, engine="kernels"),
+                     progress=False)
+    model.config.attention_dropout = 0.1  # a model feature the ops lack, in train mode
+    job = LoraRecovery(model, tok, calib_ids, RecoverConfig(**FAST), progress=False)
+    assert job.engine == "hf" and "attention dropout" in job.engine_reason
 
 
 def test_merged_logits_equal_the_adapted_model(folders, calib_ids):
@@ -282,6 +340,7 @@ def test_bad_arguments_of_the_function(folders, calib_ids):
     model, tok, _ = load_pruned(folders["uniform"])
     for kw, message in [({"steps": 0}, "steps must be"), ({"rank": 0}, "rank"), ({"lr": -1.0}, "learning rate"),
                         ({"schedule": "step"}, "unknown schedule"), ({"target_modules": ("nope",)}, "none of the LoRA"),
+                        ({"engine": "triton"}, "engine must be one of"),
                         ({"resume": True}, "checkpoint_dir")]:
         with pytest.raises(BppError, match=message):
             lora_recover(model, tok, calib_ids, **{**FAST, **kw}, progress=False)

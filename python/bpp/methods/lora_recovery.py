@@ -8,6 +8,16 @@ random calibration windows (:func:`bpp.data.windows`), the learning rate warms u
 and then follows a cosine (or linear, or constant) schedule; ``merge_and_unload`` folds each
 adapter ``(alpha / rank) · B A`` into its weight.
 
+Each step's forward and backward runs through bpp_kernels' masked ops (engine "kernels", every unit
+kept): the blocks use the adapted weights W + (alpha / rank)·B·A, packed anew each step (packing is
+differentiable, so the gradients reach A and B), and the LM head is fused with the cross-entropy,
+so the ``(batch · seq_len, vocab)`` logits are never built and the ops keep only their inputs for
+the backward. Where the ops cannot compute what the Hugging Face modules do (LoRA dropout, which
+acts on the adapters' inputs only; a LoRA target outside the block projections; a model feature
+:func:`bpp.methods.calibration.kernel_blocks_unsupported` names), ``engine="auto"`` trains through
+the Hugging Face forward of the peft model ("hf"), as before. Both give the same loss curve within
+fp32 rounding (tests/test_recover.py); the merge and the saved folder are the same either way.
+
 Resumable: every ``checkpoint_every`` steps (and at the end of training) the adapters, the
 optimiser and scheduler states, the run's RNG state, the step and the loss curve are written
 atomically to ``checkpoint_dir/checkpoint.pt``; a resumed run reproduces an uninterrupted one
@@ -35,6 +45,7 @@ import torch
 from ..errors import BppError
 from ..modelio import PROJECTIONS
 from ..runs import CHECKPOINT, differences, fingerprint, load_checkpoint, save_checkpoint
+from .calibration import ENGINES, choose_engine, kernel_lm_loss
 
 TARGET_MODULES = PROJECTIONS  # LoRA on every projection of a decoder block
 SCHEDULES = ("cosine", "linear", "constant")
@@ -57,6 +68,7 @@ class RecoverConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     target_modules: tuple[str, ...] = TARGET_MODULES
+    engine: str = "auto"  # "kernels" (bpp_kernels ops), "hf" (the peft model's forward), "auto": kernels where they can
 
     def validate(self) -> "RecoverConfig":
         checks = [
@@ -72,6 +84,7 @@ class RecoverConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.max_grad_norm >= 0, f"max grad norm must be >= 0, got {self.max_grad_norm}"),
             (len(self.target_modules) > 0, "no LoRA target modules given"),
+            (self.engine in ENGINES, f"recovery engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,6 +110,15 @@ class RecoverConfig:
 
     def differences(self, other: "RecoverConfig") -> list[str]:
         return differences(self.to_dict(), other.to_dict())
+
+
+def adapted_weight(linear) -> torch.Tensor:
+    """The weight a projection computes with: W + (alpha / rank)·B·A for a peft LoRA layer
+    (differentiable in A and B), its frozen weight (detached) otherwise."""
+    if hasattr(linear, "lora_A") and "default" in linear.lora_A:
+        A, B = linear.lora_A["default"].weight, linear.lora_B["default"].weight
+        return linear.base_layer.weight.detach() + (B @ A) * linear.scaling["default"]
+    return getattr(linear, "base_layer", linear).weight.detach()
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
@@ -175,6 +197,11 @@ class LoraRecovery:
         self.signature = _model_signature(model)
         self.was_training = model.training
         self.device = next(model.parameters()).device
+        others = sorted(set(targets) - set(TARGET_MODULES))
+        reason = ("LoRA dropout acts on the adapters' inputs only, not on the merged weight" if self.config.dropout > 0
+                  else f"LoRA targets outside the block projections ({', '.join(others)})" if others else None)
+        self.engine, self.engine_reason = choose_engine(self.config.engine, model, self.config.seq_len, "recovery",
+                                                        training=True, lm_head=True, reason=reason)
         lora = LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):  # the adapters' init is seeded; the caller's RNG is left alone
@@ -201,7 +228,10 @@ class LoraRecovery:
         t0 = time.perf_counter()
         batch = self.windows[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size].to(self.device)
         lr = self.scheduler.get_last_lr()[0]
-        loss = self.peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        if self.engine == "kernels":
+            loss = kernel_lm_loss(self.peft_model.get_base_model(), batch, adapted_weight)
+        else:
+            loss = self.peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         value = float(loss.detach())
         if not math.isfinite(value):
             raise BppError(f"the training loss became {value} at step {self.step}; lower --lr "
@@ -317,20 +347,23 @@ class LoraRecovery:
         return {"config": self.config.to_dict(), "target_modules": self.targets,
                 "trainable_params": self.trainable_params, "steps_done": self.step, "sessions": self.sessions,
                 "loss": list(self.losses), "lr": list(self.lrs), "grad_norm": list(self.grad_norms),
+                "engine": self.engine, "engine_fallback_reason": self.engine_reason,
                 "train_seconds": self.seconds, "seconds_per_step": self.seconds / max(1, len(self.losses))}
 
 
 def lora_recover(model, tokenizer, train_ids, *, steps: int = 50, rank: int = 8, alpha: float = 16.0,
             lr: float = 5e-4, batch_size: int = 4, seq_len: int = 128, schedule: str = "cosine",
             warmup: float = 0.1, dropout: float = 0.0, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-            target_modules=TARGET_MODULES, seed: int = 0, progress: bool = True,
+            target_modules=TARGET_MODULES, seed: int = 0, engine: str = "auto", progress: bool = True,
             checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10, resume: bool = False,
             on_step: Callable[[dict], None] | None = None, extra_state: dict | None = None):
     """LoRA-fine-tune ``model`` on next-token prediction over ``train_ids`` (1-D token ids, or
     text) and merge the adapters: ``(merged_model, log)``. The merged model is ``model`` itself,
     its target weights updated in place (pass a copy to keep the original); everything else in it
     is untouched. ``log`` holds the configuration, the per-step loss / learning rate / gradient
-    norm, the trainable parameter count and timings.
+    norm, the trainable parameter count, the engine that ran the steps (``engine``: "kernels" or
+    "hf", see :class:`RecoverConfig`; ``engine_fallback_reason`` says why "auto" chose "hf") and
+    timings.
 
     ``checkpoint_dir``: where ``checkpoint.pt`` goes every ``checkpoint_every`` steps; with
     ``resume=True`` a checkpoint there is continued (same config, model and text, or a BppError).
@@ -338,7 +371,7 @@ def lora_recover(model, tokenizer, train_ids, *, steps: int = 50, rank: int = 8,
     ``torch.no_grad()``."""
     config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, dropout=dropout, lr=lr, batch_size=batch_size,
                            seq_len=seq_len, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
-                           max_grad_norm=max_grad_norm, seed=seed, target_modules=tuple(target_modules))
+                           max_grad_norm=max_grad_norm, seed=seed, target_modules=tuple(target_modules), engine=engine)
     if resume and checkpoint_dir is None:
         raise BppError("resume needs a checkpoint_dir")
     job = LoraRecovery(model, tokenizer, train_ids, config, checkpoint_dir=checkpoint_dir,
