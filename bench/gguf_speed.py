@@ -3,8 +3,9 @@
 The embedded default (SmolLM2-135M-Instruct) pruned by FLAP (bpp's baseline: fluctuation metric,
 heterogeneous per-layer allocation, bias compensation) at 20% and 40% of the prunable
 parameters, compacted, exported with ``bpp.export_gguf`` (pruned: llama.cpp's ``deci``; dense:
-``llama``), and run by llama.cpp (llama-cpp-python) on the CPU with the same threads. For q8_0
-the masks' MLP widths are rounded up to multiples of 32 first (what q8_0 needs).
+``llama``), and run by llama.cpp (llama-cpp-python) on the CPU with the same threads. Each mask
+also with its MLP widths rounded up to multiples of 32 ("/32", ``bpp compact --round-to 32``):
+q8_0 needs it, and llama.cpp's fast CPU GEMMs want aligned widths.
 
 Prompt: one decode of --prompt-tokens tokens; generation: --new-tokens greedy tokens, one decode
 each, after a 16-token prompt. Every round times every file once (interleaved, so machine noise
@@ -73,7 +74,7 @@ def main():
     model, tok = bpp.load_model()
     space = bpp.MaskSpace.from_model(model)
     calib = windows(tok, load_text("default", "calib"), 128, 16, seed=1)
-    prompt = windows(tok, load_text("default", "test"), a.prompt_tokens, 1, seed=0)[0].tolist()
+    prompt = windows(tok, load_text("default", "heldout"), a.prompt_tokens, 1, seed=0)[0].tolist()
 
     folders = {"dense": work / "dense"}
     if not folders["dense"].exists():
@@ -97,8 +98,8 @@ def main():
     files = {}
     for dtype in a.dtypes.split(","):
         for name, folder in folders.items():
-            if name.endswith("/32") != (dtype == "q8_0") and name != "dense":
-                continue  # q8_0 only for the masks rounded to 32; the others for f32 / f16
+            if dtype == "q8_0" and not (name.endswith("/32") or name == "dense"):
+                continue  # q8_0 needs widths in multiples of 32
             path = work / f"{folder.name}.{dtype}.gguf"
             if not path.exists():
                 t0 = time.perf_counter()

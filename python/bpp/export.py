@@ -142,7 +142,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, writer = Path(tmp_name), None
     try:
         writer = gguf.GGUFWriter(None, model.arch)
         _write_metadata(writer, model, dtype)
@@ -163,6 +163,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return out
