@@ -193,3 +193,39 @@ def test_the_mask_does_not_depend_on_the_callers_random_state():
     second = loraprune_mask(model, space, calib, 0.3, QUICK)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first.channels, second.channels) and torch.equal(first.groups, second.groups)
+
+
+# --- the two engines: bpp_kernels' masked ops and the peft model's forward with hooks --------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_kernels_and_hooks_give_the_same_importance_and_masks(family):
+    """The ops on the adapted weights W + s·B·A, pruned units skipped, and the peft model with the
+    pruned units' outputs scaled to zero: the same LoRA gradients, so the same moving-average
+    importance (within fp32 rounding), the same losses and the same masks round after round."""
+    model = tiny_model(family)
+    space = MaskSpace.from_model(model)
+    calib = _calib(6, 16)
+    config = dict(rounds=3, steps_per_round=2, batch_size=2, progress=False)
+    hf = loraprune_allocate(model, space, calib, 0.55, config=LoRAPruneConfig(engine="hf", **config))
+    kernels = loraprune_allocate(model, space, calib, 0.55, config=LoRAPruneConfig(engine="kernels", **config))
+    assert hf.engine == "hf" and kernels.engine == "kernels"
+    for t in ("channel", "group"):
+        assert torch.equal(hf.masks[t], kernels.masks[t]), t
+        torch.testing.assert_close(kernels.scores[t], hf.scores[t], rtol=1e-4, atol=1e-9 * float(hf.scores[t].max()))
+    assert [h["kept_channels"] for h in hf.history] == [h["kept_channels"] for h in kernels.history]
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in kernels.history]),
+                               torch.tensor([h["loss"] for h in hf.history]), rtol=1e-5, atol=0)
+    assert hf.history[-1]["kept_channels"] < hf.history[0]["kept_channels"]  # later steps ran pruned
+
+
+def test_auto_engine_runs_the_peft_model_where_the_kernels_cannot():
+    calib = _calib(4, 16)
+    model = tiny_model("mistral", sliding_window=8)  # a window shorter than the calibration windows
+    space = MaskSpace.from_model(model)
+    assert loraprune_allocate(model, space, calib, 0.7, config=QUICK).engine == "hf"
+    with pytest.raises(BppError, match="cannot run through bpp_kernels: .*sliding window"):
+        loraprune_allocate(model, space, calib, 0.7, config=LoRAPruneConfig(engine="kernels", progress=False))
+    model = tiny_model("mistral", sliding_window=16)
+    assert loraprune_allocate(model, MaskSpace.from_model(model), calib, 0.7, config=QUICK).engine == "kernels"
+    with pytest.raises(BppError, match="engine must be one of"):
+        loraprune_mask(model, space, calib, 0.3, LoRAPruneConfig(engine="fast"))

@@ -47,6 +47,14 @@ default) across blocks. Departures from the official code, and why:
   channels can make up the rest), channels fill the block's budget, and the rounding remainder is
   carried to the next block, so the total is within half a channel of the target.
 
+The block runs through bpp_kernels' masked ops (``BesaConfig.engine``): its weights packed once,
+the masks being learned passed as per-unit scales with every unit kept (a unit the straight-through
+mask zeroes still needs its gradient), only the scales differentiated; the fixed-mask pass that
+feeds the next block skips the pruned units. Where the ops cannot compute what the Hugging Face
+layer does (:func:`bpp.methods.calibration.kernel_blocks_unsupported`), "auto" runs the layer
+itself with its o_proj / down_proj inputs scaled by hooks, as before; both give the same masks on
+the tiny test models (tests/test_besa.py).
+
 How it compares with the other methods, and the ablations behind these choices: bench/RESULTS.md,
 quality section.
 """

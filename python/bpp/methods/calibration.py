@@ -283,6 +283,16 @@ def _detached(linear) -> torch.Tensor:
     return getattr(linear, "base_layer", linear).weight.detach()
 
 
+def lora_weight(linear) -> torch.Tensor:
+    """The weight a projection computes with: W + (alpha / rank)·B·A for a peft LoRA layer (its
+    "default" adapter; differentiable in A and B), its frozen weight (detached) otherwise. A
+    :func:`pack_block` ``weight``."""
+    if hasattr(linear, "lora_A") and "default" in linear.lora_A:
+        A, B = linear.lora_A["default"].weight, linear.lora_B["default"].weight
+        return linear.base_layer.weight.detach() + (B @ A) * linear.scaling["default"]
+    return _detached(linear)
+
+
 def pack_block(layer, weight: Callable | None = None) -> dict:
     """One decoder layer's weights in bpp_kernels' layouts for :func:`kernel_block`: ``"attn"`` and
     ``"mlp"`` (None for a compacted layer with no attention / no MLP), ``"attn_bias"`` and
@@ -368,14 +378,15 @@ def kernel_block(block: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return x
 
 
-def kernel_lm_loss(model, input_ids: torch.Tensor, weight: Callable | None = None, groups=None,
-                   channels=None) -> torch.Tensor:
+def kernel_lm_loss(model, input_ids: torch.Tensor, weight: Callable | None = None,
+                   masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean next-token NLL of ``model`` (Llama family, as :func:`kernel_blocks_unsupported` allows)
     over ``input_ids (B, T)``, computed by bpp_kernels ops only: the blocks packed by
     :func:`pack_block` with ``weight`` (differentiable weights give their gradients), the final
     norm, and the LM head fused with the cross-entropy (no ``(B·T, vocab)`` logits, forward or
-    backward). ``groups`` / ``channels``: per layer ``(keep_idx, keep_count)`` of one mask, or None
-    (every unit). A float32 scalar."""
+    backward). ``masks``: ``{"group": (L, G) bool, "channel": (L, m) bool}``, the units each layer
+    keeps (the others are skipped and their weights get zero gradient), or None (every unit). A
+    float32 scalar."""
     import bpp_kernels as K
 
     inner = model.model
@@ -384,9 +395,10 @@ def kernel_lm_loss(model, input_ids: torch.Tensor, weight: Callable | None = Non
         h = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(h, torch.arange(T, device=h.device)[None])
     x, cos, sin = h[None], cos[0], sin[0]
+    kept = {} if masks is None else {f"{t}s": [K.mask_to_index(row[None]) for row in m.to(h.device)]
+                                     for t, m in masks.items()}
     for i, layer in enumerate(inner.layers):
-        x = kernel_block(pack_block(layer, weight), x, cos, sin, groups=None if groups is None else groups[i],
-                         channels=None if channels is None else channels[i])
+        x = kernel_block(pack_block(layer, weight), x, cos, sin, **{k: v[i] for k, v in kept.items()})
     x = K.rms_norm(x, inner.norm.weight.detach(), norm_eps(inner.norm))
     rows = x[0, :, :-1].reshape(B * (T - 1), -1)
     return K.linear_cross_entropy(rows, model.lm_head.weight.detach(), input_ids[:, 1:].reshape(-1)).mean()

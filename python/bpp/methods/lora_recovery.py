@@ -45,7 +45,7 @@ import torch
 from ..errors import BppError
 from ..modelio import PROJECTIONS
 from ..runs import CHECKPOINT, differences, fingerprint, load_checkpoint, save_checkpoint
-from .calibration import ENGINES, choose_engine, kernel_lm_loss
+from .calibration import ENGINES, choose_engine, kernel_lm_loss, lora_weight
 
 TARGET_MODULES = PROJECTIONS  # LoRA on every projection of a decoder block
 SCHEDULES = ("cosine", "linear", "constant")
@@ -110,15 +110,6 @@ class RecoverConfig:
 
     def differences(self, other: "RecoverConfig") -> list[str]:
         return differences(self.to_dict(), other.to_dict())
-
-
-def adapted_weight(linear) -> torch.Tensor:
-    """The weight a projection computes with: W + (alpha / rank)·B·A for a peft LoRA layer
-    (differentiable in A and B), its frozen weight (detached) otherwise."""
-    if hasattr(linear, "lora_A") and "default" in linear.lora_A:
-        A, B = linear.lora_A["default"].weight, linear.lora_B["default"].weight
-        return linear.base_layer.weight.detach() + (B @ A) * linear.scaling["default"]
-    return getattr(linear, "base_layer", linear).weight.detach()
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
@@ -229,7 +220,7 @@ class LoraRecovery:
         batch = self.windows[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size].to(self.device)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine == "kernels":
-            loss = kernel_lm_loss(self.peft_model.get_base_model(), batch, adapted_weight)
+            loss = kernel_lm_loss(self.peft_model.get_base_model(), batch, lora_weight)
         else:
             loss = self.peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         value = float(loss.detach())

@@ -23,6 +23,12 @@ mapped to probabilities by the official ``sigmap`` at the keep rate. The adapter
 importance estimate: the returned mask is applied to the *original* weights (``bpp recover``
 fine-tunes the compacted model afterwards if wanted). The input model is left unchanged.
 
+The model runs through bpp_kernels' masked ops (``LoRAPruneConfig.engine``) on the adapted weights
+W + s·B·A, with the pruned units skipped (so their weights get exactly zero gradient, as the
+hooks' zero scaling gives them) and the LM head fused with the loss; where the ops cannot compute
+what the model does, "auto" runs the peft model with the pruned units' outputs scaled to zero by
+hooks. Both give the same importance and masks on the tiny test models (tests/test_loraprune.py).
+
 How it compares with the other methods: bench/RESULTS.md, quality section.
 """
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ..errors import BppError
 from ..modelio import PROJECTIONS
 from ..policy import check_sparsity, parse_granularity
 from ..space import Masks, MaskSpace
-from .calibration import check_calib, eval_mode, input_scales
+from .calibration import ENGINES, check_calib, choose_engine, eval_mode, input_scales, kernel_lm_loss, lora_weight
 from .ranking import per_layer_counts, sigmap
 
 TYPES = ("channel", "group")
@@ -54,6 +60,10 @@ class LoRAPruneConfig:
     batch_size: int = 4  # calibration windows per step
     ema: float = 0.9  # λ of the importance moving average
     seed: int = 0
+    # how the model runs: "kernels" (bpp_kernels' masked ops on the adapted weights W + s·B·A, pruned
+    # units skipped, no full logits), "hf" (the peft model's forward, pruned units' outputs scaled to
+    # zero by hooks), "auto" (kernels where they compute what the model does)
+    engine: str = "auto"
     progress: bool = True
 
     def validate(self) -> "LoRAPruneConfig":
@@ -64,6 +74,8 @@ class LoRAPruneConfig:
             raise BppError(f"LoRAPrune ema must lie in [0, 1), got {self.ema}")
         if not self.lr >= 0.0:
             raise BppError(f"LoRAPrune lr must be non-negative, got {self.lr}")
+        if self.engine not in ENGINES:
+            raise BppError(f"LoRAPrune engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         return self
 
 
@@ -72,6 +84,7 @@ class LoRAPruneResult:
     masks: dict  # type → (L, n) bool, the final mask
     scores: dict  # type → (L, n) float64, moving-average importance at the end
     history: list  # per step: round, loss, kept units per type
+    engine: str = "hf"  # what ran the model: "kernels" or "hf" (LoRAPruneConfig.engine)
 
 
 def schedule(n_keep_final: int, n: int, round_: int, rounds: int) -> int:
@@ -124,6 +137,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
         raise BppError(f"keep rate {keep} leaves a layer without any KV group; LoRAPrune prunes width only")
 
     param = next(model.parameters())
+    engine, _ = choose_engine(config.engine, model, calib.shape[1], "LoRAPrune", lm_head=True)
     work = copy.deepcopy(model).to(torch.float32)
     for p in work.parameters():
         p.requires_grad_(False)
@@ -145,14 +159,18 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
     total = config.rounds * config.steps_per_round
     bar = tqdm(total=total, desc="LoRAPrune", unit="step", disable=not config.progress)
     with eval_mode(work), torch.enable_grad(), contextlib.ExitStack() as stack:
-        for i, layer in enumerate(layers):
-            stack.enter_context(input_scales(layer, (lambda i=i: live["group"][i]),
-                                              (lambda i=i: live["channel"][i]), cols))
+        if engine == "hf":  # pruned units' outputs scaled to zero
+            for i, layer in enumerate(layers):
+                stack.enter_context(input_scales(layer, (lambda i=i: live["group"][i]),
+                                                  (lambda i=i: live["channel"][i]), cols))
         for round_ in range(1, config.rounds + 1):
             for _ in range(config.steps_per_round):
                 rows = torch.randint(0, calib.shape[0], (config.batch_size,), generator=gen).to(calib.device)
                 batch = calib[rows]
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                if engine == "kernels":  # pruned units skipped; their weights get exactly zero gradient
+                    loss = kernel_lm_loss(work, batch, lora_weight, masks)
+                else:
+                    loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():  # scores stay on the device: no host sync per layer
@@ -176,7 +194,7 @@ def loraprune_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float
                 live[t] = masks[t].to(param.device, torch.float32)
     bar.close()
     del peft_model, work
-    return LoRAPruneResult(masks, {t: v.cpu() for t, v in scores.items()}, history)
+    return LoRAPruneResult(masks, {t: v.cpu() for t, v in scores.items()}, history, engine)
 
 
 # --- the two entry points (bpp.methods.METHODS) ---------------------------------------------------
