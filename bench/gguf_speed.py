@@ -67,7 +67,7 @@ def main():
     import bpp
     from bpp.compaction import round_mask, save_compacted
     from bpp.data import load_text, windows
-    from bpp.export import export_gguf
+    from bpp.jobs.export import export_gguf
     from bpp.methods.flap import compensation_for, flap_mask
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="gguf-speed-"))

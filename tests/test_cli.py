@@ -18,11 +18,14 @@ JOBS = {
     "recover": (bpp.recover, RecoverConfig),
     "eval": (bpp.evaluate_model, None),
     "report": (bpp.write_report, None),
+    "export": (bpp.export_gguf, None),
 }
 # CLI spellings of job arguments, and options that only shape the terminal output
 CLI_NAMES = {("prune", "resume"): "resume", ("prune", "quiet"): "progress", ("baseline", "method"): "method",
              ("compact", "mask"): "masks", ("recover", "model"): "model_dir", ("recover", "targets"): "target_modules",
-             ("recover", "no_eval"): "evaluate", ("recover", "quiet"): "progress", ("report", "runs"): "dirs"}
+             ("recover", "no_eval"): "evaluate", ("recover", "quiet"): "progress", ("report", "runs"): "dirs",
+             ("export", "model"): "model_dir", ("export", "quiet"): "progress",
+             ("export", "format"): None}  # None: chooses the job function (bpp.export_gguf for gguf)
 
 
 def _command(name):
@@ -43,7 +46,7 @@ def test_every_option_is_an_argument_of_the_job(name):
     if name == "prune":
         accepted |= {"progress"}
     missing = [p.name for p in _command(name).params
-               if CLI_NAMES.get((name, p.name), p.name) not in accepted and p.name != "ctx"]
+               if CLI_NAMES.get((name, p.name), p.name) not in accepted | {None} and p.name != "ctx"]
     assert missing == [], f"bpp {name} options with no job argument: {missing}"
 
 

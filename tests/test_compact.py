@@ -323,3 +323,25 @@ def test_tied_embeddings_stay_tied(tmp_path, tokenizer, kind):
         loaded = AutoModelForCausalLM.from_pretrained(
             save_compacted(tied, mask, tmp_path / "small", tokenizer=tokenizer), trust_remote_code=True)
         assert _rel(loaded(ids).logits, want) <= 1e-4
+
+
+def test_decoding_from_the_cache_with_an_emptied_first_attention():
+    """A layer without attention still records the sequence length in the KV cache, so decoding
+    token by token from the cache equals the full forward (layer 0 emptied: the cache's length
+    is read from it)."""
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    mask = Masks.full(space, 1)
+    mask.groups[0, 0] = False
+    mask.channels[0, 1, :30] = False
+    small = compact_model(model, mask)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = small(ids).logits
+        out = small(ids[:, :9], use_cache=True)
+        step = out.logits[:, -1]
+        cache = out.past_key_values
+        for t in range(9, 12):
+            assert torch.allclose(step, full[:, t - 1], atol=1e-5)
+            out = small(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            step, cache = out.logits[:, -1], out.past_key_values

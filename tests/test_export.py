@@ -21,7 +21,7 @@ import torch
 from bpp import Masks, MaskSpace
 from bpp.compaction import save_compacted
 from bpp.errors import BppError
-from bpp.export import export_gguf
+from bpp.jobs.export import export_gguf
 from tests.tiny import tiny_model, tiny_tokenizer
 
 THREADS = 2
@@ -380,10 +380,10 @@ def test_qwen3_with_per_layer_sizes_is_refused(tmp_path, tokenizer):
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, tokenizer, monkeypatch):
-    import bpp.export
+    import bpp.jobs.export as export_module
 
     folder = _save_dense(_tiny("llama"), tokenizer, tmp_path / "m")
-    calls, encode = [], bpp.export._encode
+    calls, encode = [], export_module._encode
 
     def broken(t):
         calls.append(t.name)
@@ -391,7 +391,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, tokenizer, monkeypatch):
             raise OSError("disk full")
         return encode(t)
 
-    monkeypatch.setattr(bpp.export, "_encode", broken)
+    monkeypatch.setattr(export_module, "_encode", broken)
     (tmp_path / "out.gguf").write_bytes(b"old")
     with pytest.raises(OSError, match="disk full"):
         export_gguf(folder, tmp_path / "out.gguf", force=True, progress=False)
@@ -450,3 +450,43 @@ def test_embedded_default_pruned_20_percent(tmp_path):
     assert llm.metadata["tokenizer.chat_template"] == (folder / "chat_template.jinja").read_text()
     assert llm.token_eos() == tok.eos_token_id
     llm.close()
+
+
+@pytest.mark.slow
+def test_bpp_prune_then_export_on_the_embedded_default(tmp_path):
+    """The main job ends in a file llama.cpp runs: `bpp prune --export gguf` on the embedded default
+    (a short run), and `bpp export` of the same run folder; greedy tokens of both files equal the
+    torch compacted model's for 32 steps."""
+    import bpp
+    from bpp.cli import main
+
+    run = tmp_path / "run"
+    argv = ["prune", "--out", str(run), "--steps", "2", "--samples", "2", "--batch-size", "1", "--init-windows",
+            "4", "--no-eval", "--quiet", "--export", "gguf"]
+    with _no_exit():
+        main(argv)
+    report = json.loads((run / "report.json").read_text())
+    assert report["export"]["path"] == str(run / "model.gguf")
+    with _no_exit():
+        main(["export", str(run), "--out", str(tmp_path / "again.gguf"), "--quiet"])
+    compacted, tok = bpp.load_model(run / "model")
+    import pydoc_data.topics
+
+    ids = tok(list(pydoc_data.topics.topics.values())[5][:300])["input_ids"][:40]
+    want = _torch_greedy(compacted, ids, GREEDY_STEPS)
+    for path in (run / "model.gguf", tmp_path / "again.gguf"):
+        llm = _llama(path)
+        assert _gguf_greedy(llm, ids, GREEDY_STEPS) == want, path
+        llm.close()
+
+
+class _no_exit:
+    """``bpp.cli.main`` in this process: a non-zero exit fails the test with what it printed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is SystemExit and value.code not in (0, None):
+            raise AssertionError(f"bpp exited with {value.code}")
+        return kind is SystemExit

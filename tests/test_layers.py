@@ -15,7 +15,7 @@ LAYERS = {
     "bpp.models": 3, "bpp.policy": 3,
     "bpp.evaluate": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.policy_gradient": 4,
     "bpp.methods": 5,
-    "bpp.jobs": 6, "bpp.export": 6,
+    "bpp.jobs": 6,
     "bpp.cli": 7, "bpp.__main__": 7,
 }
 

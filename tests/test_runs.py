@@ -305,25 +305,26 @@ print("ok", type(tok).__name__)
 
 
 def test_folders_of_earlier_bpp_versions_still_load(tmp_path):
+    """A per-layer-size folder as bpp wrote it before (model type bpp_pruned_llama, its modeling
+    file as then shipped, kept in tests/data) loads through bpp with the same logits."""
     model = tiny_model("llama")
     space = bpp.MaskSpace.from_model(model)
     masks = bpp.Masks.full(space, 1)
     masks.channels[0, 1, :20] = False
     out = tmp_path / "old"
     bpp.compact(model, masks, out, tokenizer=tiny_tokenizer())
-    # what bpp wrote before the config took the family's model type
     config = json.loads((out / "config.json").read_text())
     config["model_type"] = "bpp_pruned_llama"
     (out / "config.json").write_text(json.dumps(config))
-    source = (out / "modeling_bpp.py").read_text()
-    lines = [line for line in source.splitlines() if not line.lstrip().startswith("# the family's own model type")
-             and not line.lstrip().startswith("# running this file")]
-    (out / "modeling_bpp.py").write_text("\n".join(lines).replace('model_type = "llama"',
-                                                                   'model_type = "bpp_pruned_llama"') + "\n")
+    template = (Path(__file__).parent / "data" / "modeling_bpp_v1.py").read_text()
+    (out / "modeling_bpp.py").write_text(template.replace("FAMILY", "llama").replace("Family", "Llama"))
     loaded, _ = bpp.load_model(out)
     ids = torch.arange(9).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, bpp.compact(model, masks)(ids).logits, atol=1e-5)
+    (out / "modeling_bpp.py").write_text(template.replace("FAMILY", "llama").replace("Family", "Llama") + "\n# edited")
+    with pytest.raises(BppError, match="differs from the modeling file"):
+        bpp.load_model(out)
 
 
 # --- 7. one line, exit code 2, nothing lost ------------------------------------------------------------

@@ -10,7 +10,7 @@ in this list (tests/test_layers.py checks it by reading the imports):
    estimator, the projection)
 4. ``evaluate``, ``compaction``, ``distributed``, ``policy_gradient`` (the PG loop)
 5. ``methods`` (one module per metric or method, their shared calibration, the registry)
-6. ``jobs`` (prune, baseline, compact, recover, evaluate, report: one public function each)
+6. ``jobs`` (prune, baseline, compact, recover, evaluate, report, export: one public function each)
 7. ``cli`` (one thin file per command)
 
 The public names below load on first use, so ``import bpp`` stays light.
@@ -23,11 +23,11 @@ from .space import Masks, MaskSpace
 
 __version__ = "0.1.0"
 __all__ = ["BppError", "MaskSpace", "MaskedModel", "Masks", "PruneConfig", "SUPPORTED_FAMILIES", "baseline",
-           "compact", "evaluate_model", "load_model", "prune", "recover", "write_report"]
+           "compact", "evaluate_model", "export_gguf", "load_model", "prune", "recover", "write_report"]
 
 _LAZY = {"MaskedModel": ".models.masked", "PruneConfig": ".policy_gradient", "baseline": ".jobs.baseline",
          "compact": ".jobs.compact", "evaluate_model": ".jobs.evaluate", "prune": ".jobs.prune", "recover": ".jobs.recover",
-         "write_report": ".jobs.report"}
+         "write_report": ".jobs.report", "export_gguf": ".jobs.export"}
 
 
 def __getattr__(name):

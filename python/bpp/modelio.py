@@ -8,6 +8,7 @@ through this one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -216,13 +217,20 @@ def modeling_source(family: str) -> str:
     return _MODELING_TEMPLATE.read_text().replace("FAMILY", family).replace("Family", FAMILY_CLASS_PREFIX[family])
 
 
+# sha256 of the modeling files earlier bpp versions shipped (model type bpp_pruned_<family>):
+# their folders still load, with this version's code (the same model)
+_EARLIER_MODELING_FILES = {
+    "llama": "62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
+    "mistral": "ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
+    "qwen2": "d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
+    "qwen3": "8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
+}
+
+
 def _is_bpps_modeling_file(text: str, family: str) -> bool:
-    """``text`` is the modeling file this bpp ships for ``family``, or the one earlier versions
-    shipped (the same code, with the ``bpp_pruned_<family>`` model type)."""
-    current = modeling_source(family)
-    earlier = current.replace(f'    model_type = "{family}"\n', f'    model_type = "{PRUNED_PREFIX}{family}"\n')
-    strip = lambda t: "\n".join(line for line in t.splitlines() if not line.lstrip().startswith("#"))  # noqa: E731
-    return text == current or strip(text) == strip(earlier)
+    """``text`` is the modeling file this bpp ships for ``family``, or one an earlier version shipped."""
+    return text == modeling_source(family) or \
+        hashlib.sha256(text.encode()).hexdigest() == _EARLIER_MODELING_FILES.get(family)
 
 
 def modeling_module(family: str):
@@ -260,10 +268,13 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         raise BppError(f"model folder {str(path)!r} does not exist")
     if not folder.is_dir():
         raise BppError(f"{str(path)!r} is not a folder (give the model folder that bpp compact or bpp prune wrote)")
-    if (folder / "config.json").is_file():
+    # a bpp prune / baseline run folder holds its own config.json (the run's) beside model/
+    if (folder / "config.json").is_file() and "model_type" in read_config(folder):
         return folder
     if (folder / "model" / "config.json").is_file():
         return folder / "model"
+    if (folder / "config.json").is_file():
+        return folder
     raise BppError(f"{str(path)!r} has no config.json (nor model/config.json): not a model folder")
 
 

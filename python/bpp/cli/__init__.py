@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import BppError
 from ..runs import write_error
-from . import baseline, compact, eval, prune, recover, report
+from . import baseline, compact, eval, export, prune, recover, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Structured pruning of LLMs by policy gradient (arXiv 2406.10576).")
@@ -22,7 +22,7 @@ def _root() -> None:
     """Structured pruning of LLMs by policy gradient (arXiv 2406.10576)."""
 
 
-for _command in (prune, baseline, compact, eval, recover, report):
+for _command in (prune, baseline, compact, recover, export, eval, report):
     _command.register(app)
 
 

@@ -24,13 +24,15 @@ def register(app: typer.Typer) -> None:
         calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows of 128 tokens for --bias-compensation, --clap, --slnp"),
         dtype: str = typer.Option("float32", "--dtype"),
         allow_other_model: bool = typer.Option(False, "--allow-other-model", help="compact a mask made for another model of the same shape (refused by default)"),
+        export: Optional[str] = typer.Option(None, "--export", help="also write OUT.gguf for llama.cpp: gguf"),
+        export_dtype: str = typer.Option("f32", "--export-dtype", help="GGUF weights: f32 | f16 | bf16 | q8_0 (q8_0 needs --round-to 32)"),
     ):
         """Turn a mask into dense, smaller weights that load with plain transformers."""
         from ..jobs.compact import compact
 
         small = compact(model, mask, out, round_to=round_to, bias_compensation=bias_compensation, clap=clap,
                         slnp=slnp, absorb_norms=absorb_norms, data=data, calib_windows=calib_windows, dtype=dtype,
-                        force=force, allow_other_model=allow_other_model)
+                        force=force, allow_other_model=allow_other_model, export=export, export_dtype=export_dtype)
         done = small.bpp_compaction
         if "round_to" in done:
             r = done["round_to"]
@@ -51,3 +53,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"SLNP: block output scales {min(scales):.3f} … {max(scales):.3f}")
         if "absorbed_norms" in pangu:
             typer.echo(f"absorbed {len(pangu['absorbed_norms'])} RMSNorm scales into the next linear layers")
+        if "export" in done:
+            typer.echo(f"GGUF for llama.cpp: {done['export']['path']}")

@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
         eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="at most this many held-out windows per perplexity (default: all)"),
         eval_seq_len: int = typer.Option(128, "--eval-seq-len", help="held-out perplexity window length"),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="held-out perplexity of dense, init and final masks"),
+        export: Optional[str] = typer.Option(None, "--export", help="also write the compacted model for a serving runtime: gguf (OUT/model.gguf, for llama.cpp)"),
+        export_dtype: str = typer.Option("f32", "--export-dtype", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):
         """Prune a model by policy gradient (arXiv 2406.10576); with no options, the embedded default at 20%."""
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
         if resume is not None and out is not None and Path(out) != Path(resume):
             raise BppError("--resume continues in its own folder; do not also pass a different --out")
         fields = PruneConfig.__dataclass_fields__
-        job_options = ("checkpoint_every", "eval_windows", "eval_seq_len", "evaluate")
+        job_options = ("checkpoint_every", "eval_windows", "eval_seq_len", "evaluate", "export", "export_dtype")
         # a new run takes every option; a resumed one only those typed (the run's own must agree,
         # its evaluation options are replaced)
         if resume is not None:
@@ -70,3 +72,7 @@ def register(app: typer.Typer) -> None:
         if "final_mask" in ppl:
             parts = [f"{k.replace('_', ' ')} {ppl[k]:.3f}" for k in ("dense", "init_mask", "final_mask") if k in ppl]
             typer.echo(f"held-out perplexity (seq_len {ppl['seq_len']}): " + ", ".join(parts))
+        exported = report.get("export")
+        if exported:
+            typer.echo(f"GGUF for llama.cpp: {exported['path']}" if exported["path"] else
+                       f"GGUF export failed: {exported['error']}")

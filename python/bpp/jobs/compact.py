@@ -19,7 +19,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             tokenizer=None, round_to: int | None = None, theta: Masks | None = None, bias_compensation: bool = False,
             clap: bool = False, slnp: bool = False, absorb_norms: bool = False, data: str = "default",
             calib_windows: int = 32, dtype: str = "float32", force: bool = False, allow_other_model: bool = False,
-            progress: bool = False):
+            export: str | None = None, export_dtype: str = "f32", progress: bool = False):
     """The model that ``masks`` (S = 1) leaves of ``model``, as dense, smaller weights.
 
     ``model``: a loaded model, or a folder / hub id / None (the embedded default) to load with
@@ -30,7 +30,8 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``;
     ``absorb_norms`` folds RMSNorm scales into the next linear layers. A mask made for another
     model is refused unless ``allow_other_model``. ``out`` must be new, or (with ``force``) a model
-    folder bpp wrote. Returns the compacted model; ``model.bpp_compaction`` holds what was done."""
+    folder bpp wrote. ``export="gguf"`` also writes ``<out>.gguf`` for llama.cpp (``export_dtype``
+    f32 | f16 | bf16 | q8_0). Returns the compacted model; ``model.bpp_compaction`` holds what was done."""
     from ..data import load_text, windows
     from ..methods.flap import compensation_for
     from ..methods.magnitude import magnitude_metric
@@ -42,6 +43,19 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     if not isinstance(masks, Masks):
         mask_path = Path(masks)
         masks = Masks.load(mask_path)
+    gguf = None
+    if export is not None:
+        from .export import DTYPES
+
+        if export != "gguf":
+            raise BppError(f"unknown export format {export!r}; bpp exports gguf")
+        if export_dtype not in DTYPES:
+            raise BppError(f"unknown GGUF dtype {export_dtype!r}; use one of {', '.join(DTYPES)}")
+        if out is None:
+            raise BppError("exporting needs the folder to compact into (--out)")
+        gguf = Path(out).with_name(Path(out).name + ".gguf")
+        if gguf.exists() and not force:
+            raise BppError(f"{gguf} exists; pass --force to replace it")
     if clap and bias_compensation:
         raise BppError("--clap cannot be combined with --bias-compensation (CLAP replaces groups whose "
                        "pruned neighbours the compensation accounts for)")
@@ -84,5 +98,10 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
                                protected=local, **biases)
             except OSError as e:
                 raise write_error(e, out) from None
+            if gguf is not None:
+                from .export import export_gguf
+
+                info["export"] = {"path": str(export_gguf(out, gguf, dtype=export_dtype, force=force, progress=progress)),
+                                  "format": "gguf", "dtype": export_dtype}
     small.bpp_compaction = {**info, "bias_compensation": bool(biases), **(small.bpp_transform or {})}
     return small

@@ -40,10 +40,12 @@ class NoAttention(nn.Module):
         self.layer_idx = layer_idx
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=like.dtype, device=like.device)) if bias else None
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache=None, **kwargs):
+        cache = past_key_values if past_key_values is not None else cache  # transformers >= 5.2 passes cache=
+        if cache is not None:
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            past_key_values.update(stub, stub, self.layer_idx)
+            cache.update(stub, stub, self.layer_idx)
         out = torch.zeros_like(hidden_states)
         return (out if self.bias is None else out + self.bias), None
 

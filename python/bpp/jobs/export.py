@@ -31,7 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import BppError
+from ..errors import BppError
+from ..modelio import resolve_model_dir
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 _Q8_BLOCK = 32
@@ -113,8 +114,9 @@ class _Weights:
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f32",
                 force: bool = False, progress: bool = True) -> Path:
-    """Write the model folder ``model_dir`` (a bpp-compacted folder, per-layer sizes or stock, or a
-    stock Llama / Mistral / Qwen2 / Qwen3 folder) as the GGUF file ``out`` for llama.cpp.
+    """Write the model folder ``model_dir`` (a bpp-compacted folder, per-layer sizes or stock, a
+    ``bpp prune`` / ``bpp baseline`` run folder holding one in ``model/``, or a stock Llama /
+    Mistral / Qwen2 / Qwen3 folder) as the GGUF file ``out`` for llama.cpp.
     Per-layer sizes are read from config.json's ``kv_heads_per_layer`` and
     ``intermediate_size_per_layer`` (model type the family's, or ``bpp_pruned_<family>``).
 
@@ -127,7 +129,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
 
     if dtype not in DTYPES:
         raise BppError(f"unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    folder, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    folder, out = resolve_model_dir(model_dir), Path(out).expanduser()
     if out.is_dir():
         raise BppError(f"{out} is a folder; give the path of the .gguf file to write")
     if out.exists() and not force:

@@ -1,0 +1,94 @@
+# Modeling file shipped inside a bpp-compacted model folder whose layers differ in size.
+#
+# It depends only on torch and transformers (not on bpp): the folder loads anywhere with
+#   AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+# bpp writes this file with the family's modules filled in (FAMILY / Family below), so the
+# pruned model is the stock Hugging Face model whose layers have per-layer sizes:
+#   kv_heads_per_layer[i]         KV groups kept in layer i (query heads: that times the ratio)
+#   intermediate_size_per_layer[i] MLP channels kept in layer i
+# A layer with no KV group has no attention (it adds nothing); one with no channel has no MLP.
+# o_proj_bias / down_proj_bias add output biases (bias compensation of the pruned units); an
+# emptied block then adds just that bias, a constant.
+import torch
+from torch import nn
+from transformers.models.FAMILY.configuration_FAMILY import FamilyConfig as _BaseConfig
+from transformers.models.FAMILY.modeling_FAMILY import FamilyForCausalLM as _BaseForCausalLM
+
+
+class BppPrunedConfig(_BaseConfig):
+    model_type = "bpp_pruned_FAMILY"
+
+    def __init__(self, kv_heads_per_layer=None, intermediate_size_per_layer=None, o_proj_bias=False,
+                 down_proj_bias=False, **kwargs):
+        super().__init__(**kwargs)
+        n = self.num_hidden_layers
+        self.kv_heads_per_layer = list(kv_heads_per_layer or [self.num_key_value_heads] * n)
+        self.intermediate_size_per_layer = list(intermediate_size_per_layer or [self.intermediate_size] * n)
+        self.o_proj_bias = bool(o_proj_bias)
+        self.down_proj_bias = bool(down_proj_bias)
+
+
+class NoAttention(nn.Module):
+    """Stands in for an attention block whose heads were all pruned: it adds zero, or a constant
+    ``bias`` when bias compensation put back the pruned heads' mean output. It still records the
+    sequence length in the KV cache (a 1-wide stub), so generation positions stay right."""
+
+    def __init__(self, layer_idx, hidden_size=None, bias=False, like=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=like.dtype, device=like.device)) if bias else None
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(stub, stub, self.layer_idx)
+        out = torch.zeros_like(hidden_states)
+        return (out if self.bias is None else out + self.bias), None
+
+
+class NoMLP(nn.Module):
+    """Stands in for an MLP whose channels were all pruned: it adds zero (or the constant ``bias``)."""
+
+    def __init__(self, hidden_size=None, bias=False, like=None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=like.dtype, device=like.device)) if bias else None
+
+    def forward(self, hidden_states):
+        out = torch.zeros_like(hidden_states)
+        return out if self.bias is None else out + self.bias
+
+
+def _linear(n_in, n_out, bias, like):
+    return nn.Linear(n_in, n_out, bias=bias, dtype=like.weight.dtype, device=like.weight.device)
+
+
+def _resize_layer(layer, kv_heads, channels, config):
+    attn, mlp = layer.self_attn, layer.mlp
+    d = config.hidden_size
+    if kv_heads == 0:
+        layer.self_attn = NoAttention(attn.layer_idx, d, config.o_proj_bias, attn.o_proj.weight)
+        layer.input_layernorm = nn.Identity()
+    else:
+        hd = attn.head_dim
+        q_heads = kv_heads * (config.num_attention_heads // config.num_key_value_heads)
+        attn.q_proj = _linear(d, q_heads * hd, attn.q_proj.bias is not None, attn.q_proj)
+        attn.k_proj = _linear(d, kv_heads * hd, attn.k_proj.bias is not None, attn.k_proj)
+        attn.v_proj = _linear(d, kv_heads * hd, attn.v_proj.bias is not None, attn.v_proj)
+        attn.o_proj = _linear(q_heads * hd, d, config.o_proj_bias, attn.o_proj)
+    if channels == 0:
+        layer.mlp = NoMLP(d, config.down_proj_bias, mlp.down_proj.weight)
+        layer.post_attention_layernorm = nn.Identity()
+    else:
+        mlp.gate_proj = _linear(d, channels, False, mlp.gate_proj)
+        mlp.up_proj = _linear(d, channels, False, mlp.up_proj)
+        mlp.down_proj = _linear(channels, d, config.down_proj_bias, mlp.down_proj)
+
+
+class BppPrunedForCausalLM(_BaseForCausalLM):
+    config_class = BppPrunedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer, kv_heads, channels in zip(self.model.layers, config.kv_heads_per_layer,
+                                             config.intermediate_size_per_layer):
+            _resize_layer(layer, kv_heads, channels, config)
