@@ -19,7 +19,7 @@ from ..runs import CHECKPOINT, RunFolder, atomic_write_json, atomic_write_text, 
 from ..space import Masks, MaskSpace, model_fingerprint
 
 OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
-                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model")
+                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -66,7 +66,9 @@ def resolve_config(config: PruneConfig | None, options: dict, saved: dict | None
 
 
 # options of the job that do not change the mask; a resumed run keeps its own unless given again
-JOB_DEFAULTS = {"checkpoint_every": 20, "eval_windows": None, "eval_seq_len": 128, "evaluate": True}
+JOB_DEFAULTS = {"checkpoint_every": 20, "eval_windows": None, "eval_seq_len": 128, "evaluate": True,
+                "export": None, "export_dtype": "f32"}
+EXPORT_FORMATS = ("gguf",)
 _UNSET = object()
 
 
@@ -77,7 +79,7 @@ def _local_inputs(config: PruneConfig) -> tuple:
 
 def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = None, *, force: bool = False,
           resume: bool = False, checkpoint_every=_UNSET, eval_windows=_UNSET, eval_seq_len=_UNSET, evaluate=_UNSET,
-          progress: bool = True, model=None, tokenizer=None, losses_fn: LossesFn | None = None,
+          export=_UNSET, export_dtype=_UNSET, progress: bool = True, model=None, tokenizer=None, losses_fn: LossesFn | None = None,
           compact: bool = True, **options) -> dict:
     """The ``bpp prune`` job: returns the report (also written to ``out/report.json``).
 
@@ -85,7 +87,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
     :class:`PruneConfig`, e.g. ``sparsity=0.3, steps=50``); ``out`` defaults to
     ``pruned-<model>-<sparsity>``. ``resume=True`` continues the run in ``out`` with its saved
     configuration (options given must agree with it) and its saved ``checkpoint_every`` and
-    evaluation options (those given again replace them, and the report says so). ``model`` is a
+    evaluation options (those given again replace them, and the report says so). ``export="gguf"``
+    also writes ``out/model.gguf`` for llama.cpp (``export_dtype`` f32 | f16 | bf16 | q8_0). ``model`` is a
     folder / hub id / "default" (the config's ``model``), or a loaded model passed with its
     ``tokenizer`` (benchmarks reuse one); ``losses_fn`` replaces the default batched engine.
 
@@ -95,7 +98,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
     from ..distributed import ShardedLosses, setup
 
     given = {k: v for k, v in dict(checkpoint_every=checkpoint_every, eval_windows=eval_windows,
-                                   eval_seq_len=eval_seq_len, evaluate=evaluate).items() if v is not _UNSET}
+                                   eval_seq_len=eval_seq_len, evaluate=evaluate, export=export,
+                                   export_dtype=export_dtype).items() if v is not _UNSET}
     if model is None or isinstance(model, (str, os.PathLike)):
         if model is not None:
             options["model"] = str(model)
@@ -150,6 +154,15 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
         raise BppError(f"--eval-windows must be at least 1, got {job['eval_windows']}")
     if job["checkpoint_every"] < 0:
         raise BppError(f"--checkpoint-every must be at least 0, got {job['checkpoint_every']}")
+    if job["export"] is not None:
+        from .export import DTYPES
+
+        if job["export"] not in EXPORT_FORMATS:
+            raise BppError(f"unknown export format {job['export']!r}; bpp exports {', '.join(EXPORT_FORMATS)}")
+        if job["export_dtype"] not in DTYPES:
+            raise BppError(f"unknown GGUF dtype {job['export_dtype']!r}; use one of {', '.join(DTYPES)}")
+        if not compact:
+            raise BppError("exporting needs the compacted model; do not turn compaction off")
     changed = {k: v for k, v in given.items() if k in saved_job and saved_job[k] != v}
     method(config.init, "init")
 
@@ -264,6 +277,8 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     plot_loss_curve(out / "loss_curve.png", out / "metrics.jsonl")
     if compact:
         report["compacted_model"] = _save_compacted(model, tokenizer, final_mask, out / "model")
+        if job["export"] == "gguf":
+            report["export"] = _export(out / "model", out / "model.gguf", job["export_dtype"], progress)
     report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
     atomic_write_json(out / "report.json", report)
     return report
@@ -280,6 +295,21 @@ def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> dict:
         warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
         return {"path": None, "error": str(e)}
     return {"path": str(saved)}
+
+
+def _export(folder: Path, path: Path, dtype: str, progress: bool) -> dict:
+    """The compacted model as GGUF. A failure does not lose the run: the model folder is saved,
+    and the report says why (``bpp export`` can be run on it later)."""
+    from .export import export_gguf
+
+    if not (folder / "config.json").is_file():
+        return {"path": None, "error": "no compacted model to export"}
+    try:
+        export_gguf(folder, path, dtype=dtype, force=True, progress=progress)
+    except BppError as e:
+        warnings.warn(f"GGUF export failed: {e}; the compacted model is saved in {folder}", stacklevel=2)
+        return {"path": None, "error": str(e)}
+    return {"path": str(path), "format": "gguf", "dtype": dtype}
 
 
 # --- plots -------------------------------------------------------------------------------------
