@@ -7,8 +7,11 @@ in this list (tests/test_layers.py checks it by reading the imports):
    ``modelio`` (model folders in and out: families, loading, the shipped modeling file)
 2. ``space`` (MaskSpace, Masks)
 3. ``models`` (the batched masked forward, the hook ground truth), ``policy`` (θ, sampling, the
-   estimator, the projection)
-4. ``evaluate``, ``compaction``, ``distributed``, ``policy_gradient`` (the PG loop)
+   estimator, the projection), ``allocation`` (the allocation policy: per-layer kept counts over
+   a within-layer ranking)
+4. ``evaluate``, ``compaction``, ``distributed``, ``compensation`` (FLAP's input statistics and
+   output biases), ``incumbent`` (the best mask so far), ``policy_gradient`` (the PG loop),
+   ``allocation_loop`` (the allocation policy's loop)
 5. ``methods`` (one module per metric or method, their shared calibration, the registry)
 6. ``jobs`` (prune, baseline, compact, recover, evaluate, report, export: one public function each)
 7. ``cli`` (one thin file per command)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..compensation import InputStats  # noqa: F401 - the methods' input statistics live with the bias formula
 from ..errors import BppError
 from ..space import MaskSpace
 
@@ -149,54 +150,6 @@ def wanda_sp_scores(layer, space: MaskSpace, squares_o: torch.Tensor | None, squ
         d_w = layer.mlp.down_proj.weight.detach().to(torch.float64).abs()
         out["channel"] = (d_w * (squares_down.to(d_w.device) / n).sqrt()).mean(0).cpu()
     return out
-
-
-class InputStats:
-    """Running per-column mean and variance of the inputs of o_proj and down_proj (float64), over
-    the calibration tokens of one pass of the whole model."""
-
-    def __init__(self, model):
-        self.model = model
-        self.n = 0
-        layers = model.model.layers
-        self.sums = {k: [None] * len(layers) for k in ("attn", "mlp")}
-        self.squares = {k: [None] * len(layers) for k in ("attn", "mlp")}
-
-    def _hook(self, kind: str, layer: int):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            s, q = x.sum(0), x.pow(2).sum(0)
-            if self.sums[kind][layer] is None:
-                self.sums[kind][layer], self.squares[kind][layer] = s, q
-            else:
-                self.sums[kind][layer] += s
-                self.squares[kind][layer] += q
-            if kind == "mlp" and layer == 0:
-                self.n += x.shape[0]
-        return record
-
-    @torch.no_grad()
-    def collect(self, input_ids: torch.Tensor, batch_size: int = 8) -> "InputStats":
-        handles = []
-        for i, layer in enumerate(self.model.model.layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("attn", i)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("mlp", i)))
-        try:
-            device = next(self.model.parameters()).device
-            for start in range(0, input_ids.shape[0], batch_size):
-                self.model(input_ids[start:start + batch_size].to(device))
-        finally:
-            for h in handles:
-                h.remove()
-        return self
-
-    def mean(self, kind: str) -> list[torch.Tensor]:
-        return [s / self.n for s in self.sums[kind]]
-
-    def variance(self, kind: str) -> list[torch.Tensor]:
-        """Unbiased per-column variance over the calibration tokens."""
-        n = self.n
-        return [((q - s * s / n) / max(n - 1, 1)).clamp_min(0.0) for s, q in zip(self.sums[kind], self.squares[kind])]
 
 
 # --- decoder blocks through bpp_kernels' masked ops (the gradient paths of BESA, recovery, LoRAPrune) ---

@@ -10,6 +10,11 @@
   groups and channels each layer keeps (heterogeneous: layers whose score distributions are more
   skewed lose more). Standardising each type across all layers at once instead can empty the
   attention of most layers (bench/RESULTS.md, quality section).
+- As a starting point of ``bpp prune`` (``--init flap``, :func:`flap_prior`): FLAP's mask is the
+  init mask (and the first incumbent), its fluctuation scores rank the units inside each layer,
+  and for the per-unit policy its standardised scores become keep-probabilities by the official
+  sigmap mapping, each layer at the keep rate FLAP chose for it. With only one unit type learned,
+  that type alone meets its share of the budget (the other stays whole).
 - Bias compensation: what a pruned column contributed on average, W_:j · mean_n(X_nj), is added
   to the output bias at compaction (:func:`compensation_biases`), so the layer's mean output
   is unchanged.
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import torch
 
+from ..compensation import BiasCompensation, InputStats
 from ..errors import BppError
-from ..policy import check_sparsity, deterministic_mask
+from ..policy import check_sparsity, deterministic_mask, parse_granularity
 from ..space import Masks, MaskSpace
-from .calibration import InputStats
+from .ranking import sigmap
+
+TYPES = ("channel", "group")
 
 
 def _column_fluctuations(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,20 +86,10 @@ def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats
 
 def compensation_biases(model, masks: Masks, stats: InputStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the output biases of o_proj and down_proj that restore the mean contribution of
-    the pruned columns: ``b = W[:, pruned] @ mean(X[:, pruned])`` (zeros when nothing is pruned)."""
-    space = MaskSpace.from_model(model)
-    masks.validate(space)
-    per_head = space.heads_per_group * space.head_dim
-    attn_bias, mlp_bias = [], []
-    for i, layer in enumerate(model.model.layers):
-        pruned_cols = ~masks.groups[0, i].repeat_interleave(per_head)
-        w_o = layer.self_attn.o_proj.weight.detach().to(torch.float64)
-        attn_bias.append((w_o[:, pruned_cols] @ stats.mean("attn")[i][pruned_cols]).to(w_o.dtype))
-        pruned_ch = ~masks.channels[0, i]
-        w_down = layer.mlp.down_proj.weight.detach().to(torch.float64)
-        mlp_bias.append(w_down[:, pruned_ch] @ stats.mean("mlp")[i][pruned_ch])
-    dtype = model.model.layers[0].mlp.down_proj.weight.dtype
-    return [b.to(dtype) for b in attn_bias], [b.to(dtype) for b in mlp_bias]
+    the pruned columns: ``b = W[:, pruned] @ mean(X[:, pruned])`` (zeros when nothing is pruned),
+    for one mask (S = 1), in the model's dtype (:func:`bpp.compensation.output_biases`)."""
+    biases = BiasCompensation.from_stats(model, stats).compact_biases(masks)
+    return biases["o_proj_bias"], biases["down_proj_bias"]
 
 
 def compensation_for(model, masks: Masks, calib: torch.Tensor, stats: InputStats | None = None) -> dict:
@@ -105,3 +103,41 @@ def compensation_for(model, masks: Masks, calib: torch.Tensor, stats: InputStats
 def flap_baseline(model, space: MaskSpace, calib: torch.Tensor, sparsity: float) -> Masks:
     """The FLAP mask at ``sparsity`` (the registry's baseline-mask signature)."""
     return flap_mask(model, calib, sparsity)
+
+
+def flap_allocate(model, space: MaskSpace, stats: InputStats, keep: float, granularity) -> dict[str, torch.Tensor]:
+    """FLAP's (L, n) bool masks per type keeping ``keep`` of the learned types' parameters."""
+    learned = [t for t in TYPES if t in parse_granularity(granularity)]
+    alam = dict(zip(TYPES, flap_alam_scores(model, stats)))
+    cost = {"channel": float(space.channel_params), "group": float(space.group_params)}
+    scores = torch.cat([alam[t].flatten() for t in learned])
+    costs = torch.cat([torch.full((alam[t].numel(),), cost[t], dtype=torch.float64) for t in learned])
+    keep_flat = deterministic_mask(scores, costs, keep * float(costs.sum()))
+    masks, start = {}, 0
+    for t in TYPES:
+        if t in learned:
+            n = alam[t].numel()
+            masks[t] = keep_flat[start:start + n].view(alam[t].shape)
+            start += n
+        else:
+            masks[t] = torch.ones(alam[t].shape, dtype=torch.bool)
+    return masks
+
+
+def flap_prior(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity):
+    """θ per type (L, n), FLAP's mask per type (L, n) bool, and the metrics (the registry's prior
+    signature, :mod:`bpp.methods`)."""
+    stats = InputStats(model).collect(calib)
+    masks = flap_allocate(model, space, stats, keep, granularity)
+    raw = dict(zip(TYPES, flap_scores(model, stats)))
+    alam = dict(zip(TYPES, flap_alam_scores(model, stats)))
+    learned = parse_granularity(granularity)
+    theta = {}
+    for t in TYPES:
+        if t in learned:
+            rates = masks[t].double().mean(-1)
+            theta[t] = torch.stack([sigmap(alam[t][i].unsqueeze(0), float(rates[i]))[0] for i in range(space.n_layers)])
+        else:
+            theta[t] = torch.ones_like(alam[t])
+    metrics = {**raw, "channel_standardised": alam["channel"], "group_standardised": alam["group"]}
+    return theta, masks, metrics

@@ -123,21 +123,27 @@ class MaskedModel:
         return tuple(t if t.device == device else t.to(device, non_blocking=True) for t in tensors)
 
     # --- the forward ---------------------------------------------------------------------
-    def _hidden(self, input_ids: torch.Tensor, groups, channels) -> torch.Tensor:
-        """Final-normed hidden states ``(S, B, T, d)`` of the samples whose index lists are given."""
+    def _hidden(self, input_ids: torch.Tensor, groups, channels, biases=None) -> torch.Tensor:
+        """Final-normed hidden states ``(S, B, T, d)`` of the samples whose index lists are given;
+        ``biases``: optional ``(attn, mlp)`` output biases, each ``(L, S, d)``."""
         S = groups[0][0].shape[0]
         B, T = input_ids.shape
         h = self.embed[input_ids].unsqueeze(0).expand(S, B, T, -1).contiguous()
         cos, sin = self._rope(T, h.dtype)
-        for layer, (g_idx, g_cnt), (c_idx, c_cnt) in zip(self.layers, groups, channels):
+        for i, (layer, (g_idx, g_cnt), (c_idx, c_cnt)) in enumerate(zip(self.layers, groups, channels)):
             # pipeline by layer: with a device map, the samples' hidden states follow the layers
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
             y = K.rms_norm(h, layer.attn_norm, self.eps)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
+            if biases is not None:  # bias compensation: o_proj's per-sample output bias
+                a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
             y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
-            h = h + K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt)
+            mlp = K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt)
+            if biases is not None:
+                mlp = mlp + biases[1][i].to(mlp.device, mlp.dtype)[:, None, None, :]
+            h = h + mlp
         (h,) = self._on(self.final_norm.device, h)
         return K.rms_norm(h, self.final_norm, self.eps)
 
@@ -146,8 +152,15 @@ class MaskedModel:
         return [slice(s, min(s + per_pass, S)) for s in range(0, S, per_pass)]
 
     @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, masks: Masks) -> torch.Tensor:
-        """``(S,)`` float32: mean next-token NLL of each mask over the batch ``input_ids (B, T)``."""
+    def losses(self, input_ids: torch.Tensor, masks: Masks, biases=None, per_window: bool = False,
+               teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """``(S,)`` float32: mean next-token NLL of each mask over the batch ``input_ids (B, T)``;
+        ``(S, B)`` (each window's mean) with ``per_window``. ``biases``: optional per-sample output
+        biases of o_proj and down_proj, ``(attn (L, S, d), mlp (L, S, d))``, as
+        :meth:`bpp.compensation.BiasCompensation.biases` makes them (bias compensation).
+        ``teacher``: ``(B, T − 1, d)`` from :meth:`teacher`; the loss is then the cross-entropy
+        against the dense model's next-token distribution instead of the text's token
+        (KL(dense ‖ mask) plus a constant): lse(z) − p_dense·z = NLL + (W[y] − e)·h."""
         self._check_inputs(input_ids, masks)
         input_ids = input_ids.to(self.device, torch.int64)
         groups, channels = self._indices(masks)
@@ -156,14 +169,37 @@ class MaskedModel:
         out = []
         for part in self._chunks(masks.S, B * T):
             h = self._hidden(input_ids, [(i[part], c[part]) for i, c in groups],
-                             [(i[part], c[part]) for i, c in channels])
+                             [(i[part], c[part]) for i, c in channels],
+                             None if biases is None else (biases[0][:, part], biases[1][:, part]))
             # one call per sample: its rows are chunked the same way whatever S is (batch invariance)
             (targets_here,) = self._on(self.lm_head.device, targets)
             (h,) = self._on(self.lm_head.device, h)
             for s in range(h.shape[0]):
                 rows = h[s, :, :-1].reshape(B * (T - 1), -1)
-                out.append(K.linear_cross_entropy(rows, self.lm_head, targets_here).mean().reshape(1).to(self.device))
+                nll = K.linear_cross_entropy(rows, self.lm_head, targets_here)
+                if teacher is not None:  # soft targets: swap the picked logit for the dense expectation
+                    shift = self.lm_head[targets_here] - teacher.reshape(B * (T - 1), -1).to(rows)
+                    nll = nll + (shift.float() * rows.float()).sum(-1)
+                loss = nll.view(1, B, T - 1).mean(2) if per_window else nll.mean().reshape(1)
+                out.append(loss.to(self.device))
         return torch.cat(out)
+
+    @torch.no_grad()
+    def teacher(self, input_ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """``(B, T − 1, d)`` float32: e = Σ_v p_dense(v | context) W_v, the dense model's expected
+        output embedding at each predicted position (what ``losses(teacher=...)`` needs)."""
+        masks = Masks.full(self.space, 1, device=self.device)
+        self._check_inputs(input_ids, masks)
+        input_ids = input_ids.to(self.device, torch.int64)
+        groups, channels = self._indices(masks)
+        B, T = input_ids.shape
+        h = self._hidden(input_ids, groups, channels)[0, :, :-1].reshape(B * (T - 1), -1).to(self.lm_head.device)
+        out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        w = self.lm_head.float()
+        for start in range(0, h.shape[0], chunk):
+            p = torch.softmax((h[start:start + chunk] @ self.lm_head.t()).float(), dim=-1)
+            out[start:start + chunk] = p @ w
+        return out.view(B, T - 1, -1).to(self.device)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, masks: Masks) -> torch.Tensor:
