@@ -116,3 +116,14 @@ def test_flap_standardises_within_each_layer(tiny):
     torch.testing.assert_close(channel2, channel, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(group2, group, rtol=1e-9, atol=1e-9)
     assert torch.equal(flap_mask(tiny, ids, 0.3, stats=stats).channels, before.channels)
+
+
+def test_flap_as_init_starts_from_flaps_own_mask():
+    """``--init flap``: the init mask is FLAP's mask at that sparsity, θ follows each layer's keep rate."""
+    from tests.tiny import check_calibrated_init, tiny_model
+
+    calib = torch.randint(0, 301, (4, 17), generator=torch.Generator().manual_seed(7))
+    space, init_mask, metrics = check_calibrated_init("flap", "llama", calib, sparsity=0.3)
+    want = flap_mask(tiny_model("llama"), calib, 0.3)
+    assert torch.equal(init_mask.channels, want.channels) and torch.equal(init_mask.groups, want.groups)
+    assert metrics["channel"].shape == (space.n_layers, space.n_channels)

@@ -30,7 +30,7 @@ from ..errors import BppError
 from ..policy import Policy
 from ..space import Masks, MaskSpace
 from .besa import besa_mask, besa_prior
-from .flap import flap_baseline
+from .flap import flap_baseline, flap_prior
 from .loraprune import loraprune_mask, loraprune_prior
 from .magnitude import magnitude_prior
 from .wanda_sp import wanda_sp_prior
@@ -54,7 +54,7 @@ METHODS: dict[str, Method] = {
     "uniform": Method(prior=None, mask=None, calibrated=False),
     "wanda-sp": Method(prior=wanda_sp_prior, mask=_prior_mask("wanda-sp"), calibrated=True),
     "magnitude": Method(prior=magnitude_prior, mask=_prior_mask("magnitude"), calibrated=False),
-    "flap": Method(prior=None, mask=flap_baseline, calibrated=True),
+    "flap": Method(prior=flap_prior, mask=flap_baseline, calibrated=True),
     "besa": Method(prior=besa_prior, mask=besa_mask, calibrated=True),
     "loraprune": Method(prior=loraprune_prior, mask=loraprune_mask, calibrated=True),
 }
