@@ -25,6 +25,9 @@ from tests.tiny import tiny_model, tiny_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 # a small but complete run: 2 layers, 70 channels, 2 KV groups
 FAST = dict(steps=12, samples=4, batch_size=2, seq_len=32, init_windows=4, init_seq_len=32, sparsity=0.3)
+# the official per-unit policy, as before issue 18 (no bias compensation, no incumbent)
+UNITS = dict(policy="units", bias_compensation=False, incumbent_every=0)
+UNITS_CLI = ("--policy", "units", "--no-bias-compensation", "--incumbent-every", "0")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def loaded(tiny_dir):
 
 
 def _config(tiny_dir, **kw):
-    return PruneConfig(model=str(tiny_dir), **{**FAST, **kw})
+    return PruneConfig(model=str(tiny_dir), **{**FAST, **UNITS, **kw})
 
 
 def _hook_fn(model):
@@ -60,7 +63,7 @@ def test_prune_cli_writes_every_output(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = ["prune", "--model", str(tiny_dir), "--out", str(out), "--steps", "8", "--samples", "4",
             "--batch-size", "2", "--seq-len", "32", "--init-windows", "4", "--init-seq-len", "32",
-            "--sparsity", "0.3", "--eval-windows", "4", "--quiet"]
+            "--sparsity", "0.3", "--eval-windows", "4", "--quiet", *UNITS_CLI]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     for name in ("mask.safetensors", "theta.safetensors", "metrics.jsonl", "report.json", "kept_per_layer.png",
@@ -157,7 +160,7 @@ def test_resume_with_a_different_config_names_the_difference(tiny_dir, tmp_path,
 def test_nan_losses_are_dropped_and_all_nan_steps_skipped(loaded):
     model, _ = loaded
     space = MaskSpace.from_model(model)
-    cfg = PruneConfig(steps=2, samples=4, batch_size=1, seq_len=8)
+    cfg = PruneConfig(steps=2, samples=4, batch_size=1, seq_len=8, **UNITS).validate()
     policy = Policy(space, cfg.granularity, 0.3)
     calls = []
 
@@ -237,29 +240,34 @@ def _prune_cmd(tiny_dir, out, *extra):
             *(["--out", str(out)] if out else [])]
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_prune_cmd(tiny_dir, ref), check=True, env=env, cwd=REPO, capture_output=True, timeout=300)
-
-    proc = subprocess.Popen(_prune_cmd(tiny_dir, cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _kill_at(cmd, cut, env, at=50):
+    """Start ``cmd``, kill -9 it once its checkpoint has passed step ``at``; return that step."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = None
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         ckpt = cut / "checkpoint.pt"
         if ckpt.is_file():
             try:
-                step = torch.load(ckpt, weights_only=False)["step"]
+                step = torch.load(ckpt, weights_only=True)["step"]
             except Exception:  # noqa: BLE001 - replaced while reading; try again
                 step = 0
-            if step >= 50:
+            if step >= at:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = step
                 break
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return killed_at
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_prune_cmd(tiny_dir, ref, *UNITS_CLI), check=True, env=env, cwd=REPO, capture_output=True,
+                   timeout=300)
+    killed_at = _kill_at(_prune_cmd(tiny_dir, cut, *UNITS_CLI), cut, env)
     assert 50 <= killed_at < 1500 and not (cut / "mask.safetensors").exists()
 
     subprocess.run([sys.executable, "-m", "bpp", "prune", "--resume", str(cut), "--quiet", "--no-eval"],

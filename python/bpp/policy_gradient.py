@@ -1,5 +1,8 @@
-"""The policy-gradient loop: the configuration of a run, the calibration batches, the steps, and
-the state that makes a run resumable (the ``bpp prune`` job around it: :mod:`bpp.jobs.prune`).
+"""The policy-gradient loop: the configuration of a run, the calibration batches, how mask losses
+are computed (bias compensation, soft targets), the steps, the incumbent, and the state that
+makes a run resumable (the ``bpp prune`` job around it: :mod:`bpp.jobs.prune`). This is the
+per-unit policy (``--policy units``, the official method); the allocation policy's loop
+(``--policy allocation``, the default) builds on it in :mod:`bpp.allocation_loop`.
 
 One step: draw S masks from the policy, evaluate their losses on one calibration batch (the
 same batch for all S), drop masks whose loss is not finite, form the baseline, take a plain
@@ -9,8 +12,8 @@ State that makes a run resumable bit for bit (written atomically every ``checkpo
 steps, and at step 0): θ, the moving baseline, the step (which is also the data cursor and the
 schedule position: batches are consecutive slices of a seeded shuffle, and the learning rate is
 a function of the step), the mask-sampling generator, the global torch/Python/NumPy RNG states,
-the counters and timings. The optimiser is the official plain step θ ← θ − lr·ĝ, which has no
-state of its own.
+the counters and timings, the incumbent. The optimiser is the official plain step θ ← θ − lr·ĝ,
+which has no state of its own.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Callable
 import torch
 
 from .errors import BppError
+from .incumbent import Incumbent
 from .modelio import check_device
 from .policy import BASELINES, Policy, check_sparsity, loss_baseline, parse_granularity
 from .runs import CHECKPOINT, differences, fingerprint, rng_state, save_checkpoint, set_rng_state
@@ -32,6 +36,14 @@ from .space import Masks
 
 SCHEDULES = ("cosine", "constant")
 ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth
+POLICIES = ("allocation", "units")
+RANKS = ("init", "flap", "wanda-sp")
+OBJECTIVES = ("soft", "nll")
+OPTIMIZERS = ("adam", "sgd")
+UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective": "nll"}  # the official settings
+# the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets
+ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "besa", "budget": "params", "objective": "soft"}
+TEACHER_CACHE = 6  # dense targets kept: a training batch and the selection windows in chunks of 4
 
 LossesFn = Callable[[torch.Tensor, Masks], torch.Tensor]
 
@@ -44,16 +56,16 @@ class PruneConfig:
     data: str = "default"
     sparsity: float = 0.2
     granularity: str = "channel,group"
-    budget: str = "count"
+    budget: str | None = None  # None: per policy (units: "count", the official; allocation: "params")
     steps: int = 100  # sized so the default job fits a CPU budget (README: its measured wall time)
     samples: int = 8
     batch_size: int = 2
     seq_len: int = 128
-    lr: float = 6e-3
+    lr: float | None = None  # None: per policy (UNITS_DEFAULTS, ALLOCATION_DEFAULTS)
     schedule: str = "cosine"
     baseline: str = "moving-average"
     baseline_momentum: float = 0.8  # the official moving average over a window of 5: 1 − 1/5
-    init: str = "wanda-sp"
+    init: str | None = None  # None: per policy (units: wanda-sp, the official; allocation: besa)
     init_windows: int = 32
     init_seq_len: int = 256
     seed: int = 0
@@ -61,8 +73,20 @@ class PruneConfig:
     device: str = "cpu"
     device_map: str | None = None  # e.g. "auto": layers over the GPUs of a node, for models too large for one
     engine: str = "batched"
+    # issue 18: the policy, masks judged as compacted, and the incumbent (bpp.allocation_loop)
+    policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official)
+    bias_compensation: bool = True  # masks judged, and the model written, with FLAP's output biases
+    rank: str = "flap"  # allocation: what ranks units inside a layer: flap (fluctuation, fits bias compensation) | init | wanda-sp
+    sigma: float = 0.05  # allocation: perturbation scale, a fraction of a layer's channels
+    group_every: int = 4  # allocation: every N-th step explores KV-group moves (0: groups stay as the init's)
+    incumbent_every: int = 10  # challenge the incumbent every N steps and at the end (0: no incumbent)
+    selection_windows: int = 16  # held-in windows the incumbent is judged on (never used by the gradient)
+    objective: str | None = None  # None: per policy (units: nll, official; allocation: soft, the dense model's distribution)
+    basis: int = 8  # allocation: channel offsets as this many smooth profiles over depth (0: one per layer)
+    optimizer: str = "adam"  # allocation: adam (clipped per-coordinate steps) | sgd (normalised gradient steps)
 
     def validate(self) -> "PruneConfig":
+        resolve_policy_defaults(self)
         check_sparsity(self.sparsity)
         check_device(self.device)
         self.granularity = ",".join(parse_granularity(self.granularity))
@@ -99,6 +123,45 @@ class PruneConfig:
         return differences(self.to_dict(), other.to_dict())
 
 
+def resolve_policy_defaults(config: PruneConfig) -> None:
+    """Fill the options whose default depends on the policy, and check the issue-18 options."""
+    if config.policy not in POLICIES:
+        raise BppError(f"unknown policy {config.policy!r}; use one of {', '.join(POLICIES)}")
+    defaults = UNITS_DEFAULTS if config.policy == "units" else ALLOCATION_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    if config.policy == "allocation":
+        if config.budget != "params":
+            raise BppError("--policy allocation has one parameter budget (KV groups and channels trade under "
+                           "it); drop --budget count, or use --policy units")
+        if parse_granularity(config.granularity) != ("channel", "group"):
+            raise BppError("--policy allocation learns channels and KV groups together; use --granularity "
+                           "channel,group (or --group-every 0 to keep the init's KV groups), or --policy units")
+        if config.init == "uniform":
+            raise BppError("--policy allocation starts from an init method's mask and --init uniform has none; "
+                           "use --init besa, flap or wanda-sp")
+        if config.samples < 2 or config.samples % 2:
+            raise BppError(f"--policy allocation draws antithetic pairs: --samples must be even and at least 2, "
+                           f"got {config.samples}")
+    if config.optimizer not in OPTIMIZERS:
+        raise BppError(f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if config.objective not in OBJECTIVES:
+        raise BppError(f"unknown objective {config.objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if config.basis < 0 or config.basis == 1:
+        raise BppError(f"--basis must be 0 (one offset per layer) or at least 2 smooth profiles, got {config.basis}")
+    if config.rank not in RANKS:
+        raise BppError(f"unknown rank {config.rank!r}; use one of {', '.join(RANKS)}")
+    if not config.sigma > 0:
+        raise BppError(f"--sigma must be positive, got {config.sigma}")
+    for name in ("group_every", "incumbent_every"):
+        if getattr(config, name) < 0:
+            raise BppError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(config, name)}")
+    if config.selection_windows < 2 and config.incumbent_every:
+        raise BppError(f"--selection-windows must be at least 2 (the incumbent is judged by paired "
+                       f"differences over windows), got {config.selection_windows}")
+
+
 def learning_rate(config: PruneConfig, step: int) -> float:
     """Cosine from lr at step 0 towards 0 at ``steps`` (torch's CosineAnnealingLR with
     T_max = steps, as the official code), or constant."""
@@ -107,15 +170,89 @@ def learning_rate(config: PruneConfig, step: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def default_losses(model, engine: str = "batched") -> tuple[LossesFn, str]:
-    """How mask losses are computed: the batched engine ``MaskedModel(model).losses``, or the
-    slow hook ground truth (one Hugging Face forward per mask)."""
-    from .models.hooks import hook_losses
+class MaskLosses:
+    """Losses of masks on a batch: ``fn(ids, masks) -> (S,)`` and ``per_window(ids, masks) -> (S, B)``,
+    with the bias compensation of :class:`bpp.compensation.BiasCompensation` when given, against the
+    text's tokens (``objective="nll"``) or the dense model's next-token distribution ("soft")."""
+
+    def __init__(self, engine=None, compensation=None, custom=None, objective: str = "nll"):
+        self.engine, self.compensation, self.custom, self.objective = engine, compensation, custom, objective
+        self._teachers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, e): the training batch, selection
+
+    def teacher(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The dense model's targets for ``ids``, computed once per batch (the last few are kept:
+        the selection windows come back at every incumbent check)."""
+        if self.objective != "soft":
+            return None
+        for i, (known, e) in enumerate(self._teachers):
+            if known.shape == ids.shape and torch.equal(known, ids):
+                self._teachers.append(self._teachers.pop(i))
+                return e
+        self._teachers = self._teachers[-(TEACHER_CACHE - 1):] + [(ids.clone(), self.engine.teacher(ids))]
+        return self._teachers[-1][1]
+
+    def __call__(self, ids: torch.Tensor, masks: Masks) -> torch.Tensor:
+        if self.custom is not None:
+            return self.custom(ids, masks)
+        biases = None if self.compensation is None else self.compensation.biases(masks)
+        return self.engine.losses(ids, masks, biases=biases, teacher=self.teacher(ids))
+
+    def per_window(self, ids: torch.Tensor, masks: Masks) -> torch.Tensor:
+        if self.custom is not None:
+            return torch.stack([self.custom(ids[i:i + 1], masks) for i in range(ids.shape[0])], dim=1)
+        biases = None if self.compensation is None else self.compensation.biases(masks)
+        out = []
+        for i in range(0, ids.shape[0], 4):  # 4 windows a pass bounds the activations
+            part = ids[i:i + 4]
+            out.append(self.engine.losses(part, masks, biases=biases, per_window=True, teacher=self.teacher(part)))
+        return torch.cat(out, dim=1)
+
+
+def _hook_losses_with_biases(model, ids: torch.Tensor, masks: Masks, compensation) -> torch.Tensor:
+    """The ground truth with bias compensation: one Hugging Face forward per mask, the pruned
+    inputs zeroed by hooks and each layer's compensation added to o_proj / down_proj's output."""
+    from .models.hooks import hook_masks
+
+    attn, mlp = compensation.biases(masks)
+    out = []
+    for s in range(masks.S):
+        handles = []
+        for i, layer in enumerate(model.model.layers):
+            for module, bias in ((layer.self_attn.o_proj, attn[i, s]), (layer.mlp.down_proj, mlp[i, s])):
+                handles.append(module.register_forward_hook(lambda mod, args, output, b=bias: output + b))
+        try:
+            with hook_masks(model, masks[s]):
+                logits = model(ids).logits[:, :-1].float()
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+    return torch.stack(out)
+
+
+def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> tuple[MaskLosses, str]:
+    """The run's mask losses and their name: ``custom``, the slow hook ground truth (one Hugging
+    Face forward per mask, ``engine="hooks"``) or the batched engine ``MaskedModel``. The bias
+    compensation is attached (``.compensation``) once it is calibrated."""
+    if custom is not None:
+        if config.objective != "nll":
+            raise BppError("a custom losses_fn judges masks by its own loss; set objective='nll' (--objective nll)")
+        if config.bias_compensation:
+            raise BppError("a custom losses_fn is called without bias compensation; set bias_compensation=False "
+                           "(--no-bias-compensation), or leave losses_fn out to use bpp's engines")
+        return MaskLosses(custom=custom), getattr(custom, "__qualname__", "custom")
+    if config.engine == "hooks":
+        from .models.hooks import hook_losses
+
+        if config.objective != "nll":
+            raise BppError("--engine hooks evaluates the next-token loss only; pass --objective nll with it")
+        losses = MaskLosses()
+        losses.custom = lambda ids, masks: (hook_losses(model, ids, masks) if losses.compensation is None
+                                            else _hook_losses_with_biases(model, ids, masks, losses.compensation))
+        return losses, "hook_losses"
     from .models.masked import MaskedModel
 
-    if engine == "hooks":
-        return (lambda ids, masks: hook_losses(model, ids, masks)), "hook_losses"
-    return MaskedModel(model).losses, "MaskedModel"
+    return MaskLosses(engine=MaskedModel(model), objective=config.objective), "MaskedModel"
 
 
 def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
@@ -132,6 +269,27 @@ def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
     windows = ids[: n * config.seq_len].view(n, config.seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     return windows[order[:need]].clone()
+
+
+def selection_windows(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor | None:
+    """The incumbent's held-in windows: the last ``selection_windows`` of the seeded shuffle whose
+    first ``steps × batch_size`` windows the gradient uses (so the two never overlap)."""
+    if not config.incumbent_every:
+        return None
+    n = ids.numel() // config.seq_len
+    need = config.steps * config.batch_size + config.selection_windows
+    if n < need:
+        raise BppError(f"too little calibration text: {n} windows of {config.seq_len} tokens, but {config.steps} "
+                       f"steps × batch size {config.batch_size} and {config.selection_windows} selection windows "
+                       f"need {need}; lower --steps, --batch-size or --selection-windows, or give more text with --data")
+    windows = ids[: n * config.seq_len].view(n, config.seq_len)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    return windows[order[n - config.selection_windows:]].clone()
+
+
+def needs_stats(config: PruneConfig) -> bool:
+    """Whether the run needs FLAP's calibration statistics (bias compensation, FLAP ranking)."""
+    return config.bias_compensation or (config.policy == "allocation" and config.rank == "flap")
 
 
 class PolicyGradientLoop:
@@ -151,6 +309,42 @@ class PolicyGradientLoop:
         self.dropped_masks = 0
         self.seconds = 0.0  # time spent in steps, over all sessions
         self.extra_state = extra_state or {}  # carried through checkpoints (timings of earlier phases, ...)
+        # issue 18: the incumbent and what judges it (set by the job; None: no incumbent)
+        self.incumbent: Incumbent | None = None
+        self.selection_losses = None  # (ids (n, T), masks) -> (S, n) per-window losses
+        self.selection_ids = None
+        self.snapshots: list[int] = []  # save the deterministic mask once this many masks were evaluated
+
+    @property
+    def evaluated(self) -> int:
+        """Masks evaluated so far (both policies; for the sample-efficiency benchmark)."""
+        return getattr(self, "evaluations", self.step * self.config.samples)
+
+    def _save_snapshots(self) -> None:
+        while self.snapshots and self.evaluated >= self.snapshots[0] and self.out_dir is not None:
+            self.deterministic_mask().save(self.out_dir / f"snapshot_{self.snapshots.pop(0)}.safetensors")
+
+    def deterministic_mask(self) -> Masks:
+        """The mask the policy would output now (S = 1)."""
+        return self.policy.final_mask()
+
+    def postfix(self, record: dict) -> dict:
+        return dict(loss=_fmt(record["mean_loss"]), baseline=_fmt(record["baseline"]),
+                    entropy=f"{record['entropy']:.3f}", masks_s=_fmt(record["masks_per_s"], 1))
+
+    def challenge_incumbent(self) -> dict | None:
+        """Every ``incumbent_every`` steps and after the last: the deterministic mask against the
+        incumbent on the selection windows (see :mod:`bpp.incumbent`)."""
+        every = self.config.incumbent_every
+        if self.incumbent is None or not every or (self.step % every and self.step < self.config.steps):
+            return None
+        mask = self.deterministic_mask()
+        t0 = time.perf_counter()
+        losses = self.selection_losses(self.selection_ids, mask)[0]
+        record = self.incumbent.challenge(mask, losses, self.step)
+        record["seconds"] = time.perf_counter() - t0
+        self.seconds += record["seconds"]
+        return record
 
     # --- one step -----------------------------------------------------------------------
     def run_step(self) -> dict:
@@ -194,12 +388,15 @@ class PolicyGradientLoop:
         try:
             while self.step < self.config.steps:
                 record = self.run_step()
+                selection = self.challenge_incumbent()
+                if selection is not None:
+                    record["selection"] = selection
+                self._save_snapshots()
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 bar.update(1)
-                bar.set_postfix(loss=_fmt(record["mean_loss"]), baseline=_fmt(record["baseline"]),
-                                entropy=f"{record['entropy']:.3f}", masks_s=_fmt(record["masks_per_s"], 1))
+                bar.set_postfix(self.postfix(record))
                 if self.out_dir and self.checkpoint_every and self.step % self.checkpoint_every == 0 \
                         and self.step < self.config.steps:
                     self.save_checkpoint()
@@ -213,7 +410,7 @@ class PolicyGradientLoop:
         return {
             "config": self.config.to_dict(),
             "step": self.step,
-            "theta": self.policy.theta.clone(),
+            "theta": self.policy.theta.clone() if hasattr(self.policy, "theta") else None,
             "moving_baseline": self.moving_baseline,
             "schedule": {"kind": self.config.schedule, "lr": self.config.lr, "total_steps": self.config.steps},
             "optimizer": {"kind": "plain step θ ← θ − lr·ĝ (stateless)"},
@@ -224,6 +421,7 @@ class PolicyGradientLoop:
             "counters": {"skipped_steps": self.skipped_steps, "dropped_masks": self.dropped_masks,
                          "seconds": self.seconds},
             "extra": self.extra_state,
+            "incumbent": None if self.incumbent is None else self.incumbent.state(),
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
@@ -240,13 +438,16 @@ class PolicyGradientLoop:
         if state["data"]["windows"] != fingerprint(self.windows):
             raise BppError("the calibration text differs from the one the checkpoint was made with")
         self.step = int(state["step"])
-        self.policy.theta = state["theta"].to(torch.float64).clone()
+        if state["theta"] is not None:
+            self.policy.theta = state["theta"].to(torch.float64).clone()
         self.moving_baseline = state["moving_baseline"]
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         c = state["counters"]
         self.skipped_steps, self.dropped_masks, self.seconds = c["skipped_steps"], c["dropped_masks"], c["seconds"]
         self.extra_state = dict(state.get("extra", {}))
+        if state.get("incumbent") is not None:
+            self.incumbent = Incumbent.from_state(state["incumbent"])
 
 
 def _fmt(x, digits=4):

@@ -20,15 +20,25 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(_D.data, "--data", help="calibration/held-out text: default | wikitext2 | c4 | ptb | path/to/file.txt"),
         sparsity: float = typer.Option(_D.sparsity, "--sparsity", "-s", help="fraction of the learned units' parameters to remove, in (0, 1)"),
         granularity: str = typer.Option(_D.granularity, "--granularity", help="unit types to prune: group,channel | group | channel | layer"),
-        budget: str = typer.Option(_D.budget, "--budget", help="count: one budget per unit type (official); params: one joint parameter budget over all units"),
+        policy: str = typer.Option(_D.policy, "--policy", help="allocation: learn per-layer kept counts of channels and KV groups over a metric's ranking (default) | units: the official per-unit keep-probabilities"),
+        budget: Optional[str] = typer.Option(_D.budget, "--budget", help="count: one budget per unit type (units' default, official); params: one joint parameter budget (allocation's only budget)"),
         steps: int = typer.Option(_D.steps, "--steps", help="policy-gradient steps (one calibration batch each, no batch twice)"),
         samples: int = typer.Option(_D.samples, "--samples", "-S", help="masks sampled and evaluated per step (official: 2)"),
         seq_len: int = typer.Option(_D.seq_len, "--seq-len", help="tokens per calibration window"),
         batch_size: int = typer.Option(_D.batch_size, "--batch-size", "-b", help="calibration windows per step (official: 8)"),
-        lr: float = typer.Option(_D.lr, "--lr", help="learning rate of θ (official: 6e-3)"),
+        lr: Optional[float] = typer.Option(_D.lr, "--lr", help="learning rate (units: of θ, official 6e-3; allocation: Adam on the per-layer offsets' coefficients, default 0.02)"),
         schedule: str = typer.Option(_D.schedule, "--schedule", help="cosine | constant"),
         baseline: str = typer.Option(_D.baseline, "--baseline", help="moving-average (official: b ← 0.8 b + 0.2 mean loss) | leave-one-out"),
-        init: str = typer.Option(_D.init, "--init", help="wanda-sp (official) | magnitude | uniform | loraprune | besa"),
+        init: Optional[str] = typer.Option(_D.init, "--init", help="the starting mask and prior: besa (allocation's default) | wanda-sp (units' default, official) | flap | loraprune | magnitude | uniform"),
+        rank: str = typer.Option(_D.rank, "--rank", help="allocation: what ranks the units inside each layer: flap (default) | init (the init method's scores) | wanda-sp"),
+        sigma: float = typer.Option(_D.sigma, "--sigma", help="allocation: perturbation scale of the per-layer offsets, a fraction of a layer's channels"),
+        group_every: int = typer.Option(_D.group_every, "--group-every", help="allocation: every N-th step explores single-layer KV-group moves (0: keep the init's groups)"),
+        bias_compensation: bool = typer.Option(_D.bias_compensation, "--bias-compensation/--no-bias-compensation", help="judge masks, and write the model, with FLAP's output biases from calibration means"),
+        incumbent_every: int = typer.Option(_D.incumbent_every, "--incumbent-every", help="every N steps the current mask challenges the best so far on held-in windows; the output is the best (0: off, output the last mask)"),
+        objective: Optional[str] = typer.Option(_D.objective, "--objective", help="what a mask's loss is: soft (cross-entropy against the dense model's next-token distribution: KL to it plus a constant, lower variance; allocation's default) | nll (the text's next token, official)"),
+        basis: int = typer.Option(_D.basis, "--basis", help="allocation: the channel offsets as this many smooth profiles over depth (0: one free offset per layer)"),
+        optimizer: str = typer.Option(_D.optimizer, "--optimizer", help="allocation: adam (per-coordinate steps, clipped) | sgd (steps along the per-step normalised gradient)"),
+        selection_windows: int = typer.Option(_D.selection_windows, "--selection-windows", help="held-in calibration windows that judge the incumbent (never used by the gradient)"),
         init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows for the wanda-sp metric"),
         init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per wanda-sp calibration window"),
         seed: int = typer.Option(_D.seed, "--seed", help="seeds the data order, the wanda-sp windows and mask sampling"),
@@ -47,7 +57,8 @@ def register(app: typer.Typer) -> None:
         export_dtype: str = typer.Option("f32", "--export-dtype", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):
-        """Prune a model by policy gradient (arXiv 2406.10576); with no options, the embedded default at 20%."""
+        """Prune a model by policy gradient (arXiv 2406.10576); with no options, the embedded default at 20%
+        (the allocation policy; --policy units for the official method)."""
         from ..errors import BppError
         from ..jobs.prune import prune
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from ..compaction import compact_model, round_mask, save_compacted
+from ..compensation import FILE as COMPENSATION_FILE
+from ..compensation import BiasCompensation
 from ..errors import BppError
 from ..modelio import load_model
 from ..runs import check_model_folder_target, write_error
@@ -27,7 +29,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     result is also saved there as a model folder (``--force`` replaces it). ``round_to`` rounds
     each layer's kept channels up to a multiple, adding channels by ``theta`` (default: the
     ``theta.safetensors`` beside a mask file, else weight magnitude). ``bias_compensation``,
-    ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``;
+    ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``, except that
+    the bias compensation of a mask from a ``bpp prune`` run uses the calibration means that run
+    judged its masks with (``bias_compensation.safetensors`` beside the mask file);
     ``absorb_norms`` folds RMSNorm scales into the next linear layers. A mask made for another
     model is refused unless ``allow_other_model``. ``out`` must be new, or (with ``force``) a model
     folder bpp wrote. ``export="gguf"`` also writes ``<out>.gguf`` for llama.cpp (``export_dtype``
@@ -90,7 +94,13 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     with torch.no_grad():
         if clap or slnp:
             calibrate(model, masks, ids, pangu)
-        biases = compensation_for(model, masks, ids) if bias_compensation else {}
+        biases = {}
+        saved = mask_path.parent / COMPENSATION_FILE if mask_path is not None else None
+        if bias_compensation and saved is not None and saved.is_file():
+            biases = BiasCompensation.load(model, saved).compact_biases(masks)
+            info["bias_compensation_means"] = str(saved)
+        elif bias_compensation:
+            biases = compensation_for(model, masks, ids)
         small = compact_model(model, masks, transform=transform(pangu) if pangu.any else None, **biases)
         if out is not None:
             try:

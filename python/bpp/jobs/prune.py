@@ -1,5 +1,8 @@
 """``bpp prune``: learn a structured mask by policy gradient and write the pruned result (mask,
-θ, metrics, report, plots, the compacted model) into a run folder that can be resumed."""
+θ or the allocation, metrics, report, plots, the compacted model) into a run folder that can be
+resumed. The job runs either policy's loop (:mod:`bpp.policy_gradient`, :mod:`bpp.allocation_loop`):
+it computes what the loops need from :mod:`bpp.methods` (the init, the within-layer ranking, the
+calibration statistics of the bias compensation) and hands it down."""
 from __future__ import annotations
 
 import json
@@ -11,15 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..allocation_loop import AllocationLoop, allocation_file, new_loop, policy_record, resumed_loop
+from ..compensation import FILE as COMPENSATION_FILE
+from ..compensation import BiasCompensation, InputStats
 from ..errors import BppError
-from ..evaluate import masked_perplexity
+from ..evaluate import masked_perplexity, perplexity
+from ..incumbent import Incumbent
 from ..policy import Policy, param_summary
-from ..policy_gradient import LossesFn, PolicyGradientLoop, PruneConfig, calibration_batches, default_losses
+from ..policy_gradient import (LossesFn, MaskLosses, PolicyGradientLoop, PruneConfig, calibration_batches, mask_losses,
+                               needs_stats, selection_windows)
 from ..runs import CHECKPOINT, RunFolder, atomic_write_json, atomic_write_text, load_checkpoint, write_error
 from ..space import Masks, MaskSpace, model_fingerprint
 
 OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
-                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf")
+                "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf",
+                "allocation.json", COMPENSATION_FILE, "deterministic_mask.safetensors")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -80,7 +89,7 @@ def _local_inputs(config: PruneConfig) -> tuple:
 def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = None, *, force: bool = False,
           resume: bool = False, checkpoint_every=_UNSET, eval_windows=_UNSET, eval_seq_len=_UNSET, evaluate=_UNSET,
           export=_UNSET, export_dtype=_UNSET, progress: bool = True, model=None, tokenizer=None, losses_fn: LossesFn | None = None,
-          compact: bool = True, **options) -> dict:
+          compact: bool = True, snapshots: tuple[int, ...] = (), **options) -> dict:
     """The ``bpp prune`` job: returns the report (also written to ``out/report.json``).
 
     The run is configured by ``config`` or by keyword ``options`` (the fields of
@@ -90,7 +99,10 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
     evaluation options (those given again replace them, and the report says so). ``export="gguf"``
     also writes ``out/model.gguf`` for llama.cpp (``export_dtype`` f32 | f16 | bf16 | q8_0). ``model`` is a
     folder / hub id / "default" (the config's ``model``), or a loaded model passed with its
-    ``tokenizer`` (benchmarks reuse one); ``losses_fn`` replaces the default batched engine.
+    ``tokenizer`` (benchmarks reuse one); ``losses_fn`` replaces the default batched engine
+    (with ``objective="nll"`` and ``bias_compensation=False``); ``snapshots``: numbers of evaluated
+    masks at which the deterministic mask is saved as ``snapshot_<n>.safetensors`` (not resumed;
+    for the sample-efficiency benchmark).
 
     The output folder follows :mod:`bpp.runs`: one writer at a time, ``force`` replaces only the
     files an earlier bpp prune run wrote there, and nothing is removed before the model and the
@@ -129,7 +141,7 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
             state = run_checkpoint(out)  # again, under the lock
         report = _run(config, out, folder if writer else None, state, given, rank=rank, world_size=world_size,
                       force=force, progress=progress, model=model, tokenizer=tokenizer, losses_fn=losses_fn,
-                      compact=compact, sharded=ShardedLosses)
+                      compact=compact, sharded=ShardedLosses, snapshots=snapshots)
         ok = True
         return report
     except OSError as e:
@@ -141,7 +153,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
 
 
 def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict | None, given: dict, *, rank: int,
-         world_size: int, force: bool, progress: bool, model, tokenizer, losses_fn, compact: bool, sharded) -> dict:
+         world_size: int, force: bool, progress: bool, model, tokenizer, losses_fn, compact: bool, sharded,
+         snapshots: tuple[int, ...] = ()) -> dict:
     from ..data import load_text, tokenize
     from ..methods import initialise, method
     from ..modelio import load_model
@@ -174,14 +187,13 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     space = MaskSpace.from_model(model)
     calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))
     windows = calibration_batches(calib_ids, config)  # enough text?
+    selection_ids = selection_windows(calib_ids, config)  # held-in windows the gradient never sees
     held = tokenize(tokenizer, load_text(config.data, "heldout")) if job["evaluate"] else None
     policy = Policy(space, config.granularity, config.sparsity, config.budget)
-    if losses_fn is None:
-        losses_fn, backend = default_losses(model, config.engine)
-    else:
-        backend = getattr(losses_fn, "__qualname__", "custom")
+    losses, backend = mask_losses(model, config, losses_fn)
+    step_losses = losses
     if world_size > 1:
-        losses_fn = sharded(losses_fn, rank, world_size)
+        step_losses = sharded(losses, rank, world_size)
         backend = f"{backend} sharded over {world_size} ranks"
     load_seconds = time.perf_counter() - t0
     fingerprint = model_fingerprint(model)
@@ -193,11 +205,14 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
 
         dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
 
-    loop = PolicyGradientLoop(policy, losses_fn, windows, config, out if writer else None, job["checkpoint_every"],
-                              progress and writer)
+    loop_args = (step_losses, windows, config, out if writer else None, job["checkpoint_every"], progress and writer)
     if state is not None:
+        loop = resumed_loop(policy, state, loop_args)
         loop.load_state_dict(state)
         init_mask = Masks.load(out / "init_mask.safetensors") if (out / "init_mask.safetensors").is_file() else None
+        saved = loop.extra_state.get("compensation")
+        if saved is not None:  # the very means the run's masks were judged with
+            losses.compensation = BiasCompensation(model, saved["attn_means"], saved["mlp_means"])
         if writer:
             _truncate_metrics(out / "metrics.jsonl", loop.step)
         loop.extra_state["sessions"] = loop.extra_state.get("sessions", 1) + 1
@@ -210,36 +225,63 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
             atomic_write_json(out / "config.json", config.to_dict())
         t0 = time.perf_counter()
         init_calib = None
-        if method(config.init, "init").calibrated:
+        if method(config.init, "init").calibrated or needs_stats(config):
             from ..data import windows as random_windows
 
             init_calib = random_windows(tokenizer, calib_ids, config.init_seq_len, config.init_windows, seed=config.seed)
         with torch.no_grad():
-            _, init_mask, _ = initialise(policy, config.init, model, init_calib)
+            _, init_mask, metrics = initialise(policy, config.init, model, init_calib)
+            stats = InputStats(model).collect(init_calib) if needs_stats(config) else None
+            if config.bias_compensation:
+                losses.compensation = BiasCompensation.from_stats(model, stats)
+            loop = new_loop(space, policy, config, init_mask, metrics,
+                            rank_scores(model, space, config, metrics, stats, init_calib), loop_args)
         if init_mask is not None and writer:
             init_mask.save(out / "init_mask.safetensors", model=fingerprint)
-        loop.extra_state = {"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job}
-        if writer:
+        if losses.compensation is not None:
+            loop.extra_state["compensation"] = losses.compensation.state()
+        loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job})
+    loop.window_losses = losses.per_window  # allocation's group steps judge moves window by window
+    if writer:
+        attach_incumbent(loop, losses, selection_ids, init_mask)
+        if state is None:
+            if losses.compensation is not None:
+                losses.compensation.save(out / COMPENSATION_FILE)  # `bpp compact --bias-compensation` reads it
             loop.save_checkpoint()  # step 0: a kill during the first steps can still resume
+    loop.snapshots = sorted(n for n in snapshots if n > loop.evaluated)
+    if writer and loop.snapshots:
+        folder.record(*(f"snapshot_{n}.safetensors" for n in loop.snapshots))
 
     with torch.no_grad():
         loop.run()
     if not writer:  # outputs and evaluation are rank 0's
         return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
-    final_mask = policy.final_mask()
+    deterministic = loop.deterministic_mask()
+    final_mask = loop.incumbent.mask if loop.incumbent is not None else deterministic
     final_mask.save(out / "mask.safetensors", model=fingerprint)
-    policy.theta_masks().save(out / "theta.safetensors", model=fingerprint)
+    if isinstance(loop, AllocationLoop):
+        atomic_write_json(out / "allocation.json", allocation_file(loop))
+    else:
+        policy.theta_masks().save(out / "theta.safetensors", model=fingerprint)
+    if not same_mask(deterministic, final_mask):
+        deterministic.save(out / "deterministic_mask.safetensors", model=fingerprint)
+    compensation = losses.compensation
+    biases = (lambda mask: compensation.compact_biases(mask)) if compensation is not None else (lambda mask: {})
 
     t0 = time.perf_counter()
     perplexities = {}
     eval_seq_len, eval_windows = job["eval_seq_len"], job["eval_windows"]
     if job["evaluate"]:
         with torch.no_grad():
+            ppl = lambda mask: compacted_perplexity(model, tokenizer, held, mask, biases(mask), eval_seq_len,  # noqa: E731
+                                                    eval_windows)
             perplexities["dense"] = masked_perplexity(model, tokenizer, held, None, eval_seq_len, eval_windows)
             if init_mask is not None:
-                perplexities["init_mask"] = masked_perplexity(model, tokenizer, held, init_mask, eval_seq_len, eval_windows)
-            perplexities["final_mask"] = masked_perplexity(model, tokenizer, held, final_mask, eval_seq_len, eval_windows)
+                perplexities["init_mask"] = ppl(init_mask)
+            perplexities["final_mask"] = ppl(final_mask)
+            if not same_mask(deterministic, final_mask):
+                perplexities["deterministic_mask"] = ppl(deterministic)
     eval_seconds = time.perf_counter() - t0
 
     report = {
@@ -262,9 +304,9 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
             "final_mask": param_summary(space, policy, final_mask),
         },
         "perplexity": {"data": f"{config.data}/heldout", "seq_len": eval_seq_len, "max_windows": eval_windows,
-                       **perplexities},
-        "theta": {"mean_entropy": policy.mean_entropy(),
-                  "fraction_at_0_or_1": float(((policy.theta == 0) | (policy.theta == 1)).double().mean())},
+                       "bias_compensation": compensation is not None, **perplexities},
+        **policy_record(loop),
+        **incumbent_record(loop.incumbent),
         "timings_s": {
             "load_this_session": load_seconds,
             "init": loop.extra_state.get("init_seconds"),
@@ -276,7 +318,7 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     plot_kept_per_layer(out / "kept_per_layer.png", space, final_mask, init_mask)
     plot_loss_curve(out / "loss_curve.png", out / "metrics.jsonl")
     if compact:
-        report["compacted_model"] = _save_compacted(model, tokenizer, final_mask, out / "model")
+        report["compacted_model"] = _save_compacted(model, tokenizer, final_mask, out / "model", biases(final_mask))
         if job["export"] == "gguf":
             report["export"] = _export(out / "model", out / "model.gguf", job["export_dtype"], progress)
     report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
@@ -284,13 +326,68 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     return report
 
 
-def _save_compacted(model, tokenizer, mask: Masks, path: Path) -> dict:
-    """Compact and save the pruned model. A failure there does not lose the run: mask and θ are
-    already saved, and the report says why."""
+def rank_scores(model, space: MaskSpace, config: PruneConfig, metrics: dict, stats: InputStats | None,
+                calib: torch.Tensor | None) -> dict | None:
+    """The scores that rank units inside each layer for the allocation policy (``--rank``):
+    ``{"channel": (L, m), "group": (L, G)}``, or None when the init's own metrics rank them or
+    the policy is per unit."""
+    if config.policy != "allocation" or config.rank == "init":
+        return None
+    if config.rank == "flap":
+        from ..methods.flap import flap_scores
+
+        return dict(zip(("channel", "group"), flap_scores(model, stats)))
+    if config.init == "wanda-sp":
+        return metrics
+    from ..methods.wanda_sp import wanda_sp_metric
+
+    scores, _ = wanda_sp_metric(model, space, calib, 1.0 - config.sparsity, ("channel", "group"))
+    return scores
+
+
+def attach_incumbent(loop: PolicyGradientLoop, losses: MaskLosses, selection_ids: torch.Tensor | None,
+                     init_mask: Masks | None) -> None:
+    """Give the loop its judge and, in a fresh run, its first incumbent: the init mask (or the
+    policy's starting deterministic mask when the init has none)."""
+    if selection_ids is None:
+        return
+    loop.selection_losses, loop.selection_ids = losses.per_window, selection_ids
+    if loop.incumbent is None:
+        first = init_mask if init_mask is not None else loop.deterministic_mask()
+        with torch.no_grad():
+            loop.incumbent = Incumbent(first, losses.per_window(selection_ids, first)[0], step=loop.step)
+
+
+def incumbent_record(inc: Incumbent | None) -> dict:
+    if inc is None:
+        return {}
+    return {"incumbent": {"last_changed_at_step": inc.changed_at, "selection_loss": inc.loss,
+                          "selection_windows": int(inc.window_losses.numel()), "challenges": len(inc.history),
+                          "accepted": sum(h["accepted"] for h in inc.history), "history": inc.history}}
+
+
+def same_mask(a: Masks, b: Masks) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("channels", "groups", "layers"))
+
+
+def compacted_perplexity(model, tokenizer, held: torch.Tensor, mask: Masks, biases: dict, seq_len: int,
+                         max_windows: int | None) -> float:
+    """Held-out perplexity of the model ``bpp prune`` writes for ``mask``: compacted with its
+    compensation ``biases`` when there are any, else the mask applied by hooks (the same logits)."""
+    if not biases:
+        return masked_perplexity(model, tokenizer, held, mask, seq_len, max_windows)
+    from ..compaction import compact_model
+
+    return perplexity(compact_model(model, mask, **biases), tokenizer, held, seq_len=seq_len, max_windows=max_windows)
+
+
+def _save_compacted(model, tokenizer, mask: Masks, path: Path, biases: dict | None = None) -> dict:
+    """Compact and save the pruned model (with its compensation ``biases``, when on). A failure
+    there does not lose the run: mask and θ are already saved, and the report says why."""
     from ..compaction import save_compacted
 
     try:
-        saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True)
+        saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True, **(biases or {}))
     except (BppError, OSError) as e:
         warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
         return {"path": None, "error": str(e)}
@@ -348,13 +445,29 @@ def plot_loss_curve(path: Path, metrics_path: Path) -> None:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
         if metrics_path.is_file() else []
     steps = [r["step"] for r in records if r.get("mean_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    checks = [r for r in records if r.get("selection")]
+    fig, axes = plt.subplots(2 if checks else 1, 1, figsize=(7, 5.6 if checks else 3.6), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     if steps:
         ax.plot(steps, [r["mean_loss"] for r in records if r.get("mean_loss") is not None], lw=0.8,
                 alpha=0.6, label="mean loss of the step's masks")
-        ax.plot(steps, [r["baseline"] for r in records if r.get("mean_loss") is not None], lw=1.5, label="baseline")
-    ax.set_xlabel("step")
-    ax.set_ylabel("calibration NLL")
+        if any(r.get("baseline") is not None for r in records):
+            ax.plot(steps, [r.get("baseline") for r in records if r.get("mean_loss") is not None], lw=1.5,
+                    label="baseline")
+    ax.set_ylabel("loss on the step's batch")
+    if checks:  # issue 18: is PG learning or drifting? the deterministic mask on held-in windows
+        held = axes[1, 0]
+        x = [r["step"] + 1 for r in checks]
+        held.plot(x, [r["selection"]["challenger_loss"] for r in checks], "o-", ms=3, lw=1.2,
+                  label="deterministic mask")
+        best = [r["selection"]["challenger_loss"] if r["selection"]["accepted"] else r["selection"]["incumbent_loss"]
+                for r in checks]
+        held.step([0] + x, [checks[0]["selection"]["incumbent_loss"]] + best, "k--", where="post", lw=1,
+                  label="incumbent (the output)")
+        held.set_ylabel("held-in windows' loss")
+        held.grid(alpha=0.3)
+        held.legend()
+    axes[-1, 0].set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
