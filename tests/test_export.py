@@ -461,8 +461,10 @@ def test_bpp_prune_then_export_on_the_embedded_default(tmp_path):
     from bpp.cli import main
 
     run = tmp_path / "run"
+    # the default policy (its compacted model carries the bias compensation) from FLAP's mask: BESA's
+    # init would take minutes on the embedded default
     argv = ["prune", "--out", str(run), "--steps", "2", "--samples", "2", "--batch-size", "1", "--init-windows",
-            "4", "--no-eval", "--quiet", "--export", "gguf"]
+            "4", "--init", "flap", "--no-eval", "--quiet", "--export", "gguf"]
     with _no_exit():
         main(argv)
     report = json.loads((run / "report.json").read_text())

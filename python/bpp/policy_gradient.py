@@ -334,9 +334,10 @@ class PolicyGradientLoop:
 
     def challenge_incumbent(self) -> dict | None:
         """Every ``incumbent_every`` steps and after the last: the deterministic mask against the
-        incumbent on the selection windows (see :mod:`bpp.incumbent`)."""
+        incumbent on the selection windows (see :mod:`bpp.incumbent`); rank 0's alone (the others
+        have no judge)."""
         every = self.config.incumbent_every
-        if self.incumbent is None or not every or (self.step % every and self.step < self.config.steps):
+        if self.incumbent is None or self.selection_losses is None or not every or (self.step % every and self.step < self.config.steps):
             return None
         mask = self.deterministic_mask()
         t0 = time.perf_counter()
