@@ -15,7 +15,9 @@ Rows:
   PG mask is also shown with the same bias compensation (`bpp compact --bias-compensation`).
 - with --companions: the rows of bench/quality_companions.py (LoRAPrune, BESA, Pangu Light
   re-initialisation, LoRA recovery), at the same parameter count.
-- PG variants: S=2 moving average (the official setting), S=8 moving average (bpp's default),
+- PG variants of `--policy units` (no bias compensation in the loss, no incumbent; the default
+  allocation policy is measured by bench/quality_allocation.py): S=2 moving average (the
+  official setting), S=8 moving average (the units policy's default),
   S=8 leave-one-out baseline, S=8 with the joint parameter budget. Same steps and batches for all,
   so S=2 does a quarter of the forward work.
 """
@@ -45,9 +47,12 @@ from bpp.methods import initialise, prior_mask  # noqa: E402
 from bpp.policy import Policy  # noqa: E402
 from bpp.space import MaskSpace  # noqa: E402
 
+# the per-unit policy as it was measured here before the allocation policy became the default
+# (issue 18; its table: bench/quality_allocation.py): no bias compensation in the loss, no incumbent
+UNITS = dict(policy="units", bias_compensation=False, incumbent_every=0)
 PG_VARIANTS = {
     "PG S=2 moving-avg (official)": dict(samples=2, baseline="moving-average"),
-    "PG S=8 moving-avg (default)": dict(samples=8, baseline="moving-average"),
+    "PG S=8 moving-avg (units default)": dict(samples=8, baseline="moving-average"),
     "PG S=8 leave-one-out": dict(samples=8, baseline="leave-one-out"),
     "PG S=8 --budget params": dict(samples=8, budget="params"),
     # every KV group kept, the whole parameter cut taken from MLP channels (the allocation BESA and
@@ -89,7 +94,7 @@ def main() -> None:
                     help="also the companion methods (LoRAPrune, BESA, Pangu Light, recovery): bench/quality_companions.py")
     args = ap.parse_args()
 
-    defaults = PruneConfig()
+    defaults = PruneConfig(**UNITS).validate()
     steps = args.steps or (30 if args.quick else defaults.steps)
     eval_windows = args.eval_windows or (40 if args.quick else None)
     variants = {k: v for k, v in PG_VARIANTS.items()
@@ -158,7 +163,7 @@ def main() -> None:
                     add("wanda-sp θ₀ channels only (all KV groups kept)", sparsity, ch_policy.final_mask(),
                         time.perf_counter() - t0, "PG after 0 steps")
                 config = PruneConfig(sparsity=equal_param_sparsity(space, sparsity, options.get("granularity", "")),
-                                     steps=steps, **options,
+                                     steps=steps, **UNITS, **options,
                                      **({"lr": args.lr} if args.lr else {}),
                                      **({"engine": args.engine} if args.engine else {}))
                 mask, report = pg_mask(model, tok, config)
@@ -166,7 +171,7 @@ def main() -> None:
                 add(name, sparsity, mask, t["init"] + t["policy_gradient"],
                     f"{steps} steps, {t['per_step']:.1f}s/step, {report['losses_backend']}")
                 pg_masks[name] = mask
-                if ("(default)" in name or "channels only" in name) and flap_mask is not None:
+                if ("(units default)" in name or "channels only" in name) and flap_mask is not None:
                     add_compacted(name + " + bias compensation", sparsity, mask, stats,
                                   t["init"] + t["policy_gradient"], "`bpp compact --bias-compensation`")
             if args.companions:

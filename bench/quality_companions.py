@@ -9,6 +9,11 @@ masks of the same sparsity:
   drops layers.
 - Recovery: the default PG mask compacted, then LoRA-fine-tuned (``bpp recover``) for a few steps
   on the calibration text; held-out perplexity before and after.
+
+Run alone, ``python bench/quality_companions.py --engines`` times the two methods that take
+gradients, BESA and LoRA recovery, through bpp_kernels' masked ops against the Hugging Face forward
+(``engine="kernels"`` vs ``"hf"``) on the same inputs: wall time, peak RSS, held-out perplexity,
+and whether the masks and loss curves agree (bench/RESULTS.md, "Gradients through the masked ops").
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ def companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks,
         if stats is not None:
             add.compacted(f"{name} mask + bias compensation", sparsity, mask, stats, seconds, kept)
         init = name.lower()
-        config = PruneConfig(sparsity=sparsity, steps=steps, samples=8, init=init, budget="params")  # its allocation across types kept
+        config = PruneConfig(sparsity=sparsity, steps=steps, samples=8, init=init, budget="params", policy="units",
+                             bias_compensation=False, incumbent_every=0)  # its allocation across types kept
         t0 = time.perf_counter()
         mask, report = pg_mask(model, tok, config)
         t = report["timings_s"]
@@ -108,3 +114,261 @@ def layer_drop_mask(model, space, calib, n_drop):
     mask = Masks.full(space, 1)
     mask.layers[0, torch.sort(influence, stable=True).indices[:n_drop]] = False
     return mask
+
+
+# --- the gradient methods through bpp_kernels' masked ops vs the Hugging Face forward ----------------
+
+ENGINE_CASES = ("besa:hf", "besa:kernels", "recover:hf", "recover:kernels", "loraprune:hf", "loraprune:kernels")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset the peak RSS (VmHWM) to the current RSS; the current RSS in KiB. Linux only."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def engine_case(case: str, mask_path: str, sparsity: float, calib_windows: int, calib_seq_len: int,
+                eval_windows: int, recover_steps: int = RECOVER_STEPS) -> dict:
+    """One (method, engine) measurement in this process: BESA's mask (written to ``mask_path`` by
+    "besa:hf"), `bpp recover`'s LoRA recovery of that mask's compacted model (``recover_steps``
+    steps with bpp recover's defaults), or LoRAPrune's mask with its defaults. Wall time, peak RSS above the RSS before the call, the
+    held-out perplexity and what the two engines should agree on."""
+    from bpp import load_model
+    from bpp.data import windows
+    from bpp.evaluate import masked_perplexity, perplexity
+    from bpp.methods.besa import BesaConfig, besa_allocate
+    from bpp.methods.lora_recovery import lora_recover
+    from bpp.methods.loraprune import LoRAPruneConfig, loraprune_allocate
+    from bpp.space import Masks, MaskSpace
+
+    method, engine = case.split(":")
+    model, tok = load_model()
+    space = MaskSpace.from_model(model)
+    calib_ids = tokenize(tok, load_text("default", "calib"))
+    held = tokenize(tok, load_text("default", "heldout"))
+    out = {"case": case}
+    if method == "besa":
+        calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        result = besa_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
+                               BesaConfig(engine=engine, progress=False))
+        out["seconds"] = time.perf_counter() - t0
+        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        mask = Masks(result.masks["channel"][None], result.masks["group"][None],
+                     torch.ones(1, space.n_layers, dtype=torch.bool))
+        out.update(engine=result.engine, params=int(space.params(mask)[0]),
+                   kept_groups=int(mask.groups.sum()), kept_channels=int(mask.channels.sum()),
+                   learned_rates={t: result.learned_rates[t].tolist() for t in ("group", "channel")},
+                   ppl=masked_perplexity(model, tok, held, mask, 128, eval_windows))
+        mask.save(f"{mask_path}.{engine}")
+        if engine == "hf":
+            mask.save(mask_path)
+    elif method == "loraprune":
+        calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        result = loraprune_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
+                                    LoRAPruneConfig(engine=engine, progress=False))
+        out["seconds"] = time.perf_counter() - t0
+        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        mask = Masks(result.masks["channel"][None], result.masks["group"][None],
+                     torch.ones(1, space.n_layers, dtype=torch.bool))
+        out.update(engine=result.engine, params=int(space.params(mask)[0]), loss=[h["loss"] for h in result.history],
+                   kept_groups=int(mask.groups.sum()), kept_channels=int(mask.channels.sum()),
+                   ppl=masked_perplexity(model, tok, held, mask, 128, eval_windows))
+        mask.save(f"{mask_path}.loraprune.{engine}")
+    else:
+        mask = Masks.load(mask_path)
+        small = compact_model(model, mask)
+        del model
+        out["ppl_before"] = perplexity(small, tok, held, seq_len=128, max_windows=eval_windows)
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        merged, log = lora_recover(small, tok, calib_ids, steps=recover_steps, engine=engine, progress=False)
+        out["seconds"] = time.perf_counter() - t0
+        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        out.update(engine=log["engine"], params=sum(p.numel() for p in merged.parameters()), loss=log["loss"],
+                   per_step=log["seconds_per_step"],
+                   ppl=perplexity(merged, tok, held, seq_len=128, max_windows=eval_windows))
+    return out
+
+
+def interleaved(methods: list[str], mask_path: str, sparsity: float, calib_windows: int, calib_seq_len: int,
+                recover_steps: int, layers: int, repeats: int) -> list[dict]:
+    """The two engines' wall times side by side in one process, alternating which goes first, so a
+    load that changes on a shared machine hits both alike: per LoRA recovery step (two jobs on the
+    same compacted model, stepped in turn), and per whole BESA / LoRAPrune run on the model's first
+    ``layers`` layers (``repeats`` runs each)."""
+    import statistics
+
+    from bpp import load_model
+    from bpp.data import windows
+    from bpp.methods.besa import BesaConfig, besa_allocate
+    from bpp.methods.lora_recovery import LoraRecovery, RecoverConfig
+    from bpp.methods.loraprune import LoRAPruneConfig, loraprune_allocate
+    from bpp.space import Masks, MaskSpace
+
+    engines = ("hf", "kernels")
+    model, tok = load_model()
+    calib_ids = tokenize(tok, load_text("default", "calib"))
+    calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
+    rows = []
+
+    def add(method, unit, times, agree):
+        med = {e: statistics.median(times[e]) for e in engines}
+        rows.append(dict(method=method, unit=unit, n=len(times["hf"]), hf=med["hf"], kernels=med["kernels"],
+                         speedup=med["hf"] / med["kernels"], agree=agree))
+        print(f"{method:<10} median s per {unit:<24} hf {med['hf']:8.2f}  kernels {med['kernels']:8.2f}  "
+              f"hf/kernels {med['hf'] / med['kernels']:.2f}  ({len(times['hf'])} each; {agree})", flush=True)
+
+    if "recover" in methods:
+        small = compact_model(model, Masks.load(mask_path))
+        jobs = {e: LoraRecovery(copy.deepcopy(small), tok, calib_ids, RecoverConfig(steps=recover_steps, engine=e),
+                                progress=False) for e in engines}
+        times = {e: [] for e in engines}
+        with torch.enable_grad():
+            for step in range(recover_steps):
+                for e in engines if step % 2 == 0 else engines[::-1]:
+                    jobs[e].peft_model.train()
+                    t0 = time.perf_counter()
+                    jobs[e].run_step()
+                    times[e].append(time.perf_counter() - t0)
+        rel = max(abs(x - y) / abs(x) for x, y in zip(jobs["hf"].losses, jobs["kernels"].losses))
+        add("recover", "step (4×128 tokens)", times, f"losses within {rel:.1e} relative")
+        del jobs, small
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    space = MaskSpace.from_model(model)
+    runs = {"besa": lambda e: besa_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
+                                            BesaConfig(engine=e, progress=False)),
+            "loraprune": lambda e: loraprune_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
+                                                      LoRAPruneConfig(engine=e, progress=False))}
+    for method in (m for m in ("besa", "loraprune") if m in methods):
+        times, results = {e: [] for e in engines}, {}
+        for rep in range(repeats):
+            for e in engines if rep % 2 == 0 else engines[::-1]:
+                t0 = time.perf_counter()
+                results[e] = runs[method](e)
+                times[e].append(time.perf_counter() - t0)
+        same = all(torch.equal(results["hf"].masks[t], results["kernels"].masks[t]) for t in ("channel", "group"))
+        add(method, f"run ({layers} layers)", times, "same masks" if same else "masks differ")
+    return rows
+
+
+def engines_main(argv=None) -> list[dict]:
+    """``python bench/quality_companions.py --engines``: BESA and LoRA recovery through bpp_kernels'
+    masked ops against the Hugging Face forward, on the embedded default, one fresh process per case
+    (so each peak RSS is its own), in the order of ``--cases`` repeated ``--repeats`` times. The
+    recover cases need the mask "besa:hf" wrote to ``--workdir``."""
+    import argparse
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=engines_main.__doc__)
+    ap.add_argument("--engines", action="store_true", required=True)
+    ap.add_argument("--cases", default=",".join(ENGINE_CASES))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sparsity", type=float, default=0.2)
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--recover-steps", type=int, default=RECOVER_STEPS)
+    ap.add_argument("--workdir", default=None, help="where the BESA masks go (default: a temporary folder)")
+    ap.add_argument("--json", default="bench/results/gradient_engines.json")
+    ap.add_argument("--interleaved", default=None,
+                    help="comma-separated methods (besa, recover, loraprune): time the two engines alternating "
+                         "in one process instead (recover needs --workdir with the besa:hf mask)")
+    ap.add_argument("--layers", type=int, default=6, help="--interleaved: BESA / LoRAPrune on the first N layers")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a child process's one case
+    args = ap.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bpp-engines-")
+    mask_path = os.path.join(workdir, "besa-mask.safetensors")
+    if args.case:
+        print(json.dumps(engine_case(args.case, mask_path, args.sparsity, args.calib_windows, args.calib_seq_len,
+                                     args.eval_windows, args.recover_steps)))
+        return []
+
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+        if line.startswith("Model name")), platform.processor())
+    print(f"# {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average at start "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    if args.interleaved:
+        rows = interleaved(args.interleaved.split(","), mask_path, args.sparsity, args.calib_windows,
+                           args.calib_seq_len, args.recover_steps, args.layers, args.repeats)
+        print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+        print("\n| method | median s per | n each | hf | kernels | hf / kernels | the engines agree |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['unit']} | {r['n']} | {r['hf']:.2f} | {r['kernels']:.2f} | "
+                  f"{r['speedup']:.2f}x | {r['agree']} |")
+        if args.json:
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"machine": cpu, "torch": torch.__version__, "interleaved": rows}, f, indent=1)
+        return rows
+    rows = []
+    for _ in range(args.repeats):
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--engines", "--case", case, "--workdir", workdir,
+                   "--sparsity", str(args.sparsity), "--calib-windows", str(args.calib_windows),
+                   "--calib-seq-len", str(args.calib_seq_len), "--eval-windows", str(args.eval_windows),
+                   "--recover-steps", str(args.recover_steps)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["load_average"] = os.getloadavg()[0]
+            rows.append(row)
+            print(f"{case:<16} engine {row['engine']:<8} {row['seconds']:7.1f} s  peak +{row['peak_mib']:6.0f} MiB  "
+                  f"ppl {row.get('ppl_before', float('nan')):.3f} -> {row['ppl']:.3f}  load {row['load_average']:.1f}",
+                  flush=True)
+
+    def first(case):
+        return next((r for r in rows if r["case"] == case), None)
+
+    besa = [first(f"besa:{e}") for e in ("hf", "kernels")]
+    if all(besa):
+        from bpp.space import Masks
+
+        a, b = (Masks.load(f"{mask_path}.{e}") for e in ("hf", "kernels"))
+        same = torch.equal(a.channels, b.channels) and torch.equal(a.groups, b.groups)
+        diff = max(abs(x - y) for t in ("group", "channel")
+                   for x, y in zip(besa[0]["learned_rates"][t], besa[1]["learned_rates"][t]))
+        print(f"BESA: masks {'identical' if same else 'DIFFER'}; learned rates differ by at most {diff:.2e}")
+    rec = [first(f"recover:{e}") for e in ("hf", "kernels")]
+    if all(rec):
+        rel = max(abs(x - y) / abs(x) for x, y in zip(rec[0]["loss"], rec[1]["loss"]))
+        print(f"recover: loss curves differ by at most {rel:.2e} relative")
+    lp = [first(f"loraprune:{e}") for e in ("hf", "kernels")]
+    if all(lp):
+        from bpp.space import Masks
+
+        a, b = (Masks.load(f"{mask_path}.loraprune.{e}") for e in ("hf", "kernels"))
+        same = torch.equal(a.channels, b.channels) and torch.equal(a.groups, b.groups)
+        rel = max(abs(x - y) / abs(x) for x, y in zip(lp[0]["loss"], lp[1]["loss"]))
+        print(f"LoRAPrune: masks {'identical' if same else 'DIFFER'}; losses differ by at most {rel:.2e} relative")
+    print("\n| case | engine | wall s | peak RSS above start, MiB | held-out ppl | load avg after |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ppl = f"{r['ppl_before']:.2f} → {r['ppl']:.2f}" if "ppl_before" in r else f"{r['ppl']:.2f}"
+        print(f"| {r['case']} | {r['engine']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {ppl} | "
+              f"{r['load_average']:.1f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": cpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    engines_main()

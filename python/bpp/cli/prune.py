@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         granularity: str = typer.Option(_D.granularity, "--granularity", help="unit types to prune: group,channel | group | channel | layer"),
         policy: str = typer.Option(_D.policy, "--policy", help="allocation: learn per-layer kept counts of channels and KV groups over a metric's ranking (default) | units: the official per-unit keep-probabilities"),
         budget: Optional[str] = typer.Option(_D.budget, "--budget", help="count: one budget per unit type (units' default, official); params: one joint parameter budget (allocation's only budget)"),
-        steps: int = typer.Option(_D.steps, "--steps", help="policy-gradient steps (one calibration batch each, no batch twice)"),
+        steps: Optional[int] = typer.Option(_D.steps, "--steps", help="policy-gradient steps, one calibration batch each, no batch twice (allocation: 60, units: 100)"),
         samples: int = typer.Option(_D.samples, "--samples", "-S", help="masks sampled and evaluated per step (official: 2)"),
         seq_len: int = typer.Option(_D.seq_len, "--seq-len", help="tokens per calibration window"),
         batch_size: int = typer.Option(_D.batch_size, "--batch-size", "-b", help="calibration windows per step (official: 8)"),
