@@ -166,13 +166,18 @@ def part_inits(bench: Bench, sparsity: float, seed: int, inits: list[str], steps
                       incumbent_changed_at=report.get("incumbent", {}).get("last_changed_at_step"))
 
 
-def part_efficiency(bench: Bench, sparsity: float, seed: int, budgets: list[int]):
+def efficiency_plan(text: str) -> dict[str, list[int]]:
+    """``"100,300,1000"`` (both policies) or ``"allocation:100,300,500;units:100,300,1000,3000"``."""
+    if ":" not in text:
+        return {p: [int(x) for x in text.split(",")] for p in ("units", "allocation")}
+    return {p: [int(x) for x in b.split(",")] for p, b in (part.split(":") for part in text.split(";"))}
+
+
+def part_efficiency(bench: Bench, sparsity: float, seed: int, plan: dict[str, list[int]]):
     comp = bench.compensation(seed)
-    top = max(budgets)
-    for policy in ("units", "allocation"):
-        d = PruneConfig()
-        samples = d.samples
-        steps = math.ceil(top / samples)
+    for policy, budgets in plan.items():
+        samples = PruneConfig().samples
+        steps = math.ceil(max(budgets) / samples)
         extra = {"incumbent_every": 0} if policy == "units" else {}
         config = PruneConfig(sparsity=sparsity, seed=seed, policy=policy, steps=steps, **extra)
         _, _, out = bench.run(f"efficiency {policy} s={sparsity} seed={seed}", config, snapshots=tuple(budgets))
@@ -214,7 +219,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="override the default run's steps")
     ap.add_argument("--no-default", action="store_true", help="skip the default-vs-baselines part")
     ap.add_argument("--inits", default="", help="comma-separated inits for the --init X part")
-    ap.add_argument("--efficiency", default="", help="comma-separated evaluation budgets for the efficiency part")
+    ap.add_argument("--efficiency", default="", help="evaluation budgets for the efficiency part: N,N,... for both policies, or "
+                         "policy:N,N;policy:N,... (e.g. allocation:100,300,500;units:100,300,1000,3000)")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--json", default="bench/quality-allocation.json")
     ap.add_argument("--besa-cache", default=None,
@@ -233,7 +239,7 @@ def main():
                 if args.inits:
                     part_inits(bench, sparsity, seed, args.inits.split(","), args.steps)
                 if args.efficiency:
-                    part_efficiency(bench, sparsity, seed, [int(x) for x in args.efficiency.split(",")])
+                    part_efficiency(bench, sparsity, seed, efficiency_plan(args.efficiency))
     bench.save()
 
 
