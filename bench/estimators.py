@@ -1,0 +1,225 @@
+"""Issue 18, item 4: which pieces of estimator hygiene help the allocation policy (the default)?
+
+Part A, the gradient estimate (no steps taken): from the policy's start, on a few calibration
+batches of the run's shape (2 x 128 tokens), each estimator's gradient of the smoothed loss in
+the offsets is built from n masks, and its agreement with itself is measured: the mask draws are
+split at random into two halves R times, and the correlation across the learned coordinates of
+the two half estimates is averaged (the diagnostic `bpp prune` shows as `snr`; 0: noise, 1: the
+data agree). Estimators:
+- antithetic: n/2 pairs a +/- sigma*eps on the same batch, the pair's loss difference (the pair is
+  its own baseline) -- what `bpp prune` does;
+- independent + leave-one-out: n draws a + sigma*eps, each mask's loss minus the mean of the
+  other n - 1 on the same batch;
+each on the 8 smooth depth profiles (`--basis 8`, the default) and on free per-layer offsets
+(`--basis 0`), each judged by the soft objective (the default) and by next-token NLL, on the same
+masks.
+
+Part B, the optimiser (steps taken): `bpp prune --policy allocation` from the same start for T
+channel steps (KV groups held, no incumbent, so the output is the deterministic mask) with Adam
+and its per-coordinate clipping (the default), Adam without clipping, and per-step normalised
+steps (`--optimizer sgd`: the gradient divided by its RMS, so the step size does not follow the
+loss scale). Each result is compacted with the seed's bias compensation and evaluated on the
+held-out windows; paired bootstrap against the default optimiser and against the start.
+
+    python bench/estimators.py --sparsity 0.2 --seed 0 --json bench/results/estimators-20.json
+
+The start is FLAP's mask (`--init flap`: seconds, where BESA takes minutes); the ranking is
+FLAP's in every case.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import quality_allocation as Q  # noqa: E402
+
+import bpp.allocation_loop as allocation_loop  # noqa: E402
+from bpp.allocation import Adam  # noqa: E402
+from bpp.compensation import BiasCompensation, InputStats  # noqa: E402
+from bpp.jobs.prune import prune  # noqa: E402
+from bpp.methods import initialise  # noqa: E402
+from bpp.methods.flap import flap_scores  # noqa: E402
+from bpp.models.masked import MaskedModel  # noqa: E402
+from bpp.policy import Policy  # noqa: E402
+from bpp.policy_gradient import MaskLosses, PruneConfig, calibration_batches  # noqa: E402
+from bpp.space import Masks  # noqa: E402
+
+
+def contributions(policy, sampling: str, n: int, losses_of, generator: torch.Generator) -> dict:
+    """Draw n masks around the policy's centre, evaluate them (``losses_of(masks) -> {objective: (n,)}``)
+    and return, per objective, the per-draw gradient contributions in the learned coordinates
+    ``(draws, K)`` (their mean is the estimate) and the spread of what multiplies eps."""
+    if sampling == "antithetic":
+        eps = policy.draw_directions(n // 2, generator)
+        masks, _ = policy.pair_masks(eps)
+    else:
+        eps = policy.draw_directions(n, generator)
+        levels = policy.levels().unsqueeze(0) + policy.sigma * eps
+        groups = policy.groups.unsqueeze(0).expand(n, -1)
+        masks = policy.masks(policy.channel_counts(levels, groups), groups)
+    out = {}
+    for objective, losses in losses_of(masks).items():
+        losses = losses.double()
+        if sampling == "antithetic":
+            weight = (losses[0::2] - losses[1::2]) / (2 * policy.sigma)
+        else:
+            loo = (losses.sum() - losses) / (n - 1)
+            weight = (losses - loo) / policy.sigma
+        per_draw = weight.unsqueeze(-1) * eps
+        coeff = per_draw if policy.basis is None else per_draw @ policy.basis
+        out[objective] = {"contributions": coeff, "weight_sd": float(weight.std() * policy.sigma),
+                          "loss_sd": float(losses.std())}
+    return out
+
+
+def split_correlation(c: torch.Tensor, splits: int, generator: torch.Generator) -> float:
+    """Mean over random halvings of the draws of the Pearson correlation, across coordinates, of the
+    two half estimates."""
+    n, vals = c.shape[0], []
+    for _ in range(splits):
+        perm = torch.randperm(n, generator=generator)
+        a, b = c[perm[: n // 2]].mean(0), c[perm[n // 2: 2 * (n // 2)]].mean(0)
+        a, b = a - a.mean(), b - b.mean()
+        den = float(a.norm() * b.norm())
+        if den > 0:
+            vals.append(float((a * b).sum()) / den)
+    return sum(vals) / len(vals)
+
+
+def part_a(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+    engine = MaskedModel(bench.model)
+    objectives = {o: MaskLosses(engine=engine, compensation=comp, objective=o) for o in ("soft", "nll")}
+    config = PruneConfig(sparsity=args.sparsity, seed=args.seed).validate()
+    batches = calibration_batches(bench.calib, config).view(-1, config.batch_size, config.seq_len)
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for b in range(args.batches):
+        ids = batches[b]
+
+        def losses_of(masks: Masks) -> dict:
+            return {o: fn(ids, masks).detach().cpu() for o, fn in objectives.items()}
+
+        for basis in (8, 0):
+            policy = allocation_loop.build_policy(bench.space, PruneConfig(
+                sparsity=args.sparsity, seed=args.seed, init="flap", basis=basis).validate(),
+                start["mask"], start["metrics"], start["ranks"])
+            for sampling in ("antithetic", "independent + leave-one-out"):
+                t0 = time.perf_counter()
+                res = contributions(policy, sampling, args.masks, losses_of, g)
+                for objective, r in res.items():
+                    row = {"batch": b, "coordinates": "8 smooth profiles" if basis else "per layer",
+                           "sampling": sampling, "objective": objective, "masks": args.masks,
+                           "half_correlation": split_correlation(r["contributions"], args.splits, g),
+                           "weight_sd": r["weight_sd"], "loss_sd": r["loss_sd"],
+                           "seconds": time.perf_counter() - t0}
+                    rows.append(row)
+                    print(f"  batch {b} {row['coordinates']:>17} {sampling:>28} {objective:>4}: "
+                          f"half-correlation {row['half_correlation']:+.3f}, loss sd {row['loss_sd']:.4f}", flush=True)
+                bench.results["gradient"] = rows
+                bench.save()
+    table = {}
+    for r in rows:
+        table.setdefault((r["coordinates"], r["sampling"], r["objective"]), []).append(r["half_correlation"])
+    bench.results["gradient_summary"] = [
+        {"coordinates": k[0], "sampling": k[1], "objective": k[2], "half_correlation_mean": sum(v) / len(v),
+         "per_batch": v} for k, v in table.items()]
+    bench.save()
+
+
+class CountingAdam(Adam):
+    """Adam that counts how often its clipping binds (coordinates x steps)."""
+
+    bound = 0
+    coordinates = 0
+
+    def update(self, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        clip, self.clip = self.clip, None
+        step = super().update(grad, lr)
+        self.clip = clip
+        CountingAdam.coordinates += step.numel()
+        if clip is not None:
+            CountingAdam.bound += int((step.abs() > clip * lr).sum())
+            step = step.clamp(-clip * lr, clip * lr)
+        return step
+
+
+OPTIMISERS = {"adam, update clipped to 2 lr (default)": ("adam", 2.0), "adam, no clipping": ("adam", None),
+              "normalised steps (--optimizer sgd)": ("sgd", None)}
+
+
+def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+    start_nll = bench.nll("start", start["mask"], comp)
+    results = {}
+    for name, (optimizer, clip) in OPTIMISERS.items():
+        allocation_loop.Adam = functools.partial(CountingAdam, clip=clip)
+        CountingAdam.bound = CountingAdam.coordinates = 0
+        try:
+            config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap", steps=args.steps,
+                                 group_every=0, incumbent_every=0, optimizer=optimizer)
+            tmp = Path(tempfile.mkdtemp(prefix="bpp-bench-"))
+            t0 = time.perf_counter()
+            report = prune(config, tmp / "run", model=bench.model, tokenizer=bench.tok, evaluate=False,
+                           progress=False, compact=False, checkpoint_every=0)
+        finally:
+            allocation_loop.Adam = Adam
+        mask = Masks.load(tmp / "run" / "mask.safetensors")
+        nll = bench.nll(name, mask, comp)
+        results[name] = nll
+        bench.results.setdefault("optimisers", []).append(
+            {"optimiser": name, "steps": args.steps, "wall_seconds": time.perf_counter() - t0,
+             "ppl": math.exp(float(nll.mean())), "adam_updates_clipped": [CountingAdam.bound, CountingAdam.coordinates],
+             "snr": report.get("allocation", {}).get("snr"),
+             "kept_channels_per_layer": report.get("allocation", {}).get("kept_channels_per_layer")})
+        print(f"  {name}: held-out ppl {math.exp(float(nll.mean())):.3f}", flush=True)
+        bench.compare("optimiser vs start", (name, nll), ("start (FLAP mask)", start_nll),
+                      sparsity=args.sparsity, seed=args.seed)
+    default = next(iter(OPTIMISERS))
+    for name in list(OPTIMISERS)[1:]:
+        bench.compare("optimiser vs default optimiser", (name, results[name]), (default, results[default]),
+                      sparsity=args.sparsity, seed=args.seed)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--masks", type=int, default=48, help="masks per gradient estimate (part A)")
+    ap.add_argument("--batches", type=int, default=3, help="calibration batches (part A)")
+    ap.add_argument("--splits", type=int, default=200, help="random halvings per estimate (part A)")
+    ap.add_argument("--steps", type=int, default=30, help="channel steps per optimiser (part B)")
+    ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
+    ap.add_argument("--json", default="bench/estimators.json")
+    args = ap.parse_args()
+    if args.masks < 4 or args.masks % 2:
+        ap.error("--masks must be even and at least 4")
+    bench = Q.Bench(args)
+    config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap").validate()
+    with torch.no_grad():
+        calib = bench.init_calib(args.seed)
+        stats = InputStats(bench.model).collect(calib)
+        comp = BiasCompensation.from_stats(bench.model, stats)
+        policy = Policy(bench.space, config.granularity, config.sparsity, config.budget)
+        _, mask, metrics = initialise(policy, "flap", bench.model, calib)
+        start = {"mask": mask, "metrics": metrics,
+                 "ranks": dict(zip(("channel", "group"), flap_scores(bench.model, stats)))}
+        parts = args.parts.split(",")
+        if "a" in parts:
+            part_a(bench, args, start, comp)
+        if "b" in parts:
+            part_b(bench, args, start, comp)
+    bench.save()
+
+
+if __name__ == "__main__":
+    main()
