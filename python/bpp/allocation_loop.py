@@ -3,7 +3,7 @@ ranking (scores the job computes with :mod:`bpp.methods` and passes in), a fresh
 
 Steps alternate between kinds (see :mod:`bpp.allocation`):
 - channel steps: P = samples/2 antithetic pairs on one calibration batch; the gradient of the
-  smoothed loss from the paired differences; an Adam step (per-coordinate update clipped) on the
+  smoothed loss from the paired differences; an Adam step on the
   per-layer channel offsets, lr on the run's schedule; offsets re-centred (the shift is free);
 - group steps (every ``group_every``-th): the deterministic mask and up to samples − 1 single-layer
   KV-group moves on one batch; each move's paired differences accumulate, and the move whose mean

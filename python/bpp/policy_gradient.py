@@ -84,7 +84,7 @@ class PruneConfig:
     selection_windows: int = 16  # held-in windows the incumbent is judged on (never used by the gradient)
     objective: str | None = None  # None: per policy (units: nll, official; allocation: soft, the dense model's distribution)
     basis: int = 8  # allocation: channel offsets as this many smooth profiles over depth (0: one per layer)
-    optimizer: str = "adam"  # allocation: adam (clipped per-coordinate steps) | sgd (normalised gradient steps)
+    optimizer: str = "adam"  # allocation: adam (per-coordinate steps) | sgd (normalised gradient steps)
 
     def validate(self) -> "PruneConfig":
         resolve_policy_defaults(self)
