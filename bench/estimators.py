@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import sys
 import tempfile
@@ -192,6 +193,29 @@ def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
                       sparsity=args.sparsity, seed=args.seed)
 
 
+def replay(folders: list[str]) -> dict:
+    """Adam's unclipped update size |m̂/√v̂| replayed on the channel-step gradients that allocation
+    runs recorded in their metrics.jsonl: how often a clip at 2·lr would have bound."""
+    runs = updates = bound = 0
+    largest = 0.0
+    for folder in folders:
+        adam, runs = None, runs + 1
+        if not (Path(folder) / "metrics.jsonl").is_file():
+            raise SystemExit(f"{folder}: no metrics.jsonl (not a bpp prune run folder?)")
+        for line in (Path(folder) / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind", "channel") != "channel" or rec.get("skipped") or "grad" not in rec:
+                continue
+            g = torch.tensor(rec["grad"], dtype=torch.float64)
+            adam = adam or Adam(g.numel())
+            ratio = adam.update(g, 1.0).abs()
+            updates, bound, largest = updates + g.numel(), bound + int((ratio > 2).sum()), max(largest, float(ratio.max()))
+    out = {"runs": runs, "coordinate_updates": updates, "above_2": bound, "largest": largest}
+    print(f"  Adam replayed on {runs} runs: {updates} coordinate updates, largest |m/sqrt(v)| {largest:.3f}, "
+          f"{bound} above 2", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, default=0.2)
@@ -203,7 +227,12 @@ def main():
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--json", default="bench/estimators.json")
+    ap.add_argument("--replay", nargs="*", default=None, metavar="RUN",
+                    help="only replay Adam on these allocation run folders' recorded gradients (no model)")
     args = ap.parse_args()
+    if args.replay is not None:
+        Path(args.json).write_text(json.dumps({"adam_replay": replay(args.replay)}, indent=1) + "\n")
+        return
     if args.masks < 4 or args.masks % 2:
         ap.error("--masks must be even and at least 4")
     bench = Q.Bench(args)
