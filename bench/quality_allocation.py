@@ -186,9 +186,17 @@ def part_efficiency(bench: Bench, sparsity: float, seed: int, plan: dict[str, li
             nll = bench.nll(f"eff-{policy}-{n}-{seed}", snap, comp)
             bench.results.setdefault("efficiency", []).append(
                 {"policy": policy, "evaluations": n, "sparsity": sparsity, "seed": seed,
-                 "ppl": math.exp(float(nll.mean())), "steps_of_run": steps})
+                 "ppl": math.exp(float(nll.mean())), "steps_of_run": steps, "window_nll": nll.tolist()})
             print(f"  {policy} after {n} evaluations: ppl {math.exp(float(nll.mean())):.3f}", flush=True)
         bench.save()
+    if {"units", "allocation"} <= set(plan):  # the issue's test: the default with ≤ a quarter of units' top budget
+        top = max(plan["units"])
+        units = (f"units after {top} evaluations", bench.nll_cache[f"eff-units-{top}-{seed}"])
+        for n in sorted(plan["allocation"]):
+            if n <= top // 4:
+                bench.compare("efficiency: default with <= 1/4 of the evaluations vs units",
+                              (f"default after {n} evaluations", bench.nll_cache[f"eff-allocation-{n}-{seed}"]),
+                              units, sparsity=sparsity, seed=seed)
 
 
 def use_besa_cache(folder: Path, bench: Bench) -> None:
