@@ -14,12 +14,14 @@ each on the 8 smooth depth profiles (`--basis 8`, the default) and on free per-l
 (`--basis 0`), each judged by the soft objective (the default) and by next-token NLL, on the same
 masks.
 
-Part B, the optimiser (steps taken): `bpp prune --policy allocation` from the same start for T
-channel steps (KV groups held, no incumbent, so the output is the deterministic mask) with Adam
-(the default), Adam with each coordinate's update clipped to 2 lr, and per-step normalised
-steps (`--optimizer sgd`: the gradient divided by its RMS, so the step size does not follow the
-loss scale). Each result is compacted with the seed's bias compensation and evaluated on the
-held-out windows; paired bootstrap against the default optimiser and against the start.
+Part B, whole runs (steps taken): `bpp prune --policy allocation` from the same start for T
+channel steps (KV groups held, no incumbent, so the output is the deterministic mask; T = 45 is
+the default run's number of channel steps) with Adam (the default), Adam with each coordinate's
+update clipped to 2 lr, per-step normalised steps (`--optimizer sgd`: the gradient divided by
+its RMS, so the step size does not follow the loss scale), and independent draws with a
+leave-one-out baseline (`--sampling independent`). Each result is compacted with the seed's bias
+compensation and evaluated on the held-out windows; paired bootstrap against the default and
+against the start.
 
     python bench/estimators.py --sparsity 0.2 --seed 0 --json bench/results/estimators-20.json
 
@@ -157,19 +159,26 @@ class CountingAdam(Adam):
         return step
 
 
-OPTIMISERS = {"adam (default)": ("adam", None), "adam, update clipped to 2 lr": ("adam", 2.0),
-              "normalised steps (--optimizer sgd)": ("sgd", None)}
+VARIANTS = {  # name: (PruneConfig changes, Adam's clip)
+    "adam (default)": ({}, None),
+    "adam, update clipped to 2 lr": ({}, 2.0),
+    "normalised steps (--optimizer sgd)": ({"optimizer": "sgd"}, None),
+    "independent draws + leave-one-out (--sampling independent)": ({"sampling": "independent"}, None),
+}
 
 
 def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
     start_nll = bench.nll("start", start["mask"], comp)
+    bench.results["start_window_nll"] = start_nll.tolist()
     results = {}
-    for name, (optimizer, clip) in OPTIMISERS.items():
+    names = list(VARIANTS) if not args.variants else [n for n in VARIANTS if any(v in n for v in args.variants.split(","))]
+    for name in names:
+        changes, clip = VARIANTS[name]
         allocation_loop.Adam = functools.partial(CountingAdam, clip=clip)
         CountingAdam.bound = CountingAdam.coordinates = 0
         try:
             config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap", steps=args.steps,
-                                 group_every=0, incumbent_every=0, optimizer=optimizer)
+                                 group_every=0, incumbent_every=0, **changes)
             tmp = Path(tempfile.mkdtemp(prefix="bpp-bench-"))
             t0 = time.perf_counter()
             report = prune(config, tmp / "run", model=bench.model, tokenizer=bench.tok, evaluate=False,
@@ -179,18 +188,19 @@ def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
         mask = Masks.load(tmp / "run" / "mask.safetensors")
         nll = bench.nll(name, mask, comp)
         results[name] = nll
-        bench.results.setdefault("optimisers", []).append(
-            {"optimiser": name, "steps": args.steps, "wall_seconds": time.perf_counter() - t0,
-             "ppl": math.exp(float(nll.mean())), "adam_updates_clipped": [CountingAdam.bound, CountingAdam.coordinates],
+        bench.results.setdefault("variants", []).append(
+            {"variant": name, "steps": args.steps, "wall_seconds": time.perf_counter() - t0,
+             "ppl": math.exp(float(nll.mean())), "window_nll": nll.tolist(), "adam_updates_clipped": [CountingAdam.bound, CountingAdam.coordinates],
              "snr": report.get("allocation", {}).get("snr"),
              "kept_channels_per_layer": report.get("allocation", {}).get("kept_channels_per_layer")})
         print(f"  {name}: held-out ppl {math.exp(float(nll.mean())):.3f}", flush=True)
-        bench.compare("optimiser vs start", (name, nll), ("start (FLAP mask)", start_nll),
+        bench.compare("variant vs start", (name, nll), ("start (FLAP mask)", start_nll),
                       sparsity=args.sparsity, seed=args.seed)
-    default = next(iter(OPTIMISERS))
-    for name in list(OPTIMISERS)[1:]:
-        bench.compare("optimiser vs default optimiser", (name, results[name]), (default, results[default]),
-                      sparsity=args.sparsity, seed=args.seed)
+    default = next(iter(VARIANTS))
+    for name in results:
+        if name != default and default in results:
+            bench.compare("variant vs default", (name, results[name]), (default, results[default]),
+                          sparsity=args.sparsity, seed=args.seed)
 
 
 def replay(folders: list[str]) -> dict:
@@ -223,8 +233,9 @@ def main():
     ap.add_argument("--masks", type=int, default=48, help="masks per gradient estimate (part A)")
     ap.add_argument("--batches", type=int, default=3, help="calibration batches (part A)")
     ap.add_argument("--splits", type=int, default=200, help="random halvings per estimate (part A)")
-    ap.add_argument("--steps", type=int, default=30, help="channel steps per optimiser (part B)")
+    ap.add_argument("--steps", type=int, default=45, help="channel steps per variant (part B)")
     ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--variants", default="", help="part B: only the variants whose names contain one of these (comma-separated)")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--json", default="bench/estimators.json")
     ap.add_argument("--replay", nargs="*", default=None, metavar="RUN",

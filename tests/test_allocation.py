@@ -174,6 +174,22 @@ def test_gradient_matches_finite_differences_of_the_exact_expected_loss(model, s
     se = float(draws.std() / math.sqrt(len(draws)))
     assert abs(float(draws.mean()) - fd) < 4 * se + 1e-9, (float(draws.mean()), fd, se)
 
+    # --sampling independent: n draws, each against the mean of the others (leave-one-out), also unbiased
+    draws = []
+    for _ in range(40):
+        eps = policy.draw_directions(8, gen)
+        masks, _ = policy.draw_masks(eps)
+        advantage = policy.leave_one_out(engine.losses(ids, masks))
+        draws.append(float(((advantage.unsqueeze(-1) * eps).mean(0) / sigma) @ u))
+    draws = torch.tensor(draws, dtype=torch.float64)
+    se = float(draws.std() / math.sqrt(len(draws)))
+    assert se > 0 and abs(float(draws.mean()) - fd) < 4 * se + 1e-9, (float(draws.mean()), fd, se)
+
+
+def test_leave_one_out_advantages():
+    losses = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)
+    assert torch.allclose(AllocationPolicy.leave_one_out(losses), torch.tensor([-3.0, -1.5, 4.5], dtype=torch.float64))
+
 
 def test_half_correlation_sees_a_shared_signal():
     gen = torch.Generator().manual_seed(0)

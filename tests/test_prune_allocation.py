@@ -72,6 +72,12 @@ def test_other_inits_and_ranks_run(tiny_dir, loaded, tmp_path, init):
     assert report["steps_done"] == 6 and "init_mask" in report["perplexity"]
 
 
+def test_independent_sampling_runs(tiny_dir, loaded, tmp_path):
+    report = _run(tiny_dir, loaded, tmp_path / "ind", sampling="independent", samples=3, steps=4, group_every=0)
+    lines = [json.loads(x) for x in (tmp_path / "ind" / "metrics.jsonl").read_text().splitlines()]
+    assert report["steps_done"] == 4 and all(r["evaluated"] == 3 and len(r["grad"]) > 0 for r in lines)
+
+
 def test_sgd_optimizer_runs(tiny_dir, loaded, tmp_path):
     report = _run(tiny_dir, loaded, tmp_path / "sgd", optimizer="sgd", steps=4, group_every=0)
     assert any(abs(x) > 0 for x in report["allocation"]["offsets"])
@@ -126,6 +132,7 @@ def test_incumbent_in_a_run_is_monotone(tiny_dir, loaded, tmp_path):
     (dict(selection_windows=100000), "too little calibration text"),
     (dict(objective="kl"), "unknown objective"),
     (dict(optimizer="lbfgs"), "unknown optimizer"),
+    (dict(sampling="sobol"), "unknown sampling"),
     (dict(basis=1), "--basis must be 0"),
     (dict(engine="hooks"), "pass --objective nll"),
 ])

@@ -169,6 +169,19 @@ class AllocationPolicy:
         channels = self.channel_counts(levels, groups)
         return self.masks(channels, groups), channels
 
+    def draw_masks(self, eps: torch.Tensor) -> tuple[Masks, torch.Tensor]:
+        """One mask per direction at a + σε_i (independent draws), and their channel counts."""
+        levels = self.levels().unsqueeze(0) + self.sigma * eps
+        groups = self.groups.unsqueeze(0).expand(eps.shape[0], -1)
+        channels = self.channel_counts(levels, groups)
+        return self.masks(channels, groups), channels
+
+    @staticmethod
+    def leave_one_out(losses: torch.Tensor) -> torch.Tensor:
+        """Each draw's loss minus the mean of the other draws' on the same batch (n ≥ 2)."""
+        losses = losses.to(torch.float64)
+        return losses - (losses.sum() - losses) / (losses.numel() - 1)
+
     def channel_gradient(self, eps: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """ĝ = mean_p (L⁺_p − L⁻_p) ε_p / (2σ): the smoothed loss's gradient in the offsets (L,)."""
         diffs = self.pair_differences(losses)

@@ -2,8 +2,9 @@
 ranking (scores the job computes with :mod:`bpp.methods` and passes in), a fresh or a resumed loop.
 
 Steps alternate between kinds (see :mod:`bpp.allocation`):
-- channel steps: P = samples/2 antithetic pairs on one calibration batch; the gradient of the
-  smoothed loss from the paired differences; an Adam step on the
+- channel steps: P = samples/2 antithetic pairs on one calibration batch (or, with
+  ``--sampling independent``, samples draws each against the mean of the others); the gradient
+  of the smoothed loss from the paired differences; an Adam step on the
   per-layer channel offsets, lr on the run's schedule; offsets re-centred (the shift is free);
 - group steps (every ``group_every``-th): the deterministic mask and up to samples − 1 single-layer
   KV-group moves on one batch; each move's paired differences accumulate, and the move whose mean
@@ -126,21 +127,31 @@ class AllocationLoop(PolicyGradientLoop):
         return learning_rate(self.config, self.step)
 
     def _channel_step(self, batch, device, lr) -> dict:
-        policy, P = self.policy, self.config.samples // 2
-        eps = policy.draw_directions(P, self.generator)
-        masks, _ = policy.pair_masks(eps)
+        policy, antithetic = self.policy, self.config.sampling == "antithetic"
+        n = self.config.samples // 2 if antithetic else self.config.samples
+        eps = policy.draw_directions(n, self.generator)
+        masks, _ = policy.pair_masks(eps) if antithetic else policy.draw_masks(eps)
         losses = self.losses_fn(batch.to(device), masks.to(device)).detach().double().cpu()
         self.evaluations += masks.S
-        diffs = policy.pair_differences(losses)
-        valid = torch.isfinite(diffs)
         self.dropped_masks += int((~torch.isfinite(losses)).sum())
         record = {"kind": "channel", "evaluated": masks.S,
                   "losses": [x if math.isfinite(x) else None for x in losses.tolist()]}
+        if antithetic:  # the pair's difference: each pair is its own baseline
+            diffs = policy.pair_differences(losses)
+            valid = torch.isfinite(diffs)
+        else:  # each draw against the mean of the other draws on the same batch
+            valid = torch.isfinite(losses)
+            diffs = torch.zeros_like(losses)
+            if int(valid.sum()) >= 2:
+                diffs[valid] = policy.leave_one_out(losses[valid])
+            else:
+                valid[:] = False
         if int(valid.sum()) == 0:
             self.skipped_steps += 1
             return {**record, "mean_loss": None, "skipped": True}
         eps, diffs = eps[valid], diffs[valid]
-        grad = policy.coefficients((diffs.unsqueeze(-1) * eps).mean(0) / (2.0 * policy.sigma))
+        scale = 2.0 * policy.sigma if antithetic else policy.sigma
+        grad = policy.coefficients((diffs.unsqueeze(-1) * eps).mean(0) / scale)
         self.grad_sum += grad
         self.grad_sq += grad * grad
         self.grad_steps += 1

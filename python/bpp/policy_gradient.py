@@ -40,6 +40,7 @@ POLICIES = ("allocation", "units")
 RANKS = ("init", "flap", "wanda-sp")
 OBJECTIVES = ("soft", "nll")
 OPTIMIZERS = ("adam", "sgd")
+SAMPLINGS = ("antithetic", "independent")
 UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective": "nll", "steps": 100}  # the official settings
 # the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets;
 # 60 steps: the incumbent stopped changing by step 30 in the measured runs, and BESA's init must fit too
@@ -85,6 +86,7 @@ class PruneConfig:
     objective: str | None = None  # None: per policy (units: nll, official; allocation: soft, the dense model's distribution)
     basis: int = 8  # allocation: channel offsets as this many smooth profiles over depth (0: one per layer)
     optimizer: str = "adam"  # allocation: adam (per-coordinate steps) | sgd (normalised gradient steps)
+    sampling: str = "antithetic"  # allocation: antithetic pairs | independent draws with a leave-one-out baseline
 
     def validate(self) -> "PruneConfig":
         resolve_policy_defaults(self)
@@ -142,9 +144,10 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
         if config.init == "uniform":
             raise BppError("--policy allocation starts from an init method's mask and --init uniform has none; "
                            "use --init besa, flap or wanda-sp")
-        if config.samples < 2 or config.samples % 2:
-            raise BppError(f"--policy allocation draws antithetic pairs: --samples must be even and at least 2, "
-                           f"got {config.samples}")
+        if config.sampling not in SAMPLINGS:
+            raise BppError(f"unknown sampling {config.sampling!r}; use one of {', '.join(SAMPLINGS)}")
+        if config.sampling == "antithetic" and config.samples % 2:
+            raise BppError(f"--sampling antithetic draws pairs: --samples must be even, got {config.samples}")
     if config.optimizer not in OPTIMIZERS:
         raise BppError(f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if config.objective not in OBJECTIVES:

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         objective: Optional[str] = typer.Option(_D.objective, "--objective", help="what a mask's loss is: soft (cross-entropy against the dense model's next-token distribution: KL to it plus a constant, lower variance; allocation's default) | nll (the text's next token, official)"),
         basis: int = typer.Option(_D.basis, "--basis", help="allocation: the channel offsets as this many smooth profiles over depth (0: one free offset per layer)"),
         optimizer: str = typer.Option(_D.optimizer, "--optimizer", help="allocation: adam (per-coordinate steps) | sgd (steps along the per-step normalised gradient)"),
+        sampling: str = typer.Option(_D.sampling, "--sampling", help="allocation: antithetic (pairs a ± σε, the pair its own baseline) | independent (draws a + σε, each against the mean of the others on the same batch)"),
         selection_windows: int = typer.Option(_D.selection_windows, "--selection-windows", help="held-in calibration windows that judge the incumbent (never used by the gradient)"),
         init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows for the wanda-sp metric"),
         init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per wanda-sp calibration window"),
