@@ -62,22 +62,16 @@ def contributions(policy, sampling: str, n: int, losses_of, generator: torch.Gen
     """Draw n masks around the policy's centre, evaluate them (``losses_of(masks) -> {objective: (n,)}``)
     and return, per objective, the per-draw gradient contributions in the learned coordinates
     ``(draws, K)`` (their mean is the estimate) and the spread of what multiplies eps."""
-    if sampling == "antithetic":
-        eps = policy.draw_directions(n // 2, generator)
-        masks, _ = policy.pair_masks(eps)
-    else:
-        eps = policy.draw_directions(n, generator)
-        levels = policy.levels().unsqueeze(0) + policy.sigma * eps
-        groups = policy.groups.unsqueeze(0).expand(n, -1)
-        masks = policy.masks(policy.channel_counts(levels, groups), groups)
+    antithetic = sampling == "antithetic"
+    eps = policy.draw_directions(n // 2 if antithetic else n, generator)
+    masks, _ = policy.pair_masks(eps) if antithetic else policy.draw_masks(eps)
     out = {}
     for objective, losses in losses_of(masks).items():
         losses = losses.double()
-        if sampling == "antithetic":
-            weight = (losses[0::2] - losses[1::2]) / (2 * policy.sigma)
+        if antithetic:
+            weight = policy.pair_differences(losses) / (2 * policy.sigma)
         else:
-            loo = (losses.sum() - losses) / (n - 1)
-            weight = (losses - loo) / policy.sigma
+            weight = policy.leave_one_out(losses) / policy.sigma
         per_draw = weight.unsqueeze(-1) * eps
         coeff = per_draw if policy.basis is None else per_draw @ policy.basis
         out[objective] = {"contributions": coeff, "weight_sd": float(weight.std() * policy.sigma),

@@ -162,12 +162,8 @@ class AllocationPolicy:
 
     def pair_masks(self, eps: torch.Tensor) -> tuple[Masks, torch.Tensor]:
         """The antithetic masks a + σε_p, a − σε_p, interleaved (2P masks), and their channel counts."""
-        P = eps.shape[0]
-        signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(P)
-        levels = self.levels().unsqueeze(0) + self.sigma * signs.unsqueeze(-1) * eps.repeat_interleave(2, 0)
-        groups = self.groups.unsqueeze(0).expand(2 * P, -1)
-        channels = self.channel_counts(levels, groups)
-        return self.masks(channels, groups), channels
+        signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(eps.shape[0])
+        return self.draw_masks(signs.unsqueeze(-1) * eps.repeat_interleave(2, 0))
 
     def draw_masks(self, eps: torch.Tensor) -> tuple[Masks, torch.Tensor]:
         """One mask per direction at a + σε_i (independent draws), and their channel counts."""
