@@ -12,12 +12,13 @@ import torch
 import quality_allocation as Q
 from bpp import load_model
 from bpp.allocation_loop import build_policy
-from bpp.compensation import BiasCompensation, InputStats
+from bpp.bias_compensation import BiasCompensation, InputStats
 from bpp.compaction import compact_model
 from bpp.data import load_text, tokenize, windows
 from bpp.methods.flap import flap_scores
 from bpp.policy_gradient import PruneConfig
-from bpp.space import Masks, MaskSpace
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 model, tok = load_model()
 space = MaskSpace.from_model(model)
 held = tokenize(tok, load_text("default", "heldout"))

@@ -48,14 +48,14 @@ import quality_allocation as Q  # noqa: E402
 
 import bpp.allocation_loop as allocation_loop  # noqa: E402
 from bpp.allocation import Adam  # noqa: E402
-from bpp.compensation import BiasCompensation, InputStats  # noqa: E402
+from bpp.bias_compensation import BiasCompensation, InputStats  # noqa: E402
 from bpp.jobs.prune import prune  # noqa: E402
 from bpp.methods import initialise  # noqa: E402
 from bpp.methods.flap import flap_scores  # noqa: E402
 from bpp.models.masked import MaskedModel  # noqa: E402
 from bpp.policy import Policy  # noqa: E402
 from bpp.policy_gradient import MaskLosses, PruneConfig, calibration_batches  # noqa: E402
-from bpp.space import Masks  # noqa: E402
+from bpp.masks import Masks  # noqa: E402
 
 
 def contributions(policy, sampling: str, n: int, losses_of, generator: torch.Generator) -> dict:

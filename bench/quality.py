@@ -39,10 +39,10 @@ from bpp import load_model  # noqa: E402
 from bpp.data import load_text, tokenize, windows  # noqa: E402
 from bpp.compaction import compact_model  # noqa: E402
 from bpp.methods.flap import compensation_biases  # noqa: E402
-from bpp.evaluate import masked_perplexity  # noqa: E402
+from bpp.evaluation import masked_perplexity  # noqa: E402
 from bpp.jobs.prune import prune  # noqa: E402
 from bpp.policy_gradient import PruneConfig  # noqa: E402
-from bpp.evaluate import perplexity  # noqa: E402
+from bpp.evaluation import perplexity  # noqa: E402
 from bpp.methods import initialise, prior_mask  # noqa: E402
 from bpp.policy import Policy  # noqa: E402
 from bpp.space import MaskSpace  # noqa: E402
@@ -63,7 +63,7 @@ PG_VARIANTS = {
 
 def pg_mask(model, tok, config: PruneConfig):
     """``bpp prune``'s final mask for ``config`` (no evaluation, no compaction) and its report."""
-    from bpp.space import Masks
+    from bpp.masks import Masks
 
     with tempfile.TemporaryDirectory() as tmp:
         report = prune(config, Path(tmp) / "run", model=model, tokenizer=tok, evaluate=False,
@@ -145,7 +145,7 @@ def main() -> None:
             init_seconds = time.perf_counter() - t0
             add("wanda-sp (layer-uniform)", sparsity, wanda_mask, init_seconds)
             add("wanda-sp θ₀ (global top-k)", sparsity, policy.final_mask(), init_seconds, "PG after 0 steps")
-            from bpp.methods.calibration import InputStats
+            from bpp.bias_compensation import InputStats
             from bpp.methods.flap import flap_mask
 
             pg_masks = {}

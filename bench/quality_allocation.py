@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from bpp import load_model  # noqa: E402
 from bpp.compaction import compact_model  # noqa: E402
-from bpp.compensation import BiasCompensation, InputStats  # noqa: E402
+from bpp.bias_compensation import BiasCompensation, InputStats  # noqa: E402
 from bpp.data import load_text, tokenize, windows  # noqa: E402
 from bpp.jobs.prune import prune  # noqa: E402
 from bpp.policy_gradient import PruneConfig  # noqa: E402
-from bpp.space import Masks, MaskSpace  # noqa: E402
+from bpp.masks import Masks  # noqa: E402
+from bpp.space import MaskSpace  # noqa: E402
 
 
 @torch.no_grad()

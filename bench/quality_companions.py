@@ -103,7 +103,7 @@ def pangu_rows(model, tok, space, sparsity, init_calib, add, base, params):
 def layer_drop_mask(model, space, calib, n_drop):
     """Drop the ``n_drop`` layers with the least block influence, 1 − cos(h_in, h_out) averaged over
     calibration tokens (ShortGPT's criterion)."""
-    from bpp.space import Masks
+    from bpp.masks import Masks
 
     influence = torch.zeros(space.n_layers, dtype=torch.float64)
     for start in range(0, calib.shape[0], 8):
@@ -141,11 +141,12 @@ def engine_case(case: str, mask_path: str, sparsity: float, calib_windows: int, 
     held-out perplexity and what the two engines should agree on."""
     from bpp import load_model
     from bpp.data import windows
-    from bpp.evaluate import masked_perplexity, perplexity
+    from bpp.evaluation import masked_perplexity, perplexity
     from bpp.methods.besa import BesaConfig, besa_allocate
     from bpp.methods.lora_recovery import lora_recover
     from bpp.methods.loraprune import LoRAPruneConfig, loraprune_allocate
-    from bpp.space import Masks, MaskSpace
+    from bpp.masks import Masks
+    from bpp.space import MaskSpace
 
     method, engine = case.split(":")
     model, tok = load_model()
@@ -211,9 +212,11 @@ def interleaved(methods: list[str], mask_path: str, sparsity: float, calib_windo
     from bpp import load_model
     from bpp.data import windows
     from bpp.methods.besa import BesaConfig, besa_allocate
-    from bpp.methods.lora_recovery import LoraRecovery, RecoverConfig
+    from bpp.methods.lora_recovery import LoraRecovery
+    from bpp.methods.recovery_config import RecoverConfig
     from bpp.methods.loraprune import LoRAPruneConfig, loraprune_allocate
-    from bpp.space import Masks, MaskSpace
+    from bpp.masks import Masks
+    from bpp.space import MaskSpace
 
     engines = ("hf", "kernels")
     model, tok = load_model()
@@ -338,7 +341,7 @@ def engines_main(argv=None) -> list[dict]:
 
     besa = [first(f"besa:{e}") for e in ("hf", "kernels")]
     if all(besa):
-        from bpp.space import Masks
+        from bpp.masks import Masks
 
         a, b = (Masks.load(f"{mask_path}.{e}") for e in ("hf", "kernels"))
         same = torch.equal(a.channels, b.channels) and torch.equal(a.groups, b.groups)
@@ -351,7 +354,7 @@ def engines_main(argv=None) -> list[dict]:
         print(f"recover: loss curves differ by at most {rel:.2e} relative")
     lp = [first(f"loraprune:{e}") for e in ("hf", "kernels")]
     if all(lp):
-        from bpp.space import Masks
+        from bpp.masks import Masks
 
         a, b = (Masks.load(f"{mask_path}.loraprune.{e}") for e in ("hf", "kernels"))
         same = torch.equal(a.channels, b.channels) and torch.equal(a.groups, b.groups)

@@ -1,11 +1,16 @@
-"""The allocation policy (issue 18): counts ↔ masks under one parameter budget, antithetic
-sampling, the gradient against finite differences of the exact expected loss, group moves."""
+"""The allocation policy: counts ↔ masks under one parameter budget, antithetic sampling, the
+gradient estimate (the one the policy steps with) against finite differences of the exact
+expected loss, group moves."""
 import math
 
 import pytest
 import torch
 
-from bpp.allocation import Adam, AllocationPolicy, GroupMove, half_correlation, largest_remainder, ranks_from_scores
+from bpp.search.allocation import AllocationPolicy
+from bpp.search.counts import largest_remainder, ranks_from_scores
+from bpp.search.estimators import half_correlation, leave_one_out, offset_gradient
+from bpp.search.group_moves import GroupMove
+from bpp.search.optimizers import Adam
 from bpp.errors import BppError
 from bpp.models.masked import MaskedModel
 from bpp.space import MaskSpace
@@ -46,7 +51,7 @@ def test_zero_offsets_reproduce_the_init_allocation_and_every_sample_meets_the_b
     policy = _policy(space)
     channels, groups = policy.center_counts()
     assert channels.tolist() == [50, 48] and groups.tolist() == [2, 2]
-    mask = policy.center_mask()
+    mask = policy.deterministic_mask()
     assert mask.channels.sum(-1)[0].tolist() == [50, 48]
     # the top-ranked channels are the kept ones
     kept = mask.channels[0, 0]
@@ -157,7 +162,7 @@ def test_gradient_matches_finite_differences_of_the_exact_expected_loss(model, s
         eps = (z * u).unsqueeze(0)
         pair, _ = policy.pair_masks(eps)
         losses = engine.losses(ids, pair)
-        g = policy.channel_gradient(eps, losses)  # = (L⁺ − L⁻) z u / (2σ)
+        g, _, _ = offset_gradient(eps, losses, sigma, antithetic=True)  # = (L⁺ − L⁻) z u / (2σ)
         slope = float(g @ u) / z  # (L⁺ − L⁻) / (2σ), constant on the interval
         expected += slope * (_phi(a) - _phi(b))  # ∫ z φ(z) dz over [a, b]
     assert abs(fd) > 1e-3  # not a flat spot
@@ -169,7 +174,7 @@ def test_gradient_matches_finite_differences_of_the_exact_expected_loss(model, s
     for _ in range(20):
         eps = policy.draw_directions(8, gen)
         pair, _ = policy.pair_masks(eps)
-        draws.append(float(policy.channel_gradient(eps, engine.losses(ids, pair)) @ u))
+        draws.append(float(offset_gradient(eps, engine.losses(ids, pair), sigma, antithetic=True)[0] @ u))
     draws = torch.tensor(draws, dtype=torch.float64)
     se = float(draws.std() / math.sqrt(len(draws)))
     assert abs(float(draws.mean()) - fd) < 4 * se + 1e-9, (float(draws.mean()), fd, se)
@@ -179,8 +184,7 @@ def test_gradient_matches_finite_differences_of_the_exact_expected_loss(model, s
     for _ in range(40):
         eps = policy.draw_directions(8, gen)
         masks, _ = policy.draw_masks(eps)
-        advantage = policy.leave_one_out(engine.losses(ids, masks))
-        draws.append(float(((advantage.unsqueeze(-1) * eps).mean(0) / sigma) @ u))
+        draws.append(float(offset_gradient(eps, engine.losses(ids, masks), sigma, antithetic=False)[0] @ u))
     draws = torch.tensor(draws, dtype=torch.float64)
     se = float(draws.std() / math.sqrt(len(draws)))
     assert se > 0 and abs(float(draws.mean()) - fd) < 4 * se + 1e-9, (float(draws.mean()), fd, se)
@@ -188,7 +192,7 @@ def test_gradient_matches_finite_differences_of_the_exact_expected_loss(model, s
 
 def test_leave_one_out_advantages():
     losses = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)
-    assert torch.allclose(AllocationPolicy.leave_one_out(losses), torch.tensor([-3.0, -1.5, 4.5], dtype=torch.float64))
+    assert torch.allclose(leave_one_out(losses), torch.tensor([-3.0, -1.5, 4.5], dtype=torch.float64))
 
 
 def test_half_correlation_sees_a_shared_signal():
@@ -209,3 +213,17 @@ def test_adam_state_round_trip():
     a.update(-3 * g, 0.1)
     b.load_state(a.state())
     assert torch.equal(a.update(g, 0.1), b.update(g, 0.1))
+
+
+def test_a_channel_step_moves_the_offsets_by_the_estimate(space):
+    """tell() steps with offset_gradient's estimate: one Adam step of lr against its sign, re-centred."""
+    policy = _policy(space, basis=0, samples=4)
+    proposal = policy.ask(0, torch.Generator().manual_seed(3))
+    assert proposal.kind == "channel" and proposal.masks.S == 4
+    losses = torch.tensor([3.0, 2.5, 2.0, 2.75], dtype=torch.float64)
+    expected, _, _ = offset_gradient(proposal.draws, losses, policy.sigma, antithetic=True)
+    before = policy.offsets.clone()
+    record = policy.tell(proposal, losses, lr=0.01)
+    step = Adam(space.n_layers).update(expected, 0.01)
+    assert torch.allclose(policy.offsets, before - step - (before - step).mean(), atol=1e-15)
+    assert record["grad"] == expected.tolist() and not record["skipped"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bpp.methods.calibration import InputStats
+from bpp.bias_compensation import InputStats
 from bpp.methods.flap import compensation_biases, flap_mask, flap_scores
 from bpp.errors import BppError
 from bpp.space import MaskSpace

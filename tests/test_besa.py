@@ -3,11 +3,13 @@ relaxation, the learned attention/MLP split, the parameter budget, the init and 
 import pytest
 import torch
 
-from bpp.methods.besa import (BesaConfig, _rescale_budgets, besa_allocate, besa_prior, besa_mask, candidate_counts,
-                      expected_count, expected_mask, hard_mask, init_logits, straight_through_mask)
+from bpp.methods.besa import BesaConfig, besa_allocate, besa_mask, besa_prior
+from bpp.methods.besa_relaxation import (candidate_counts, expected_count, expected_mask, hard_mask, init_logits,
+                                         rescale_budgets, straight_through_mask)
 from bpp.errors import BppError
-from bpp.policy import Policy
-from bpp.space import Masks, MaskSpace
+from bpp.budget import Budget
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.tiny import check_calibrated_init, tiny_model
 
 QUICK = BesaConfig(epochs=1, progress=False)
@@ -70,7 +72,7 @@ def test_candidate_grid_and_initial_rate():
 
 
 def test_rescaled_block_budgets_sum_to_the_total_and_respect_a_block():
-    budgets = _rescale_budgets(torch.tensor([0.9, 0.5, 0.7, 0.99]), 10.0, 30.0)
+    budgets = rescale_budgets(torch.tensor([0.9, 0.5, 0.7, 0.99]), 10.0, 30.0)
     torch.testing.assert_close(budgets.sum(), torch.tensor(30.0, dtype=torch.float64))
     assert budgets.max() <= 10.0 + 1e-9
     assert budgets[1] < budgets[2] < budgets[0] <= budgets[3]
@@ -112,7 +114,8 @@ def test_besa_mask_meets_the_parameter_budget(tiny, sparsity):
     kept = int(space.params(mask)[0])
     target = space.total_params - sparsity * space.prunable_params  # the --budget params target
     assert abs(kept - target) <= space.channel_params
-    pg = int(space.params(Policy(space, "channel,group", sparsity).final_mask())[0])  # the count budget
+    budget = Budget(space, "channel,group", sparsity)
+    pg = int(space.params(budget.final_mask(torch.ones(budget.n_units)))[0])  # the count budget
     assert abs(kept - pg) <= space.group_params
 
 

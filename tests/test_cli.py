@@ -8,8 +8,8 @@ import typer.main
 
 import bpp
 from bpp.cli import app
-from bpp.methods.lora_recovery import RecoverConfig
-from bpp.policy_gradient import PruneConfig
+from bpp.methods.recovery_config import RecoverConfig
+from bpp.search import PruneConfig
 
 JOBS = {
     "prune": (bpp.prune, PruneConfig),

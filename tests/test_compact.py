@@ -203,7 +203,7 @@ def test_bias_compensation_keeps_each_blocks_mean_output(family):
     """FLAP compensation, analytically: fed the full model's inputs, every compacted o_proj and
     down_proj (or the constant of an emptied block) has the same mean output over the
     calibration tokens as the unpruned one, while plain pruning changes that mean."""
-    from bpp.methods.calibration import InputStats
+    from bpp.bias_compensation import InputStats
     from bpp.methods.flap import compensation_biases
 
     model = tiny_model(family, seed=int(torch.randint(0, 1000, ())))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bpp.distributed import shard
-from bpp.space import Masks
+from bpp.masks import Masks
 from tests.tiny import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ import bpp
 ROOT = Path(bpp.__file__).parent
 # the layers of bpp/__init__.py's docstring, top (1) to bottom (7); a package's modules share its layer
 LAYERS = {
-    "bpp.errors": 1, "bpp.data": 1, "bpp.runs": 1, "bpp.modelio": 1,
-    "bpp.space": 2,
-    "bpp.models": 3, "bpp.policy": 3, "bpp.allocation": 3,
-    "bpp.evaluate": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.compensation": 4, "bpp.incumbent": 4,
-    "bpp.policy_gradient": 4, "bpp.allocation_loop": 4,
+    "bpp.errors": 1, "bpp.data": 1, "bpp.runs": 1, "bpp.modelio": 1, "bpp.model_folders": 1,
+    "bpp.space": 2, "bpp.masks": 2, "bpp.budget": 2,
+    "bpp.models": 3,
+    "bpp.evaluation": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.bias_compensation": 4, "bpp.plots": 4,
+    "bpp.search": 4,
     "bpp.methods": 5,
     "bpp.jobs": 6,
     "bpp.cli": 7, "bpp.__main__": 7,
@@ -114,3 +114,53 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     graph = _graph()
     assert graph["bpp.space"] == {"bpp.jobs.prune"} and graph["bpp.jobs.prune"] == {"bpp.space"}
     assert _layer("bpp.jobs.prune") > _layer("bpp.space")
+
+
+# --- the house: where the search lives, what crosses modules, how big a module gets ------------------
+
+MAX_LINES = 350  # a module a reader takes in at once; split it rather than raise this
+
+
+def test_the_search_is_one_subpackage():
+    """Every policy, the loop, the incumbent, the objective and the config live in bpp.search."""
+    search = {p.stem for p in (ROOT / "search").glob("*.py")}
+    assert {"interface", "units", "allocation", "loop", "incumbent", "objective", "config", "estimators"} <= search
+    stray = [p.name for p in ROOT.glob("*.py") if p.stem in {"policy", "policy_gradient", "allocation",
+                                                             "allocation_loop", "incumbent"}]
+    assert stray == []
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from bpp... import _name`` of a private name defined in another module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("bpp")):
+            found += [f"{path.relative_to(ROOT)} imports {alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    assert [x for p in ROOT.rglob("*.py") for x in _private_imports(p)] == []
+
+
+def test_only_the_search_asks_which_policy_it_holds():
+    policies = {"UnitsPolicy", "AllocationPolicy", "SearchLoop"}
+    asked = []
+    for path in ROOT.rglob("*.py"):
+        if path.relative_to(ROOT).parts[0] == "search":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} | \
+                        {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                if names & policies:
+                    asked.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert asked == []
+
+
+def test_no_module_is_too_long():
+    """Outside the kernels and the modeling file shipped with compacted models."""
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if p.name != "modeling_bpp.py"
+            and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bpp
-from bpp import data, evaluate, modelio
+from bpp import data, evaluation, modelio
 from bpp.errors import BppError
 from tests.tiny import tiny_model
 
@@ -49,7 +49,7 @@ def test_load_per_layer_size_compacted_folder(tmp_path, tokenizer):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and not loaded.training
     assert tok("hello world").input_ids == tokenizer("hello world").input_ids
     text = data.load_text("default", "heldout")[:3000]
-    assert math.isfinite(evaluate.perplexity(loaded, tok, text, seq_len=32))
+    assert math.isfinite(evaluation.perplexity(loaded, tok, text, seq_len=32))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -101,7 +101,7 @@ def test_default_model_converts_once_and_reloads_from_cache():
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert model.config.num_key_value_heads == 3 and model.config.intermediate_size == 1536
     ids = data.tokenize(tok, data.load_text("default", "heldout"))
-    ppl = evaluate.perplexity(model, tok, ids, seq_len=128, max_windows=4)
+    ppl = evaluation.perplexity(model, tok, ids, seq_len=128, max_windows=4)
     assert 2.0 < ppl < 100.0  # a real language model, not random weights (vocab 49152)
 
 

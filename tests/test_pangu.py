@@ -10,7 +10,8 @@ import bpp
 from bpp.compaction import compact_model
 from bpp.errors import BppError
 from bpp.methods.pangu import PanguOptions, calibrate, clap_plan, transform
-from bpp.space import Masks, MaskSpace
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.tiny import tiny_model
 
 

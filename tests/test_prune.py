@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from bpp.jobs.prune import prune
-from bpp.policy_gradient import PolicyGradientLoop, PruneConfig, learning_rate
+from bpp.search import PruneConfig, SearchLoop
+from bpp.search.config import learning_rate
 from bpp.errors import BppError
 from bpp.methods import initialise
 from bpp.methods.calibration import layer_inputs, run_layer
 from bpp.methods.ranking import per_layer_counts, sigmap
 from bpp.models.hooks import hook_losses
-from bpp.policy import Policy
-from bpp.space import Masks, MaskSpace
+from bpp.budget import Budget
+from bpp.search.units import UnitsPolicy
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.tiny import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +164,7 @@ def test_nan_losses_are_dropped_and_all_nan_steps_skipped(loaded):
     model, _ = loaded
     space = MaskSpace.from_model(model)
     cfg = PruneConfig(steps=2, samples=4, batch_size=1, seq_len=8, **UNITS).validate()
-    policy = Policy(space, cfg.granularity, 0.3)
+    policy = UnitsPolicy(Budget(space, cfg.granularity, 0.3), cfg.samples)
     calls = []
 
     def losses(ids, masks):
@@ -170,11 +173,11 @@ def test_nan_losses_are_dropped_and_all_nan_steps_skipped(loaded):
             return torch.tensor([1.0, float("nan"), 2.0, float("inf")])
         return torch.full((4,), float("nan"))
 
-    loop = PolicyGradientLoop(policy, losses, torch.zeros(2, 8, dtype=torch.long), cfg, progress=False)
+    loop = SearchLoop(policy, losses, torch.zeros(2, 8, dtype=torch.long), cfg, progress=False)
     before = policy.theta.clone()
     first = loop.run_step()
     assert first["valid"] == 2 and not first["skipped"] and first["mean_loss"] == 1.5
-    assert not torch.equal(policy.theta, before) and loop.moving_baseline == 1.5
+    assert not torch.equal(policy.theta, before) and policy.moving_baseline == 1.5
     after_first = policy.theta.clone()
     second = loop.run_step()
     assert second["skipped"] and torch.equal(policy.theta, after_first) and loop.skipped_steps == 1
@@ -215,16 +218,16 @@ def test_layer_by_layer_replay_matches_the_model(loaded):
 def test_wanda_sp_init_ranks_units_and_matches_budget(loaded):
     model, _ = loaded
     space = MaskSpace.from_model(model)
-    policy = Policy(space, "group,channel", 0.3)
+    budget = Budget(space, "group,channel", 0.3)
     calib = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(1))
-    theta, init_mask, metrics = initialise(policy, "wanda-sp", model, calib)
-    assert [abs(s - p.target) < 1e-6 for s, p in zip(policy.budget_sums(), policy.parts)] == [True, True]
+    theta, init_mask, metrics = initialise(budget, "wanda-sp", model, calib)
+    assert [abs(s - p.target) < 1e-6 for s, p in zip(budget.sums(theta), budget.parts)] == [True, True]
     assert int(init_mask.channels.sum()) == 98 and int(init_mask.groups.sum()) == 3
     # within a layer, the init mask keeps the top channels of the metric, and θ follows the metric
     ch = metrics["channel"][0]
     kept = init_mask.channels[0, 0]
     assert float(ch[kept].min()) >= float(ch[~kept].max())
-    theta_ch = theta[policy.slices["channel"]].reshape(2, 70)[0]
+    theta_ch = theta[budget.slices["channel"]].reshape(2, 70)[0]
     # sigmap and the projection are monotone: θ never ranks a unit above one with a higher metric
     by_metric = theta_ch[torch.argsort(ch, stable=True)]
     assert bool((by_metric.diff() >= -1e-12).all())

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bpp.jobs.prune import prune
-from bpp.policy_gradient import PruneConfig
+from bpp.search import PruneConfig
 from bpp.errors import BppError
-from bpp.incumbent import Incumbent
-from bpp.space import Masks, MaskSpace
+from bpp.search.incumbent import Incumbent
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.test_prune import REPO, _kill_at, _prune_cmd, loaded, tiny_dir  # noqa: F401 - fixtures
 
 FAST = dict(steps=12, samples=4, batch_size=2, seq_len=32, init_windows=4, init_seq_len=32, sparsity=0.3,
@@ -53,8 +54,8 @@ def test_default_run_writes_the_incumbent_and_a_compacted_model_with_biases(tiny
     # the written model is the incumbent compacted with its compensation biases
     from transformers import AutoModelForCausalLM
 
-    from bpp.compensation import BiasCompensation
-    from bpp.evaluate import perplexity
+    from bpp.bias_compensation import BiasCompensation
+    from bpp.evaluation import perplexity
 
     small = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     assert json.loads((out / "model" / "bpp_compaction.json").read_text())["bias_compensation"]

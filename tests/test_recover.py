@@ -18,10 +18,11 @@ from bpp.compaction import save_compacted
 from bpp.data import load_text, tokenize
 from bpp.errors import BppError
 from bpp.jobs.recover import partial_dir
-from bpp.methods.lora_recovery import (TARGET_MODULES, LoraRecovery, RecoverConfig, lora_recover, lr_factor,
-                                       present_targets, recovery_windows)
+from bpp.methods.lora_recovery import LoraRecovery, lora_recover
+from bpp.methods.recovery_config import TARGET_MODULES, RecoverConfig, lr_factor, present_targets, recovery_windows
 from bpp.modelio import load_pruned
-from bpp.space import Masks, MaskSpace
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.test_compact import _isolated_load
 from tests.tiny import tiny_model, tiny_tokenizer
 

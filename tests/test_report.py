@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bpp.jobs.prune import prune
-from bpp.policy_gradient import PruneConfig
+from bpp.search import PruneConfig
 from bpp.errors import BppError
 from bpp.jobs.report import write_report
 from tests.tiny import tiny_model, tiny_tokenizer

@@ -54,7 +54,7 @@ def _manual_accuracy(model, tokenizer):
 
 
 def test_zero_shot_local_task_matches_a_manual_loglikelihood_count(task_dir, tokenizer):
-    from bpp.evaluate import zero_shot
+    from bpp.evaluation import zero_shot
 
     model = tiny_model("llama", seed=1)
     result = zero_shot(model, tokenizer, ["bpp_local_choice"], include_path=str(task_dir))
@@ -64,7 +64,7 @@ def test_zero_shot_local_task_matches_a_manual_loglikelihood_count(task_dir, tok
 
 
 def test_unknown_task_is_a_clear_error(task_dir, tokenizer):
-    from bpp.evaluate import zero_shot
+    from bpp.evaluation import zero_shot
 
     with pytest.raises(BppError, match="unknown lm-eval task.*no_such_task"):
         zero_shot(tiny_model("llama"), tokenizer, ["no_such_task"], include_path=str(task_dir))
@@ -73,7 +73,7 @@ def test_unknown_task_is_a_clear_error(task_dir, tokenizer):
 def test_paper_task_names_are_known_to_lm_eval():
     from lm_eval.tasks import TaskManager
 
-    from bpp.evaluate import FEW_SHOT, ZERO_SHOT_TASKS
+    from bpp.evaluation import FEW_SHOT, ZERO_SHOT_TASKS
 
     known = set(TaskManager().all_tasks)
     assert set(ZERO_SHOT_TASKS) | set(FEW_SHOT) <= known

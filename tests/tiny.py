@@ -91,19 +91,19 @@ def check_calibrated_init(method: str, family: str, calib: torch.Tensor, sparsit
 
     from bpp.errors import BppError
     from bpp.methods import initialise
-    from bpp.policy import Policy
+    from bpp.budget import Budget
     from bpp.space import MaskSpace
 
     model = tiny_model(family)
     space = MaskSpace.from_model(model)
-    policy = Policy(space, "channel,group", sparsity)
-    theta, init_mask, metrics = initialise(policy, method, model, calib)
-    assert theta.shape == (policy.n_units,) and theta.min() >= 0 and theta.max() <= 1
-    for got, part in zip(policy.budget_sums(theta), policy.parts):
+    budget = Budget(space, "channel,group", sparsity)
+    theta, init_mask, metrics = initialise(budget, method, model, calib)
+    assert theta.shape == (budget.n_units,) and theta.min() >= 0 and theta.max() <= 1
+    for got, part in zip(budget.sums(theta), budget.parts):
         assert abs(got - part.target) < 1e-6 * part.target
     assert init_mask.S == 1
     with pytest.raises(BppError, match="calibration"):
-        initialise(Policy(space, "channel,group", sparsity), method, model, None)
+        initialise(Budget(space, "channel,group", sparsity), method, model, None)
     return space, init_mask, metrics
 
 

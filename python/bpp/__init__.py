@@ -1,19 +1,26 @@
 """bpp: structured pruning of LLMs by policy gradient, without back-propagation through the model.
 
-The package is built in layers; a module imports only from its own layer or the ones above it
-in this list (tests/test_layers.py checks it by reading the imports):
+A newcomer's map, in layers: a module imports only from its own layer or the ones above it in
+this list (tests/test_layers.py checks it by reading the imports).
 
-1. ``errors``, ``data``, ``runs`` (run folders: atomic writes, checkpoints, fingerprints),
-   ``modelio`` (model folders in and out: families, loading, the shipped modeling file)
-2. ``space`` (MaskSpace, Masks)
-3. ``models`` (the batched masked forward, the hook ground truth), ``policy`` (θ, sampling, the
-   estimator, the projection), ``allocation`` (the allocation policy: per-layer kept counts over
-   a within-layer ranking)
-4. ``evaluate``, ``compaction``, ``distributed``, ``compensation`` (FLAP's input statistics and
-   output biases), ``incumbent`` (the best mask so far), ``policy_gradient`` (the PG loop),
-   ``allocation_loop`` (the allocation policy's loop)
+1. ``errors`` (BppError), ``data`` (texts and calibration windows), ``runs`` (run folders: atomic
+   writes, checkpoints, locks, manifests), ``modelio`` (models in: families, loading, the shipped
+   modeling file), ``model_folders`` (model folders out, written atomically)
+2. ``space`` (MaskSpace: a model's prunable units and their parameter costs), ``masks`` (Masks: S
+   structured masks, saved with their model's fingerprint), ``budget`` (parameter budgets: the
+   projection onto them and the deterministic mask within them)
+3. ``models``: ``masked`` (MaskedModel: the losses of S masks in one batched pass), ``hooks``
+   (the Hugging Face ground truth under multiplicative masks), ``blocks`` (decoder layers through
+   the masked ops, differentiably, for methods that take gradients), ``modeling_bpp`` (the
+   modeling file shipped with heterogeneous compacted models)
+4. ``evaluation`` (perplexity of dense, masked and compacted models; zero-shot through
+   lm-eval), ``compaction`` (a mask → smaller dense weights), ``bias_compensation`` (FLAP's input
+   statistics and output biases), ``distributed`` (masks sharded over torchrun ranks), ``plots``
+   (a run's figures), ``gguf`` (the GGUF file format for llama.cpp), ``search`` (every policy
+   behind one ask/tell interface, the loop that drives them, the incumbent, the objective and the
+   run's configuration: see :mod:`bpp.search`)
 5. ``methods`` (one module per metric or method, their shared calibration, the registry)
-6. ``jobs`` (prune, baseline, compact, recover, evaluate, report, export: one public function each)
+6. ``jobs`` (prune, baseline, compact, recover, eval, report, export: one public function each)
 7. ``cli`` (one thin file per command)
 
 The public names below load on first use, so ``import bpp`` stays light.
@@ -22,14 +29,15 @@ import importlib
 
 from .errors import BppError
 from .modelio import SUPPORTED_FAMILIES, load_model
-from .space import Masks, MaskSpace
+from .masks import Masks
+from .space import MaskSpace
 
 __version__ = "0.1.0"
 __all__ = ["BppError", "MaskSpace", "MaskedModel", "Masks", "PruneConfig", "SUPPORTED_FAMILIES", "baseline",
            "compact", "evaluate_model", "export_gguf", "load_model", "prune", "recover", "write_report"]
 
-_LAZY = {"MaskedModel": ".models.masked", "PruneConfig": ".policy_gradient", "baseline": ".jobs.baseline",
-         "compact": ".jobs.compact", "evaluate_model": ".jobs.evaluate", "prune": ".jobs.prune", "recover": ".jobs.recover",
+_LAZY = {"MaskedModel": ".models.masked", "PruneConfig": ".search", "baseline": ".jobs.baseline",
+         "compact": ".jobs.compact", "evaluate_model": ".jobs.eval", "prune": ".jobs.prune", "recover": ".jobs.recover",
          "write_report": ".jobs.report", "export_gguf": ".jobs.export"}
 
 

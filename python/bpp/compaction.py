@@ -17,8 +17,12 @@ from typing import Callable
 import torch
 
 from .errors import BppError
-from .modelio import MODELING_FILE, modeling_module, save_model_folder
-from .space import Masks, MaskSpace
+from .model_folders import save_model_folder
+from .modelio import MODELING_FILE, modeling_module
+from .masks import Masks
+
+# transform(src, new, eff, kept_layers) -> dict: changes the compacted model ``new`` in place
+from .space import MaskSpace
 
 # transform(src, new, eff, kept_layers) -> dict: changes the compacted model ``new`` in place
 # (e.g. Pangu Light's re-initialisations) and says what it did

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .space import Masks
+from .masks import Masks
 
 
 def world() -> tuple[int, int]:

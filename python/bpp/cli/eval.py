@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         include_path: Optional[str] = typer.Option(None, "--include-path", help="folder of extra lm-eval task YAML files"),
     ):
         """Perplexity of a model on held-out text (non-overlapping windows), and optionally zero-shot accuracy."""
-        from ..jobs.evaluate import evaluate_model
+        from ..jobs.eval import evaluate_model
 
         result = evaluate_model(model, data=data, split=split, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                           device=device, tasks=tasks, limit=limit, include_path=include_path)

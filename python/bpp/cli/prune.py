@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..policy_gradient import PruneConfig
+from ..search import PruneConfig
 from .options import given_on_command_line
 
 _D = PruneConfig()  # the defaults, in one place

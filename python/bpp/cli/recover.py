@@ -24,7 +24,7 @@ def _job_options(options: dict) -> dict:
 
 
 def register(app: typer.Typer) -> None:
-    from ..methods.lora_recovery import TARGET_MODULES, RecoverConfig
+    from ..methods.recovery_config import TARGET_MODULES, RecoverConfig
 
     defaults = RecoverConfig()
 

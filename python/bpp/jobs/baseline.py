@@ -11,12 +11,12 @@ import torch
 
 from ..compaction import compact_model, save_compacted
 from ..data import load_text, tokenize, windows
-from ..evaluate import perplexity
+from ..evaluation import perplexity
 from ..methods import baseline_mask
 from ..methods import method as method_entry
 from ..methods.flap import compensation_for
 from ..modelio import load_model
-from ..policy import Policy, check_sparsity, param_summary
+from ..budget import Budget, check_sparsity
 from ..runs import RunFolder, atomic_write_json, write_error
 from ..space import MaskSpace, model_fingerprint
 
@@ -81,7 +81,7 @@ def _run(method, sparsity, out: Path, folder: RunFolder, *, model, tokenizer, da
                    "calib_windows": calib_windows, "calib_seq_len": calib_seq_len, "seed": seed,
                    "bias_compensation": bool(biases)},
         "params": {"dense": space.total_params, "prunable": space.prunable_params,
-                   "final_mask": param_summary(space, Policy(space, "channel,group", sparsity), mask)},
+                   "final_mask": Budget(space, "channel,group", sparsity).summary(mask)},
         "perplexity": {"data": f"{data}/heldout", "seq_len": eval_seq_len, "max_windows": eval_windows,
                        "evaluated_on": "compacted model", **ppl},
         "timings_s": {"mask": mask_seconds, "total_this_session": time.perf_counter() - t_start},

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from ..compaction import compact_model, round_mask, save_compacted
-from ..compensation import FILE as COMPENSATION_FILE
-from ..compensation import BiasCompensation
+from ..bias_compensation import FILE as COMPENSATION_FILE
+from ..bias_compensation import BiasCompensation
 from ..errors import BppError
 from ..modelio import load_model
 from ..runs import check_model_folder_target, write_error
-from ..space import Masks, MaskSpace
+from ..masks import Masks
+from ..space import MaskSpace
 
 
 def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from ..errors import BppError
-from ..methods.lora_recovery import CHECKPOINT, LoraRecovery, RecoverConfig, recovery_windows
-from ..modelio import MODELING_FILE, load_pruned, load_tokenizer, resolve_model_dir, save_model_folder
+from ..methods.lora_recovery import CHECKPOINT, LoraRecovery
+from ..methods.recovery_config import RecoverConfig, recovery_windows
+from ..model_folders import save_model_folder
+from ..modelio import MODELING_FILE, load_pruned, load_tokenizer, resolve_model_dir
 from ..runs import RunFolder, atomic_write_json, check_model_folder_target, differences, read_json, write_error
 
 def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
@@ -123,7 +125,7 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
 def _run(model_dir, out: Path, partial: RunFolder, config, options: dict, *, force: bool, resume: bool, device: str,
          trust_remote_code: bool, progress: bool, t_start: float, local: tuple) -> dict:
     from ..data import load_text, tokenize
-    from ..evaluate import perplexity
+    from ..evaluation import perplexity
 
     saved = read_json(partial.path / RUN_FILE, "the run settings") if resume else None
     run = _resolve_run(model_dir, config, options, saved)

@@ -1,7 +1,7 @@
 """``bpp report DIR...``: one Markdown table and one PNG comparing pruning runs.
 
 Reads each run's ``report.json`` (written by ``bpp prune``) and, when present, a
-``zero_shot.json`` beside it (``{task: {"acc": ..}}``, as :func:`bpp.evaluate.zero_shot` returns).
+``zero_shot.json`` beside it (``{task: {"acc": ..}}``, as :func:`bpp.evaluation.zero_shot` returns).
 """
 from __future__ import annotations
 

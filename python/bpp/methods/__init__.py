@@ -26,9 +26,10 @@ from typing import Callable
 
 import torch
 
+from ..budget import Budget
 from ..errors import BppError
-from ..policy import Policy
-from ..space import Masks, MaskSpace
+from ..masks import Masks
+from ..space import MaskSpace
 from .besa import besa_mask, besa_prior
 from .flap import flap_baseline, flap_prior
 from .loraprune import loraprune_mask, loraprune_prior
@@ -71,42 +72,56 @@ def method(name: str, purpose: str = "init") -> Method:
     return METHODS[name]
 
 
-def initialise(policy: Policy, name: str, model=None, calib: torch.Tensor | None = None,
+def initialise(budget: Budget, name: str, model=None, calib: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, Masks | None, dict]:
-    """θ to start from (flat, already on the budget), the init mask (S = 1; None for uniform),
-    and the raw per-unit metrics (for inspection). Layer units always start uniform: no metric
-    scores whole layers."""
+    """θ to start from (flat over ``budget``'s learned units, projected onto it), the init mask
+    (S = 1; None for uniform), and the raw per-unit metrics (for inspection). Layer units always
+    start uniform: no metric scores whole layers."""
     entry = method(name, "init")
-    space, keep = policy.space, 1.0 - policy.sparsity
-    theta = torch.full((policy.n_units,), keep, dtype=torch.float64)
-    if entry.prior is None or policy.granularity == ("layer",):
-        policy.theta = theta
-        policy.project()
-        return policy.theta.clone(), None, {}
+    space, keep = budget.space, 1.0 - budget.sparsity
+    theta = torch.full((budget.n_units,), keep, dtype=torch.float64)
+    if entry.prior is None or budget.granularity == ("layer",):
+        return budget.project(theta), None, {}
     if entry.calibrated and calib is None:
         raise BppError(f"{name} needs calibration windows")
-    probs, layer_masks, metrics = entry.prior(model, space, calib, keep, policy.granularity)
+    probs, layer_masks, metrics = entry.prior(model, space, calib, keep, budget.granularity)
     for t in ("channel", "group"):
-        if t in policy.slices:
-            theta[policy.slices[t]] = probs[t].to(torch.float64).reshape(-1)
-    policy.theta = theta
-    policy.project()
+        if t in budget.slices:
+            theta[budget.slices[t]] = probs[t].to(torch.float64).reshape(-1)
     L = space.n_layers
     init_mask = Masks(
-        channels=(layer_masks["channel"] if "channel" in policy.granularity
+        channels=(layer_masks["channel"] if "channel" in budget.granularity
                   else torch.ones(L, space.n_channels, dtype=torch.bool)).unsqueeze(0),
-        groups=(layer_masks["group"] if "group" in policy.granularity
+        groups=(layer_masks["group"] if "group" in budget.granularity
                 else torch.ones(L, space.n_groups, dtype=torch.bool)).unsqueeze(0),
         layers=torch.ones(1, L, dtype=torch.bool),
     )
-    return policy.theta.clone(), init_mask, metrics
+    return budget.project(theta), init_mask, metrics
+
+
+def rank_scores(name: str | None, model, space: MaskSpace, stats, calib: torch.Tensor | None, sparsity: float,
+                init: str, metrics: dict) -> dict | None:
+    """Scores that rank units inside each layer (``--rank``): ``{"channel": (L, m), "group": (L, G)}``
+    from FLAP's fluctuation (``stats``: the calibration statistics) or wanda-sp (the init's own
+    metrics when the init is wanda-sp); None for ``name`` None."""
+    if name is None:
+        return None
+    if name == "flap":
+        from .flap import flap_scores
+
+        return dict(zip(("channel", "group"), flap_scores(model, stats)))
+    if init == "wanda-sp":
+        return metrics
+    from .wanda_sp import wanda_sp_metric
+
+    scores, _ = wanda_sp_metric(model, space, calib, 1.0 - sparsity, ("channel", "group"))
+    return scores
 
 
 def prior_mask(model, space: MaskSpace, name: str, sparsity: float, calib: torch.Tensor | None = None,
                granularity: tuple[str, ...] = ("channel", "group")) -> Masks:
     """The mask a prior implies at ``sparsity`` (layer-uniform for the metrics)."""
-    policy = Policy(space, granularity, sparsity)
-    _, mask, _ = initialise(policy, name, model, calib)
+    _, mask, _ = initialise(Budget(space, granularity, sparsity), name, model, calib)
     if mask is None:
         raise BppError(f"{name} gives no ranking, hence no mask")
     return mask

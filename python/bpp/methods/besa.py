@@ -51,8 +51,8 @@ The block runs through bpp_kernels' masked ops (``BesaConfig.engine``): its weig
 the masks being learned passed as per-unit scales with every unit kept (a unit the straight-through
 mask zeroes still needs its gradient), only the scales differentiated; the fixed-mask pass that
 feeds the next block skips the pruned units. Where the ops cannot compute what the Hugging Face
-layer does (:func:`bpp.methods.calibration.kernel_blocks_unsupported`), "auto" runs the layer
-itself with its o_proj / down_proj inputs scaled by hooks, as before; both give the same masks on
+layer does (:func:`bpp.models.blocks.kernel_blocks_unsupported`), "auto" runs the Hugging Face
+layer itself with its o_proj / down_proj inputs scaled by hooks; both give the same masks on
 the tiny test models (tests/test_besa.py).
 
 How it compares with the other methods, and the ablations behind these choices: bench/RESULTS.md,
@@ -61,16 +61,18 @@ quality section.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from ..budget import check_sparsity, parse_granularity
 from ..errors import BppError
-from ..policy import check_sparsity, parse_granularity
-from ..space import Masks, MaskSpace
-from .calibration import (ENGINES, check_calib, choose_engine, eval_mode, input_scales, input_squares, kernel_block,
-                          layer_inputs, pack_block, run_layer, wanda_sp_scores)
+from ..masks import Masks
+from ..models.blocks import GRADIENT_ENGINES, choose_engine, kernel_block, pack_block
+from ..space import MaskSpace
+from .besa_relaxation import (candidate_counts, discretise_block, expected_count, expected_mask, init_logits, rescale_budgets,
+                              straight_through_mask)
+from .calibration import check_calib, eval_mode, input_scales, input_squares, layer_inputs, run_layer, wanda_sp_scores
 from .ranking import sigmap
 
 TYPES = ("channel", "group")
@@ -104,8 +106,8 @@ class BesaConfig:
         unknown = [t for t in self.soft_types if t not in TYPES]
         if unknown:
             raise BppError(f"BESA soft_types must be among {', '.join(TYPES)}, got {', '.join(map(str, unknown))}")
-        if self.engine not in ENGINES:
-            raise BppError(f"BESA engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine not in GRADIENT_ENGINES:
+            raise BppError(f"BESA engine must be one of {', '.join(GRADIENT_ENGINES)}, got {self.engine!r}")
         return self
 
 
@@ -122,59 +124,6 @@ class BesaResult:
     reconstruction: torch.Tensor  # (L,) final reconstruction loss of each block's hard mask
     history: list = field(default_factory=list)
     engine: str = "hf"  # what ran the blocks: "kernels" or "hf" (BesaConfig.engine)
-
-
-# --- the differentiable relaxation -------------------------------------------------------------
-
-def candidate_counts(n: int, step: float = 0.01) -> torch.Tensor:
-    """Candidate kept-unit counts for a layer of ``n`` units: every count when the grid is finer
-    than a unit, else the counts of the keep rates 0, step, 2·step, ..., 1 (int64, increasing)."""
-    if n < 1:
-        raise BppError("a prunable layer needs at least one unit")
-    k = int(round(1.0 / step))
-    if n <= k:
-        return torch.arange(n + 1)
-    return torch.unique(torch.round(torch.linspace(0.0, 1.0, k + 1, dtype=torch.float64) * n).long())
-
-
-def expected_mask(probs: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """E[m_r] = Σ_k p_k·1[r < c_k] for the units in rank order r = 0..n−1 (0 = most important)."""
-    ranks = torch.arange(n, device=probs.device)
-    return (probs.unsqueeze(-1) * (ranks < counts.to(probs.device).unsqueeze(-1)).to(probs.dtype)).sum(-2)
-
-
-def hard_mask(count: int, n: int, device=None) -> torch.Tensor:
-    """The mask keeping the ``count`` top-ranked units, in rank order (float 0/1)."""
-    return (torch.arange(n, device=device) < count).float()
-
-
-def expected_count(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return (probs * counts.to(probs)).sum(-1)
-
-
-def straight_through_mask(logits: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """In rank order: the hard mask of the rounded expected count in the forward pass, the gradient
-    of the expected mask in the backward pass (the official straight-through estimator)."""
-    probs = torch.softmax(logits, -1)
-    soft = expected_mask(probs, counts, n)
-    k = int(torch.round(expected_count(probs, counts)).item())
-    return hard_mask(k, n, soft.device).to(soft.dtype) + (soft - soft.detach())  # exactly hard forward
-
-
-def init_logits(counts: torch.Tensor, n: int, keep: float) -> torch.Tensor:
-    """The maximum-entropy distribution over the candidate rates whose expected rate is ``keep``:
-    logits β·rate_k, with β found by bisection (β = 0, the official all-zero start, when ``keep``
-    is the grid's mean rate). Every candidate starts with some probability, so the gradient reaches
-    all of them."""
-    rates = counts.to(torch.float64) / n
-    lo, hi = -500.0, 500.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if float((torch.softmax(mid * rates, 0) * rates).sum()) < keep:
-            lo = mid
-        else:
-            hi = mid
-    return (0.5 * (lo + hi) * rates).float()
 
 
 # --- one block ---------------------------------------------------------------------------------
@@ -194,54 +143,6 @@ def _dense_pass(layer, hidden: list[torch.Tensor], kwargs: dict, space: MaskSpac
         outputs = [run_layer(layer, h, kwargs) for h in hidden]
     scores = wanda_sp_scores(layer, space, sums["o"], sums["down"], sum(h.shape[0] for h in hidden))
     return outputs, scores
-
-
-def _feasible_groups(budget: float, space: MaskSpace, learned: tuple[str, ...]) -> tuple[int, int]:
-    """The group counts of a block that leave its channels able to fill ``budget`` exactly."""
-    G, m, cg, cc = space.n_groups, space.n_channels, space.group_params, space.channel_params
-    if "channel" not in learned:
-        return 0, G
-    lo = max(0, math.ceil((budget - m * cc) / cg - 1e-9))
-    hi = min(G, math.floor(budget / cg + 1e-9))
-    return lo, max(lo, hi)
-
-
-def _discretise_block(budget: float, group_rate: float | None, carry: float, space: MaskSpace,
-                      learned: tuple[str, ...]) -> tuple[int, int, float]:
-    """(kept groups, kept channels, new carry) meeting ``budget`` parameters for one block: the
-    groups round the learned rate (within what the channels can make up), the finest learned type
-    fills the rest, and its rounding remainder (in units) is carried to the next block."""
-    G, m, cg, cc = space.n_groups, space.n_channels, space.group_params, space.channel_params
-    if learned == ("group",):
-        want = budget / cg + carry
-        k = min(G, max(0, round(want)))
-        return k, m, want - k
-    if "group" in learned:
-        lo, hi = _feasible_groups(budget, space, learned)
-        k_g = min(hi, max(lo, round(group_rate * G)))
-    else:
-        k_g = G
-    want = (budget - (k_g * cg if "group" in learned else 0)) / cc + carry
-    k_c = min(m, max(0, round(want)))
-    return k_g, k_c, want - k_c
-
-
-def _rescale_budgets(learned_keep: torch.Tensor, block_params: float, total: float) -> torch.Tensor:
-    """Per-block budgets proportional to the learned keep rates, summing to ``total``, none above a
-    whole block (water-filling: capped blocks are fixed and the rest rescaled)."""
-    rates = learned_keep.to(torch.float64).clamp_min(1e-6)
-    capped = torch.zeros_like(rates, dtype=torch.bool)
-    budgets = torch.zeros_like(rates)
-    for _ in range(rates.numel() + 1):
-        left = total - block_params * capped.sum()
-        free = ~capped
-        budgets = torch.where(capped, torch.full_like(rates, block_params),
-                              rates * left / rates[free].sum())
-        over = free & (budgets > block_params)
-        if not over.any():
-            break
-        capped |= over
-    return budgets
 
 
 def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
@@ -344,7 +245,7 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                 if config.across_blocks:
                     k = {t: int(round(float(learned_rates[t][i]) * sizes[t])) for t in learned}
                 else:
-                    k_g, k_c, carry = _discretise_block(keep * block_params, float(learned_rates["group"][i]),
+                    k_g, k_c, carry = discretise_block(keep * block_params, float(learned_rates["group"][i]),
                                                         carry, space, learned)
                     k = {"group": k_g, "channel": k_c}
                 for t in learned:
@@ -364,10 +265,10 @@ def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                          "recon": f"{float(recon[i]):.2e}"})
 
     if config.across_blocks:  # final budgets: the learned block rates, rescaled onto the global budget
-        budgets = _rescale_budgets(block_keep, block_params, total_budget)
+        budgets = rescale_budgets(block_keep, block_params, total_budget)
         carry = 0.0
         for i in range(L):
-            k_g, k_c, carry = _discretise_block(float(budgets[i]), float(learned_rates["group"][i]), carry,
+            k_g, k_c, carry = discretise_block(float(budgets[i]), float(learned_rates["group"][i]), carry,
                                                 space, learned)
             for t, k in (("group", k_g), ("channel", k_c)):
                 if t in learned:

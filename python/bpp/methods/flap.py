@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from ..compensation import BiasCompensation, InputStats
+from ..bias_compensation import BiasCompensation, InputStats
 from ..errors import BppError
-from ..policy import check_sparsity, deterministic_mask, parse_granularity
-from ..space import Masks, MaskSpace
+from ..budget import check_sparsity, deterministic_mask, parse_granularity
+from ..masks import Masks
+from ..space import MaskSpace
 from .ranking import sigmap
 
 TYPES = ("channel", "group")
@@ -87,7 +88,7 @@ def flap_mask(model, input_ids: torch.Tensor, sparsity: float, stats: InputStats
 def compensation_biases(model, masks: Masks, stats: InputStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the output biases of o_proj and down_proj that restore the mean contribution of
     the pruned columns: ``b = W[:, pruned] @ mean(X[:, pruned])`` (zeros when nothing is pruned),
-    for one mask (S = 1), in the model's dtype (:func:`bpp.compensation.output_biases`)."""
+    for one mask (S = 1), in the model's dtype (:func:`bpp.bias_compensation.output_biases`)."""
     biases = BiasCompensation.from_stats(model, stats).compact_biases(masks)
     return biases["o_proj_bias"], biases["down_proj_bias"]
 

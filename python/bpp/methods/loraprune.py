@@ -42,9 +42,11 @@ from tqdm.auto import tqdm
 
 from ..errors import BppError
 from ..modelio import PROJECTIONS
-from ..policy import check_sparsity, parse_granularity
-from ..space import Masks, MaskSpace
-from .calibration import ENGINES, check_calib, choose_engine, eval_mode, input_scales, kernel_lm_loss, lora_weight
+from ..budget import check_sparsity, parse_granularity
+from ..masks import Masks
+from ..space import MaskSpace
+from ..models.blocks import GRADIENT_ENGINES, choose_engine, kernel_lm_loss, lora_weight
+from .calibration import check_calib, eval_mode, input_scales
 from .ranking import per_layer_counts, sigmap
 
 TYPES = ("channel", "group")
@@ -74,8 +76,8 @@ class LoRAPruneConfig:
             raise BppError(f"LoRAPrune ema must lie in [0, 1), got {self.ema}")
         if not self.lr >= 0.0:
             raise BppError(f"LoRAPrune lr must be non-negative, got {self.lr}")
-        if self.engine not in ENGINES:
-            raise BppError(f"LoRAPrune engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine not in GRADIENT_ENGINES:
+            raise BppError(f"LoRAPrune engine must be one of {', '.join(GRADIENT_ENGINES)}, got {self.engine!r}")
         return self
 
 

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..bias_compensation import InputStats
 from ..errors import BppError
-from ..space import Masks, MaskSpace
-from .calibration import InputStats, wanda_sp_scores
+from ..masks import Masks
+from ..space import MaskSpace
+from .calibration import wanda_sp_scores
 
 
 @dataclass

@@ -8,7 +8,9 @@ import contextlib
 
 import torch
 
-from ..space import Masks, MaskSpace
+from ..masks import Masks
+
+from ..space import MaskSpace
 
 
 @contextlib.contextmanager

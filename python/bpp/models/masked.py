@@ -17,7 +17,8 @@ import torch
 import bpp_kernels as K
 
 from ..errors import BppError
-from ..space import Masks, MaskSpace
+from ..masks import Masks
+from ..space import MaskSpace
 
 
 @dataclass
@@ -157,7 +158,7 @@ class MaskedModel:
         """``(S,)`` float32: mean next-token NLL of each mask over the batch ``input_ids (B, T)``;
         ``(S, B)`` (each window's mean) with ``per_window``. ``biases``: optional per-sample output
         biases of o_proj and down_proj, ``(attn (L, S, d), mlp (L, S, d))``, as
-        :meth:`bpp.compensation.BiasCompensation.biases` makes them (bias compensation).
+        :meth:`bpp.bias_compensation.BiasCompensation.biases` makes them (bias compensation).
         ``teacher``: ``(B, T − 1, d)`` from :meth:`teacher`; the loss is then the cross-entropy
         against the dense model's next-token distribution instead of the text's token
         (KL(dense ‖ mask) plus a constant): lse(z) − p_dense·z = NLL + (W[y] − e)·h."""

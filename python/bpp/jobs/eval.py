@@ -3,7 +3,7 @@ lm-evaluation-harness), on a model folder, a hub id or the embedded default."""
 from __future__ import annotations
 
 from ..data import load_text
-from ..evaluate import ZERO_SHOT_TASKS, perplexity, zero_shot
+from ..evaluation import ZERO_SHOT_TASKS, perplexity, zero_shot
 from ..modelio import load_model
 
 

@@ -1,4 +1,6 @@
-"""Perplexity (the standard protocol), and later zero-shot evaluation and reports."""
+"""How bpp measures a model: perplexity by the standard protocol (of a dense, masked or compacted
+model) and zero-shot accuracy through lm-evaluation-harness. The ``bpp eval`` job is
+:mod:`bpp.jobs.eval`."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import tokenize
 from .errors import BppError
-from .space import Masks
+from .masks import Masks
 
 
 @torch.no_grad()
@@ -96,3 +98,15 @@ def zero_shot(model, tokenizer, tasks: list[str] | tuple[str, ...] = ZERO_SHOT_T
                 row[key] = float(metrics[f"{key},none"])
         results[task] = row
     return results
+
+
+def compacted_perplexity(model, tokenizer, held: torch.Tensor, mask: Masks, biases: dict, seq_len: int,
+                         max_windows: int | None) -> float:
+    """Held-out perplexity of the model ``bpp prune`` writes for ``mask``: compacted with its
+    compensation ``biases`` when there are any, else the mask applied by hooks (the same logits)."""
+    if not biases:
+        return masked_perplexity(model, tokenizer, held, mask, seq_len, max_windows)
+    from .compaction import compact_model
+
+    return perplexity(compact_model(model, mask, **biases), tokenizer, held, seq_len=seq_len, max_windows=max_windows)
+

@@ -1,6 +1,6 @@
 """FLAP's bias compensation: the calibration means of the o_proj and down_proj inputs, and the
 output biases they give a mask, so that a masked loss is the loss of the model
-``bpp compact --bias-compensation`` writes (issue 18).
+``bpp compact --bias-compensation`` writes.
 
 For a mask, each layer gets ``b_o = W_o[:, pruned] @ mean(x_o)[pruned]`` and
 ``b_down = W_down[:, pruned] @ mean(x_down)[pruned]`` (x: the inputs of o_proj / down_proj over
@@ -19,7 +19,8 @@ import torch
 
 from .errors import BppError
 from .runs import atomic_write
-from .space import Masks, MaskSpace
+from .masks import Masks
+from .space import MaskSpace
 
 FILE = "bias_compensation.safetensors"  # the calibration means a run's biases come from
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpp import data, evaluate
+from bpp import data, evaluation
 from bpp.errors import BppError
 from tests.tiny import tiny_model
 
@@ -30,10 +30,10 @@ def test_perplexity_follows_the_standard_protocol(tokenizer):
     with torch.no_grad():
         logits = model(windows).logits[:, :-1]
     expected = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item())
-    got = evaluate.perplexity(model, tokenizer, text, seq_len=seq_len, batch_size=3)
+    got = evaluation.perplexity(model, tokenizer, text, seq_len=seq_len, batch_size=3)
     assert got == pytest.approx(expected, rel=1e-5)
     with pytest.raises(BppError, match="fewer than seq_len"):
-        evaluate.perplexity(model, tokenizer, text, seq_len=10**6)
+        evaluation.perplexity(model, tokenizer, text, seq_len=10**6)
 
 
 def _bpp(*args):

@@ -1,13 +1,15 @@
-"""The Bernoulli policy: projection onto the budget, the score-function gradient, baselines,
-the final mask, and the input checks."""
+"""Budgets and the per-unit Bernoulli policy: projection onto the budget, the score-function
+gradient, baselines, the final mask, and the input checks."""
 import math
 
 import pytest
 import torch
 
 from bpp.errors import BppError
-from bpp.policy import (Policy, loss_baseline, binary_entropy, deterministic_mask, parse_granularity,
-                        project_onto_budget, score_function_gradient)
+from bpp.budget import Budget, deterministic_mask, parse_granularity, project_onto_budget
+from bpp.masks import Masks
+from bpp.search.estimators import binary_entropy, loss_baseline, score_function_gradient
+from bpp.search.units import UnitsPolicy
 from bpp.space import MaskSpace
 from tests.tiny import tiny_model
 
@@ -106,7 +108,7 @@ def test_moving_average_baseline_starts_at_the_first_mean_then_decays():
     assert float(b) == 3.0 and state == 3.0
     b, state = loss_baseline(torch.tensor([5.0, 5.0]), "moving-average", state)
     assert abs(state - (0.8 * 3.0 + 0.2 * 5.0)) < 1e-12 and float(b) == state
-    with pytest.raises(BppError, match="unknown baseline"):
+    with pytest.raises(ValueError, match="unknown baseline"):
         loss_baseline(torch.tensor([1.0]), "median", None)
 
 
@@ -118,29 +120,27 @@ def test_entropy():
 # --- the policy on a model's units ------------------------------------------------------------
 
 def test_final_mask_respects_each_budget(space):
-    policy = Policy(space, "group,channel", sparsity=0.3)
-    policy.theta = torch.rand(policy.n_units, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    policy.project()
-    assert [abs(s - p.target) < 1e-6 for s, p in zip(policy.budget_sums(), policy.parts)] == [True, True]
-    mask = policy.final_mask()
+    budget = Budget(space, "group,channel", sparsity=0.3)
+    theta = budget.project(torch.rand(budget.n_units, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert [abs(s - p.target) < 1e-6 for s, p in zip(budget.sums(theta), budget.parts)] == [True, True]
+    mask = budget.final_mask(theta)
     assert int(mask.channels.sum()) == round(0.7 * 2 * 70)
     assert int(mask.groups.sum()) == round(0.7 * 2 * 2)
     assert bool(mask.layers.all())
     # the kept channels are exactly the highest-θ ones
-    th = policy.theta[policy.slices["channel"]]
+    th = theta[budget.slices["channel"]]
     kept = mask.channels.reshape(-1)
     assert float(th[kept].min()) >= float(th[~kept].max())
 
 
 def test_params_budget_is_joint_and_final_mask_fits(space):
-    policy = Policy(space, "group,channel", sparsity=0.4, budget="params")
-    assert len(policy.parts) == 1
+    budget = Budget(space, "group,channel", sparsity=0.4, kind="params")
+    assert len(budget.parts) == 1
     g = torch.Generator().manual_seed(3)
-    policy.theta = torch.rand(policy.n_units, generator=g, dtype=torch.float64)
-    policy.project()
-    (target,) = [p.target for p in policy.parts]
-    assert abs(policy.budget_sums()[0] - target) < 1e-6
-    mask = policy.final_mask()
+    theta = budget.project(torch.rand(budget.n_units, generator=g, dtype=torch.float64))
+    (target,) = [p.target for p in budget.parts]
+    assert abs(budget.sums(theta)[0] - target) < 1e-6
+    mask = budget.final_mask(theta)
     kept_params = int(mask.channels.sum()) * space.channel_params + int(mask.groups.sum()) * space.group_params
     assert kept_params <= target
     assert target - kept_params < space.group_params  # nothing that still fits was left out
@@ -153,20 +153,19 @@ def test_deterministic_mask_skips_what_does_not_fit():
 
 
 def test_sampling_follows_theta_and_keeps_unlearned_units(space):
-    policy = Policy(space, "channel", sparsity=0.5)
+    policy = UnitsPolicy(Budget(space, "channel", sparsity=0.5))
     masks, flat = policy.sample(400, torch.Generator().manual_seed(0))
     assert masks.channels.shape == (400, 2, 70) and bool(masks.groups.all()) and bool(masks.layers.all())
     assert abs(float(flat.double().mean()) - 0.5) < 0.01
-    assert torch.equal(policy.from_masks(masks), flat)
+    assert torch.equal(policy.budget.from_masks(masks), flat)
 
 
 def test_theta_masks_roundtrip(space):
-    policy = Policy(space, "group,channel", sparsity=0.2)
-    policy.theta = torch.linspace(0, 1, policy.n_units, dtype=torch.float64)
+    policy = UnitsPolicy(Budget(space, "group,channel", sparsity=0.2))
+    policy.theta = torch.linspace(0, 1, policy.budget.n_units, dtype=torch.float64)
     theta = policy.theta_masks()
-    other = Policy(space, "group,channel", sparsity=0.2)
-    other.set_theta_masks(theta)
-    assert torch.equal(other.theta, policy.theta)
+    with_s = Masks(theta.channels.unsqueeze(0), theta.groups.unsqueeze(0), theta.layers.unsqueeze(0))
+    assert torch.equal(policy.budget.from_masks(with_s)[0], policy.theta)
 
 
 # --- bad inputs --------------------------------------------------------------------------------
@@ -174,14 +173,14 @@ def test_theta_masks_roundtrip(space):
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])
 def test_sparsity_outside_the_open_interval(space, sparsity):
     with pytest.raises(BppError, match="strictly between 0 and 1"):
-        Policy(space, "group,channel", sparsity=sparsity)
+        Budget(space, "group,channel", sparsity=sparsity)
 
 
 def test_budget_impossible_for_the_granularity(space):
     with pytest.raises(BppError, match="cannot be met by the granularity layer"):
-        Policy(space, "layer", sparsity=0.2)  # 2 layers: keeping 1.6 rounds to 2, prunes nothing
+        Budget(space, "layer", sparsity=0.2)  # 2 layers: keeping 1.6 rounds to 2, prunes nothing
     with pytest.raises(BppError, match="cannot be met by the granularity group"):
-        Policy(space, "group", sparsity=0.05)
+        Budget(space, "group", sparsity=0.05)
 
 
 def test_granularity_parsing():

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from bpp.compaction import compact_model as compact
-from bpp.compensation import BiasCompensation, InputStats
+from bpp.bias_compensation import BiasCompensation, InputStats
 from bpp.errors import BppError
 from bpp.methods.flap import compensation_biases
 from bpp.models.masked import MaskedModel
-from bpp.space import Masks, MaskSpace
+from bpp.masks import Masks
+from bpp.space import MaskSpace
 from tests.tiny import seed_for_test, tiny_model
 
 

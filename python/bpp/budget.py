@@ -1,12 +1,11 @@
-"""The Bernoulli pruning policy: keep-probabilities θ over the prunable units of a model, their
-budget, sampling, the score-function gradient, the projection back onto the budget, and the
-final deterministic mask.
+"""Parameter budgets over a model's prunable units: which unit types are learned (granularity),
+how many parameters a sparsity leaves, the projection of keep-probabilities onto that budget,
+and the deterministic mask that keeps the best units within it.
 
-θ lives in float64 (tens of thousands of units at most; float64 makes the projection exact to
-the last bit that matters and the resume test bit-exact). The learned unit types are chosen by
-``granularity``; units of the other types stay kept (θ = 1) and are never sampled out.
+Units of the learned types are held as one flat vector (types in :data:`UNIT_TYPES` order, each
+flattened layer-major); units of the other types stay kept.
 
-Budgets (``kind``):
+Budget kinds:
 - ``"count"`` (the official method): one budget per unit type, Σθ_u = k_t, where k_t is the
   number of units of type t kept at the target sparsity. Every unit of a type has the same
   parameter cost, so this is also a parameter budget per type.
@@ -21,14 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BppError
-from .space import Masks, MaskSpace
+from .masks import Masks
+from .space import MaskSpace
 
-UNIT_TYPES = ("channel", "group", "layer")  # the order of the flat θ vector
-_FIELD = {"channel": "channels", "group": "groups", "layer": "layers"}  # Masks attribute per type
+UNIT_TYPES = ("channel", "group", "layer")  # the order of a flat unit vector
+FIELD = {"channel": "channels", "group": "groups", "layer": "layers"}  # Masks attribute per type
 BUDGET_KINDS = ("count", "params")
-BASELINES = ("moving-average", "leave-one-out")
-# the official code adds this to θ and 1 − θ under the square root of the gradient normalisation
-GRADIENT_EPS = 1e-7
 
 
 def parse_granularity(granularity: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -55,8 +52,6 @@ def check_sparsity(sparsity: float) -> float:
                        f"parameters), got {sparsity}")
     return float(sparsity)
 
-
-# --- the three numerical pieces, on flat vectors ----------------------------------------------
 
 def project_onto_budget(theta: torch.Tensor, costs: torch.Tensor, budget: float,
                         iterations: int = 200) -> torch.Tensor:
@@ -102,23 +97,6 @@ def project_onto_budget(theta: torch.Tensor, costs: torch.Tensor, budget: float,
     return shifted.clamp(0.0, 1.0)
 
 
-def score_function_gradient(theta: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor,
-                            baseline: torch.Tensor | float, n_samples: int) -> torch.Tensor:
-    """The official policy-gradient estimate for Bernoulli keep-probabilities:
-
-        ĝ_u = Σ_s (L_s − b_s) · (m_su − θ_u) / sqrt((θ_u + ε)(1 − θ_u + ε)) / (n_samples − 1)
-
-    ``masks`` (S, N) in {0, 1}, ``losses`` (S,), ``baseline`` a scalar or (S,) per-sample
-    baselines. (m − θ)/(θ(1 − θ)) is ∇θ log p(m | θ); the official code divides by the square
-    root instead (a Fisher-like rescaling: per unit, the score has unit variance), and by
-    S − 1 rather than S (it makes the leave-one-out form unbiased; see :func:`loss_baseline`)."""
-    theta = theta.to(torch.float64)
-    m = masks.to(torch.float64)
-    adv = losses.to(torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
-    scaled = (m - theta) / torch.sqrt((theta + GRADIENT_EPS) * (1.0 - theta + GRADIENT_EPS))
-    return (adv.reshape(-1, 1) * scaled).sum(0) / (n_samples - 1)
-
-
 def deterministic_mask(theta: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """Keep the highest-θ units whose total cost stays within ``budget`` (bool, same shape).
 
@@ -140,17 +118,9 @@ def deterministic_mask(theta: torch.Tensor, costs: torch.Tensor, budget: float) 
     return keep.reshape(theta.shape)
 
 
-def binary_entropy(theta: torch.Tensor) -> torch.Tensor:
-    """Per-unit entropy of Bernoulli(θ) in nats (0 at θ ∈ {0, 1})."""
-    t = theta.to(torch.float64)
-    return -(torch.special.xlogy(t, t) + torch.special.xlogy(1.0 - t, 1.0 - t))
-
-
-# --- the policy over a model's MaskSpace -------------------------------------------------------
-
 @dataclass(frozen=True)
 class BudgetPart:
-    """One equality constraint Σ_{u in part} c_u θ_u = target over a slice of flat θ."""
+    """One equality constraint Σ_{u in part} c_u θ_u = target over a slice of the flat units."""
 
     name: str  # a unit type, or "params" for the joint budget
     start: int
@@ -158,19 +128,17 @@ class BudgetPart:
     target: float
 
 
-class Policy:
-    """Keep-probabilities θ for the learned unit types of ``space``, held as one flat float64
-    vector (types in :data:`UNIT_TYPES` order, each flattened layer-major), with their parameter
-    costs and the budget parts."""
+class Budget:
+    """The learned unit types of ``space`` at ``sparsity``: their slices of the flat unit vector,
+    parameter costs, and the budget parts the units must meet."""
 
-    def __init__(self, space: MaskSpace, granularity="group,channel", sparsity: float = 0.2,
-                 budget: str = "count"):
+    def __init__(self, space: MaskSpace, granularity="group,channel", sparsity: float = 0.2, kind: str = "count"):
         self.space = space
         self.granularity = parse_granularity(granularity)
         self.sparsity = check_sparsity(sparsity)
-        if budget not in BUDGET_KINDS:
-            raise BppError(f"unknown budget {budget!r}; use one of {', '.join(BUDGET_KINDS)}")
-        self.budget_kind = budget
+        if kind not in BUDGET_KINDS:
+            raise BppError(f"unknown budget {kind!r}; use one of {', '.join(BUDGET_KINDS)}")
+        self.kind = kind
         L = space.n_layers
         sizes = {"channel": L * space.n_channels, "group": L * space.n_groups, "layer": L}
         unit_cost = {"channel": space.channel_params, "group": space.group_params, "layer": space.layer_params}
@@ -181,13 +149,11 @@ class Policy:
             costs.append(torch.full((sizes[t],), float(unit_cost[t]), dtype=torch.float64))
             start += sizes[t]
         self.costs = torch.cat(costs)
-        self.parts = self._budget_parts(sizes)
-        self.theta = torch.full((start,), 1.0 - self.sparsity, dtype=torch.float64)
-        self.project()
+        self.parts = self._parts(sizes)
 
-    def _budget_parts(self, sizes: dict) -> list[BudgetPart]:
+    def _parts(self, sizes: dict) -> list[BudgetPart]:
         keep = 1.0 - self.sparsity
-        if self.budget_kind == "count":
+        if self.kind == "count":
             parts = []
             for t in self.granularity:
                 n = sizes[t]
@@ -211,11 +177,18 @@ class Policy:
                            f"out of {total:.0f} is finer than the smallest unit ({cheapest:.0f})")
         return [BudgetPart("params", 0, self.costs.numel(), target)]
 
-    # --- conversions ---------------------------------------------------------------------
     @property
     def n_units(self) -> int:
-        return self.theta.numel()
+        return self.costs.numel()
 
+    @property
+    def learned_params(self) -> float:
+        return float(self.costs.sum())
+
+    def targets(self) -> dict[str, float]:
+        return {p.name: p.target for p in self.parts}
+
+    # --- flat units ↔ masks -----------------------------------------------------------------
     def to_masks(self, flat: torch.Tensor) -> Masks:
         """Flat (S, N) values (bool or float) → a Masks container; unlearned types all kept."""
         S = flat.shape[0]
@@ -224,96 +197,49 @@ class Policy:
         out = {}
         for t in UNIT_TYPES:
             if t in self.slices:
-                out[_FIELD[t]] = flat[:, self.slices[t]].reshape(shapes[t])
+                out[FIELD[t]] = flat[:, self.slices[t]].reshape(shapes[t])
             else:
-                out[_FIELD[t]] = torch.ones(shapes[t], dtype=flat.dtype)
+                out[FIELD[t]] = torch.ones(shapes[t], dtype=flat.dtype)
         return Masks(**out)
 
     def from_masks(self, masks: Masks) -> torch.Tensor:
         """Masks (with S) → flat (S, N) over the learned unit types."""
         S = masks.layers.shape[0]
-        return torch.cat([getattr(masks, _FIELD[t]).reshape(S, -1) for t in self.granularity], dim=1)
+        return torch.cat([getattr(masks, FIELD[t]).reshape(S, -1) for t in self.granularity], dim=1)
 
-    def theta_masks(self) -> Masks:
-        """θ in a Masks container without S (float64), unlearned types at 1."""
-        m = self.to_masks(self.theta.unsqueeze(0))
-        return Masks(m.channels[0], m.groups[0], m.layers[0])
-
-    def set_theta_masks(self, theta: Masks) -> None:
-        self.theta = self.from_masks(Masks(theta.channels.unsqueeze(0), theta.groups.unsqueeze(0),
-                                           theta.layers.unsqueeze(0)))[0].to(torch.float64).clone()
-
-    # --- the method ----------------------------------------------------------------------
-    def sample(self, S: int, generator: torch.Generator | None = None) -> tuple[Masks, torch.Tensor]:
-        """S masks m ~ Bernoulli(θ): the Masks container and the flat (S, N) bool matrix."""
-        flat = torch.rand((S, self.n_units), generator=generator, dtype=torch.float64) < self.theta
-        return self.to_masks(flat), flat
-
-    def gradient(self, flat_masks: torch.Tensor, losses: torch.Tensor, baseline, n_samples: int) -> torch.Tensor:
-        return score_function_gradient(self.theta, flat_masks, losses, baseline, n_samples)
-
-    def step(self, grad: torch.Tensor, lr: float) -> None:
-        """Plain gradient step θ ← θ − lr·ĝ (as the official code: no momentum), then project."""
-        self.theta = self.theta - lr * grad
-        self.project()
-
-    def project(self) -> None:
-        theta = self.theta.clone()
+    # --- the budget -------------------------------------------------------------------------
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """θ (N,) projected onto every budget part."""
+        out = theta.clone()
         for part in self.parts:
             sl = slice(part.start, part.stop)
-            theta[sl] = project_onto_budget(self.theta[sl], self.costs[sl], part.target)
-        self.theta = theta
+            out[sl] = project_onto_budget(theta[sl], self.costs[sl], part.target)
+        return out
 
-    def final_mask(self, theta: torch.Tensor | None = None) -> Masks:
+    def final_mask(self, theta: torch.Tensor) -> Masks:
         """The deterministic mask keeping the highest-θ units within each budget part (S = 1)."""
-        theta = self.theta if theta is None else theta
         keep = torch.zeros(self.n_units, dtype=torch.bool)
         for part in self.parts:
             sl = slice(part.start, part.stop)
             keep[sl] = deterministic_mask(theta[sl], self.costs[sl], part.target)
         return self.to_masks(keep.unsqueeze(0))
 
-    def budget_sums(self, theta: torch.Tensor | None = None) -> list[float]:
-        theta = self.theta if theta is None else theta
+    def sums(self, theta: torch.Tensor) -> list[float]:
+        """Σ c_u θ_u of each budget part."""
         return [float((self.costs[p.start:p.stop] * theta[p.start:p.stop]).sum()) for p in self.parts]
 
-    def mean_entropy(self) -> float:
-        return float(binary_entropy(self.theta).mean())
-
-
-def loss_baseline(losses: torch.Tensor, baseline_kind: str, moving_baseline: float | None,
-               momentum: float = 0.8) -> tuple[torch.Tensor, float | None]:
-    """Per-sample baselines for the valid (finite) ``losses`` of one step.
-
-    - ``moving-average`` (official): b ← momentum·b + (1 − momentum)·mean(L), starting at the
-      first step's mean, and updated *before* it is used, as the official code does.
-    - ``leave-one-out``: b = mean(L), so that Σ_s (L_s − mean L)/(S − 1) equals the mean of
-      L_s − mean_{j≠s} L_j: each sample is compared with the others on the same batch, which
-      cancels the batch-to-batch loss variation that a moving average carries.
-
-    Returns (baseline to subtract, the new moving baseline)."""
-    mean = losses.to(torch.float64).mean()
-    if baseline_kind == "moving-average":
-        b = float(mean) if moving_baseline is None else momentum * moving_baseline + (1 - momentum) * float(mean)
-        return torch.tensor(b, dtype=torch.float64), b
-    if baseline_kind == "leave-one-out":
-        return mean, moving_baseline
-    raise BppError(f"unknown baseline {baseline_kind!r}; use one of {', '.join(BASELINES)}")
-
-
-def param_summary(space: MaskSpace, policy: Policy, mask: Masks | None) -> dict | None:
-    """Parameters of ``mask`` after compaction, and its sparsity of the model and of ``policy``'s
-    learned units (None without a mask)."""
-    if mask is None:
-        return None
-    kept = int(space.params(mask)[0])
-    learned = float(policy.costs.sum())
-    eff = mask.effective()
-    removed_prunable = space.total_params - kept
-    return {
-        "params": kept,
-        "sparsity_of_model": 1 - kept / space.total_params,
-        "sparsity_of_learned_units": removed_prunable / learned,
-        "kept_channels": int(eff.channels.sum()), "kept_groups": int(eff.groups.sum()),
-        "kept_layers": int(mask.layers.sum()),
-    }
+    def summary(self, mask: Masks | None) -> dict | None:
+        """Parameters of ``mask`` after compaction, and its sparsity of the model and of the
+        learned units (None without a mask)."""
+        if mask is None:
+            return None
+        space = self.space
+        kept = int(space.params(mask)[0])
+        eff = mask.effective()
+        return {
+            "params": kept,
+            "sparsity_of_model": 1 - kept / space.total_params,
+            "sparsity_of_learned_units": (space.total_params - kept) / self.learned_params,
+            "kept_channels": int(eff.channels.sum()), "kept_groups": int(eff.groups.sum()),
+            "kept_layers": int(mask.layers.sum()),
+        }

@@ -1,4 +1,4 @@
-"""Never worse than where it started (issue 18): the best mask found so far, judged on held-in
+"""Never worse than where it started: the best mask found so far, judged on held-in
 calibration windows that the gradient never sees.
 
 The incumbent starts as the init method's own mask. Every so often the policy's current
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .space import Masks
+from ..masks import Masks
 
 
 class Incumbent:
@@ -38,8 +38,7 @@ class Incumbent:
         n = d.numel()
         mean = float(d.mean())
         se = float(d.std() / math.sqrt(n)) if n > 1 else math.inf
-        same = all(torch.equal(getattr(mask, f), getattr(self.mask, f)) for f in ("channels", "groups", "layers"))
-        accepted = (not same) and mean < 0 and mean < -self.z * se
+        accepted = mask != self.mask and mean < 0 and mean < -self.z * se
         record = {"step": step, "challenger_loss": float(window_losses.double().mean()), "incumbent_loss": self.loss,
                   "mean_difference": mean, "standard_error": se, "accepted": accepted}
         if accepted:

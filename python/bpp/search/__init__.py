@@ -1,0 +1,53 @@
+"""The search: policies that propose masks and learn from their losses, the loop that drives any
+of them, the incumbent, the objective and the run's configuration.
+
+- :mod:`.interface`: what a policy offers the loop (ask / tell, deterministic mask, state)
+- :mod:`.units`: the per-unit Bernoulli policy (``--policy units``, the paper's method)
+- :mod:`.allocation`: per-layer kept counts over a within-layer ranking (``--policy allocation``),
+  with its KV-group moves in :mod:`.group_moves`
+- :mod:`.counts`: the allocation policy's rankings, integer counts and depth profiles
+- :mod:`.estimators`: every gradient estimate the policies use; :mod:`.optimizers`: their updates
+- :mod:`.loop`: batches, evaluation, metrics, checkpoints and the incumbent, for any policy
+- :mod:`.incumbent`: the best mask so far, judged on held-in windows
+- :mod:`.objective`: a mask's loss (bias compensation, soft targets) and the calibration windows
+- :mod:`.config`: :class:`PruneConfig`, the options that determine a run's result
+
+Adding a policy is one module and one line in :data:`POLICIES`.
+"""
+from __future__ import annotations
+
+from ..budget import Budget
+from ..space import MaskSpace
+from .allocation import AllocationPolicy
+from .config import PruneConfig, needs_ranking, needs_stats
+from .interface import Proposal, SearchPolicy, SearchStart
+from .loop import SearchLoop
+from .objective import MaskLosses, calibration_batches, mask_losses, selection_windows
+from .units import UnitsPolicy
+
+POLICIES = {"allocation": AllocationPolicy, "units": UnitsPolicy}
+
+__all__ = ["POLICIES", "AllocationPolicy", "MaskLosses", "Proposal", "PruneConfig", "SearchLoop", "SearchPolicy",
+           "SearchStart", "UnitsPolicy", "calibration_batches", "config_budget", "mask_losses", "needs_ranking",
+           "needs_stats", "new_policy", "resumed_policy", "selection_windows"]
+
+
+def config_budget(space: MaskSpace, config: PruneConfig) -> Budget:
+    """The budget of a run: its learned unit types at its sparsity."""
+    return Budget(space, config.granularity, config.sparsity, config.budget)
+
+
+def new_policy(space: MaskSpace, config: PruneConfig, start: SearchStart) -> SearchPolicy:
+    """The policy of a fresh run, starting from ``start``."""
+    return POLICIES[config.policy].start(space, config_budget(space, config), config, start)
+
+
+def resumed_policy(space: MaskSpace, config: PruneConfig, state: dict) -> SearchPolicy:
+    """The policy of a resumed run, from its checkpoint ``state``."""
+    from ..errors import BppError
+
+    saved = state.get("policy")
+    if not isinstance(saved, dict) or saved.get("name") != config.policy:
+        raise BppError("the checkpoint holds no state of the run's policy; it was written by another version "
+                       "of bpp: start a new run with --out (and --force)")
+    return POLICIES[config.policy].from_state(space, config_budget(space, config), config, saved)
