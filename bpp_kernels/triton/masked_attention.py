@@ -24,7 +24,7 @@ differentiated by a few elementwise torch ops over the slot-space buffers; then 
 kept groups' weight gradients come from :mod:`._gathered`. Pruned groups' weights are never read.
 
 Both directions are ``torch.library`` custom ops (``bpp_triton::masked_attention`` and its
-``_backward``) tied by ``register_autograd``.
+``_backward``) tied by :func:`bpp_kernels._autograd.masked_attention`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, empty_unless, gemm_config, next_pow2
+from .. import _autograd
+from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
 from ._gathered import gathered_projection, gathered_rows_product, slot_positions, unit_bias_grad, unit_weight_grad
 
 
@@ -417,11 +418,6 @@ def _masked_attention_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tens
                     scale)
 
 
-@_masked_attention_op.register_fake
-def _(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("bpp_triton::masked_attention_backward", mutates_args=())
 def _masked_attention_backward_op(
         grad_out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
@@ -433,32 +429,7 @@ def _masked_attention_backward_op(
                      norm_eps, scale, output_mask)
 
 
-@_masked_attention_backward_op.register_fake
-def _(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale,
-      output_mask):
-    out = [empty_unless(output_mask[0], x), empty_unless(output_mask[1], w_qkv), empty_unless(output_mask[2], w_o_t)]
-    for wanted, t in zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)):
-        out.append(empty_unless(bool(wanted) and t is not None, t if t is not None else x))
-    return tuple(out)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:11])
-    ctx.norm_eps, ctx.scale = inputs[11], inputs[12]
-
-
-def _autograd_backward(ctx, grad):
-    x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    wanted = [need[0], need[1], need[2]] + [t is not None and need[i]
-                                            for i, t in ((7, b_qkv), (8, q_norm), (9, k_norm), (10, unit_scale))]
-    grads = _masked_attention_backward_op(grad, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
-                                          unit_scale, ctx.norm_eps, ctx.scale, wanted)
-    dx, dwqkv, dwo, db, dqn, dkn, dscale = (g if w else None for g, w in zip(grads, wanted))
-    return dx, dwqkv, dwo, None, None, None, None, db, dqn, dkn, dscale, None, None
-
-
-_masked_attention_op.register_autograd(_autograd_backward, setup_context=_setup)
+_autograd.masked_attention(_masked_attention_op, _masked_attention_backward_op)
 
 
 def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
