@@ -40,6 +40,32 @@ from ._gathered import gathered_projection, gathered_rows_product, slot_position
 
 
 @triton.jit
+def _program_ids(KeepCount, G, HEADS):
+    """The program of a grid (tile, (batch * G + slot) * HEADS + head, sample) as
+    ``(tile, batch, slot, head, sample, keep_count of the sample)``. Slots at or past keep_count
+    hold no kept group: their programs exit at once."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // (G * HEADS)
+    slot = (bh // HEADS) % G
+    head = bh % HEADS
+    s = tl.program_id(2).to(tl.int64)
+    count = tl.load(KeepCount + s)
+    return tile, b, slot, head, s, count
+
+
+@triton.jit
+def _head_offsets(s, b, slot, head, B, T, G, R, HD):
+    """Where the batch row b of a (sample, slot, query head) starts: in Q ``(S, G, R, N, hd)``, in K
+    and V ``(S, G, N, hd)``, and in the per-row buffers Lse and Delta ``(S, G, R, N)``."""
+    N = B * T
+    q_off = ((s * G + slot) * R + head) * N * HD + b * T * HD
+    kv_off = (s * G + slot) * N * HD + b * T * HD
+    row_off = ((s * G + slot) * R + head) * N + b * T
+    return q_off, kv_off, row_off
+
+
+@triton.jit
 def _head_rms_norm(acc_lo, acc_hi, W, e, e_ok, half, HD, eps, dtype: tl.constexpr):
     """Per-head RMSNorm (Qwen3's q/k norm) of a head held as two halves, rounded like the reference."""
     lo = acc_lo.to(dtype).to(tl.float32)  # the reference normalises the projection in x's dtype
@@ -56,13 +82,11 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
                 N, T, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, STORE_PRE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.program_id(1) // (R + 2)
-    head = tl.program_id(1) % (R + 2)  # 0..R-1: query heads, R: key, R+1: value
-    s = tl.program_id(2).to(tl.int64)
-    count = tl.load(KeepCount + s)
+    # head 0..R-1: query heads, R: key, R+1: value (no batch axis: the row tile spans B*T)
+    row_tile, _, slot, head, s, count = _program_ids(KeepCount, G, R + 2)
     if slot >= count:
         return
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     group = tl.load(KeepIdx + s * G + slot).to(tl.int64)
     half = HD // 2
     e = tl.arange(0, HALF_P)
@@ -123,23 +147,16 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
 @triton.jit
 def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
-    b = bh // (G * R)
-    slot = (bh // R) % G
-    head = bh % R
-    count = tl.load(KeepCount + s)
+    q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
     e_ok = e < HD
     tq = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tq_ok = tq < T
-    q_base = Q + ((s * G + slot) * R + head) * N * HD + b * T * HD
-    kv_off = (s * G + slot) * N * HD + b * T * HD
-    q = tl.load(q_base + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=tq_ok[:, None] & e_ok[None, :], other=0.0)
+    q = tl.load(Q + q_off + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=tq_ok[:, None] & e_ok[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HD_P), tl.float32)
@@ -161,7 +178,7 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: 
         m_i = m_new
     out = acc / l_i[:, None]
     if STORE_LSE:  # per query row, (S, G, R, N): what the backward needs to rebuild the probabilities
-        tl.store(Lse + ((s * G + slot) * R + head) * N + b * T + tq, m_i + tl.log(l_i), mask=tq_ok)
+        tl.store(Lse + row_off + tq, m_i + tl.log(l_i), mask=tq_ok)
     feature = (slot * R + head) * HD + e
     o_base = O + s * N * (G * R * HD) + (b * T + tq).to(tl.int64)[:, None] * (G * R * HD)
     tl.store(o_base + feature[None, :], out.to(O.dtype.element_ty), mask=tq_ok[:, None] & e_ok[None, :])
@@ -170,11 +187,7 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: 
 @triton.jit
 def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, HD, scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    k_tile = tl.program_id(0)
-    b = tl.program_id(1) // G
-    slot = tl.program_id(1) % G
-    s = tl.program_id(2).to(tl.int64)
-    count = tl.load(KeepCount + s)
+    k_tile, b, slot, _, s, count = _program_ids(KeepCount, G, 1)  # one program per group, not per head
     if slot >= count:
         return
     N = B * T
@@ -182,7 +195,7 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
     e_ok = e < HD
     tk = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     tk_ok = tk < T
-    kv_off = (s * G + slot) * N * HD + b * T * HD
+    _, kv_off, _ = _head_offsets(s, b, slot, 0, B, T, G, R, HD)
     kv_ptrs = kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :]
     kv_mask = tk_ok[:, None] & e_ok[None, :]
     k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
@@ -193,8 +206,8 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
     first_q = (k_tile * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: earlier queries never see these keys
     width = G * R * HD
     for head in range(0, R):  # the group's query heads share its K and V: sum them here, no atomics
-        q_base = Q + ((s * G + slot) * R + head) * N * HD + b * T * HD
-        row_base = ((s * G + slot) * R + head) * N + b * T
+        q_off, _, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
+        q_base = Q + q_off
         do_base = DO + s * N * width + (slot * R + head) * HD
         for q0 in range(first_q, T, BLOCK_M):
             tq = q0 + tl.arange(0, BLOCK_M)
@@ -202,8 +215,8 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
             q_mask = tq_ok[:, None] & e_ok[None, :]
             q = tl.load(q_base + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=q_mask, other=0.0)
             do = tl.load(do_base + (b * T + tq).to(tl.int64)[:, None] * width + e[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(Lse + row_base + tq, mask=tq_ok, other=0.0)
-            delta = tl.load(Delta + row_base + tq, mask=tq_ok, other=0.0)
+            lse = tl.load(Lse + row_off + tq, mask=tq_ok, other=0.0)
+            delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
             p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
@@ -218,30 +231,23 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
 @triton.jit
 def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, B, T, G, R, HD, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
-    b = bh // (G * R)
-    slot = (bh // R) % G
-    head = bh % R
-    count = tl.load(KeepCount + s)
+    q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
     e_ok = e < HD
     tq = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tq_ok = tq < T
     q_mask = tq_ok[:, None] & e_ok[None, :]
-    q_ptrs = ((s * G + slot) * R + head) * N * HD + b * T * HD + tq.to(tl.int64)[:, None] * HD + e[None, :]
+    q_ptrs = q_off + tq.to(tl.int64)[:, None] * HD + e[None, :]
     q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
     width = G * R * HD
     do = tl.load(DO + s * N * width + (b * T + tq).to(tl.int64)[:, None] * width + (slot * R + head) * HD + e[None, :],
                  mask=q_mask, other=0.0)
-    row = ((s * G + slot) * R + head) * N + b * T + tq
-    lse = tl.load(Lse + row, mask=tq_ok, other=0.0)
-    delta = tl.load(Delta + row, mask=tq_ok, other=0.0)
-    kv_off = (s * G + slot) * N * HD + b * T * HD
+    lse = tl.load(Lse + row_off + tq, mask=tq_ok, other=0.0)
+    delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HD_P), tl.float32)
     end = tl.minimum((q_tile + 1) * BLOCK_M, T)
     for k0 in range(0, end, BLOCK_N):
