@@ -12,10 +12,11 @@ CUDA tensors and cpp for CPU tensors when built, else reference.
 :func:`backend_info` tells what each op resolves to on this machine.
 
 Gradients: every op but :func:`mask_to_index` is differentiable on every backend, first order.
-The reference is plain autograd; the C++ and Triton ops register their own backward with
-``torch.library.register_autograd`` (a backward op beside each forward op, recomputing what it
-needs from the saved inputs), so eager autograd and ``torch.compile`` both use them. The
-backward runs on the backend that ran the forward.
+The reference is plain autograd; the C++ and Triton ops each have a backward op beside the
+forward op, recomputing what it needs from the saved inputs, and one wiring per op
+(:mod:`bpp_kernels._autograd`: fake implementations and ``torch.library.register_autograd``)
+ties either backend's pair, so eager autograd and ``torch.compile`` both use them. The backward
+runs on the backend that ran the forward.
 """
 from __future__ import annotations
 

@@ -40,8 +40,3 @@ def gemm_config(dtype: torch.dtype, rows: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_C=128 if block_n == 128 else 64, BLOCK_K=64, num_warps=8 if block_n == 128 else 4,
                 num_stages=3)
 
-
-def empty_unless(wanted: bool, like: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like ``like`` (a wanted gradient) or an empty (0,) one (not wanted): the
-    convention of every backward op, whose outputs must all be tensors."""
-    return like.new_empty(like.shape if wanted else (0,))

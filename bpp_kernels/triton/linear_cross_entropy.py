@@ -14,7 +14,7 @@ so a chunk's gradient block stays under 2**26 entries): ``_dlogits_kernel`` reco
 chunk's logits tile by tile in fp32 and writes ``dlogits = (g_loss + g_lse) softmax - g_loss
 onehot(target)`` in h's dtype; then ``dh = dlogits W`` and ``dW += dlogits^T h`` are two GEMMs
 (torch.mm). The full (N, V) logits never exist. Forward and backward are ``torch.library``
-custom ops tied by ``register_autograd``.
+custom ops tied by :func:`bpp_kernels._autograd.linear_cross_entropy`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, empty_unless
+from .. import _autograd
+from ._common import INTERPRET, dot_precision
 
 
 @triton.jit
@@ -173,11 +174,6 @@ def _linear_cross_entropy_op(h: torch.Tensor, weight: torch.Tensor, target: torc
     return _forward(h, weight, target, ignore_index)
 
 
-@_linear_cross_entropy_op.register_fake
-def _(h, weight, target, ignore_index, chunk_size):
-    return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
-
-
 @torch.library.custom_op("bpp_triton::linear_cross_entropy_backward", mutates_args=())
 def _linear_cross_entropy_backward_op(grad_loss: torch.Tensor, grad_lse: torch.Tensor, h: torch.Tensor,
                                       weight: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, ignore_index: int,
@@ -185,28 +181,8 @@ def _linear_cross_entropy_backward_op(grad_loss: torch.Tensor, grad_lse: torch.T
     return _backward(grad_loss, grad_lse, h, weight, target, lse, ignore_index, chunk_size, output_mask)
 
 
-@_linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_lse, h, weight, target, lse, ignore_index, chunk_size, output_mask):
-    return empty_unless(output_mask[0], h), empty_unless(output_mask[1], weight)
-
-
-def _setup(ctx, inputs, output):
-    h, weight, target, ignore_index, chunk_size = inputs
-    ctx.save_for_backward(h, weight, target, output[1])
-    ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
-
-
-def _autograd_backward(ctx, grad_loss, grad_lse):
-    h, weight, target, lse = ctx.saved_tensors
-    wanted = list(ctx.needs_input_grad[:2])
-    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    dh, dw = _linear_cross_entropy_backward_op(grad_loss, grad_lse, h, weight, target, lse, ctx.ignore_index,
-                                               ctx.chunk_size, wanted)
-    return (dh if wanted[0] else None), (dw if wanted[1] else None), None, None, None
-
-
-_linear_cross_entropy_op.register_autograd(_autograd_backward, setup_context=_setup)
+_autograd.linear_cross_entropy(_linear_cross_entropy_op, _linear_cross_entropy_backward_op,
+                               backward_takes_chunk_size=True)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,

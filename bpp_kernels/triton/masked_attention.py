@@ -24,7 +24,7 @@ differentiated by a few elementwise torch ops over the slot-space buffers; then 
 kept groups' weight gradients come from :mod:`._gathered`. Pruned groups' weights are never read.
 
 Both directions are ``torch.library`` custom ops (``bpp_triton::masked_attention`` and its
-``_backward``) tied by ``register_autograd``.
+``_backward``) tied by :func:`bpp_kernels._autograd.masked_attention`.
 """
 from __future__ import annotations
 
@@ -34,8 +34,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, empty_unless, gemm_config, next_pow2
+from .. import _autograd
+from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
 from ._gathered import gathered_projection, gathered_rows_product, slot_positions, unit_bias_grad, unit_weight_grad
+
+
+@triton.jit
+def _program_ids(KeepCount, G, HEADS):
+    """The program of a grid (tile, (batch * G + slot) * HEADS + head, sample) as
+    ``(tile, batch, slot, head, sample, keep_count of the sample)``. Slots at or past keep_count
+    hold no kept group: their programs exit at once."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // (G * HEADS)
+    slot = (bh // HEADS) % G
+    head = bh % HEADS
+    s = tl.program_id(2).to(tl.int64)
+    count = tl.load(KeepCount + s)
+    return tile, b, slot, head, s, count
+
+
+@triton.jit
+def _head_offsets(s, b, slot, head, B, T, G, R, HD):
+    """Where the batch row b of a (sample, slot, query head) starts: in Q ``(S, G, R, N, hd)``, in K
+    and V ``(S, G, N, hd)``, and in the per-row buffers Lse and Delta ``(S, G, R, N)``."""
+    N = B * T
+    q_off = ((s * G + slot) * R + head) * N * HD + b * T * HD
+    kv_off = (s * G + slot) * N * HD + b * T * HD
+    row_off = ((s * G + slot) * R + head) * N + b * T
+    return q_off, kv_off, row_off
 
 
 @triton.jit
@@ -55,13 +82,11 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
                 N, T, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, STORE_PRE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.program_id(1) // (R + 2)
-    head = tl.program_id(1) % (R + 2)  # 0..R-1: query heads, R: key, R+1: value
-    s = tl.program_id(2).to(tl.int64)
-    count = tl.load(KeepCount + s)
+    # head 0..R-1: query heads, R: key, R+1: value (no batch axis: the row tile spans B*T)
+    row_tile, _, slot, head, s, count = _program_ids(KeepCount, G, R + 2)
     if slot >= count:
         return
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     group = tl.load(KeepIdx + s * G + slot).to(tl.int64)
     half = HD // 2
     e = tl.arange(0, HALF_P)
@@ -122,23 +147,16 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
 @triton.jit
 def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
-    b = bh // (G * R)
-    slot = (bh // R) % G
-    head = bh % R
-    count = tl.load(KeepCount + s)
+    q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
     e_ok = e < HD
     tq = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tq_ok = tq < T
-    q_base = Q + ((s * G + slot) * R + head) * N * HD + b * T * HD
-    kv_off = (s * G + slot) * N * HD + b * T * HD
-    q = tl.load(q_base + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=tq_ok[:, None] & e_ok[None, :], other=0.0)
+    q = tl.load(Q + q_off + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=tq_ok[:, None] & e_ok[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HD_P), tl.float32)
@@ -160,7 +178,7 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: 
         m_i = m_new
     out = acc / l_i[:, None]
     if STORE_LSE:  # per query row, (S, G, R, N): what the backward needs to rebuild the probabilities
-        tl.store(Lse + ((s * G + slot) * R + head) * N + b * T + tq, m_i + tl.log(l_i), mask=tq_ok)
+        tl.store(Lse + row_off + tq, m_i + tl.log(l_i), mask=tq_ok)
     feature = (slot * R + head) * HD + e
     o_base = O + s * N * (G * R * HD) + (b * T + tq).to(tl.int64)[:, None] * (G * R * HD)
     tl.store(o_base + feature[None, :], out.to(O.dtype.element_ty), mask=tq_ok[:, None] & e_ok[None, :])
@@ -169,11 +187,7 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: 
 @triton.jit
 def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, HD, scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    k_tile = tl.program_id(0)
-    b = tl.program_id(1) // G
-    slot = tl.program_id(1) % G
-    s = tl.program_id(2).to(tl.int64)
-    count = tl.load(KeepCount + s)
+    k_tile, b, slot, _, s, count = _program_ids(KeepCount, G, 1)  # one program per group, not per head
     if slot >= count:
         return
     N = B * T
@@ -181,7 +195,7 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
     e_ok = e < HD
     tk = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     tk_ok = tk < T
-    kv_off = (s * G + slot) * N * HD + b * T * HD
+    _, kv_off, _ = _head_offsets(s, b, slot, 0, B, T, G, R, HD)
     kv_ptrs = kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :]
     kv_mask = tk_ok[:, None] & e_ok[None, :]
     k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
@@ -192,8 +206,8 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
     first_q = (k_tile * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: earlier queries never see these keys
     width = G * R * HD
     for head in range(0, R):  # the group's query heads share its K and V: sum them here, no atomics
-        q_base = Q + ((s * G + slot) * R + head) * N * HD + b * T * HD
-        row_base = ((s * G + slot) * R + head) * N + b * T
+        q_off, _, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
+        q_base = Q + q_off
         do_base = DO + s * N * width + (slot * R + head) * HD
         for q0 in range(first_q, T, BLOCK_M):
             tq = q0 + tl.arange(0, BLOCK_M)
@@ -201,8 +215,8 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
             q_mask = tq_ok[:, None] & e_ok[None, :]
             q = tl.load(q_base + tq.to(tl.int64)[:, None] * HD + e[None, :], mask=q_mask, other=0.0)
             do = tl.load(do_base + (b * T + tq).to(tl.int64)[:, None] * width + e[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(Lse + row_base + tq, mask=tq_ok, other=0.0)
-            delta = tl.load(Delta + row_base + tq, mask=tq_ok, other=0.0)
+            lse = tl.load(Lse + row_off + tq, mask=tq_ok, other=0.0)
+            delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
             p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
@@ -217,30 +231,23 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
 @triton.jit
 def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, B, T, G, R, HD, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
-    b = bh // (G * R)
-    slot = (bh // R) % G
-    head = bh % R
-    count = tl.load(KeepCount + s)
+    q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
     e_ok = e < HD
     tq = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tq_ok = tq < T
     q_mask = tq_ok[:, None] & e_ok[None, :]
-    q_ptrs = ((s * G + slot) * R + head) * N * HD + b * T * HD + tq.to(tl.int64)[:, None] * HD + e[None, :]
+    q_ptrs = q_off + tq.to(tl.int64)[:, None] * HD + e[None, :]
     q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
     width = G * R * HD
     do = tl.load(DO + s * N * width + (b * T + tq).to(tl.int64)[:, None] * width + (slot * R + head) * HD + e[None, :],
                  mask=q_mask, other=0.0)
-    row = ((s * G + slot) * R + head) * N + b * T + tq
-    lse = tl.load(Lse + row, mask=tq_ok, other=0.0)
-    delta = tl.load(Delta + row, mask=tq_ok, other=0.0)
-    kv_off = (s * G + slot) * N * HD + b * T * HD
+    lse = tl.load(Lse + row_off + tq, mask=tq_ok, other=0.0)
+    delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HD_P), tl.float32)
     end = tl.minimum((q_tile + 1) * BLOCK_M, T)
     for k0 in range(0, end, BLOCK_N):
@@ -417,11 +424,6 @@ def _masked_attention_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tens
                     scale)
 
 
-@_masked_attention_op.register_fake
-def _(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("bpp_triton::masked_attention_backward", mutates_args=())
 def _masked_attention_backward_op(
         grad_out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
@@ -433,32 +435,7 @@ def _masked_attention_backward_op(
                      norm_eps, scale, output_mask)
 
 
-@_masked_attention_backward_op.register_fake
-def _(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale,
-      output_mask):
-    out = [empty_unless(output_mask[0], x), empty_unless(output_mask[1], w_qkv), empty_unless(output_mask[2], w_o_t)]
-    for wanted, t in zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)):
-        out.append(empty_unless(bool(wanted) and t is not None, t if t is not None else x))
-    return tuple(out)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:11])
-    ctx.norm_eps, ctx.scale = inputs[11], inputs[12]
-
-
-def _autograd_backward(ctx, grad):
-    x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    wanted = [need[0], need[1], need[2]] + [t is not None and need[i]
-                                            for i, t in ((7, b_qkv), (8, q_norm), (9, k_norm), (10, unit_scale))]
-    grads = _masked_attention_backward_op(grad, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
-                                          unit_scale, ctx.norm_eps, ctx.scale, wanted)
-    dx, dwqkv, dwo, db, dqn, dkn, dscale = (g if w else None for g, w in zip(grads, wanted))
-    return dx, dwqkv, dwo, None, None, None, None, db, dqn, dkn, dscale, None, None
-
-
-_masked_attention_op.register_autograd(_autograd_backward, setup_context=_setup)
+_autograd.masked_attention(_masked_attention_op, _masked_attention_backward_op)
 
 
 def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,

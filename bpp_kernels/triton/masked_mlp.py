@@ -20,7 +20,8 @@ per-row-tile partial sums of ``dH*H`` (the scale gradient). Then ``dX = [dG, dU]
 rows, and the weight gradients of the kept channels by :func:`._gathered.unit_weight_grad`.
 
 Both directions are ``torch.library`` custom ops (``bpp_triton::masked_swiglu`` and its
-``_backward``) tied by ``register_autograd``, so ``torch.compile`` sees two opaque calls.
+``_backward``) tied by :func:`bpp_kernels._autograd.masked_swiglu`, so ``torch.compile`` sees two
+opaque calls.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, empty_unless, gemm_config
+from .. import _autograd
+from ._common import dot_precision, gemm_config
 from ._gathered import gathered_rows_product, slot_positions, unit_weight_grad
 
 
@@ -182,11 +184,6 @@ def _masked_swiglu_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.
     return _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
 
 
-@_masked_swiglu_op.register_fake
-def _(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("bpp_triton::masked_swiglu_backward", mutates_args=())
 def _masked_swiglu_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
                                w_down_t: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
@@ -195,27 +192,8 @@ def _masked_swiglu_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate_u
     return _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask)
 
 
-@_masked_swiglu_backward_op.register_fake
-def _(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask):
-    scale = unit_scale if unit_scale is not None else x.new_empty(0)
-    return (empty_unless(output_mask[0], x), empty_unless(output_mask[1], w_gate_up),
-            empty_unless(output_mask[2], w_down_t), empty_unless(output_mask[3] and unit_scale is not None, scale))
+_autograd.masked_swiglu(_masked_swiglu_op, _masked_swiglu_backward_op)
 
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _autograd_backward(ctx, grad):
-    x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    wanted = [need[0], need[1], need[2], unit_scale is not None and need[5]]
-    grads = _masked_swiglu_backward_op(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, wanted)
-    dx, dwgu, dwdt, dscale = (g if w else None for g, w in zip(grads, wanted))
-    return dx, dwgu, dwdt, None, None, dscale
-
-
-_masked_swiglu_op.register_autograd(_autograd_backward, setup_context=_setup)
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
                   keep_count: torch.Tensor, unit_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ Backward: one program per block of rows recomputes each row's statistics from th
 ``dx = rstd * (dn - xhat * mean(dn * xhat))`` with ``dn = dy * weight`` (plus the gradient that
 reached ``h`` directly, for add_rms_norm); the weight gradient is summed per block in fp32 and the
 blocks' partial sums are added in block order (no atomics). The rounding of the normalised value
-to the input dtype is treated as the identity. All three ops are ``torch.library`` custom ops.
+to the input dtype is treated as the identity. All three ops are ``torch.library`` custom ops,
+tied by :func:`bpp_kernels._autograd.rms_norm`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _autograd
 from ._common import next_pow2
 
 _ROWS_PER_PROGRAM = 16  # backward: rows whose weight-gradient contributions one program sums
@@ -104,20 +106,10 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return _launch(x, None, weight, eps)[0]
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
-
-
 @torch.library.custom_op("bpp_triton::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps)
-
-
-@_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.result_type(weight, x)), torch.empty_like(x)
 
 
 @torch.library.custom_op("bpp_triton::rms_norm_backward", mutates_args=())
@@ -126,38 +118,7 @@ def _rms_norm_backward_op(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor]
     return _backward(grad_out, grad_h, h, weight, eps, need_weight)
 
 
-@_rms_norm_backward_op.register_fake
-def _(grad_out, grad_h, h, weight, eps, need_weight):
-    return torch.empty_like(h), weight.new_empty(weight.shape if need_weight else (0,))
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    x, weight, eps = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.eps = eps
-
-
-def _rms_norm_autograd(ctx, grad):
-    x, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw = _rms_norm_backward_op(grad, None, x, weight, ctx.eps, need[1])
-    return (dx if need[0] else None), (dw if need[1] else None), None
-
-
-def _add_rms_norm_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], inputs[2])  # h = x + residual, weight
-    ctx.eps = inputs[3]
-
-
-def _add_rms_norm_autograd(ctx, grad, grad_h):
-    h, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dh, dw = _rms_norm_backward_op(grad, grad_h, h, weight, ctx.eps, need[2])
-    return (dh if need[0] else None), (dh if need[1] else None), (dw if need[2] else None), None
-
-
-_rms_norm_op.register_autograd(_rms_norm_autograd, setup_context=_rms_norm_setup)
-_add_rms_norm_op.register_autograd(_add_rms_norm_autograd, setup_context=_add_rms_norm_setup)
+_autograd.rms_norm(_rms_norm_op, _add_rms_norm_op, _rms_norm_backward_op)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

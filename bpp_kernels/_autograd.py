@@ -1,0 +1,171 @@
+"""The differentiable wiring of every op, declared once for all backends.
+
+A backend implements a differentiable op as two ``torch.library`` operators: the forward, and a
+backward operator that recomputes what it needs from the saved inputs and returns one tensor
+per differentiable input (an empty ``(0,)`` tensor where its ``output_mask`` says that gradient
+is not wanted; first order only). A backend passes its two operators (an ``OpOverload`` such as
+``torch.ops.bpp.masked_swiglu.default``, or a ``torch.library.custom_op``) to the function named
+after the op, which registers on them
+
+- the fake (meta) implementations of both, so ``torch.compile`` traces them without running them;
+- ``register_autograd``: what the forward saves, which gradients the backward operator is asked
+  for, and how its outputs become the inputs' gradients (None where not wanted).
+
+The C++ backend (:mod:`bpp_kernels.cpp`) and the Triton one (:mod:`bpp_kernels.triton`) differ
+only in the operators they pass.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _empty_unless(wanted: bool, like: torch.Tensor) -> torch.Tensor:
+    """The fake of one backward output: shaped like ``like`` when wanted, else an empty (0,) one."""
+    return like.new_empty(like.shape if wanted else (0,))
+
+
+def _grads_or_none(grads, wanted):
+    return tuple(g if w else None for g, w in zip(grads, wanted))
+
+
+def masked_swiglu(forward, backward) -> None:
+    """``forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale) -> y``;
+    ``backward(grad, <the six inputs>, output_mask[4]) -> (dx, dw_gate_up, dw_down_t, dunit_scale)``."""
+
+    def forward_fake(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale):
+        return torch.empty_like(x)
+
+    def backward_fake(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask):
+        scale = unit_scale if unit_scale is not None else x.new_empty(0)
+        return (_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_gate_up),
+                _empty_unless(output_mask[2], w_down_t),
+                _empty_unless(output_mask[3] and unit_scale is not None, scale))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_autograd(ctx, grad):
+        x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = [need[0], need[1], need[2], unit_scale is not None and need[5]]
+        grads = backward(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, wanted)
+        dx, dwgu, dwdt, dscale = _grads_or_none(grads, wanted)
+        return dx, dwgu, dwdt, None, None, dscale
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
+
+
+def masked_attention(forward, backward) -> None:
+    """``forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+    norm_eps, scale) -> y``; ``backward(grad, <the thirteen inputs>, output_mask[7]) -> (dx, dw_qkv,
+    dw_o_t, db_qkv, dq_norm, dk_norm, dunit_scale)``. cos and sin get no gradient."""
+
+    def forward_fake(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
+                     scale):
+        return torch.empty_like(x)
+
+    def backward_fake(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                      norm_eps, scale, output_mask):
+        out = [_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_qkv),
+               _empty_unless(output_mask[2], w_o_t)]
+        for wanted, t in zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)):
+            out.append(_empty_unless(bool(wanted) and t is not None, t if t is not None else x))
+        return tuple(out)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11])
+        ctx.norm_eps, ctx.scale = inputs[11], inputs[12]
+
+    def backward_autograd(ctx, grad):
+        x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = [need[0], need[1], need[2]] + [t is not None and need[i]
+                                                for i, t in ((7, b_qkv), (8, q_norm), (9, k_norm), (10, unit_scale))]
+        grads = backward(grad, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                         ctx.norm_eps, ctx.scale, wanted)
+        dx, dwqkv, dwo, db, dqn, dkn, dscale = _grads_or_none(grads, wanted)
+        return dx, dwqkv, dwo, None, None, None, None, db, dqn, dkn, dscale, None, None
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
+
+
+def linear_cross_entropy(forward, backward, *, backward_takes_chunk_size: bool) -> None:
+    """``forward(h, weight, target, ignore_index, chunk_size) -> (loss, lse)``, both ``(N,)`` fp32;
+    ``backward(grad_loss, grad_lse, h, weight, target, lse, ignore_index, [chunk_size,]
+    output_mask[2]) -> (dh, dweight)``. ``backward_takes_chunk_size``: whether the backward
+    operator has the chunk_size argument (Triton's works in row chunks of at most that many
+    rows; C++'s in fixed tiles of its own)."""
+
+    def forward_fake(h, weight, target, ignore_index, chunk_size):
+        return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+
+    def backward_fake(grad_loss, grad_lse, h, weight, target, lse, ignore_index, *chunk_size_and_output_mask):
+        output_mask = chunk_size_and_output_mask[-1]
+        return _empty_unless(output_mask[0], h), _empty_unless(output_mask[1], weight)
+
+    def setup_context(ctx, inputs, output):
+        h, weight, target, ignore_index, chunk_size = inputs
+        ctx.save_for_backward(h, weight, target, output[1])
+        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+
+    def backward_autograd(ctx, grad_loss, grad_lse):
+        h, weight, target, lse = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        chunk_size = (ctx.chunk_size,) if backward_takes_chunk_size else ()
+        grads = backward(grad_loss, grad_lse, h, weight, target, lse, ctx.ignore_index, *chunk_size, wanted)
+        dh, dw = _grads_or_none(grads, wanted)
+        return dh, dw, None, None, None
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
+
+
+def rms_norm(rms_norm_forward, add_rms_norm_forward, backward) -> None:
+    """RMSNorm and its fused residual add share one backward operator:
+    ``rms_norm_forward(x, weight, eps) -> y``; ``add_rms_norm_forward(x, residual, weight, eps) ->
+    (y, h = x + residual)``; ``backward(grad_y, grad_h or None, h, weight, eps, need_weight) ->
+    (dh, dweight)`` (dweight empty when not needed). ``y`` is in the dtype ``x`` promotes to with
+    ``weight``."""
+
+    def rms_norm_fake(x, weight, eps):
+        return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
+
+    def add_rms_norm_fake(x, residual, weight, eps):
+        return x.new_empty(x.shape, dtype=torch.result_type(weight, x)), torch.empty_like(x)
+
+    def backward_fake(grad_out, grad_h, h, weight, eps, need_weight):
+        return torch.empty_like(h), weight.new_empty(weight.shape if need_weight else (0,))
+
+    def rms_norm_setup(ctx, inputs, output):
+        x, weight, eps = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+
+    def rms_norm_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw = backward(grad, None, x, weight, ctx.eps, need[1])
+        return (dx if need[0] else None), (dw if need[1] else None), None
+
+    def add_rms_norm_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], inputs[2])  # h = x + residual, weight
+        ctx.eps = inputs[3]
+
+    def add_rms_norm_backward(ctx, grad, grad_h):
+        h, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh, dw = backward(grad, grad_h, h, weight, ctx.eps, need[2])
+        return (dh if need[0] else None), (dh if need[1] else None), (dw if need[2] else None), None
+
+    torch.library.register_fake(rms_norm_forward, rms_norm_fake)
+    torch.library.register_fake(add_rms_norm_forward, add_rms_norm_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(rms_norm_forward, rms_norm_backward, setup_context=rms_norm_setup)
+    torch.library.register_autograd(add_rms_norm_forward, add_rms_norm_backward, setup_context=add_rms_norm_setup)
