@@ -20,7 +20,18 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 LLAMA_CPP_PYTHON=0.3.36
 if [ "${BPP_SKIP_LLAMA_CPP:-0}" != 1 ] && ! .venv/bin/python -c \
     "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
-  cpu=$( (grep -m1 '^flags' /proc/cpuinfo || uname -m) | sha256sum | cut -c1-12)
+  cpuflags=$(grep -m1 '^flags' /proc/cpuinfo || uname -m)
+  # GGML_NATIVE builds for this CPU, except on CPUs with AMX: llama.cpp's AMX matmul segfaults on
+  # quantised (q8_0) weights there, so those get the CPU's other instruction sets and no AMX
+  isa="-DGGML_NATIVE=ON"
+  if grep -qw amx_int8 <<<"$cpuflags"; then
+    isa="-DGGML_NATIVE=OFF"
+    for pair in avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI bmi2:BMI2 fma:FMA f16c:F16C avx512f:AVX512 \
+                avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+      if grep -qw "${pair%%:*}" <<<"$cpuflags"; then isa="$isa -DGGML_${pair#*:}=ON"; else isa="$isa -DGGML_${pair#*:}=OFF"; fi
+    done
+  fi
+  cpu=$(printf '%s\n%s' "$cpuflags" "$isa" | sha256sum | cut -c1-12)
   house="${BPP_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/bpp/wheels}/llama-cpp-python-$LLAMA_CPP_PYTHON-$cpu"
   if ! ls "$house"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     build=$(mktemp -d)
@@ -28,7 +39,7 @@ if [ "${BPP_SKIP_LLAMA_CPP:-0}" != 1 ] && ! .venv/bin/python -c \
     # build), its mtmd (vision) library, BLAS, tools, tests and examples
     printf 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "" FORCE)\n' > "$build/no-common.cmake"
     echo "building llama-cpp-python $LLAMA_CPP_PYTHON (llama.cpp for CPU; minutes, once per machine)"
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$build/no-common.cmake" \
+    CMAKE_ARGS="$isa -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$build/no-common.cmake" \
       CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check \
       --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON" -w "$build/wheel"
     mkdir -p "$house" && mv "$build"/wheel/llama_cpp_python-*.whl "$house"/ && rm -rf "$build"

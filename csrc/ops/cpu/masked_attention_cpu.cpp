@@ -141,7 +141,8 @@ void norm_rope_backward_inplace(at::Tensor& dqkv, const at::Tensor& pre, int64_t
           for (int64_t e = 0; e < hd; ++e) row[e] = static_cast<scalar_t>(g[e]);
           continue;
         }
-        float* dw = (h < q_heads ? dqn_rows : dkn_rows) + bt * hd;
+        float* rows = h < q_heads ? dqn_rows : dkn_rows;  // null when the norm weight needs no gradient
+        float* dw = rows != nullptr ? rows + bt * hd : nullptr;
         const scalar_t* p = pbase + bt * width + h * hd;
         acc_t ss = 0;
         for (int64_t e = 0; e < hd; ++e) ss += static_cast<acc_t>(p[e]) * static_cast<acc_t>(p[e]);
@@ -149,7 +150,7 @@ void norm_rope_backward_inplace(at::Tensor& dqkv, const at::Tensor& pre, int64_t
         acc_t dot = 0;
         for (int64_t e = 0; e < hd; ++e) {
           const acc_t xhat = static_cast<acc_t>(p[e]) * rstd;
-          dw[e] += static_cast<float>(g[e] * static_cast<acc_t>(static_cast<scalar_t>(xhat)));
+          if (dw != nullptr) dw[e] += static_cast<float>(g[e] * static_cast<acc_t>(static_cast<scalar_t>(xhat)));
           dot += g[e] * static_cast<acc_t>(w[e]) * xhat;
         }
         const acc_t mean = dot / static_cast<acc_t>(hd);
@@ -234,7 +235,7 @@ at::Tensor project_qkv(const at::Tensor& xb, const at::Tensor& w, const std::opt
   pre = gemm_nt(xb, w, bias);
   if (!pre.is_contiguous()) pre = pre.contiguous();
   auto post = keep_pre ? pre.clone() : pre;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, post.scalar_type(), "masked_attention_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, post.scalar_type(), "masked_attention_cpu", [&] {
     norm_rope_inplace<scalar_t>(post, sh.T, c * sh.r, c, sh.hd, cs, sn, qn, kn, eps);
   });
   return post;
