@@ -14,7 +14,7 @@ LAYERS = {
     "bpp.space": 2,
     "bpp.models": 3, "bpp.policy": 3, "bpp.allocation": 3,
     "bpp.evaluate": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.compensation": 4, "bpp.incumbent": 4,
-    "bpp.policy_gradient": 4, "bpp.allocation_loop": 4,
+    "bpp.policy_gradient": 4, "bpp.allocation_loop": 4, "bpp.gguf": 4,
     "bpp.methods": 5,
     "bpp.jobs": 6,
     "bpp.cli": 7, "bpp.__main__": 7,

@@ -11,7 +11,8 @@ in this list (tests/test_layers.py checks it by reading the imports):
    a within-layer ranking)
 4. ``evaluate``, ``compaction``, ``distributed``, ``compensation`` (FLAP's input statistics and
    output biases), ``incumbent`` (the best mask so far), ``policy_gradient`` (the PG loop),
-   ``allocation_loop`` (the allocation policy's loop)
+   ``allocation_loop`` (the allocation policy's loop),
+   ``gguf`` (the GGUF file format: layer plan, tensors, tokenizer, writer)
 5. ``methods`` (one module per metric or method, their shared calibration, the registry)
 6. ``jobs`` (prune, baseline, compact, recover, evaluate, report, export: one public function each)
 7. ``cli`` (one thin file per command)
