@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from bpp import Masks, MaskSpace
+from bpp import Masks, MaskSpace, export_gguf
 from bpp.compaction import save_compacted
 from bpp.errors import BppError
-from bpp.jobs.export import export_gguf
 from tests.tiny import tiny_model, tiny_tokenizer
 
 THREADS = 2
@@ -380,10 +379,10 @@ def test_qwen3_with_per_layer_sizes_is_refused(tmp_path, tokenizer):
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, tokenizer, monkeypatch):
-    import bpp.jobs.export as export_module
+    import bpp.gguf.writer as writer_module
 
     folder = _save_dense(_tiny("llama"), tokenizer, tmp_path / "m")
-    calls, encode = [], export_module._encode
+    calls, encode = [], writer_module.encode
 
     def broken(t):
         calls.append(t.name)
@@ -391,7 +390,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, tokenizer, monkeypatch):
             raise OSError("disk full")
         return encode(t)
 
-    monkeypatch.setattr(export_module, "_encode", broken)
+    monkeypatch.setattr(writer_module, "encode", broken)
     (tmp_path / "out.gguf").write_bytes(b"old")
     with pytest.raises(OSError, match="disk full"):
         export_gguf(folder, tmp_path / "out.gguf", force=True, progress=False)

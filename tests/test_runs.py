@@ -18,7 +18,7 @@ import torch
 import bpp
 from bpp.cli import main
 from bpp.errors import BppError
-from bpp.runs import LOCK, MANIFEST, PARTIAL_MARKER, Lock, RunFolder, load_checkpoint
+from bpp.runs import LOCK, MANIFEST, PARTIAL_MARKER, Lock, RunFolder, atomic_file, load_checkpoint
 from tests.tiny import tiny_model, tiny_tokenizer
 
 FAST = ["--steps", "3", "--samples", "2", "--batch-size", "1", "--seq-len", "16", "--init-windows", "2",
@@ -254,6 +254,22 @@ def test_two_runs_started_together_do_not_mix(tiny_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     report = json.loads((out / "report.json").read_text())
     assert config["seed"] == report["config"]["seed"]
+
+
+def test_atomic_file_replaces_only_with_a_complete_file(tmp_path):
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("disk full")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+    with atomic_file(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".big.bin-") and tmp.name.endswith(".tmp")
+        with open(tmp, "wb") as f:
+            for _ in range(3):
+                f.write(b"part")
+    assert target.read_bytes() == b"partpartpart" and sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
 
 
 def test_lock_release_and_owner_check(tmp_path):

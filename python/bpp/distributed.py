@@ -19,15 +19,6 @@ import torch
 from .masks import Masks
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when not launched by torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def setup(device: str = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
     import torch.distributed as dist
