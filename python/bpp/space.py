@@ -177,12 +177,16 @@ class Masks:
         were made for, stored in the file's metadata so that another model is refused later."""
         from safetensors.torch import save_file
 
+        from .runs import io_errors
+
         metadata = {"bpp_model": json.dumps(model)} if model is not None else None
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
-                      metadata=metadata)
+            tmp.unlink(missing_ok=True)  # a symlink planted under the temporary name is not followed
+            with io_errors(path):  # a full disk: OSError, not SafetensorError
+                save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
+                          metadata=metadata)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

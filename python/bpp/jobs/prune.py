@@ -5,6 +5,7 @@ it computes what the loops need from :mod:`bpp.methods` (the init, the within-la
 calibration statistics of the bias compensation) and hands it down."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -23,20 +24,26 @@ from ..incumbent import Incumbent
 from ..policy import Policy, param_summary
 from ..policy_gradient import (LossesFn, MaskLosses, PolicyGradientLoop, PruneConfig, calibration_batches, mask_losses,
                                needs_stats, selection_windows)
-from ..runs import CHECKPOINT, RunFolder, atomic_write_json, atomic_write_text, load_checkpoint, write_error
+from ..runs import (CHECKPOINT, RunFolder, atomic_write_json, atomic_write_text, load_checkpoint,
+                    malformed_checkpoint, read_jsonl, write_error)
 from ..space import Masks, MaskSpace, model_fingerprint
 
 OUTPUT_FILES = ("mask.safetensors", "theta.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json",
                 "config.json", "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf",
                 "allocation.json", COMPENSATION_FILE, "deterministic_mask.safetensors")
+OUTPUT_PATTERNS = (r"snapshot_\d+\.safetensors",)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps at or after ``step`` (they are re-run after a resume)."""
+    """Drop the records of steps at or after ``step`` (they are re-run after a resume), and a last
+    line an earlier session left half-written."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    records = read_jsonl(path, "the metrics")
+    if not all(isinstance(r.get("step"), int) for r in records):
+        raise BppError(f"{path} holds a record without a step number: the file is corrupt; remove it or start "
+                       "a new run")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] < step))
 
 
 def run_checkpoint(out: Path) -> dict:
@@ -125,7 +132,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         if (out / "report.json").is_file():
             raise BppError(f"{out} holds a finished run (report.json exists); nothing to resume")
         state = run_checkpoint(out)
-        config = resolve_config(config, options, state["config"])
+        with malformed_checkpoint(out / CHECKPOINT):
+            config = resolve_config(config, options, state["config"])
     else:
         state = None
         config = resolve_config(config, options)
@@ -145,7 +153,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         ok = True
         return report
     except OSError as e:
-        raise BppError(f"{write_error(e, out)}; what was written is kept: once that is fixed, continue with "
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise BppError(f"{write_error(e, out)}; what was written is kept: {fix}, then continue with "
                        f"bpp prune --resume {out}") from None
     finally:
         if writer:
@@ -161,8 +170,9 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
 
     t_start = time.perf_counter()
     writer = folder is not None
-    saved_job = (state or {}).get("extra", {}).get("job", {})
-    job = {**JOB_DEFAULTS, **saved_job, **given}
+    with malformed_checkpoint(out / CHECKPOINT):
+        saved_job = (state or {}).get("extra", {}).get("job", {})
+        job = {**JOB_DEFAULTS, **saved_job, **given}
     if job["eval_windows"] is not None and job["eval_windows"] < 1:
         raise BppError(f"--eval-windows must be at least 1, got {job['eval_windows']}")
     if job["checkpoint_every"] < 0:
@@ -199,7 +209,7 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     fingerprint = model_fingerprint(model)
 
     if writer:
-        folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES)
+        folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES, patterns=OUTPUT_PATTERNS)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -207,8 +217,9 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
 
     loop_args = (step_losses, windows, config, out if writer else None, job["checkpoint_every"], progress and writer)
     if state is not None:
-        loop = resumed_loop(policy, state, loop_args)
-        loop.load_state_dict(state)
+        with malformed_checkpoint(out / CHECKPOINT):
+            loop = resumed_loop(policy, state, loop_args)
+            loop.load_state_dict(state)
         init_mask = Masks.load(out / "init_mask.safetensors") if (out / "init_mask.safetensors").is_file() else None
         saved = loop.extra_state.get("compensation")
         if saved is not None:  # the very means the run's masks were judged with
@@ -389,6 +400,8 @@ def _save_compacted(model, tokenizer, mask: Masks, path: Path, biases: dict | No
     try:
         saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True, **(biases or {}))
     except (BppError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk: the rest of the run cannot be written either; free space, then --resume
         warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
         return {"path": None, "error": str(e)}
     return {"path": str(saved)}
@@ -442,8 +455,7 @@ def plot_loss_curve(path: Path, metrics_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    records = read_jsonl(metrics_path, "the metrics") if metrics_path.is_file() else []
     steps = [r["step"] for r in records if r.get("mean_loss") is not None]
     checks = [r for r in records if r.get("selection")]
     fig, axes = plt.subplots(2 if checks else 1, 1, figsize=(7, 5.6 if checks else 3.6), sharex=True, squeeze=False)
