@@ -182,6 +182,28 @@ def test_a_symlinked_lock_file_is_refused(tmp_path):
     assert not target.exists()
 
 
+# --- report follows the run-folder contract ----------------------------------------------------------
+
+def test_report_refuses_to_overwrite_or_write_into_root(run_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "cmp"
+    assert _cli("report", run_dir, "--out", out)[0] == 0
+    (out / "report.md").write_text("edited")
+    code, err = _cli("report", run_dir, "--out", out)
+    _one_line_error(code, err, "--force")
+    assert (out / "report.md").read_text() == "edited"
+    assert _cli("report", run_dir, "--out", out, "--force")[0] == 0
+    assert (out / "report.md").read_text().startswith("# bpp runs")
+    assert json.loads((out / MANIFEST).read_text())["job"] == "report"
+    code, err = _cli("report", run_dir, "--out", "/", "--force")
+    _one_line_error(code, err, "current folder or one above it")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("mine")
+    code, err = _cli("report", run_dir, "--out", mine, "--force")
+    _one_line_error(code, err, "not written by bpp")
+    assert (mine / "report.md").read_text() == "mine"
+
+
 # --- files read back on resume --------------------------------------------------------------------
 
 def _interrupted(run_dir: Path, tmp_path: Path) -> Path:
