@@ -327,3 +327,19 @@ def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage)
     torch.save(state, cut / "checkpoint.pt")
     code, err = _cli("prune", "--resume", cut, "--quiet")
     _one_line_error(code, err, "checkpoint.pt", "not a usable bpp checkpoint")
+
+
+# --- a killed export ---------------------------------------------------------------------------------
+
+def test_an_export_removes_what_a_killed_export_of_the_same_file_left(tiny_dir, tmp_path):  # noqa: F811
+    from bpp.jobs.export import export_gguf
+
+    leftover = tmp_path / ".small.gguf-k1ll3d00.tmp"  # tempfile's name for a killed export of small.gguf
+    leftover.write_bytes(b"\0" * 4096)
+    mine = [tmp_path / ".notes.tmp", tmp_path / ".other.gguf-k1ll3d00.tmp"]
+    for path in mine:
+        path.write_text("mine")
+    export_gguf(tiny_dir, tmp_path / "small.gguf", progress=False)
+    assert (tmp_path / "small.gguf").is_file() and not leftover.exists()
+    assert all(path.read_text() == "mine" for path in mine)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(p.name for p in mine)

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import BppError
 from ..modelio import resolve_model_dir
+from ..runs import clean_partials, model_folder_lock
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 _Q8_BLOCK = 32
@@ -142,10 +143,13 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     vocab = _vocab(model, weights)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp, writer = Path(tmp_name), None
+    lock = model_folder_lock(out, "export").acquire()  # one export of `out` at a time
+    tmp, writer = None, None
     try:
+        clean_partials(out.parent, (out.name,))  # the temporary file a killed export of `out` left
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         writer = gguf.GGUFWriter(None, model.arch)
         _write_metadata(writer, model, dtype)
         vocab(writer)
@@ -167,8 +171,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     except BaseException:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+    finally:
+        lock.release()
     return out
 
 
