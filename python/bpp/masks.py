@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import BppError, first_line
+from .runs import io_errors
 from .space import MaskSpace, fingerprint_difference, model_fingerprint
 
 
@@ -96,8 +97,10 @@ class Masks:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
-                      metadata=metadata)
+            tmp.unlink(missing_ok=True)  # a symlink planted under the temporary name is not followed
+            with io_errors(path):  # a full disk: OSError, not SafetensorError
+                save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
+                          metadata=metadata)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .runs import MANIFEST, PARTIAL_MARKER, atomic_write_json, check_model_folder_target, clean_partials, model_folder_lock
+from .runs import (MANIFEST, PARTIAL_MARKER, atomic_write_json, check_model_folder_target, clean_partials, io_errors,
+                   model_folder_lock)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -37,15 +38,15 @@ def save_model_folder(model, out: str | os.PathLike, *, tokenizer=None, force: b
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = model_folder_lock(out, "model").acquire()
     try:
-        for prefix in (f".{out.name}-", f".{out.name}.old-"):
-            clean_partials(out.parent, prefix)
+        clean_partials(out.parent, (out.name,))
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
             (tmp / PARTIAL_MARKER).write_text("")
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder is not
-            model.save_pretrained(tmp, safe_serialization=True)
+            with io_errors(tmp):  # a full disk: OSError, not the writer's own exception
+                model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for path in copy_files or []:

@@ -1,12 +1,12 @@
 """The run folder's plots: kept units per layer, and the loss curve of the search."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .masks import Masks
+from .runs import read_jsonl
 from .space import MaskSpace
 
 
@@ -46,8 +46,7 @@ def plot_loss_curve(path: Path, metrics_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    records = read_jsonl(metrics_path, "the metrics") if metrics_path.is_file() else []
     steps = [r["step"] for r in records if r.get("mean_loss") is not None]
     checks = [r for r in records if r.get("selection")]
     fig, axes = plt.subplots(2 if checks else 1, 1, figsize=(7, 5.6 if checks else 3.6), sharex=True, squeeze=False)

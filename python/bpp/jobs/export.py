@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import gguf
 from ..errors import BppError
 from ..modelio import resolve_model_dir
-from ..runs import atomic_file
+from ..runs import atomic_file, clean_partials, model_folder_lock
 
 DTYPES = gguf.DTYPES
 
@@ -35,6 +35,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
         raise BppError(f"{out} exists; pass --force to replace it")
     file = gguf.prepare(folder, dtype)  # every check on the folder, before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        file.write(tmp, progress=progress)
+    lock = model_folder_lock(out, "export").acquire()  # one export of `out` at a time
+    try:
+        clean_partials(out.parent, (out.name,))  # the temporary file a killed export of `out` left
+        with atomic_file(out) as tmp:
+            file.write(tmp, progress=progress)
+    finally:
+        lock.release()
     return out

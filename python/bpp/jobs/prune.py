@@ -5,6 +5,7 @@ init → search → write the masks → evaluate → report → compact; the sea
 :mod:`bpp.search`, the methods that start it are :mod:`bpp.methods`."""
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..errors import BppError
 from ..plots import plot_kept_per_layer, plot_loss_curve
-from ..runs import CHECKPOINT, RunFolder, atomic_write_json, load_checkpoint, write_error
+from ..runs import CHECKPOINT, RunFolder, atomic_write_json, load_checkpoint, malformed_checkpoint, write_error
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn
@@ -24,6 +25,7 @@ from .prune_steps import (build_report, compensation_biases, evaluate_masks, exp
 OUTPUT_FILES = ("mask.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json", "config.json",
                 "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf", COMPENSATION_FILE,
                 "deterministic_mask.safetensors", *(name for policy in POLICIES.values() for name in policy.files))
+OUTPUT_PATTERNS = (r"snapshot_\d+\.safetensors",)
 
 
 def run_checkpoint(out: Path) -> dict:
@@ -81,7 +83,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         if (out / "report.json").is_file():
             raise BppError(f"{out} holds a finished run (report.json exists); nothing to resume")
         state = run_checkpoint(out)
-        config = resolve_config(config, options, state["config"])
+        with malformed_checkpoint(out / CHECKPOINT):
+            config = resolve_config(config, options, state["config"])
     else:
         state = None
         config = resolve_config(config, options)
@@ -101,7 +104,8 @@ def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = Non
         ok = True
         return report
     except OSError as e:
-        raise BppError(f"{write_error(e, out)}; what was written is kept: once that is fixed, continue with "
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise BppError(f"{write_error(e, out)}; what was written is kept: {fix}, then continue with "
                        f"bpp prune --resume {out}") from None
     finally:
         if writer:
@@ -113,10 +117,11 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
          snapshots: tuple[int, ...] = ()) -> dict:
     t_start = time.perf_counter()
     writer = folder is not None
-    job, changed = job_options(state, given, compact)
+    with malformed_checkpoint(out / CHECKPOINT):
+        job, changed = job_options(state, given, compact)
     inputs = load_inputs(config, job, model, tokenizer, losses_fn, rank, world_size, sharded)
     if writer:
-        folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES)
+        folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES, patterns=OUTPUT_PATTERNS)
     if world_size > 1:
         import torch.distributed as dist
 

@@ -3,6 +3,7 @@ inputs, start or resume the search, write the masks, evaluate them, build the re
 compacted model and its export. A failure to compact or export does not lose the run."""
 from __future__ import annotations
 
+import errno
 import json
 import time
 import warnings
@@ -15,7 +16,7 @@ from ..bias_compensation import BiasCompensation, InputStats
 from ..errors import BppError
 from ..evaluation import compacted_perplexity, masked_perplexity
 from ..masks import Masks
-from ..runs import atomic_write_json, atomic_write_text
+from ..runs import CHECKPOINT, atomic_write_json, atomic_write_text, malformed_checkpoint, read_jsonl
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
 from ..space import MaskSpace, model_fingerprint
@@ -27,11 +28,15 @@ EXPORT_FORMATS = ("gguf",)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps at or after ``step`` (they are re-run after a resume)."""
+    """Drop the records of steps at or after ``step`` (they are re-run after a resume), and a last
+    line an earlier session left half-written."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    records = read_jsonl(path, "the metrics")
+    if not all(isinstance(r.get("step"), int) for r in records):
+        raise BppError(f"{path} holds a record without a step number: the file is corrupt; remove it or start "
+                       "a new run")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] < step))
 
 
 
@@ -135,8 +140,10 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
 def resume_search(config: PruneConfig, out: Path, inputs: Inputs, state: dict, loop_args: tuple, job: dict, changed: dict,
             writer: bool) -> tuple[SearchLoop, Masks | None]:
     """A resumed run: the search as its checkpoint left it, and the bias compensation it was judged with."""
-    loop = SearchLoop(resumed_policy(inputs.space, config, state), *loop_args, window_losses=inputs.losses.per_window)
-    loop.load_state_dict(state)
+    with malformed_checkpoint(out / CHECKPOINT):
+        loop = SearchLoop(resumed_policy(inputs.space, config, state), *loop_args,
+                          window_losses=inputs.losses.per_window)
+        loop.load_state_dict(state)
     init_mask = Masks.load(out / "init_mask.safetensors") if (out / "init_mask.safetensors").is_file() else None
     saved = loop.extra_state.get("compensation")
     if saved is not None:  # the very means the run's masks were judged with
@@ -231,6 +238,8 @@ def save_compacted_model(model, tokenizer, mask: Masks, path: Path, biases: dict
     try:
         saved = save_compacted(model, mask, path, tokenizer=tokenizer, force=True, **(biases or {}))
     except (BppError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk: the rest of the run cannot be written either; free space, then --resume
         warnings.warn(f"compaction failed: {e}; the mask is saved, run `bpp compact` on it later", stacklevel=2)
         return {"path": None, "error": str(e)}
     return {"path": str(saved)}

@@ -2,13 +2,17 @@
 
 Reads each run's ``report.json`` (written by ``bpp prune``) and, when present, a
 ``zero_shot.json`` beside it (``{task: {"acc": ..}}``, as :func:`bpp.evaluation.zero_shot` returns).
+The output folder is a run folder (:mod:`bpp.runs`): an existing report is replaced only with
+``force``, one writer at a time, every file written atomically.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import BppError
-from ..runs import atomic_write_text, read_json
+from ..runs import RunFolder, atomic_write, atomic_write_text, read_json, write_error
+
+OUTPUT_FILES = ("report.md", "report.png")
 
 
 def load_run(path: str | Path) -> dict:
@@ -85,17 +89,30 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out perplexity (final mask)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
-def write_report(dirs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
+def write_report(dirs: list[str | Path], out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """``out/report.md`` and ``out/report.png`` comparing the runs in ``dirs``. ``out`` must be new
+    or empty, or (with ``force``) a folder an earlier ``bpp report`` wrote."""
     if not dirs:
         raise BppError("give at least one run folder")
-    runs = [load_run(d) for d in dirs]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md, png = out / "report.md", out / "report.png"
-    atomic_write_text(md, "# bpp runs\n\n" + markdown(runs) + "\n![perplexity vs parameters](report.png)\n")
-    plot(runs, png)
+    local = tuple(Path(d) for d in dirs)
+    folder = RunFolder(out, "report")
+    folder.check(force=force, protected=local)  # before reading anything
+    runs = [load_run(d) for d in dirs]
+    ok = False
+    try:
+        folder.open(force=force, protected=local)
+        folder.claim(force=force, files=OUTPUT_FILES)
+        md, png = out / "report.md", out / "report.png"
+        atomic_write_text(md, "# bpp runs\n\n" + markdown(runs) + "\n![perplexity vs parameters](report.png)\n")
+        plot(runs, png)
+        ok = True
+    except OSError as e:
+        raise write_error(e, out) from None
+    finally:
+        folder.close(ok)
     return md, png
