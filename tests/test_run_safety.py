@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bpp.errors import BppError
-from bpp.runs import LOCK, MANIFEST, PARTIAL_MARKER, Lock, RunFolder
+from bpp.locks import LOCK, Lock
+from bpp.runs import MANIFEST, PARTIAL_MARKER, RunFolder
 from tests.test_runs import FAST, _cli, _one_line_error, _snapshot, run_dir, tiny_dir  # noqa: F401 (fixtures)
 
 PRUNE_FILES = ("mask.safetensors", "metrics.jsonl", "report.json", "config.json", "checkpoint.pt", "model")
@@ -247,7 +248,7 @@ def test_a_corrupt_metrics_line_elsewhere_is_one_line(run_dir, tmp_path):  # noq
 
 
 def test_read_jsonl(tmp_path):
-    from bpp.runs import read_jsonl
+    from bpp.fileio import read_jsonl
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": ')
@@ -264,10 +265,10 @@ def _full_disk(*args, **kwargs):
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
-    import bpp.runs as runs
+    import bpp.checkpoints as checkpoints
 
     out = tmp_path / "full"
-    real, calls = runs.torch.save, []
+    real, calls = checkpoints.torch.save, []
 
     def fills_up(state, f):  # the third checkpoint runs out of space half-way
         calls.append(1)
@@ -276,7 +277,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_dir,
         f.write(b"PK\x03\x04 half")
         _full_disk()
 
-    monkeypatch.setattr(runs.torch, "save", fills_up)
+    monkeypatch.setattr(checkpoints.torch, "save", fills_up)
     code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--checkpoint-every", "1", *FAST)
     _one_line_error(code, err, "checkpoint.pt", "no space left", "free space", "--resume")
     monkeypatch.undo()

@@ -18,7 +18,10 @@ import torch
 import bpp
 from bpp.cli import main
 from bpp.errors import BppError
-from bpp.runs import LOCK, MANIFEST, PARTIAL_MARKER, Lock, RunFolder, atomic_file, load_checkpoint
+from bpp.checkpoints import load_checkpoint
+from bpp.fileio import atomic_file
+from bpp.locks import LOCK, Lock
+from bpp.runs import MANIFEST, PARTIAL_MARKER, RunFolder
 from tests.tiny import tiny_model, tiny_tokenizer
 
 FAST = ["--steps", "3", "--samples", "2", "--batch-size", "1", "--seq-len", "16", "--init-windows", "2",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import BppError
-from .runs import atomic_write
+from .fileio import atomic_write
 from .masks import Masks
 from .space import MaskSpace
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import BppError, first_line
-from .runs import io_errors
+from .fileio import io_errors
 from .space import MaskSpace, fingerprint_difference, model_fingerprint
 
 

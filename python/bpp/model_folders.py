@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .runs import (MANIFEST, PARTIAL_MARKER, atomic_write_json, check_model_folder_target, clean_partials, io_errors,
-                   model_folder_lock)
+from .fileio import atomic_write_json, io_errors
+from .runs import MANIFEST, PARTIAL_MARKER, check_model_folder_target, clean_partials, model_folder_lock
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

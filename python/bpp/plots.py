@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .masks import Masks
-from .runs import read_jsonl
+from .fileio import read_jsonl
 from .space import MaskSpace
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import BppError
-from ..runs import write_error
+from ..fileio import write_error
 from . import baseline, compact, eval, export, prune, recover, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -17,7 +17,8 @@ from ..methods import method as method_entry
 from ..methods.flap import compensation_for
 from ..modelio import load_model
 from ..budget import Budget, check_sparsity
-from ..runs import RunFolder, atomic_write_json, write_error
+from ..fileio import atomic_write_json, write_error
+from ..runs import RunFolder
 from ..space import MaskSpace, model_fingerprint
 
 OUTPUT_FILES = ("mask.safetensors", "report.json", "model")

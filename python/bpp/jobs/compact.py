@@ -13,7 +13,8 @@ from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..bias_compensation import BiasCompensation
 from ..errors import BppError
 from ..modelio import load_model
-from ..runs import check_model_folder_target, write_error
+from ..fileio import write_error
+from ..runs import check_model_folder_target
 from ..masks import Masks
 from ..space import MaskSpace
 

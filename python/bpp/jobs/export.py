@@ -8,7 +8,8 @@ from pathlib import Path
 from .. import gguf
 from ..errors import BppError
 from ..modelio import resolve_model_dir
-from ..runs import atomic_file, clean_partials, model_folder_lock
+from ..fileio import atomic_file
+from ..runs import clean_partials, model_folder_lock
 
 DTYPES = gguf.DTYPES
 

@@ -15,7 +15,9 @@ import torch
 from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..errors import BppError
 from ..plots import plot_kept_per_layer, plot_loss_curve
-from ..runs import CHECKPOINT, RunFolder, atomic_write_json, load_checkpoint, malformed_checkpoint, write_error
+from ..checkpoints import CHECKPOINT, load_checkpoint, malformed_checkpoint
+from ..fileio import atomic_write_json, write_error
+from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn

@@ -16,7 +16,8 @@ from ..bias_compensation import BiasCompensation, InputStats
 from ..errors import BppError
 from ..evaluation import compacted_perplexity, masked_perplexity
 from ..masks import Masks
-from ..runs import CHECKPOINT, atomic_write_json, atomic_write_text, malformed_checkpoint, read_jsonl
+from ..checkpoints import CHECKPOINT, malformed_checkpoint
+from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
 from ..space import MaskSpace, model_fingerprint

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BppError
-from ..runs import RunFolder, atomic_write, atomic_write_text, read_json, write_error
+from ..fileio import atomic_write, atomic_write_text, read_json, write_error
+from ..runs import RunFolder
 
 OUTPUT_FILES = ("report.md", "report.png")
 

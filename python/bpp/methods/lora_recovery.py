@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from ..errors import BppError
-from ..runs import CHECKPOINT, fingerprint, load_checkpoint, save_checkpoint
+from ..checkpoints import CHECKPOINT, fingerprint, load_checkpoint, save_checkpoint
 from ..models.blocks import choose_engine, kernel_lm_loss, lora_weight
 from .recovery_config import TARGET_MODULES, RecoverConfig, lr_factor, present_targets, recovery_windows
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoints import differences
 from ..errors import BppError
-from ..models.blocks import GRADIENT_ENGINES
 from ..modelio import PROJECTIONS
-from ..runs import differences
+from ..models.blocks import GRADIENT_ENGINES
 
 TARGET_MODULES = PROJECTIONS  # LoRA on every projection of a decoder block
 SCHEDULES = ("cosine", "linear", "constant")

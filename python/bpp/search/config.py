@@ -10,7 +10,7 @@ from pathlib import Path
 from ..budget import check_sparsity, parse_granularity
 from ..errors import BppError
 from ..modelio import check_device
-from ..runs import differences
+from ..checkpoints import differences
 
 SCHEDULES = ("cosine", "constant")
 LOSS_ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth

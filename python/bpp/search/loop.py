@@ -21,7 +21,7 @@ import torch
 from ..budget import Budget
 from ..errors import BppError
 from ..masks import Masks
-from ..runs import CHECKPOINT, fingerprint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoints import CHECKPOINT, fingerprint, rng_state, save_checkpoint, set_rng_state
 from .config import PruneConfig, learning_rate
 from .incumbent import Incumbent
 from .interface import SearchPolicy, fmt
