@@ -34,22 +34,17 @@ import argparse
 import functools
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-import quality_allocation as Q  # noqa: E402
+import common
 
 import bpp.allocation_loop as allocation_loop  # noqa: E402
 from bpp.allocation import Adam  # noqa: E402
 from bpp.compensation import BiasCompensation, InputStats  # noqa: E402
-from bpp.jobs.prune import prune  # noqa: E402
 from bpp.methods import initialise  # noqa: E402
 from bpp.methods.flap import flap_scores  # noqa: E402
 from bpp.models.masked import MaskedModel  # noqa: E402
@@ -93,7 +88,7 @@ def split_correlation(c: torch.Tensor, splits: int, generator: torch.Generator) 
     return sum(vals) / len(vals)
 
 
-def part_a(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+def part_a(bench: common.QualityBench, args, start: dict, comp: BiasCompensation) -> None:
     engine = MaskedModel(bench.model)
     objectives = {o: MaskLosses(engine=engine, compensation=comp, objective=o) for o in ("soft", "nll")}
     config = PruneConfig(sparsity=args.sparsity, seed=args.seed).validate()
@@ -161,7 +156,7 @@ VARIANTS = {  # name: (PruneConfig changes, Adam's clip)
 }
 
 
-def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+def part_b(bench: common.QualityBench, args, start: dict, comp: BiasCompensation) -> None:
     start_nll = bench.nll("start", start["mask"], comp)
     bench.results["start_window_nll"] = start_nll.tolist()
     results = {}
@@ -175,8 +170,7 @@ def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
                                  group_every=0, incumbent_every=0, **changes)
             tmp = Path(tempfile.mkdtemp(prefix="bpp-bench-"))
             t0 = time.perf_counter()
-            report = prune(config, tmp / "run", model=bench.model, tokenizer=bench.tok, evaluate=False,
-                           progress=False, compact=False, checkpoint_every=0)
+            report = common.prune_run(config, bench.model, bench.tok, tmp / "run")
         finally:
             allocation_loop.Adam = Adam
         mask = Masks.load(tmp / "run" / "mask.safetensors")
@@ -240,7 +234,7 @@ def main():
         return
     if args.masks < 4 or args.masks % 2:
         ap.error("--masks must be even and at least 4")
-    bench = Q.Bench(args)
+    bench = common.QualityBench(args, PruneConfig())
     config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap").validate()
     with torch.no_grad():
         calib = bench.init_calib(args.seed)
