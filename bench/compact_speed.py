@@ -12,19 +12,12 @@ tokens with the KV cache after a short prompt. Medians of --repeats runs, all in
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+import common
 
 
 def uniform_mask(space, sparsity: float, seed: int = 0):
@@ -97,7 +90,7 @@ def main():
     rows = [(name, params, a.batch * a.seq_len / statistics.median(prefill[name]),
              a.new_tokens / statistics.median(decode[name])) for name, _, params in variants]
 
-    print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"\nmachine: {common.machine_line()}")
     print(f"prefill: B×T = {a.batch}×{a.seq_len}; decode: {a.new_tokens} new tokens after a 16-token prompt, batch 1\n")
     print("| model | params | prefill tok/s | × dense | decode tok/s | × dense |")
     print("|---|---|---|---|---|---|")

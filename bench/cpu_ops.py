@@ -27,6 +27,7 @@ import time
 import torch
 
 import bpp_kernels
+import common
 from bpp_kernels import layout, ops, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,7 +119,7 @@ def main() -> None:
     if ops.resolve("masked_swiglu", "cpu", None) != "cpp" and not ops._cpp_module():
         raise SystemExit("bpp_kernels._C is not built: run `python setup.py build_ext --inplace` first")
 
-    cpu = platform.processor() or platform.machine()
+    cpu = common.cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {cpu}, {os.cpu_count()} cores, load average {load:.1f}; python {platform.python_version()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "

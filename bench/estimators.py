@@ -34,28 +34,23 @@ import argparse
 import functools
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import common
 
-import quality_allocation as Q  # noqa: E402
-
-import bpp.allocation_loop as allocation_loop  # noqa: E402
-from bpp.allocation import Adam  # noqa: E402
-from bpp.bias_compensation import BiasCompensation, InputStats  # noqa: E402
-from bpp.jobs.prune import prune  # noqa: E402
-from bpp.methods import initialise  # noqa: E402
-from bpp.methods.flap import flap_scores  # noqa: E402
-from bpp.models.masked import MaskedModel  # noqa: E402
-from bpp.policy import Policy  # noqa: E402
-from bpp.policy_gradient import MaskLosses, PruneConfig, calibration_batches  # noqa: E402
-from bpp.masks import Masks  # noqa: E402
+import bpp.search.optimizers as optimizers
+from bpp.bias_compensation import BiasCompensation, InputStats
+from bpp.masks import Masks
+from bpp.methods import initialise
+from bpp.methods.flap import flap_scores
+from bpp.models.masked import MaskedModel
+from bpp.search import MaskLosses, PruneConfig, SearchStart, calibration_batches, config_budget, new_policy
+from bpp.search.estimators import offset_draws
+from bpp.search.optimizers import Adam
 
 
 def contributions(policy, sampling: str, n: int, losses_of, generator: torch.Generator) -> dict:
@@ -68,11 +63,9 @@ def contributions(policy, sampling: str, n: int, losses_of, generator: torch.Gen
     out = {}
     for objective, losses in losses_of(masks).items():
         losses = losses.double()
-        if antithetic:
-            weight = policy.pair_differences(losses) / (2 * policy.sigma)
-        else:
-            weight = policy.leave_one_out(losses) / policy.sigma
-        per_draw = weight.unsqueeze(-1) * eps
+        used, diffs, divisor = offset_draws(eps, losses, antithetic)  # the policy's own estimator
+        weight = diffs / (divisor * policy.sigma)
+        per_draw = weight.unsqueeze(-1) * used
         coeff = per_draw if policy.basis is None else per_draw @ policy.basis
         out[objective] = {"contributions": coeff, "weight_sd": float(weight.std() * policy.sigma),
                           "loss_sd": float(losses.std())}
@@ -93,7 +86,7 @@ def split_correlation(c: torch.Tensor, splits: int, generator: torch.Generator) 
     return sum(vals) / len(vals)
 
 
-def part_a(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+def part_a(bench: common.QualityBench, args, start: dict, comp: BiasCompensation) -> None:
     engine = MaskedModel(bench.model)
     objectives = {o: MaskLosses(engine=engine, compensation=comp, objective=o) for o in ("soft", "nll")}
     config = PruneConfig(sparsity=args.sparsity, seed=args.seed).validate()
@@ -107,9 +100,9 @@ def part_a(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
             return {o: fn(ids, masks).detach().cpu() for o, fn in objectives.items()}
 
         for basis in (8, 0):
-            policy = allocation_loop.build_policy(bench.space, PruneConfig(
-                sparsity=args.sparsity, seed=args.seed, init="flap", basis=basis).validate(),
-                start["mask"], start["metrics"], start["ranks"])
+            policy = new_policy(bench.space, PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap",
+                                                         basis=basis).validate(),
+                                SearchStart(None, start["mask"], start["metrics"], start["ranks"]))
             for sampling in ("antithetic", "independent + leave-one-out"):
                 t0 = time.perf_counter()
                 res = contributions(policy, sampling, args.masks, losses_of, g)
@@ -161,24 +154,23 @@ VARIANTS = {  # name: (PruneConfig changes, Adam's clip)
 }
 
 
-def part_b(bench: Q.Bench, args, start: dict, comp: BiasCompensation) -> None:
+def part_b(bench: common.QualityBench, args, start: dict, comp: BiasCompensation) -> None:
     start_nll = bench.nll("start", start["mask"], comp)
     bench.results["start_window_nll"] = start_nll.tolist()
     results = {}
     names = list(VARIANTS) if not args.variants else [n for n in VARIANTS if any(v in n for v in args.variants.split(","))]
     for name in names:
         changes, clip = VARIANTS[name]
-        allocation_loop.Adam = functools.partial(CountingAdam, clip=clip)
+        optimizers.Adam = functools.partial(CountingAdam, clip=clip)
         CountingAdam.bound = CountingAdam.coordinates = 0
         try:
             config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap", steps=args.steps,
                                  group_every=0, incumbent_every=0, **changes)
             tmp = Path(tempfile.mkdtemp(prefix="bpp-bench-"))
             t0 = time.perf_counter()
-            report = prune(config, tmp / "run", model=bench.model, tokenizer=bench.tok, evaluate=False,
-                           progress=False, compact=False, checkpoint_every=0)
+            report = common.prune_run(config, bench.model, bench.tok, tmp / "run")
         finally:
-            allocation_loop.Adam = Adam
+            optimizers.Adam = Adam
         mask = Masks.load(tmp / "run" / "mask.safetensors")
         nll = bench.nll(name, mask, comp)
         results[name] = nll
@@ -240,14 +232,13 @@ def main():
         return
     if args.masks < 4 or args.masks % 2:
         ap.error("--masks must be even and at least 4")
-    bench = Q.Bench(args)
+    bench = common.QualityBench(args, PruneConfig())
     config = PruneConfig(sparsity=args.sparsity, seed=args.seed, init="flap").validate()
     with torch.no_grad():
         calib = bench.init_calib(args.seed)
         stats = InputStats(bench.model).collect(calib)
         comp = BiasCompensation.from_stats(bench.model, stats)
-        policy = Policy(bench.space, config.granularity, config.sparsity, config.budget)
-        _, mask, metrics = initialise(policy, "flap", bench.model, calib)
+        _, mask, metrics = initialise(config_budget(bench.space, config), "flap", bench.model, calib)
         start = {"mask": mask, "metrics": metrics,
                  "ranks": dict(zip(("channel", "group"), flap_scores(bench.model, stats)))}
         parts = args.parts.split(",")

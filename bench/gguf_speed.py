@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,12 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+import common
 
 
 def _prompt_speed(llm, ids: list[int]) -> float:
@@ -121,7 +115,7 @@ def main():
             pp[key].append(_prompt_speed(llm, prompt))
             tg[key].append(_generation_speed(llm, first, a.new_tokens))
 
-    print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} cores; llama.cpp via llama-cpp-python "
+    print(f"\nmachine: {common.cpu_name()}, {os.cpu_count()} cores; llama.cpp via llama-cpp-python "
           f"{llama_cpp.__version__}, {a.threads} threads; load average {os.getloadavg()[0]:.1f}")
     print(f"prompt: {a.prompt_tokens} tokens in one decode; generation: {a.new_tokens} tokens one by one "
           f"after 16; medians of {a.repeats} interleaved rounds\n")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import bpp_kernels  # noqa: E402
-from bpp_kernels import layout, ops, reference  # noqa: E402
+import bpp_kernels
+import common
+from bpp_kernels import layout, ops, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 D, M = 576, 1536
@@ -186,22 +185,13 @@ def peak_extra_bytes(op: str, provider: str, args) -> int:
     return int(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
-
-
 def _child_peak(op: str, provider: str, args) -> None:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would start at its
-    # parent's peak; writing 5 to clear_refs resets the high-water mark to the current RSS. A tiny
-    # warm-up first, so one-time initialisation (thread pools, kernel libraries) is not counted.
+    # a tiny warm-up first, so one-time initialisation (thread pools, kernel libraries) is not counted
     run(op, provider, make_inputs(op, 1, 1, 4, DTYPES[args.dtype], "cpu", args.soft))
     inp = make_inputs(op, args.S, args.B, args.T, DTYPES[args.dtype], "cpu", args.soft)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
+    before = common.reset_peak_rss()
     run(op, provider, inp)
-    print((_status_kib("VmHWM") - before) * 1024)
+    print((common.status_kib("VmHWM") - before) * 1024)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -212,12 +202,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{common.cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> list[dict]:

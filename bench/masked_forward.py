@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+import common
 
 METHODS = ("batched/reference", "batched/cpp", "hook loop (a)", "dense masked (b)", "compacted (d)")
 
@@ -202,12 +203,7 @@ def main():
              "peak_mb": memory.get(m, float("nan"))} for m in methods]
     by = {r["method"]: r for r in rows}
     ref_losses = torch.tensor(by[rows[0]["method"]]["losses"])
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"\nmachine: {common.machine_line()}")
     print(f"task: SmolLM2-135M-Instruct fp32, B×T = {a.batch}×{a.seq_len}, S = {a.samples} masks, "
           f"keep 50% channels and 2/3 KV groups per layer; cpp ops: "
           f"{sorted(op for op, v in bpp_kernels.backend_info().items() if v['cpu'] == 'cpp')}")

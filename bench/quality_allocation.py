@@ -21,113 +21,19 @@ Parts (each optional, all into one JSON):
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-from bpp import load_model  # noqa: E402
-from bpp.compaction import compact_model  # noqa: E402
-from bpp.bias_compensation import BiasCompensation, InputStats  # noqa: E402
-from bpp.data import load_text, tokenize, windows  # noqa: E402
-from bpp.jobs.prune import prune  # noqa: E402
-from bpp.policy_gradient import PruneConfig  # noqa: E402
-from bpp.masks import Masks  # noqa: E402
-from bpp.space import MaskSpace  # noqa: E402
+import common
+from bpp.bias_compensation import BiasCompensation, InputStats
+from bpp.search import PruneConfig  # noqa: E402
+from bpp.masks import Masks
 
 
-@torch.no_grad()
-def window_nll(model, ids: torch.Tensor, seq_len: int = 128, max_windows: int | None = None,
-               batch_size: int = 8) -> torch.Tensor:
-    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol)."""
-    n = ids.numel() // seq_len
-    n = min(n, max_windows) if max_windows else n
-    data = ids[: n * seq_len].view(n, seq_len)
-    out = []
-    for start in range(0, n, batch_size):
-        batch = data[start:start + batch_size]
-        logits = model(batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(nll.double().mean(1))
-    return torch.cat(out)
-
-
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> dict:
-    """ppl(a) − ppl(b) over windows resampled together: mean, 95% interval, P(a worse)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, a.numel(), (n, a.numel()), generator=g)
-    diff = torch.exp(a[idx].mean(1)) - torch.exp(b[idx].mean(1))
-    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"ppl_a": math.exp(float(a.mean())), "ppl_b": math.exp(float(b.mean())),
-            "mean_difference": math.exp(float(a.mean())) - math.exp(float(b.mean())),
-            "ci95": [lo, hi], "p_a_not_better": float((diff >= 0).double().mean())}
-
-
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.model, self.tok = load_model()
-        self.space = MaskSpace.from_model(self.model)
-        self.calib = tokenize(self.tok, load_text("default", "calib"))
-        self.held = tokenize(self.tok, load_text("default", "heldout"))
-        self.results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                 "threads": torch.get_num_threads(), "eval_windows": args.eval_windows,
-                                 "command": " ".join(sys.argv)}, "runs": [], "comparisons": []}
-        self.nll_cache: dict[str, torch.Tensor] = {}
-        self.run_cache: dict[str, tuple] = {}  # one run per configuration (the default run is also --init besa)
-
-    def save(self):
-        Path(self.args.json).write_text(json.dumps(self.results, indent=1) + "\n")
-
-    def nll(self, key: str, mask: Masks, comp: BiasCompensation | None) -> torch.Tensor:
-        if key not in self.nll_cache:
-            extra = comp.compact_biases(mask) if comp is not None else {}
-            small = compact_model(self.model, mask, **extra)
-            self.nll_cache[key] = window_nll(small, self.held, max_windows=self.args.eval_windows)
-        return self.nll_cache[key]
-
-    def init_calib(self, seed: int) -> torch.Tensor:
-        d = PruneConfig()
-        return windows(self.tok, self.calib, d.init_seq_len, d.init_windows, seed=seed)
-
-    def compensation(self, seed: int) -> BiasCompensation:
-        return BiasCompensation.collect(self.model, self.init_calib(seed))
-
-    def run(self, name: str, config: PruneConfig, snapshots=()) -> tuple[Masks, dict, Path]:
-        key = json.dumps(config.validate().to_dict(), sort_keys=True) + str(snapshots)
-        if key in self.run_cache:
-            return self.run_cache[key]
-        tmp = Path(tempfile.mkdtemp(prefix="bpp-bench-"))
-        t0 = time.perf_counter()
-        report = prune(config, tmp / "run", model=self.model, tokenizer=self.tok, evaluate=False, progress=False,
-                       compact=False, checkpoint_every=0, snapshots=snapshots)
-        wall = time.perf_counter() - t0
-        mask = Masks.load(tmp / "run" / "mask.safetensors")
-        self.results["runs"].append({"name": name, "config": config.to_dict(), "wall_seconds": wall,
-                                     "timings_s": report["timings_s"], "params": int(self.space.params(mask)[0]),
-                                     "incumbent": {k: v for k, v in report.get("incumbent", {}).items()
-                                                   if k != "history"},
-                                     "allocation": report.get("allocation")})
-        print(f"{name}: {wall:.0f}s, {int(self.space.params(mask)[0]):,} params", flush=True)
-        self.run_cache[key] = (mask, report, tmp / "run")
-        self.save()
-        return self.run_cache[key]
-
-    def compare(self, what: str, a: tuple[str, torch.Tensor], b: tuple[str, torch.Tensor], **extra):
-        rec = {"what": what, "a": a[0], "b": b[0], **paired_bootstrap(a[1], b[1]), **extra}
-        self.results["comparisons"].append(rec)
-        print(f"  {a[0]} vs {b[0]}: {rec['ppl_a']:.3f} vs {rec['ppl_b']:.3f}, diff {rec['mean_difference']:+.3f} "
-              f"[{rec['ci95'][0]:+.3f}, {rec['ci95'][1]:+.3f}]", flush=True)
-        self.save()
-
-
-def part_default(bench: Bench, sparsity: float, seed: int, steps: int | None):
+def part_default(bench: common.QualityBench, sparsity: float, seed: int, steps: int | None):
     from bpp.methods.besa import besa_mask
     from bpp.methods.flap import flap_mask
 
@@ -155,7 +61,7 @@ def part_default(bench: Bench, sparsity: float, seed: int, steps: int | None):
                       baseline_seconds=secs)
 
 
-def part_inits(bench: Bench, sparsity: float, seed: int, inits: list[str], steps: int | None):
+def part_inits(bench: common.QualityBench, sparsity: float, seed: int, inits: list[str], steps: int | None):
     comp = bench.compensation(seed)
     for init in inits:
         config = PruneConfig(sparsity=sparsity, seed=seed, init=init, **({"steps": steps} if steps else {}))
@@ -174,7 +80,7 @@ def efficiency_plan(text: str) -> dict[str, list[int]]:
     return {p: [int(x) for x in b.split(",")] for p, b in (part.split(":") for part in text.split(";"))}
 
 
-def part_efficiency(bench: Bench, sparsity: float, seed: int, plan: dict[str, list[int]]):
+def part_efficiency(bench: common.QualityBench, sparsity: float, seed: int, plan: dict[str, list[int]]):
     comp = bench.compensation(seed)
     for policy, budgets in plan.items():
         samples = PruneConfig().samples
@@ -200,7 +106,7 @@ def part_efficiency(bench: Bench, sparsity: float, seed: int, plan: dict[str, li
                               units, sparsity=sparsity, seed=seed)
 
 
-def use_besa_cache(folder: Path, bench: Bench) -> None:
+def use_besa_cache(folder: Path, bench: common.QualityBench) -> None:
     """Serve besa_allocate from results computed earlier on the same windows (same seed, same sparsity)."""
     import bpp.methods.besa as besa
 
@@ -236,7 +142,7 @@ def main():
                     help="folder of s<sparsity>_seed<seed>.pt files holding BESA results already computed on the same "
                          "calibration windows (BESA takes an hour on a shared 2-core machine); used when present")
     args = ap.parse_args()
-    bench = Bench(args)
+    bench = common.QualityBench(args, PruneConfig())
     if args.besa_cache:
         use_besa_cache(Path(args.besa_cache), bench)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -1,80 +1,72 @@
-"""Companion-method rows of bench/quality.py (``--companions``), at the parameter count of the PG
-masks of the same sparsity:
+"""Companion-method rows of the quality table (bench/quality.py's setting: SmolLM2-135M-Instruct,
+`--policy units`, held-out perplexity at seq_len 128), at the parameter count of the default PG
+mask of the same sparsity:
 
+- PG S=8 moving average, the units policy's default (as in bench/quality.py), alone and with
+  FLAP-style bias compensation: the mask the Pangu Light and recovery rows transform.
 - BESA: its blockwise learned allocation as a mask (alone and with FLAP-style bias compensation),
-  and as the prior θ₀ of the default PG run (``bpp prune --init besa``).
+  and as the prior θ₀ of a PG run (``bpp prune --init besa --budget params``).
 - LoRAPrune: its iterative LoRA-gradient mask, and as the prior θ₀ (``--init loraprune``).
 - Pangu Light: the default PG mask compacted with Stabilized LayerNorm Pruning and with the RMSNorm
   scales absorbed into the next linear layers; Cross-Layer Attention Pruning on a mask that also
   drops layers.
 - Recovery: the default PG mask compacted, then LoRA-fine-tuned (``bpp recover``) for a few steps
-  on the calibration text; held-out perplexity before and after.
+  on the calibration text; held-out perplexity after.
 
-Run alone, ``python bench/quality_companions.py --engines`` times the two methods that take
+    python bench/quality_companions.py --sparsities 0.2 --eval-windows 40 --json bench/results/quality-20-companions.json
+    python bench/quality_companions.py --rows pangu,recovery --steps 2 --eval-windows 4   # a smoke run
+
+``python bench/quality_companions.py --engines`` instead times the two methods that take
 gradients, BESA and LoRA recovery, through bpp_kernels' masked ops against the Hugging Face forward
 (``engine="kernels"`` vs ``"hf"``) on the same inputs: wall time, peak RSS, held-out perplexity,
 and whether the masks and loss curves agree (bench/RESULTS.md, "Gradients through the masked ops").
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
+import common
 from bpp.compaction import compact_model
-from bpp.data import load_text, tokenize
-from bpp.policy_gradient import PruneConfig
+from bpp.data import windows
+from bpp.search import PruneConfig
 
-DEFAULT_PG = "PG S=8 moving-avg (default)"
 RECOVER_STEPS = 40
+ROW_GROUPS = ("besa", "loraprune", "pangu", "recovery")
 
 
-def companion_rows(model, tok, space, sparsity, init_calib, held, add, pg_masks, *, steps, eval_windows, stats=None):
-    from quality import pg_mask
-
+def prior_rows(table: common.QualityTable, sparsity, init_calib, stats, *, method: str, steps: int):
+    """``method``'s own mask (alone and bias-compensated) and the PG run that starts from it."""
     from bpp.methods.besa import besa_mask
     from bpp.methods.loraprune import loraprune_mask
 
-    for name, fn in (("BESA", besa_mask), ("LoRAPrune", loraprune_mask)):
-        t0 = time.perf_counter()
-        mask = fn(model, space, init_calib, sparsity)
-        seconds = time.perf_counter() - t0
-        kept = f"{int(mask.groups.sum())}/{mask.groups[0].numel()} KV groups kept"
-        add(f"{name} mask", sparsity, mask, seconds, kept)
-        if stats is not None:
-            add.compacted(f"{name} mask + bias compensation", sparsity, mask, stats, seconds, kept)
-        init = name.lower()
-        config = PruneConfig(sparsity=sparsity, steps=steps, samples=8, init=init, budget="params", policy="units",
-                             bias_compensation=False, incumbent_every=0)  # its allocation across types kept
-        t0 = time.perf_counter()
-        mask, report = pg_mask(model, tok, config)
-        t = report["timings_s"]
-        add(f"PG S=8 --init {init} --budget params", sparsity, mask, t["init"] + t["policy_gradient"],
-            f"{steps} steps, {t['per_step']:.1f}s/step")
-        if stats is not None:
-            add.compacted(f"PG S=8 --init {init} --budget params + bias compensation", sparsity, mask, stats,
-                          t["init"] + t["policy_gradient"], "`bpp compact --bias-compensation`")
-
-    base = pg_masks.get(DEFAULT_PG)
-    if base is None:
-        print(f"(the {DEFAULT_PG} row did not run: Pangu Light and recovery rows are left out)", flush=True)
-        return
-    params = int(space.params(base)[0])
-    pangu_rows(model, tok, space, sparsity, init_calib, add, base, params)
-
-    from bpp.methods.lora_recovery import lora_recover
-
-    small = compact_model(model, base)
-    train = tokenize(tok, load_text("default", "calib"))
+    name, fn = {"besa": ("BESA", besa_mask), "loraprune": ("LoRAPrune", loraprune_mask)}[method]
     t0 = time.perf_counter()
-    merged, log = lora_recover(copy.deepcopy(small), tok, train, steps=RECOVER_STEPS, progress=False)
-    add.model(f"{DEFAULT_PG} + LoRA recovery", sparsity, merged, params, time.perf_counter() - t0,
-              f"`bpp recover`, {RECOVER_STEPS} steps of 4×128 tokens, rank 8")
+    mask = fn(table.model, table.space, init_calib, sparsity)
+    seconds = time.perf_counter() - t0
+    kept = f"{int(mask.groups.sum())}/{mask.groups[0].numel()} KV groups kept"
+    table.mask(f"{name} mask", sparsity, mask, seconds, kept)
+    table.bias_compensated(f"{name} mask + bias compensation", sparsity, mask, stats, seconds, kept)
+    # one parameter budget, so PG keeps the method's allocation across unit types
+    config = PruneConfig(sparsity=sparsity, steps=steps, init=method, budget="params",
+                         **{**common.UNITS, **common.UNITS_DEFAULT})
+    common.pg_rows(table, f"PG S=8 --init {method} --budget params", sparsity, config, stats)
 
 
-def pangu_rows(model, tok, space, sparsity, init_calib, add, base, params):
+def pangu_rows(table: common.QualityTable, sparsity, init_calib, base):
+    """``base`` compacted with Pangu Light's re-initialisations, and CLAP on a layer-dropping mask."""
     from bpp.methods.pangu import PanguOptions, calibrate, transform
+
+    model, space = table.model, table.space
+    params = int(space.params(base)[0])
 
     def compacted(mask, **flags):
         t0 = time.perf_counter()
@@ -84,7 +76,8 @@ def pangu_rows(model, tok, space, sparsity, init_calib, add, base, params):
     for flags in ({"slnp": True}, {"absorb_norms": True}, {"slnp": True, "absorb_norms": True}):
         small, seconds, _ = compacted(base, **flags)
         cli = " ".join("--" + k.replace("_", "-") for k in flags)
-        add.model(f"{DEFAULT_PG} + {cli}", sparsity, small, params, seconds, f"`bpp compact {cli}`")
+        table.compacted_model(f"{common.UNITS_DEFAULT_ROW} + {cli}", sparsity, small, params, seconds,
+                              f"`bpp compact {cli}`")
 
     # CLAP needs dropped layers: a depth-pruning mask at about the same parameter count (the layers
     # whose output hidden state is most like their input, "block influence"), alone and with CLAP
@@ -93,10 +86,62 @@ def pangu_rows(model, tok, space, sparsity, init_calib, add, base, params):
     seconds = time.perf_counter() - t0
     n = int((~drop.layers).sum())
     layer_params = int(space.params(drop)[0])
-    add(f"block-influence layer drop ({n} layers)", sparsity, drop, seconds, "depth pruning, no width pruning")
+    table.mask(f"block-influence layer drop ({n} layers)", sparsity, drop, seconds, "depth pruning, no width pruning")
     small, more, options = compacted(drop, clap=True)
-    add.model(f"block-influence layer drop ({n} layers) + --clap", sparsity, small, layer_params, seconds + more,
-              f"{len(options.report['clap_moved_groups'])} KV groups moved")
+    table.compacted_model(f"block-influence layer drop ({n} layers) + --clap", sparsity, small, layer_params,
+                          seconds + more, f"{len(options.report['clap_moved_groups'])} KV groups moved")
+
+
+def recovery_row(table: common.QualityTable, sparsity, calib_ids, base, recover_steps: int):
+    """``base`` compacted, then LoRA-fine-tuned by ``bpp recover`` on the calibration text."""
+    from bpp.methods.lora_recovery import lora_recover
+
+    small = compact_model(table.model, base)
+    t0 = time.perf_counter()
+    merged, _ = lora_recover(copy.deepcopy(small), table.tok, calib_ids, steps=recover_steps, progress=False)
+    table.compacted_model(f"{common.UNITS_DEFAULT_ROW} + LoRA recovery", sparsity, merged,
+                          int(table.space.params(base)[0]), time.perf_counter() - t0,
+                          f"`bpp recover`, {recover_steps} steps of 4×128 tokens, rank 8")
+
+
+def rows_main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsities", default="0.2")
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS),
+                    help=f"comma-separated groups of rows, of {', '.join(ROW_GROUPS)} (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="PG steps (default: bpp prune's default)")
+    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows per perplexity (default all)")
+    ap.add_argument("--recover-steps", type=int, default=RECOVER_STEPS)
+    ap.add_argument("--json", default="bench/results/quality-companions.json", help="where to write the raw results")
+    args = ap.parse_args(argv)
+    groups = [g.strip() for g in args.rows.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(ROW_GROUPS))
+    if unknown or not groups:
+        ap.error(f"--rows: unknown group(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROW_GROUPS)}")
+
+    from bpp.bias_compensation import InputStats
+
+    defaults = PruneConfig(**common.UNITS).validate()
+    steps = args.steps or defaults.steps
+    default = common.load_default()
+    init_calib = windows(default.tok, default.calib, defaults.init_seq_len, defaults.init_windows, seed=defaults.seed)
+    table = common.QualityTable(default.model, default.tok, default.space, default.held, args.eval_windows)
+    with torch.no_grad():
+        stats = InputStats(default.model).collect(init_calib)
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            config = PruneConfig(sparsity=sparsity, steps=steps, **common.UNITS, **common.UNITS_DEFAULT)
+            base = common.pg_rows(table, common.UNITS_DEFAULT_ROW, sparsity, config, stats)
+            for method in ("besa", "loraprune"):
+                if method in groups:
+                    prior_rows(table, sparsity, init_calib, stats, method=method, steps=steps)
+            if "pangu" in groups:
+                pangu_rows(table, sparsity, init_calib, base)
+            if "recovery" in groups:
+                recovery_row(table, sparsity, default.calib, base, args.recover_steps)
+    meta = {"steps": steps, "eval_windows": args.eval_windows, "rows": groups, "recover_steps": args.recover_steps,
+            "threads": torch.get_num_threads(), "date": common.utc_now(), "machine": common.machine_line(),
+            "command": " ".join(["python", *sys.argv])}
+    table.write(args.json, meta)
 
 
 @torch.no_grad()
@@ -121,47 +166,30 @@ def layer_drop_mask(model, space, calib, n_drop):
 ENGINE_CASES = ("besa:hf", "besa:kernels", "recover:hf", "recover:kernels", "loraprune:hf", "loraprune:kernels")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> int:
-    """Reset the peak RSS (VmHWM) to the current RSS; the current RSS in KiB. Linux only."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
-
-
 def engine_case(case: str, mask_path: str, sparsity: float, calib_windows: int, calib_seq_len: int,
                 eval_windows: int, recover_steps: int = RECOVER_STEPS) -> dict:
     """One (method, engine) measurement in this process: BESA's mask (written to ``mask_path`` by
     "besa:hf"), `bpp recover`'s LoRA recovery of that mask's compacted model (``recover_steps``
     steps with bpp recover's defaults), or LoRAPrune's mask with its defaults. Wall time, peak RSS above the RSS before the call, the
     held-out perplexity and what the two engines should agree on."""
-    from bpp import load_model
-    from bpp.data import windows
     from bpp.evaluation import masked_perplexity, perplexity
     from bpp.methods.besa import BesaConfig, besa_allocate
     from bpp.methods.lora_recovery import lora_recover
     from bpp.methods.loraprune import LoRAPruneConfig, loraprune_allocate
     from bpp.masks import Masks
-    from bpp.space import MaskSpace
 
     method, engine = case.split(":")
-    model, tok = load_model()
-    space = MaskSpace.from_model(model)
-    calib_ids = tokenize(tok, load_text("default", "calib"))
-    held = tokenize(tok, load_text("default", "heldout"))
+    default = common.load_default()
+    model, tok, space, calib_ids, held = default.model, default.tok, default.space, default.calib, default.held
     out = {"case": case}
     if method == "besa":
         calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
-        before = _reset_peak()
+        before = common.reset_peak_rss()
         t0 = time.perf_counter()
         result = besa_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
                                BesaConfig(engine=engine, progress=False))
         out["seconds"] = time.perf_counter() - t0
-        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        out["peak_mib"] = (common.status_kib("VmHWM") - before) / 1024
         mask = Masks(result.masks["channel"][None], result.masks["group"][None],
                      torch.ones(1, space.n_layers, dtype=torch.bool))
         out.update(engine=result.engine, params=int(space.params(mask)[0]),
@@ -173,12 +201,12 @@ def engine_case(case: str, mask_path: str, sparsity: float, calib_windows: int, 
             mask.save(mask_path)
     elif method == "loraprune":
         calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
-        before = _reset_peak()
+        before = common.reset_peak_rss()
         t0 = time.perf_counter()
         result = loraprune_allocate(model, space, calib, 1.0 - sparsity, ("channel", "group"),
                                     LoRAPruneConfig(engine=engine, progress=False))
         out["seconds"] = time.perf_counter() - t0
-        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        out["peak_mib"] = (common.status_kib("VmHWM") - before) / 1024
         mask = Masks(result.masks["channel"][None], result.masks["group"][None],
                      torch.ones(1, space.n_layers, dtype=torch.bool))
         out.update(engine=result.engine, params=int(space.params(mask)[0]), loss=[h["loss"] for h in result.history],
@@ -190,11 +218,11 @@ def engine_case(case: str, mask_path: str, sparsity: float, calib_windows: int, 
         small = compact_model(model, mask)
         del model
         out["ppl_before"] = perplexity(small, tok, held, seq_len=128, max_windows=eval_windows)
-        before = _reset_peak()
+        before = common.reset_peak_rss()
         t0 = time.perf_counter()
         merged, log = lora_recover(small, tok, calib_ids, steps=recover_steps, engine=engine, progress=False)
         out["seconds"] = time.perf_counter() - t0
-        out["peak_mib"] = (_status_kib("VmHWM") - before) / 1024
+        out["peak_mib"] = (common.status_kib("VmHWM") - before) / 1024
         out.update(engine=log["engine"], params=sum(p.numel() for p in merged.parameters()), loss=log["loss"],
                    per_step=log["seconds_per_step"],
                    ppl=perplexity(merged, tok, held, seq_len=128, max_windows=eval_windows))
@@ -209,8 +237,6 @@ def interleaved(methods: list[str], mask_path: str, sparsity: float, calib_windo
     ``layers`` layers (``repeats`` runs each)."""
     import statistics
 
-    from bpp import load_model
-    from bpp.data import windows
     from bpp.methods.besa import BesaConfig, besa_allocate
     from bpp.methods.lora_recovery import LoraRecovery
     from bpp.methods.recovery_config import RecoverConfig
@@ -219,8 +245,8 @@ def interleaved(methods: list[str], mask_path: str, sparsity: float, calib_windo
     from bpp.space import MaskSpace
 
     engines = ("hf", "kernels")
-    model, tok = load_model()
-    calib_ids = tokenize(tok, load_text("default", "calib"))
+    default = common.load_default()
+    model, tok, calib_ids = default.model, default.tok, default.calib
     calib = windows(tok, calib_ids, calib_seq_len, calib_windows, seed=0)
     rows = []
 
@@ -270,14 +296,6 @@ def engines_main(argv=None) -> list[dict]:
     masked ops against the Hugging Face forward, on the embedded default, one fresh process per case
     (so each peak RSS is its own), in the order of ``--cases`` repeated ``--repeats`` times. The
     recover cases need the mask "besa:hf" wrote to ``--workdir``."""
-    import argparse
-    import json
-    import os
-    import platform
-    import subprocess
-    import sys
-    import tempfile
-
     ap = argparse.ArgumentParser(description=engines_main.__doc__)
     ap.add_argument("--engines", action="store_true", required=True)
     ap.add_argument("--cases", default=",".join(ENGINE_CASES))
@@ -302,9 +320,7 @@ def engines_main(argv=None) -> list[dict]:
                                      args.eval_windows, args.recover_steps)))
         return []
 
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
-        if line.startswith("Model name")), platform.processor())
+    cpu = common.cpu_name()
     print(f"# {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average at start "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     if args.interleaved:
@@ -373,5 +389,12 @@ def engines_main(argv=None) -> list[dict]:
     return rows
 
 
+def main() -> None:
+    if "--engines" in sys.argv[1:]:
+        engines_main()
+    else:
+        rows_main()
+
+
 if __name__ == "__main__":
-    engines_main()
+    main()

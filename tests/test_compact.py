@@ -1,8 +1,6 @@
 """Compaction: dense pruned weights whose logits equal the masked model's, saved so that plain
 transformers loads them."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from bpp import Masks, MaskSpace
 from bpp.compaction import compact_model, round_mask, save_compacted
 from bpp.errors import BppError
 from bpp.models.hooks import hook_masks
+from tests.conftest import isolated_load
 from tests.tiny import seed_for_test, tiny_model
 
 
@@ -86,38 +85,6 @@ def _masked_greedy(model, mask, prompt, n):
     return seq.tolist()
 
 
-def _isolated_load(path, ids, trust):
-    """Load and run the saved folder in a fresh interpreter where bpp cannot be imported."""
-    code = f"""
-import importlib.abc, json, sys, torch
-
-class NoBpp(importlib.abc.MetaPathFinder):  # as if bpp were not installed (it is, editable)
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('bpp', 'bpp_kernels'):
-            raise ImportError('bpp is not installed here')
-        return None
-
-sys.meta_path.insert(0, NoBpp())
-try:
-    import bpp
-    raise SystemExit('bpp is importable in the isolated check')
-except ImportError:
-    pass
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code={trust})
-ids = torch.tensor({ids.tolist()})
-with torch.no_grad():
-    logits = m(ids).logits
-    full = m.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=True)
-    nocache = m.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False)
-print(json.dumps({{"logits": logits.tolist(), "cache": full.tolist(), "nocache": nocache.tolist(),
-                   "cls": type(m).__name__}}))
-"""
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("kind", ["no-attention", "uniform"])
 def test_saved_folder_loads_without_bpp_and_generates_with_cache(tmp_path, tokenizer, kind):
     model = tiny_model("qwen3" if kind == "uniform" else "llama")
@@ -128,7 +95,7 @@ def test_saved_folder_loads_without_bpp_and_generates_with_cache(tmp_path, token
     assert (out / "generation_config.json").is_file()
     assert (out / "modeling_bpp.py").is_file() == (kind != "uniform")
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    result = _isolated_load(out, ids, trust=kind != "uniform")
+    result = isolated_load(out, ids, trust=kind != "uniform")
     assert _rel(torch.tensor(result["logits"]), _masked_logits(model, mask, ids)) <= 1e-4
     assert result["cache"] == result["nocache"]  # the KV-cache path decodes the same tokens
     assert result["cache"] == _masked_greedy(model, mask, ids[:1], 5)

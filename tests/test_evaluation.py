@@ -12,14 +12,6 @@ from bpp.errors import BppError
 from tests.tiny import tiny_model
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    model = tiny_model("qwen2")
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
-
 def test_perplexity_follows_the_standard_protocol(tokenizer):
     model = tiny_model("llama")
     text = data.load_text("default", "heldout")[:5000]
@@ -40,10 +32,10 @@ def _bpp(*args):
     return subprocess.run([sys.executable, "-m", "bpp", *args], capture_output=True, text=True)
 
 
-def test_cli_eval_prints_perplexity(tiny_dir, tmp_path):
+def test_cli_eval_prints_perplexity(tiny_qwen2_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(data.load_text("default", "heldout")[:6000])
-    out = _bpp("eval", "--model", str(tiny_dir), "--data", str(text), "--split", "all", "--seq-len", "32")
+    out = _bpp("eval", "--model", str(tiny_qwen2_dir), "--data", str(text), "--split", "all", "--seq-len", "32")
     assert out.returncode == 0, out.stderr
     assert "perplexity" in out.stdout and float(out.stdout.split()[1]) > 1.0
 
@@ -53,12 +45,12 @@ def test_cli_eval_prints_perplexity(tiny_dir, tmp_path):
     (["--model", "/no/such/model"], "not found"),
     (["--seq-len", "100000", "--data", "__TEXT__"], "fewer than seq_len"),
 ])
-def test_cli_user_errors_are_one_line_without_traceback(tiny_dir, tmp_path, args, message):
+def test_cli_user_errors_are_one_line_without_traceback(tiny_qwen2_dir, tmp_path, args, message):
     text = tmp_path / "t.txt"
     text.write_text("a few words only")
     args = [str(text) if a == "__TEXT__" else a for a in args]
     if "--model" not in args:
-        args += ["--model", str(tiny_dir)]
+        args += ["--model", str(tiny_qwen2_dir)]
     out = _bpp("eval", *args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr

@@ -11,19 +11,11 @@ from bpp.errors import BppError
 from tests.tiny import tiny_model
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    model = tiny_model("qwen2")
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
-
-def test_load_local_folder(tiny_dir):
-    model, tok = bpp.load_model(tiny_dir)
+def test_load_local_folder(tiny_qwen2_dir):
+    model, tok = bpp.load_model(tiny_qwen2_dir)
     assert model.config.model_type == "qwen2" and not model.training
     assert model.dtype == torch.float32
-    model16, _ = bpp.load_model(tiny_dir, dtype="bfloat16")
+    model16, _ = bpp.load_model(tiny_qwen2_dir, dtype="bfloat16")
     assert model16.dtype == torch.bfloat16
 
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,36 +19,22 @@ from bpp.methods.calibration import layer_inputs, run_layer
 from bpp.methods.ranking import per_layer_counts, sigmap
 from bpp.models.hooks import hook_losses
 from bpp.budget import Budget
-from bpp.search.units import UnitsPolicy
 from bpp.masks import Masks
+from bpp.search.units import UnitsPolicy
 from bpp.space import MaskSpace
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.conftest import kill_9_at_checkpoint, prune_cmd
+from tests.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 # a small but complete run: 2 layers, 70 channels, 2 KV groups
 FAST = dict(steps=12, samples=4, batch_size=2, seq_len=32, init_windows=4, init_seq_len=32, sparsity=0.3)
-# the official per-unit policy, as before issue 18 (no bias compensation, no incumbent)
+# the official per-unit policy (no bias compensation, no incumbent)
 UNITS = dict(policy="units", bias_compensation=False, incumbent_every=0)
 UNITS_CLI = ("--policy", "units", "--no-bias-compensation", "--incumbent-every", "0")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    import bpp
-
-    return bpp.load_model(tiny_dir)
-
-
-def _config(tiny_dir, **kw):
-    return PruneConfig(model=str(tiny_dir), **{**FAST, **UNITS, **kw})
+def _config(tiny_llama_dir, **kw):
+    return PruneConfig(model=str(tiny_llama_dir), **{**FAST, **UNITS, **kw})
 
 
 def _hook_fn(model):
@@ -58,13 +43,13 @@ def _hook_fn(model):
 
 # --- end to end -----------------------------------------------------------------------------
 
-def test_prune_cli_writes_every_output(tiny_dir, tmp_path):
+def test_prune_cli_writes_every_output(tiny_llama_dir, tmp_path):
     from typer.testing import CliRunner
 
     from bpp.cli import app
 
     out = tmp_path / "run"
-    args = ["prune", "--model", str(tiny_dir), "--out", str(out), "--steps", "8", "--samples", "4",
+    args = ["prune", "--model", str(tiny_llama_dir), "--out", str(out), "--steps", "8", "--samples", "4",
             "--batch-size", "2", "--seq-len", "32", "--init-windows", "4", "--init-seq-len", "32",
             "--sparsity", "0.3", "--eval-windows", "4", "--quiet", *UNITS_CLI]
     result = CliRunner().invoke(app, args)
@@ -95,9 +80,9 @@ def test_prune_cli_writes_every_output(tiny_dir, tmp_path):
     assert isinstance(again.exception, BppError) and "--force" in str(again.exception)
 
 
-def test_params_budget_run_stays_within_budget(tiny_dir, tmp_path, loaded):
-    model, tok = loaded
-    report = prune(_config(tiny_dir, budget="params", steps=6), tmp_path / "p", model=model, tokenizer=tok,
+def test_params_budget_run_stays_within_budget(tiny_llama_dir, tmp_path, tiny_llama_loaded):
+    model, tok = tiny_llama_loaded
+    report = prune(_config(tiny_llama_dir, budget="params", steps=6), tmp_path / "p", model=model, tokenizer=tok,
                    losses_fn=_hook_fn(model), evaluate=False, progress=False, compact=False)
     (target,) = report["params"]["budget_targets"].values()
     mask = Masks.load(tmp_path / "p" / "mask.safetensors")
@@ -106,9 +91,9 @@ def test_params_budget_run_stays_within_budget(tiny_dir, tmp_path, loaded):
     assert kept <= target
 
 
-def test_leave_one_out_and_layer_granularity_run(tiny_dir, tmp_path, loaded):
-    model, tok = loaded
-    cfg = _config(tiny_dir, baseline="leave-one-out", granularity="layer", sparsity=0.5, init="uniform", steps=4)
+def test_leave_one_out_and_layer_granularity_run(tiny_llama_dir, tmp_path, tiny_llama_loaded):
+    model, tok = tiny_llama_loaded
+    cfg = _config(tiny_llama_dir, baseline="leave-one-out", granularity="layer", sparsity=0.5, init="uniform", steps=4)
     prune(cfg, tmp_path / "l", model=model, tokenizer=tok, losses_fn=_hook_fn(model), evaluate=False,
           progress=False, compact=False)
     mask = Masks.load(tmp_path / "l" / "mask.safetensors")
@@ -125,43 +110,43 @@ def test_leave_one_out_and_layer_granularity_run(tiny_dir, tmp_path, loaded):
     (dict(granularity="layer", init="uniform", sparsity=0.2), "cannot be met by the granularity layer"),
     (dict(baseline="median"), "unknown baseline"),
 ])
-def test_bad_inputs(tiny_dir, tmp_path, loaded, changes, message):
-    model, tok = loaded
+def test_bad_inputs(tiny_llama_dir, tmp_path, tiny_llama_loaded, changes, message):
+    model, tok = tiny_llama_loaded
     with pytest.raises(BppError, match=message):
-        prune(_config(tiny_dir, **changes), tmp_path / "bad", model=model, tokenizer=tok, evaluate=False,
+        prune(_config(tiny_llama_dir, **changes), tmp_path / "bad", model=model, tokenizer=tok, evaluate=False,
               progress=False, compact=False)
 
 
-def test_existing_dir_needs_force_and_force_replaces_only_bpps_files(tiny_dir, tmp_path, loaded):
-    model, tok = loaded
+def test_existing_dir_needs_force_and_force_replaces_only_bpps_files(tiny_llama_dir, tmp_path, tiny_llama_loaded):
+    model, tok = tiny_llama_loaded
     out = tmp_path / "exists"
     kw = dict(model=model, tokenizer=tok, losses_fn=_hook_fn(model), evaluate=False, progress=False, compact=False)
-    prune(_config(tiny_dir, steps=2), out, **kw)
+    prune(_config(tiny_llama_dir, steps=2), out, **kw)
     (out / "notes.txt").write_text("mine")  # the user's own file in a bpp run folder
     first = (out / "mask.safetensors").stat().st_mtime_ns
     with pytest.raises(BppError, match="already exists"):
-        prune(_config(tiny_dir, steps=2), out, **kw)
-    prune(_config(tiny_dir, steps=2), out, force=True, **kw)
+        prune(_config(tiny_llama_dir, steps=2), out, **kw)
+    prune(_config(tiny_llama_dir, steps=2), out, force=True, **kw)
     assert (out / "notes.txt").read_text() == "mine"  # --force only replaces bpp's own files
     assert (out / "mask.safetensors").stat().st_mtime_ns != first
 
 
-def test_resume_with_a_different_config_names_the_difference(tiny_dir, tmp_path, loaded):
-    model, tok = loaded
+def test_resume_with_a_different_config_names_the_difference(tiny_llama_dir, tmp_path, tiny_llama_loaded):
+    model, tok = tiny_llama_loaded
     out = tmp_path / "r"
     kw = dict(model=model, tokenizer=tok, losses_fn=_hook_fn(model), evaluate=False, progress=False, compact=False)
-    prune(_config(tiny_dir, steps=3), out, **kw)
+    prune(_config(tiny_llama_dir, steps=3), out, **kw)
     (out / "report.json").unlink()  # pretend it was interrupted
     with pytest.raises(BppError, match=r"--sparsity: 0\.4 given, the run has 0\.3"):
-        prune(_config(tiny_dir, steps=3, sparsity=0.4), out, resume=True, **kw)
+        prune(_config(tiny_llama_dir, steps=3, sparsity=0.4), out, resume=True, **kw)
     with pytest.raises(BppError, match="no checkpoint.pt"):
-        prune(_config(tiny_dir), tmp_path / "empty", resume=True, **kw)
+        prune(_config(tiny_llama_dir), tmp_path / "empty", resume=True, **kw)
 
 
 # --- the loop's details ---------------------------------------------------------------------------
 
-def test_nan_losses_are_dropped_and_all_nan_steps_skipped(loaded):
-    model, _ = loaded
+def test_nan_losses_are_dropped_and_all_nan_steps_skipped(tiny_llama_loaded):
+    model, _ = tiny_llama_loaded
     space = MaskSpace.from_model(model)
     cfg = PruneConfig(steps=2, samples=4, batch_size=1, seq_len=8, **UNITS).validate()
     policy = UnitsPolicy(Budget(space, cfg.granularity, 0.3), cfg.samples)
@@ -202,10 +187,10 @@ def test_sigmap_and_counts():
     assert per_layer_counts(90, 30) == [3] * 30 and per_layer_counts(5, 3) == [2, 1, 2]
 
 
-def test_layer_by_layer_replay_matches_the_model(loaded):
+def test_layer_by_layer_replay_matches_the_model(tiny_llama_loaded):
     # wanda-sp feeds layers one at a time from captured layer-0 inputs: with no mask this must
     # reproduce the model's own hidden states
-    model, _ = loaded
+    model, _ = tiny_llama_loaded
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     hidden, kwargs = layer_inputs(model, ids)
     with torch.no_grad():
@@ -215,8 +200,8 @@ def test_layer_by_layer_replay_matches_the_model(loaded):
         assert torch.allclose(model.model.norm(hidden), reference, atol=1e-5)
 
 
-def test_wanda_sp_init_ranks_units_and_matches_budget(loaded):
-    model, _ = loaded
+def test_wanda_sp_init_ranks_units_and_matches_budget(tiny_llama_loaded):
+    model, _ = tiny_llama_loaded
     space = MaskSpace.from_model(model)
     budget = Budget(space, "group,channel", 0.3)
     calib = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(1))
@@ -236,41 +221,15 @@ def test_wanda_sp_init_ranks_units_and_matches_budget(loaded):
 
 # --- checkpoint/resume after kill -9 --------------------------------------------------------------
 
-def _prune_cmd(tiny_dir, out, *extra):
-    return [sys.executable, "-m", "bpp", "prune", "--model", str(tiny_dir), "--steps", "1500", "--samples", "2",
-            "--batch-size", "1", "--seq-len", "16", "--init-windows", "2", "--init-seq-len", "16",
-            "--sparsity", "0.3", "--checkpoint-every", "25", "--no-eval", "--quiet", "--seed", "7", *extra,
-            *(["--out", str(out)] if out else [])]
-
-
-def _kill_at(cmd, cut, env, at=50):
-    """Start ``cmd``, kill -9 it once its checkpoint has passed step ``at``; return that step."""
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = None
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        ckpt = cut / "checkpoint.pt"
-        if ckpt.is_file():
-            try:
-                step = torch.load(ckpt, weights_only=True)["step"]
-            except Exception:  # noqa: BLE001 - replaced while reading; try again
-                step = 0
-            if step >= at:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return killed_at
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_prune_cmd(tiny_dir, ref, *UNITS_CLI), check=True, env=env, cwd=REPO, capture_output=True,
+    subprocess.run(prune_cmd(tiny_llama_dir, ref, *UNITS_CLI), check=True, env=env, cwd=REPO, capture_output=True,
                    timeout=300)
-    killed_at = _kill_at(_prune_cmd(tiny_dir, cut, *UNITS_CLI), cut, env)
+    proc = subprocess.Popen(prune_cmd(tiny_llama_dir, cut, *UNITS_CLI), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = kill_9_at_checkpoint(proc, cut / "checkpoint.pt", 50, finished=cut / "mask.safetensors")
+    assert proc.returncode == -signal.SIGKILL
     assert 50 <= killed_at < 1500 and not (cut / "mask.safetensors").exists()
 
     subprocess.run([sys.executable, "-m", "bpp", "prune", "--resume", str(cut), "--quiet", "--no-eval"],
@@ -278,7 +237,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     assert torch.equal(Masks.load(cut / "theta.safetensors").channels, Masks.load(ref / "theta.safetensors").channels)
     assert torch.equal(Masks.load(cut / "theta.safetensors").groups, Masks.load(ref / "theta.safetensors").groups)
     mask_cut, mask_ref = Masks.load(cut / "mask.safetensors"), Masks.load(ref / "mask.safetensors")
-    assert all(torch.equal(getattr(mask_cut, f), getattr(mask_ref, f)) for f in ("channels", "groups", "layers"))
+    assert mask_cut == mask_ref
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1500))
     report = json.loads((cut / "report.json").read_text())

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from bpp.methods.recovery_config import TARGET_MODULES, RecoverConfig, lr_factor
 from bpp.modelio import load_pruned
 from bpp.masks import Masks
 from bpp.space import MaskSpace
-from tests.test_compact import _isolated_load
+from tests.conftest import isolated_load, kill_9_at_checkpoint
 from tests.tiny import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +209,7 @@ def test_saved_folder_loads_without_bpp_like_its_input(folders, tmp_path, kind):
     ids = torch.randint(0, recovered.config.vocab_size, (2, 11))
     with torch.no_grad():
         expected = recovered(ids).logits
-    got = _isolated_load(out, ids, trust=kind == "hetero")
+    got = isolated_load(out, ids, trust=kind == "hetero")
     assert _rel(torch.tensor(got["logits"]), expected) <= 1e-5
     assert len(got["cache"][0]) == 11 + 5 and got["cache"] == got["nocache"]
     original, _, _ = load_pruned(folders[kind])
@@ -273,21 +272,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(folders, tmp_path):
 
     proc = subprocess.Popen(_recover_cmd(folders["hetero"], cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    killed_at, ckpt = None, partial_dir(cut) / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file():
-            try:
-                step = torch.load(ckpt, weights_only=False)["step"]
-            except Exception:  # noqa: BLE001 - replaced while reading; try again
-                step = 0
-            if step >= 20:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # the output folder appears only when the run has finished
+    killed_at = kill_9_at_checkpoint(proc, partial_dir(cut) / "checkpoint.pt", 20, finished=cut)
+    assert proc.returncode == -signal.SIGKILL
     assert 20 <= killed_at < 400 and not cut.exists()
 
     # options not repeated on --resume come from the interrupted run

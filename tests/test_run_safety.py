@@ -14,7 +14,10 @@ import torch
 from bpp.errors import BppError
 from bpp.locks import LOCK, Lock
 from bpp.runs import MANIFEST, PARTIAL_MARKER, RunFolder
-from tests.test_runs import FAST, _cli, _one_line_error, _snapshot, run_dir, tiny_dir  # noqa: F401 (fixtures)
+from tests.conftest import FAST_CLI as FAST
+from tests.conftest import cli as _cli
+from tests.conftest import one_line_error as _one_line_error
+from tests.conftest import snapshot as _snapshot
 
 PRUNE_FILES = ("mask.safetensors", "metrics.jsonl", "report.json", "config.json", "checkpoint.pt", "model")
 
@@ -67,42 +70,42 @@ def test_force_never_removes_what_a_crafted_manifest_lists_outside_the_folder(tm
     assert _snapshot(out) == before_out  # refused before anything was removed
 
 
-def test_prune_force_with_a_crafted_manifest_is_one_line(tiny_dir, tmp_path):  # noqa: F811
+def test_prune_force_with_a_crafted_manifest_is_one_line(tiny_llama_dir, tmp_path):
     victim = _victim(tmp_path)
     for entry in ("../victim", str(victim), "."):
         out = tmp_path / "crafted"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         (out / MANIFEST).write_text(json.dumps({"tool": "bpp", "job": "prune", "files": [entry]}))
-        code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--force", *FAST)
+        code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *FAST)
         _one_line_error(code, err, "not a file name inside")
         assert (victim / "precious.txt").read_text() == "mine" and out.is_dir()
 
 
-def test_force_removes_a_listed_model_folder_only_when_it_holds_only_bpps_files(run_dir, tiny_dir, tmp_path):  # noqa: F811
+def test_force_removes_a_listed_model_folder_only_when_it_holds_only_bpps_files(run_dir, tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     (out / "model" / "my-notes.txt").write_text("mine")
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--force", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *FAST)
     _one_line_error(code, err, "my-notes.txt")
     assert (out / "model" / "my-notes.txt").read_text() == "mine" and (out / "mask.safetensors").is_file()
     (out / "model" / "my-notes.txt").unlink()
-    assert _cli("prune", "--model", tiny_dir, "--out", out, "--force", *FAST)[0] == 0
+    assert _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *FAST)[0] == 0
 
 
-def test_force_refuses_a_user_file_under_a_name_bpp_writes_but_did_not_record(run_dir, tiny_dir, tmp_path):  # noqa: F811
+def test_force_refuses_a_user_file_under_a_name_bpp_writes_but_did_not_record(run_dir, tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["files"].remove("metrics.jsonl")
     (out / MANIFEST).write_text(json.dumps(manifest))
     before = _snapshot(out)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--force", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *FAST)
     _one_line_error(code, err, "metrics.jsonl", "does not list it")
     assert _snapshot(out) == before
 
 
-def test_user_entries_that_look_temporary_are_kept(run_dir, tmp_path):  # noqa: F811
+def test_user_entries_that_look_temporary_are_kept(run_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     (out / "report.json").unlink()
@@ -185,7 +188,7 @@ def test_a_symlinked_lock_file_is_refused(tmp_path):
 
 # --- report follows the run-folder contract ----------------------------------------------------------
 
-def test_report_refuses_to_overwrite_or_write_into_root(run_dir, tmp_path):  # noqa: F811
+def test_report_refuses_to_overwrite_or_write_into_root(run_dir, tmp_path):
     out = tmp_path / "cmp"
     assert _cli("report", run_dir, "--out", out)[0] == 0
     (out / "report.md").write_text("edited")
@@ -215,7 +218,7 @@ def _interrupted(run_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint.pt", "config.json"])
-def test_resume_does_not_follow_a_symlink_out_of_the_folder(run_dir, tmp_path, name):  # noqa: F811
+def test_resume_does_not_follow_a_symlink_out_of_the_folder(run_dir, tmp_path, name):
     cut = _interrupted(run_dir, tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -229,7 +232,7 @@ def test_resume_does_not_follow_a_symlink_out_of_the_folder(run_dir, tmp_path, n
     assert _snapshot(outside) == before
 
 
-def test_a_torn_last_metrics_line_is_dropped_on_resume(run_dir, tmp_path):  # noqa: F811
+def test_a_torn_last_metrics_line_is_dropped_on_resume(run_dir, tmp_path):
     cut = _interrupted(run_dir, tmp_path)
     whole = (cut / "metrics.jsonl").read_text()
     with open(cut / "metrics.jsonl", "a") as f:
@@ -239,7 +242,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(run_dir, tmp_path):  # no
     assert json.loads((cut / "report.json").read_text())["steps_done"] == 3
 
 
-def test_a_corrupt_metrics_line_elsewhere_is_one_line(run_dir, tmp_path):  # noqa: F811
+def test_a_corrupt_metrics_line_elsewhere_is_one_line(run_dir, tmp_path):
     cut = _interrupted(run_dir, tmp_path)
     lines = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
     (cut / "metrics.jsonl").write_text(lines[0] + '{"step": 1, "mean_lo\n' + "".join(lines[1:]))
@@ -264,7 +267,7 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
     import bpp.checkpoints as checkpoints
 
     out = tmp_path / "full"
@@ -278,7 +281,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_dir,
         _full_disk()
 
     monkeypatch.setattr(checkpoints.torch, "save", fills_up)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--checkpoint-every", "1", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--checkpoint-every", "1", *FAST)
     _one_line_error(code, err, "checkpoint.pt", "no space left", "free space", "--resume")
     monkeypatch.undo()
     assert not list(out.glob(".*.tmp"))
@@ -286,7 +289,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_resumes(tiny_dir,
     assert json.loads((out / "report.json").read_text())["steps_done"] == 3
 
 
-def test_a_full_disk_while_saving_the_model_is_one_line_and_resumes(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_full_disk_while_saving_the_model_is_one_line_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
     def fills_up(*args, **kwargs):
@@ -295,7 +298,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_resumes(tiny_dir, tm
 
     out = tmp_path / "full"
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", fills_up)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, *FAST)
     _one_line_error(code, err, "no space left", "free space", "--resume")
     assert not (out / "model").exists() and not [p for p in out.iterdir() if p.name.startswith(".model-")]
     monkeypatch.setattr("safetensors.torch.save_file", fills_up)  # the mask file, this time
@@ -310,7 +313,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_resumes(tiny_dir, tm
 
 @pytest.mark.parametrize("damage", ["no-config", "config-a-string", "no-step", "extra-a-string", "no-space",
                                     "allocation-a-list"])
-def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage):  # noqa: F811
+def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage):
     cut = _interrupted(run_dir, tmp_path)
     state = torch.load(cut / "checkpoint.pt", weights_only=True)
     if damage == "no-config":
@@ -332,7 +335,7 @@ def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage)
 
 # --- a killed export ---------------------------------------------------------------------------------
 
-def test_an_export_removes_what_a_killed_export_of_the_same_file_left(tiny_dir, tmp_path):  # noqa: F811
+def test_an_export_removes_what_a_killed_export_of_the_same_file_left(tiny_llama_dir, tmp_path):
     from bpp.jobs.export import export_gguf
 
     leftover = tmp_path / ".small.gguf-k1ll3d00.tmp"  # tempfile's name for a killed export of small.gguf
@@ -340,7 +343,7 @@ def test_an_export_removes_what_a_killed_export_of_the_same_file_left(tiny_dir, 
     mine = [tmp_path / ".notes.tmp", tmp_path / ".other.gguf-k1ll3d00.tmp"]
     for path in mine:
         path.write_text("mine")
-    export_gguf(tiny_dir, tmp_path / "small.gguf", progress=False)
+    export_gguf(tiny_llama_dir, tmp_path / "small.gguf", progress=False)
     assert (tmp_path / "small.gguf").is_file() and not leftover.exists()
     assert all(path.read_text() == "mine" for path in mine)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(p.name for p in mine)

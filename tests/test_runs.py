@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,63 +15,16 @@ import pytest
 import torch
 
 import bpp
-from bpp.cli import main
 from bpp.errors import BppError
 from bpp.checkpoints import load_checkpoint
 from bpp.fileio import atomic_file
 from bpp.locks import LOCK, Lock
 from bpp.runs import MANIFEST, PARTIAL_MARKER, RunFolder
+from tests.conftest import FAST_CLI as FAST
+from tests.conftest import cli as _cli
+from tests.conftest import one_line_error as _one_line_error
+from tests.conftest import snapshot as _snapshot
 from tests.tiny import tiny_model, tiny_tokenizer
-
-FAST = ["--steps", "3", "--samples", "2", "--batch-size", "1", "--seq-len", "16", "--init-windows", "2",
-        "--init-seq-len", "16", "--sparsity", "0.3", "--no-eval", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_dir, tmp_path_factory):
-    """A finished bpp prune run (3 steps, with its compacted model)."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert _cli("prune", "--model", str(tiny_dir), "--out", str(out), *FAST)[0] == 0
-    return out
-
-
-def _cli(*args) -> tuple[int, str]:
-    """``bpp ARGS`` in this process: (exit code, what it printed on stderr, as one string)."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    err, out = io.StringIO(), io.StringIO()
-    code = 0
-    with redirect_stderr(err), redirect_stdout(out):
-        try:
-            main(list(map(str, args)))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, err.getvalue()
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    # progress bars (model loading, BESA's blocks) share stderr; the error itself must be one line
-    lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not re.search(r"\|\s*\d+/\d+ \[", line)]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-
-
-def _snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 # --- 1. checkpoints never run code ------------------------------------------------------------------
 
@@ -121,60 +73,61 @@ def test_an_empty_or_truncated_checkpoint_is_one_line(run_dir, tmp_path, content
 
 # --- 2. --force replaces only what bpp wrote, after the inputs are checked ---------------------------
 
-def test_force_refuses_a_folder_bpp_did_not_write(tiny_dir, tmp_path):
+def test_force_refuses_a_folder_bpp_did_not_write(tiny_llama_dir, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text("{\"my\": 1}")
     (mine / "report.json").write_text("[]")
     before = _snapshot(mine)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", mine, "--force", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", mine, "--force", *FAST)
     _one_line_error(code, err, "not written by bpp")
     assert _snapshot(mine) == before
 
 
-def test_force_checks_every_input_before_removing_anything(run_dir, tiny_dir, tmp_path):
+def test_force_checks_every_input_before_removing_anything(run_dir, tiny_llama_dir, tmp_path):
     before = _snapshot(run_dir)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", run_dir, "--force", "--data", tmp_path / "missing.txt",
-                     *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", run_dir, "--force",
+                     "--data", tmp_path / "missing.txt", *FAST)
     _one_line_error(code, err, "missing.txt")
     assert _snapshot(run_dir) == before
 
 
-def test_out_may_not_be_or_hold_the_model(tiny_dir, tmp_path):
-    before = _snapshot(tiny_dir)
-    for out in (tiny_dir, tiny_dir.parent):
-        code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--force", *FAST)
+def test_out_may_not_be_or_hold_the_model(tiny_llama_dir, tmp_path):
+    before = _snapshot(tiny_llama_dir)
+    for out in (tiny_llama_dir, tiny_llama_dir.parent):
+        code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *FAST)
         _one_line_error(code, err, "holds the input")
-    assert _snapshot(tiny_dir) == before
+    assert _snapshot(tiny_llama_dir) == before
 
 
-def test_out_may_not_be_the_current_folder(run_dir, tiny_dir, tmp_path, monkeypatch):
+def test_out_may_not_be_the_current_folder(run_dir, tiny_llama_dir, tmp_path, monkeypatch):
     here = tmp_path / "here"
     here.mkdir()
     (here / "notes.txt").write_text("mine")
     monkeypatch.chdir(here)
-    code, err = _cli("compact", "--mask", run_dir / "mask.safetensors", "--model", tiny_dir, "--out", ".", "--force")
+    code, err = _cli("compact", "--mask", run_dir / "mask.safetensors", "--model", tiny_llama_dir, "--out", ".",
+                     "--force")
     _one_line_error(code, err, "current folder")
-    code, err = _cli("prune", "--model", tiny_dir, "--out", ".", "--force", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", ".", "--force", *FAST)
     _one_line_error(code, err, "current folder")
     assert sorted(os.listdir(here)) == ["notes.txt"]
 
 
-def test_compact_force_replaces_only_a_model_folder_bpp_wrote(run_dir, tiny_dir, tmp_path):
+def test_compact_force_replaces_only_a_model_folder_bpp_wrote(run_dir, tiny_llama_dir, tmp_path):
     mask = run_dir / "mask.safetensors"
     out = tmp_path / "small"
-    assert _cli("compact", "--mask", mask, "--model", tiny_dir, "--out", out)[0] == 0
+    assert _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--out", out)[0] == 0
     assert json.loads((out / MANIFEST).read_text())["job"] == "model"
-    assert _cli("compact", "--mask", mask, "--model", tiny_dir, "--out", out, "--force")[0] == 0
+    assert _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--out", out, "--force")[0] == 0
     (out / "my-notes.txt").write_text("mine")
-    code, err = _cli("compact", "--mask", mask, "--model", tiny_dir, "--out", out, "--force")
+    code, err = _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--out", out, "--force")
     _one_line_error(code, err, "my-notes.txt")
     assert (out / "my-notes.txt").read_text() == "mine"
 
 
-def test_a_failed_run_leaves_no_empty_folder(tiny_dir, tmp_path):
+def test_a_failed_run_leaves_no_empty_folder(tiny_llama_dir, tmp_path):
     out = tmp_path / "never"
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, "--data", tmp_path / "missing.txt", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--data", tmp_path / "missing.txt", *FAST)
     _one_line_error(code, err, "missing.txt")
     assert not out.exists()
 
@@ -208,10 +161,10 @@ def test_recover_resume_refuses_flags_that_differ(tmp_path):
     assert _resolve_run(None, None, {"eval_windows": 3}, saved)["eval_windows"] == 3  # may change, applied
 
 
-def test_resume_restores_the_evaluation_options(tiny_dir, tmp_path):
+def test_resume_restores_the_evaluation_options(tiny_llama_dir, tmp_path):
     out = tmp_path / "ev"
-    args = ["prune", "--model", tiny_dir, "--out", out, *[a for a in FAST if a != "--no-eval"], "--eval-windows", "2",
-            "--eval-seq-len", "16"]
+    args = ["prune", "--model", tiny_llama_dir, "--out", out, *[a for a in FAST if a != "--no-eval"],
+            "--eval-windows", "2", "--eval-seq-len", "16"]
     assert _cli(*args)[0] == 0
     first = json.loads((out / "report.json").read_text())
     (out / "report.json").unlink()
@@ -227,25 +180,25 @@ def test_resume_restores_the_evaluation_options(tiny_dir, tmp_path):
 
 # --- 4. one writer at a time --------------------------------------------------------------------------
 
-def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(run_dir, tiny_dir, tmp_path):
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(run_dir, tiny_llama_dir, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "job": "prune"}))
-        code, err = _cli("prune", "--model", tiny_dir, "--out", out, *FAST)
+        code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, *FAST)
         _one_line_error(code, err, "in use by another bpp prune", str(sleeper.pid))
     finally:
         sleeper.kill()
         sleeper.wait()
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, *FAST)  # its process is gone: stale
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, *FAST)  # its process is gone: stale
     assert code == 0, err
     assert not (out / LOCK).exists() and (out / "mask.safetensors").is_file()
 
 
-def test_two_runs_started_together_do_not_mix(tiny_dir, tmp_path):
+def test_two_runs_started_together_do_not_mix(tiny_llama_dir, tmp_path):
     out = tmp_path / "race"
-    cmd = [sys.executable, "-m", "bpp", "prune", "--model", str(tiny_dir), "--out", str(out), *FAST]
+    cmd = [sys.executable, "-m", "bpp", "prune", "--model", str(tiny_llama_dir), "--out", str(out), *FAST]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([*cmd, "--seed", str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for seed in (1, 2)]
@@ -286,7 +239,7 @@ def test_lock_release_and_owner_check(tmp_path):
 
 # --- 5. a mask belongs to its model --------------------------------------------------------------------
 
-def test_a_mask_of_another_model_is_refused(run_dir, tiny_dir, tmp_path):
+def test_a_mask_of_another_model_is_refused(run_dir, tiny_llama_dir, tmp_path):
     other = tmp_path / "other"
     tiny_model("llama", seed=5).save_pretrained(other)  # same shapes, other weights
     tiny_tokenizer().save_pretrained(other)
@@ -296,7 +249,8 @@ def test_a_mask_of_another_model_is_refused(run_dir, tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists()
     assert _cli("compact", "--mask", mask, "--model", other, "--out", tmp_path / "y", "--allow-other-model")[0] == 0
     # the same model in another dtype is the same model
-    assert _cli("compact", "--mask", mask, "--model", tiny_dir, "--out", tmp_path / "z", "--dtype", "bfloat16")[0] == 0
+    assert _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--out", tmp_path / "z",
+                "--dtype", "bfloat16")[0] == 0
 
 
 # --- 6. the compacted model saves itself completely ---------------------------------------------------
@@ -356,32 +310,32 @@ def test_folders_of_earlier_bpp_versions_still_load(tmp_path):
 
 @pytest.mark.parametrize("device, needle", [("cuda", "no CUDA device"), ("tpu", "unknown device"),
                                             ("bogus", "unknown device")])
-def test_unusable_devices(tiny_dir, tmp_path, device, needle):
+def test_unusable_devices(tiny_llama_dir, tmp_path, device, needle):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, err = _cli("prune", "--model", tiny_dir, "--out", tmp_path / "d", "--device", device, *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", tmp_path / "d", "--device", device, *FAST)
     _one_line_error(code, err, needle)
     assert not (tmp_path / "d").exists()
-    code, err = _cli("eval", "--model", tiny_dir, "--device", device)
+    code, err = _cli("eval", "--model", tiny_llama_dir, "--device", device)
     _one_line_error(code, err, needle)
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage that is not safetensors", None], ids=["empty", "garbage", "cut"])
-def test_bad_mask_files(run_dir, tiny_dir, tmp_path, content):
+def test_bad_mask_files(run_dir, tiny_llama_dir, tmp_path, content):
     bad = tmp_path / "mask.safetensors"
     good = (run_dir / "mask.safetensors").read_bytes()
     bad.write_bytes(good[: len(good) // 2] if content is None else content)
-    code, err = _cli("compact", "--mask", bad, "--model", tiny_dir, "--out", tmp_path / "o")
+    code, err = _cli("compact", "--mask", bad, "--model", tiny_llama_dir, "--out", tmp_path / "o")
     _one_line_error(code, err, str(bad))
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_model_folder_with_damaged_weights(tiny_dir, tmp_path, damage):
+def test_model_folder_with_damaged_weights(tiny_llama_dir, tmp_path, damage):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_dir, broken)
+    shutil.copytree(tiny_llama_dir, broken)
     weights = broken / "model.safetensors"
     if damage == "missing":
         weights.unlink()
@@ -391,7 +345,7 @@ def test_model_folder_with_damaged_weights(tiny_dir, tmp_path, damage):
     _one_line_error(code, err, str(broken))
 
 
-def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_dir, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_llama_dir, tmp_path, monkeypatch):
     import bpp.runs as runs
 
     out = tmp_path / "full"
@@ -403,7 +357,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_dir, tmp_path, monkeyp
         return real(path, obj)
 
     monkeypatch.setattr("bpp.jobs.prune.atomic_write_json", full_at_report)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", out, *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, *FAST)
     _one_line_error(code, err, "report.json", "no space left", "--resume")
     assert (out / "checkpoint.pt").is_file() and (out / "mask.safetensors").is_file()
     monkeypatch.undo()
@@ -411,14 +365,14 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_dir, tmp_path, monkeyp
     assert json.loads((out / "report.json").read_text())["steps_done"] == 3
 
 
-def test_a_read_only_output_is_one_line(tiny_dir, tmp_path, monkeypatch):
+def test_a_read_only_output_is_one_line(tiny_llama_dir, tmp_path, monkeypatch):
     import bpp.runs as runs
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / ".bpp-run.json"))
 
     monkeypatch.setattr(runs, "atomic_write_json", read_only)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", tmp_path / "ro", *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", tmp_path / "ro", *FAST)
     _one_line_error(code, err, "read-only")
 
 
@@ -443,15 +397,15 @@ def test_temporary_folders_of_a_killed_compaction_are_cleaned_on_resume(run_dir,
     assert not leftover.exists() and not (cut / ".report.json.tmp").exists()
 
 
-def test_binary_data_is_refused(tiny_dir, tmp_path):
+def test_binary_data_is_refused(tiny_llama_dir, tmp_path):
     blob = tmp_path / "blob.txt"
     blob.write_bytes(bytes(range(256)) * 100)
-    code, err = _cli("prune", "--model", tiny_dir, "--out", tmp_path / "b", "--data", blob, *FAST)
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", tmp_path / "b", "--data", blob, *FAST)
     _one_line_error(code, err, "does not look like text")
 
 
-def test_unknown_granularity_names_what_was_given(tiny_dir, tmp_path):
-    code, err = _cli("prune", "--model", tiny_dir, "--out", tmp_path / "g", "--granularity", "bogus", *FAST)
+def test_unknown_granularity_names_what_was_given(tiny_llama_dir, tmp_path):
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", tmp_path / "g", "--granularity", "bogus", *FAST)
     _one_line_error(code, err, "unknown granularity bogus;")
 
 

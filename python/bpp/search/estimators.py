@@ -74,18 +74,19 @@ def leave_one_out(losses: torch.Tensor) -> torch.Tensor:
     return losses - (losses.sum() - losses) / (losses.numel() - 1)
 
 
-def offset_gradient(eps: torch.Tensor, losses: torch.Tensor, sigma: float, antithetic: bool,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The smoothed loss's gradient in the offsets from one step's draws.
+def offset_draws(eps: torch.Tensor, losses: torch.Tensor, antithetic: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The usable draws of one step: (their directions (P', L), their loss differences (P',), the
+    divisor in units of σ), so that ĝ = mean_p(diff_p · ε_p) / (divisor · σ).
 
     ``eps`` (P, L): the directions; ``losses``: (2P,) interleaved antithetic losses (a + σε_p,
-    a − σε_p) or (P,) independent draws at a + σε_i. Draws whose loss is not finite are left
-    out. Returns (ĝ (L,), the directions used, their loss differences), or None when no draw
-    is usable."""
-    if antithetic:  # each pair is its own baseline
+    a − σε_p), each pair its own baseline, or (P,) independent draws at a + σε_i, each against the
+    mean of the other draws on the same batch. Draws whose loss is not finite are left out; None
+    when no draw is usable."""
+    if antithetic:
         diffs = pair_differences(losses)
         valid = torch.isfinite(diffs)
-    else:  # each draw against the mean of the other draws on the same batch
+    else:
         valid = torch.isfinite(losses)
         diffs = torch.zeros_like(losses, dtype=torch.float64)
         if int(valid.sum()) >= 2:
@@ -94,9 +95,18 @@ def offset_gradient(eps: torch.Tensor, losses: torch.Tensor, sigma: float, antit
             valid[:] = False
     if int(valid.sum()) == 0:
         return None
-    eps, diffs = eps[valid], diffs[valid]
-    scale = 2.0 * sigma if antithetic else sigma
-    return (diffs.unsqueeze(-1) * eps).mean(0) / scale, eps, diffs
+    return eps[valid], diffs[valid], 2.0 if antithetic else 1.0
+
+
+def offset_gradient(eps: torch.Tensor, losses: torch.Tensor, sigma: float, antithetic: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The smoothed loss's gradient in the offsets from one step's draws (see :func:`offset_draws`):
+    (ĝ (L,), the directions used, their loss differences), or None when no draw is usable."""
+    draws = offset_draws(eps, losses, antithetic)
+    if draws is None:
+        return None
+    eps, diffs, divisor = draws
+    return (diffs.unsqueeze(-1) * eps).mean(0) / (divisor * sigma), eps, diffs
 
 
 def half_correlation(eps: torch.Tensor, diffs: torch.Tensor) -> float | None:

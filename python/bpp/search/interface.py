@@ -41,7 +41,7 @@ class SearchStart:
     its raw per-unit scores, and the within-layer ranking scores (``{"channel": (L, m),
     "group": (L, G)}``, None when the init's own scores rank units)."""
 
-    theta: torch.Tensor
+    theta: torch.Tensor | None  # None where the policy needs no θ
     init_mask: Masks | None
     metrics: dict = field(default_factory=dict)
     rank_scores: dict | None = None

@@ -1,8 +1,8 @@
 """Triton kernels on a GPU: time per op and for the whole masked forward, against the baselines.
 
-    python bench/kernels.py                       # on a CUDA machine: every table
-    python bench/kernels.py --append bench/RESULTS.md
-    TRITON_INTERPRET=1 python bench/kernels.py --cpu-smoke   # logic check at tiny shapes, no GPU
+    python bench/triton_speed.py                       # on a CUDA machine: every table
+    python bench/triton_speed.py --append bench/RESULTS.md
+    TRITON_INTERPRET=1 python bench/triton_speed.py --cpu-smoke   # logic check at tiny shapes, no GPU
 
 Shapes: LLaMA-2-7B (d 4096, m 11008, 32 heads, MHA) and Llama-3-8B (d 4096, m 14336, 32 heads in
 8 KV groups), hd 128, bf16, S = 8 masks, B×T = 8×128, keep 50% and 70% of channels / groups.
@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-import bpp_kernels as K  # noqa: E402
-from bpp_kernels import reference  # noqa: E402
+import bpp_kernels as K
+from bpp_kernels import reference
 
 SHAPES = {
     "LLaMA-2-7B": dict(d=4096, m=11008, G=32, r=1, hd=128),
@@ -57,7 +53,7 @@ def check(what: str, rel_err: float, dtype: torch.dtype) -> None:
     """Stop when a provider's result is off: a fast wrong answer is not a benchmark result."""
     limit = 1e-4 if dtype == torch.float32 else 3e-2
     if not rel_err <= limit:
-        sys.exit(f"bench/kernels.py: {what} differs from the floor by relative RMS {rel_err:.1e} > {limit:.0e}")
+        sys.exit(f"bench/triton_speed.py: {what} differs from the floor by relative RMS {rel_err:.1e} > {limit:.0e}")
 
 
 def masks_for(S, n, keep, device):
@@ -257,7 +253,7 @@ def main():
     a = p.parse_args()
     smoke = a.cpu_smoke
     if not smoke and not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU (or --cpu-smoke with TRITON_INTERPRET=1 for a logic check)")
+        sys.exit("bench/triton_speed.py needs a CUDA GPU (or --cpu-smoke with TRITON_INTERPRET=1 for a logic check)")
     if smoke and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--cpu-smoke needs TRITON_INTERPRET=1 in the environment")
     device = "cpu" if smoke else "cuda"
@@ -274,7 +270,7 @@ def main():
     gpu = torch.cuda.get_device_name() if not smoke else "CPU (interpreter smoke run, times meaningless)"
     out = [f"### bpp_kernels Triton benchmark — {gpu}", "",
            f"torch {torch.__version__}, triton {triton.__version__}, {str(dtype)[6:]}, S={S}, B×T={B}×{T}; "
-           f"measured matmul peak {peak:.0f} TFLOP/s. Command: `python bench/kernels.py`", ""]
+           f"measured matmul peak {peak:.0f} TFLOP/s. Command: `python bench/triton_speed.py`", ""]
     out += op_tables(SMOKE if smoke else SHAPES, S, B, T, (0.5, 0.7), device, dtype, smoke, peak)
     out += [""] + small_op_tables(SMOKE if smoke else SHAPES, S, B, T, device, dtype, smoke)
     out += ["", "| whole masked forward | keep | batched triton (ms, S masks) | HF hook loop (ms) | speed-up | masks per GPU-hour |",
