@@ -30,8 +30,8 @@ The public names below load on first use, so ``import bpp`` stays light.
 import importlib
 
 from .errors import BppError
-from .modelio import SUPPORTED_FAMILIES, load_model
 from .masks import Masks
+from .modelio import SUPPORTED_FAMILIES, load_model
 from .space import MaskSpace
 
 __version__ = "0.1.0"

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from .errors import BppError, first_line
-
 from .fileio import atomic_write
 
 CHECKPOINT = "checkpoint.pt"

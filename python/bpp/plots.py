@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .masks import Masks
 from .fileio import read_jsonl
+from .masks import Masks
 from .space import MaskSpace
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .. import gguf
 from ..errors import BppError
-from ..modelio import resolve_model_dir
 from ..fileio import atomic_file
+from ..modelio import resolve_model_dir
 from ..runs import clean_partials, model_folder_lock
 
 DTYPES = gguf.DTYPES

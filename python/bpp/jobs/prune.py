@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from ..bias_compensation import FILE as COMPENSATION_FILE
-from ..errors import BppError
-from ..plots import plot_kept_per_layer, plot_loss_curve
 from ..checkpoints import CHECKPOINT, load_checkpoint, malformed_checkpoint
+from ..errors import BppError
 from ..fileio import atomic_write_json, write_error
+from ..plots import plot_kept_per_layer, plot_loss_curve
 from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from ..bias_compensation import BiasCompensation, InputStats
+from ..checkpoints import CHECKPOINT, malformed_checkpoint
 from ..errors import BppError
 from ..evaluation import compacted_perplexity, masked_perplexity
-from ..masks import Masks
-from ..checkpoints import CHECKPOINT, malformed_checkpoint
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
+from ..masks import Masks
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
 from ..space import MaskSpace, model_fingerprint

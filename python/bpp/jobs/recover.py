@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import differences
 from ..errors import BppError
+from ..fileio import atomic_write_json, read_json, write_error
 from ..methods.lora_recovery import CHECKPOINT, LoraRecovery
 from ..methods.recovery_config import RecoverConfig, recovery_windows
 from ..model_folders import save_model_folder
 from ..modelio import MODELING_FILE, load_pruned, load_tokenizer, resolve_model_dir
-from ..checkpoints import differences
-from ..fileio import atomic_write_json, read_json, write_error
 from ..runs import RunFolder, check_model_folder_target
+
 
 def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                    report: dict | None = None, protected: tuple = ()) -> Path:

@@ -70,8 +70,8 @@ from ..errors import BppError
 from ..masks import Masks
 from ..models.blocks import GRADIENT_ENGINES, choose_engine, kernel_block, pack_block
 from ..space import MaskSpace
-from .besa_relaxation import (candidate_counts, discretise_block, expected_count, expected_mask, init_logits, rescale_budgets,
-                              straight_through_mask)
+from .besa_relaxation import (candidate_counts, discretise_block, expected_count, expected_mask, init_logits,
+                              rescale_budgets, straight_through_mask)
 from .calibration import check_calib, eval_mode, input_scales, input_squares, layer_inputs, run_layer, wanda_sp_scores
 from .ranking import sigmap
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..bias_compensation import BiasCompensation, InputStats
-from ..errors import BppError
 from ..budget import check_sparsity, deterministic_mask, parse_granularity
+from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
 from .ranking import sigmap

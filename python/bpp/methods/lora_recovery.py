@@ -40,10 +40,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import BppError
 from ..checkpoints import CHECKPOINT, fingerprint, load_checkpoint, save_checkpoint
+from ..errors import BppError
 from ..models.blocks import choose_engine, kernel_lm_loss, lora_weight
 from .recovery_config import TARGET_MODULES, RecoverConfig, lr_factor, present_targets, recovery_windows
+
 
 def _model_signature(model) -> str:
     """Names and shapes of the parameters, plus the bytes of the first target weight: a resumed

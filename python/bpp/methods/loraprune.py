@@ -40,12 +40,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BppError
-from ..modelio import PROJECTIONS
 from ..budget import check_sparsity, parse_granularity
+from ..errors import BppError
 from ..masks import Masks
-from ..space import MaskSpace
+from ..modelio import PROJECTIONS
 from ..models.blocks import GRADIENT_ENGINES, choose_engine, kernel_lm_loss, lora_weight
+from ..space import MaskSpace
 from .calibration import check_calib, eval_mode, input_scales
 from .ranking import per_layer_counts, sigmap
 

@@ -9,7 +9,6 @@ import contextlib
 import torch
 
 from ..masks import Masks
-
 from ..space import MaskSpace
 
 

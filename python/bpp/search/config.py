@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..budget import check_sparsity, parse_granularity
+from ..checkpoints import differences
 from ..errors import BppError
 from ..modelio import check_device
-from ..checkpoints import differences
 
 SCHEDULES = ("cosine", "constant")
 LOSS_ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..budget import Budget
+from ..checkpoints import CHECKPOINT, fingerprint, rng_state, save_checkpoint, set_rng_state
 from ..errors import BppError
 from ..masks import Masks
-from ..checkpoints import CHECKPOINT, fingerprint, rng_state, save_checkpoint, set_rng_state
 from .config import PruneConfig, learning_rate
 from .incumbent import Incumbent
 from .interface import SearchPolicy, fmt
