@@ -13,7 +13,7 @@ LAYERS = {
     "bpp.errors": 1, "bpp.data": 1, "bpp.runs": 1, "bpp.modelio": 1,
     "bpp.space": 2,
     "bpp.models": 3, "bpp.policy": 3, "bpp.allocation": 3,
-    "bpp.evaluate": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.compensation": 4, "bpp.incumbent": 4,
+    "bpp.evaluate": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.compensation": 4, "bpp.reconstruction": 4, "bpp.incumbent": 4,
     "bpp.policy_gradient": 4, "bpp.allocation_loop": 4,
     "bpp.methods": 5,
     "bpp.jobs": 6,

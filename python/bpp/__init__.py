@@ -10,7 +10,8 @@ in this list (tests/test_layers.py checks it by reading the imports):
    estimator, the projection), ``allocation`` (the allocation policy: per-layer kept counts over
    a within-layer ranking)
 4. ``evaluate``, ``compaction``, ``distributed``, ``compensation`` (FLAP's input statistics and
-   output biases), ``incumbent`` (the best mask so far), ``policy_gradient`` (the PG loop),
+   output biases), ``reconstruction`` (least-squares refit of pruned layers' output projections),
+   ``incumbent`` (the best mask so far), ``policy_gradient`` (the PG loop),
    ``allocation_loop`` (the allocation policy's loop)
 5. ``methods`` (one module per metric or method, their shared calibration, the registry)
 6. ``jobs`` (prune, baseline, compact, recover, evaluate, report, export: one public function each)
