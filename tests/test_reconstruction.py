@@ -232,3 +232,48 @@ def test_bad_inputs_give_one_line_errors():
         compact_model(model, mask, **bad)
     with pytest.raises(BppError, match="one entry per layer"):
         compact_model(model, mask, o_proj_weight=recon.o_proj_weight[:1])
+
+
+def test_compact_and_baseline_reconstruct(tmp_path, tokenizer):
+    import bpp
+    from typer.testing import CliRunner
+
+    from bpp.cli import app
+
+    model = tiny_model("qwen2", seed=1)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    mask = _mask(MaskSpace.from_model(model), 1)
+    mask.save(tmp_path / "mask.safetensors")
+    args = ["compact", "--model", str(tmp_path / "m"), "--mask", str(tmp_path / "mask.safetensors"),
+            "--out", str(tmp_path / "small"), "--calib-windows", "3", "--calib-seq-len", "16"]
+    result = CliRunner().invoke(app, args + ["--reconstruct"])
+    assert result.exit_code == 0, result.output
+    assert "reconstructed" in result.output
+    record = json.loads((tmp_path / "small" / "bpp_compaction.json").read_text())
+    assert record["reconstructed"] and record["calibration"] == {"data": "default", "windows": 3, "seq_len": 16}
+    for extra, message in ((["--bias-compensation"], "drop --bias-compensation"), (["--slnp"], "--clap or --slnp"),
+                           (["--damping", "-1"], "--damping"), (["--calib-seq-len", "1"], "--calib-seq-len")):
+        bad = CliRunner().invoke(app, args + ["--force", "--reconstruct"] + extra)
+        assert bad.exit_code != 0 and isinstance(bad.exception, BppError), extra
+        assert message in str(bad.exception) and "\n" not in str(bad.exception)
+    # the API: the same model in memory
+    small = bpp.compact(model, tmp_path / "mask.safetensors", reconstruct=True, calib_windows=3, calib_seq_len=16,
+                        tokenizer=tokenizer)
+    assert small.bpp_compaction["reconstructed"] and not small.bpp_compaction["bias_compensation"]
+
+    out = tmp_path / "base"
+    result = CliRunner().invoke(app, ["baseline", "--method", "magnitude", "--model", str(tmp_path / "m"),
+                                      "--sparsity", "0.3", "--out", str(out), "--calib-windows", "3",
+                                      "--calib-seq-len", "16", "--eval-windows", "2", "--compensation", "reconstruct"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["compensation"] == "reconstruct"
+    assert json.loads((out / "model" / "bpp_compaction.json").read_text())["reconstructed"]
+    # a mask in a baseline's folder is calibrated on that run's data
+    from bpp.jobs.compact import run_data
+
+    assert run_data(out / "mask.safetensors") == "default"
+    bad = CliRunner().invoke(app, ["baseline", "--method", "magnitude", "--model", str(tmp_path / "m"),
+                                   "--out", str(tmp_path / "b2"), "--compensation", "lstsq"])
+    assert bad.exit_code != 0 and "unknown compensation 'lstsq'" in str(bad.exception)
