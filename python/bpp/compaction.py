@@ -56,12 +56,33 @@ def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
     return eff
 
 
+def _check_weights(space: MaskSpace, eff: Masks, o_proj_weight, down_proj_weight) -> None:
+    """Refit output weights: one entry per layer of the original model, None (keep the kept columns
+    as they are) or ``(d, kept inputs)`` for that layer under the mask."""
+    kept_inputs = {"o_proj_weight": eff.groups[0].sum(-1) * space.heads_per_group * space.head_dim,
+                   "down_proj_weight": eff.channels[0].sum(-1)}
+    for name, weights in (("o_proj_weight", o_proj_weight), ("down_proj_weight", down_proj_weight)):
+        if weights is None:
+            continue
+        if len(weights) != space.n_layers:
+            raise BppError(f"{name} must hold one entry per layer ({space.n_layers}), got {len(weights)}")
+        for i, w in enumerate(weights):
+            want = (space.hidden_size, int(kept_inputs[name][i]))
+            if w is not None and tuple(w.shape) != want:
+                raise BppError(f"{name}[{i}] has shape {tuple(w.shape)}, but the mask keeps {want[1]} inputs "
+                               f"of that layer: expected {want} (or None to keep the original columns)")
+
+
 def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None = None,
-                  down_proj_bias: list[torch.Tensor] | None = None, transform: Transform | None = None):
+                  down_proj_bias: list[torch.Tensor] | None = None,
+                  o_proj_weight: list[torch.Tensor | None] | None = None,
+                  down_proj_weight: list[torch.Tensor | None] | None = None, transform: Transform | None = None):
     """A new, smaller model equal to ``model`` under the single mask ``masks``; ``model`` is untouched.
 
     ``o_proj_bias`` / ``down_proj_bias``: optional per-layer output biases (one ``(d,)`` tensor
     per layer of the original model, e.g. FLAP bias compensation); they force per-layer config.
+    ``o_proj_weight`` / ``down_proj_weight``: optional refit kept columns, one entry per layer of
+    the original model, None or ``(d, kept inputs)`` (:func:`bpp.reconstruction.reconstruct`).
     ``transform(model, new, eff, kept_layers)`` changes the compacted weights in place afterwards
     (e.g. :func:`bpp.methods.pangu.transform`); what it returns is stored as ``new.bpp_transform``."""
     space = MaskSpace.from_model(model)
@@ -70,6 +91,7 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
         if biases is not None and (len(biases) != space.n_layers
                                    or any(tuple(b.shape) != (space.hidden_size,) for b in biases)):
             raise BppError(f"{name} must hold one ({space.hidden_size},) tensor per layer ({space.n_layers})")
+    _check_weights(space, eff, o_proj_weight, down_proj_weight)
     biased = o_proj_bias is not None or down_proj_bias is not None
     kept = kept_layers(eff, keep_empty=biased)
     groups = [int(eff.groups[0, i].sum()) for i in kept]
@@ -105,7 +127,7 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
     new.generation_config = copy.deepcopy(model.generation_config)
     if getattr(new.config, "tie_word_embeddings", False):
         new.tie_weights()  # built under _no_init the LM head is not tied yet: it would stay zeros
-    _copy_weights(model, new, eff, kept, space, o_proj_bias, down_proj_bias)
+    _copy_weights(model, new, eff, kept, space, o_proj_bias, down_proj_bias, o_proj_weight, down_proj_weight)
     done = transform(model, new, eff, kept) if transform is not None else None
     new = new.to(model.device).eval()
     new.bpp_transform = done
@@ -113,7 +135,8 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
 
 
 @torch.no_grad()
-def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bias, down_proj_bias) -> None:
+def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bias, down_proj_bias,
+                  o_proj_weight=None, down_proj_weight=None) -> None:
     G, r, hd, d = space.n_groups, space.heads_per_group, space.head_dim, space.hidden_size
     dst.model.embed_tokens.weight.copy_(src.model.embed_tokens.weight)
     dst.model.norm.weight.copy_(src.model.norm.weight)
@@ -128,7 +151,10 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             da.q_proj.weight.copy_(sa.q_proj.weight.view(G, r * hd, d)[g].reshape(-1, d))
             da.k_proj.weight.copy_(sa.k_proj.weight.view(G, hd, d)[g].reshape(-1, d))
             da.v_proj.weight.copy_(sa.v_proj.weight.view(G, hd, d)[g].reshape(-1, d))
-            da.o_proj.weight.copy_(sa.o_proj.weight.view(d, G, r * hd)[:, g].reshape(d, -1))
+            if o_proj_weight is not None and o_proj_weight[old_idx] is not None:
+                da.o_proj.weight.copy_(o_proj_weight[old_idx])
+            else:
+                da.o_proj.weight.copy_(sa.o_proj.weight.view(d, G, r * hd)[:, g].reshape(d, -1))
             for name, rows in (("q_proj", r * hd), ("k_proj", hd), ("v_proj", hd)):
                 bias = getattr(sa, name).bias
                 if bias is not None:
@@ -146,7 +172,10 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             d_layer.post_attention_layernorm.weight.copy_(s_layer.post_attention_layernorm.weight)
             dm.gate_proj.weight.copy_(sm.gate_proj.weight[ch])
             dm.up_proj.weight.copy_(sm.up_proj.weight[ch])
-            dm.down_proj.weight.copy_(sm.down_proj.weight[:, ch])
+            if down_proj_weight is not None and down_proj_weight[old_idx] is not None:
+                dm.down_proj.weight.copy_(down_proj_weight[old_idx])
+            else:
+                dm.down_proj.weight.copy_(sm.down_proj.weight[:, ch])
             if down_proj_bias is not None:
                 dm.down_proj.bias.copy_(down_proj_bias[old_idx])
         elif down_proj_bias is not None:
@@ -191,27 +220,31 @@ def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> lis
 
 
 def save_compacted(model, masks: Masks, out: str | Path, *, tokenizer=None, force: bool = False,
-                   o_proj_bias=None, down_proj_bias=None, info: dict | None = None,
+                   o_proj_bias=None, down_proj_bias=None, o_proj_weight=None, down_proj_weight=None,
+                   info: dict | None = None,
                    transform: Transform | None = None, compacted=None, protected: tuple = ()) -> Path:
     """Compact ``model`` under ``masks`` and save it to ``out`` (safetensors, config, generation
     config, tokenizer, ``modeling_bpp.py`` when layers differ, and ``bpp_compaction.json``: the
     per-layer sizes, parameter counts, what ``transform`` did, and ``info``). Written to a
-    temporary folder and renamed, so a failure leaves nothing half-written. ``compacted``: the
-    result of :func:`compact_model` with the same arguments, when the caller already has it;
-    ``protected``: inputs ``out`` must not hold (the source model's folder)."""
+    temporary folder and renamed, so a failure leaves nothing half-written. Biases and refit
+    weights as :func:`compact_model` takes them. ``compacted``: the result of :func:`compact_model`
+    with the same arguments, when the caller already has it; ``protected``: inputs ``out`` must
+    not hold (the source model's folder)."""
     from .runs import check_model_folder_target
 
     out = Path(out)
     check_model_folder_target(out, force=force, protected=protected)  # before the work
     if compacted is None:
         compacted = compact_model(model, masks, o_proj_bias=o_proj_bias, down_proj_bias=down_proj_bias,
-                                  transform=transform)
+                                  o_proj_weight=o_proj_weight, down_proj_weight=down_proj_weight, transform=transform)
     space = MaskSpace.from_model(model)
     biased = o_proj_bias is not None or down_proj_bias is not None
+    reconstructed = o_proj_weight is not None or down_proj_weight is not None
     record = {"original_params": space.total_params,
               "params": sum(p.numel() for p in compacted.parameters()),
               "stock_config": not getattr(compacted.config, "auto_map", None),
-              "bias_compensation": biased,
+              "bias_compensation": biased and not reconstructed,
+              "reconstructed": reconstructed,
               "layers": layer_sizes(space, masks, keep_empty=biased), **(info or {})}
     if compacted.bpp_transform:
         record.update(compacted.bpp_transform)

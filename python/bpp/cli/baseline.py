@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..methods import BASELINE_METHODS
+from ..reconstruction import DAMPING
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="overwrite the output folder's bpp files"),
         calib_windows: int = typer.Option(32, "--calib-windows"),
         calib_seq_len: int = typer.Option(128, "--calib-seq-len"),
-        bias_compensation: bool = typer.Option(True, "--bias-compensation/--no-bias-compensation", help="FLAP only"),
+        compensation: Optional[str] = typer.Option(None, "--compensation", help="none | bias (FLAP's output biases) | reconstruct (least-squares refit of the output projections); default: the method as published (FLAP: bias, the others: none)"),
+        damping: float = typer.Option(DAMPING, "--damping", help="--compensation reconstruct: damping λ (times the mean input energy), pulling the refit towards the original weights"),
         eval_seq_len: int = typer.Option(128, "--eval-seq-len"),
         eval_windows: Optional[int] = typer.Option(None, "--eval-windows"),
         seed: int = typer.Option(0, "--seed"),
@@ -30,9 +32,9 @@ def register(app: typer.Typer) -> None:
         from ..jobs.baseline import baseline
 
         report = baseline(method, sparsity, out, model=model, data=data, calib_windows=calib_windows,
-                              calib_seq_len=calib_seq_len, seed=seed, bias_compensation=bias_compensation,
+                              calib_seq_len=calib_seq_len, seed=seed, compensation=compensation, damping=damping,
                               eval_seq_len=eval_seq_len, eval_windows=eval_windows, force=force)
         ppl = report["perplexity"]
-        typer.echo(f"{method} at {sparsity:g}: {report['params']['final_mask']['params']:,} parameters; held-out "
+        typer.echo(f"{method} at {sparsity:g} (compensation: {report['config']['compensation']}): {report['params']['final_mask']['params']:,} parameters; held-out "
                    f"perplexity (seq_len {ppl['seq_len']}) dense {ppl['dense']:.3f}, pruned {ppl['final_mask']:.3f}; "
                    f"output in {report['out']}")

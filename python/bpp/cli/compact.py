@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..reconstruction import DAMPING
+
 
 def register(app: typer.Typer) -> None:
     @app.command("compact")
@@ -17,11 +19,14 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
         round_to: Optional[int] = typer.Option(None, "--round-to", help="round kept MLP channels per layer up to a multiple of 8, 16, 32, 64 or 128, adding the highest-θ channels (weight magnitude when DIR has no theta.safetensors)"),
         bias_compensation: bool = typer.Option(False, "--bias-compensation", help="FLAP-style: add the mean contribution of pruned units as output biases (a bpp prune run's own calibration means when the mask's folder holds them)"),
+        reconstruct: bool = typer.Option(False, "--reconstruct", help="refit each width-pruned layer's o_proj / down_proj (with an output bias) by damped least squares on calibration activations of the already-pruned model; replaces --bias-compensation"),
+        damping: float = typer.Option(DAMPING, "--damping", help="--reconstruct: damping λ (times the mean input energy), pulling the refit towards the original weights"),
         clap: bool = typer.Option(False, "--clap", help="Pangu Light Cross-Layer Attention Pruning: a dropped layer's best KV groups move into the next kept layer's slots"),
         slnp: bool = typer.Option(False, "--slnp", help="Pangu Light-style stabilisation: rescale each width-pruned block's output to its dense magnitude"),
         absorb_norms: bool = typer.Option(False, "--absorb-norms", help="fold RMSNorm scales into the next linear layers (same logits)"),
-        data: str = typer.Option("default", "--data", help="calibration text for --bias-compensation, --clap, --slnp"),
-        calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows of 128 tokens for --bias-compensation, --clap, --slnp"),
+        data: Optional[str] = typer.Option(None, "--data", help="calibration text for --reconstruct, --bias-compensation, --clap, --slnp (default: the data of the run whose folder holds the mask, else the embedded default)"),
+        calib_windows: int = typer.Option(32, "--calib-windows", help="calibration windows for --reconstruct, --bias-compensation, --clap, --slnp"),
+        calib_seq_len: int = typer.Option(128, "--calib-seq-len", help="tokens per calibration window"),
         dtype: str = typer.Option("float32", "--dtype"),
         allow_other_model: bool = typer.Option(False, "--allow-other-model", help="compact a mask made for another model of the same shape (refused by default)"),
         export: Optional[str] = typer.Option(None, "--export", help="also write OUT.gguf for llama.cpp: gguf"),
@@ -30,9 +35,11 @@ def register(app: typer.Typer) -> None:
         """Turn a mask into dense, smaller weights that load with plain transformers."""
         from ..jobs.compact import compact
 
-        small = compact(model, mask, out, round_to=round_to, bias_compensation=bias_compensation, clap=clap,
-                        slnp=slnp, absorb_norms=absorb_norms, data=data, calib_windows=calib_windows, dtype=dtype,
-                        force=force, allow_other_model=allow_other_model, export=export, export_dtype=export_dtype)
+        small = compact(model, mask, out, round_to=round_to, bias_compensation=bias_compensation,
+                        reconstruct=reconstruct, damping=damping, clap=clap, slnp=slnp, absorb_norms=absorb_norms,
+                        data=data, calib_windows=calib_windows, calib_seq_len=calib_seq_len, dtype=dtype, force=force,
+                        allow_other_model=allow_other_model, export=export, export_dtype=export_dtype,
+                        progress=reconstruct)
         done = small.bpp_compaction
         if "round_to" in done:
             r = done["round_to"]
@@ -45,6 +52,8 @@ def register(app: typer.Typer) -> None:
         kind = "stock config" if record["stock_config"] else "per-layer sizes, load with trust_remote_code=True"
         typer.echo(f"saved {out} ({kind}): {len(record['layers'])} layers, {kept:,} parameters "
                    f"({1 - kept / total:.1%} fewer than {total:,})")
+        if record.get("reconstructed"):
+            typer.echo("reconstructed: output projections of the width-pruned layers refit by least squares")
         pangu = record.get("pangu_light", {})
         if "clap_moved_groups" in pangu:
             typer.echo(f"CLAP: {len(pangu['clap_moved_groups'])} KV groups moved from dropped layers")

@@ -1,8 +1,10 @@
 """``bpp compact``: a mask → a smaller dense model, in memory or saved as a model folder, with the
 optional transforms of the compacted weights (rounding channel counts, FLAP's bias compensation,
-Pangu Light's re-initialisations)."""
+least-squares reconstruction, Pangu Light's re-initialisations)."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -14,15 +16,18 @@ from ..bias_compensation import BiasCompensation
 from ..errors import BppError
 from ..modelio import load_model
 from ..fileio import write_error
-from ..runs import check_model_folder_target
 from ..masks import Masks
+from ..reconstruction import DAMPING
+from ..reconstruction import reconstruct as refit
+from ..runs import check_model_folder_target
 from ..space import MaskSpace
 
 
 def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
             tokenizer=None, round_to: int | None = None, theta: Masks | None = None, bias_compensation: bool = False,
-            clap: bool = False, slnp: bool = False, absorb_norms: bool = False, data: str = "default",
-            calib_windows: int = 32, dtype: str = "float32", force: bool = False, allow_other_model: bool = False,
+            reconstruct: bool = False, damping: float = DAMPING, clap: bool = False, slnp: bool = False,
+            absorb_norms: bool = False, data: str | None = None, calib_windows: int = 32, calib_seq_len: int = 128,
+            dtype: str = "float32", force: bool = False, allow_other_model: bool = False,
             export: str | None = None, export_dtype: str = "f32", progress: bool = False):
     """The model that ``masks`` (S = 1) leaves of ``model``, as dense, smaller weights.
 
@@ -30,8 +35,12 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     ``dtype``. ``masks``: a :class:`bpp.Masks` or a ``mask.safetensors`` path. With ``out`` the
     result is also saved there as a model folder (``--force`` replaces it). ``round_to`` rounds
     each layer's kept channels up to a multiple, adding channels by ``theta`` (default: the
-    ``theta.safetensors`` beside a mask file, else weight magnitude). ``bias_compensation``,
-    ``clap``, ``slnp`` calibrate on ``calib_windows`` windows of 128 tokens of ``data``, except that
+    ``theta.safetensors`` beside a mask file, else weight magnitude). ``reconstruct`` refits each
+    width-pruned layer's o_proj / down_proj with an output bias by damped least squares
+    (:func:`bpp.reconstruction.reconstruct`, λ = ``damping``); it replaces ``bias_compensation``.
+    ``reconstruct``, ``bias_compensation``, ``clap``, ``slnp`` calibrate on ``calib_windows``
+    windows of ``calib_seq_len`` tokens of ``data`` (default: the data of the ``bpp prune`` or
+    ``bpp baseline`` run whose folder holds the mask file, else the embedded default), except that
     the bias compensation of a mask from a ``bpp prune`` run uses the calibration means that run
     judged its masks with (``bias_compensation.safetensors`` beside the mask file);
     ``absorb_norms`` folds RMSNorm scales into the next linear layers. A mask made for another
@@ -65,6 +74,20 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     if clap and bias_compensation:
         raise BppError("--clap cannot be combined with --bias-compensation (CLAP replaces groups whose "
                        "pruned neighbours the compensation accounts for)")
+    if reconstruct and bias_compensation:
+        raise BppError("--reconstruct fits its own output biases; drop --bias-compensation")
+    if reconstruct and (clap or slnp):
+        raise BppError("--reconstruct cannot be combined with --clap or --slnp (they change the compacted layers "
+                       "after the refit); choose one")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise BppError(f"--damping must be a finite number >= 0, got {damping!r}")
+    for name, value, low in (("--calib-windows", calib_windows, 1), ("--calib-seq-len", calib_seq_len, 2)):
+        if not isinstance(value, int) or value < low:
+            raise BppError(f"{name} must be an integer >= {low}, got {value!r}")
+    calibrated = bias_compensation or reconstruct or clap or slnp
+    if data is None:
+        data = run_data(mask_path) if mask_path is not None else None
+        data = data or "default"
     local = tuple(Path(p) for p in (model, mask_path, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())
     if out is not None:
         check_model_folder_target(out, force=force, protected=local)  # before any work
@@ -90,8 +113,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
         masks = round_mask(masks, round_to, scores)
         info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),
                             "channels_after": masks.channels.sum(-1)[0].tolist()}
-    ids = windows(tokenizer, load_text(data, "calib"), 128, calib_windows, seed=0) \
-        if (bias_compensation or clap or slnp) else None
+    ids = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=0) if calibrated else None
+    if calibrated:
+        info["calibration"] = {"data": data, "windows": calib_windows, "seq_len": calib_seq_len}
     pangu = PanguOptions(clap=clap, slnp=slnp, absorb_norms=absorb_norms)
     with torch.no_grad():
         if clap or slnp:
@@ -103,6 +127,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             info["bias_compensation_means"] = str(saved)
         elif bias_compensation:
             biases = compensation_for(model, masks, ids)
+        elif reconstruct:
+            biases = refit(model, masks, ids, damping=damping, progress=progress).compact_kwargs()
+            info["reconstruction"] = {"damping": damping}
         small = compact_model(model, masks, transform=transform(pangu) if pangu.any else None, **biases)
         if out is not None:
             try:
@@ -115,5 +142,21 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
 
                 info["export"] = {"path": str(export_gguf(out, gguf, dtype=export_dtype, force=force, progress=progress)),
                                   "format": "gguf", "dtype": export_dtype}
-    small.bpp_compaction = {**info, "bias_compensation": bool(biases), **(small.bpp_transform or {})}
+    small.bpp_compaction = {**info, "bias_compensation": bool(biases) and not reconstruct,
+                            "reconstructed": reconstruct, **(small.bpp_transform or {})}
     return small
+
+
+def run_data(mask_path: Path) -> str | None:
+    """The calibration text of the ``bpp prune`` (``config.json``) or ``bpp baseline``
+    (``report.json``) run whose folder holds ``mask_path``; None when the folder says nothing."""
+    folder = Path(mask_path).parent
+    for name, read in (("config.json", lambda d: d.get("data")),
+                       ("report.json", lambda d: (d.get("config") or {}).get("data"))):
+        try:
+            found = read(json.loads((folder / name).read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, str) and found:
+            return found
+    return None

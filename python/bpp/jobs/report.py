@@ -38,7 +38,8 @@ def _row(r: dict) -> dict:
     masks_per_s = steps * c.get("samples", 0) / pg if pg else None
     return {
         "run": r["_name"],
-        "method": (c["method"] + (" +bias" if c.get("bias_compensation") else "")) if "method" in c else
+        "method": (c["method"] + (" +reconstruct" if c.get("compensation") == "reconstruct" else
+                                  " +bias" if c.get("bias_compensation") else "")) if "method" in c else
         f"PG init={c.get('init')} S={c.get('samples')} {c.get('baseline')} budget={c.get('budget')}",
         "sparsity": c.get("sparsity"),
         "params": final.get("params"),

@@ -1,0 +1,180 @@
+"""Least-squares reconstruction vs FLAP's bias compensation vs nothing, on FLAP and BESA masks.
+
+For each method and sparsity, the method's own mask (as `bpp baseline` makes it: 32 calibration
+windows of 128 tokens of the embedded text, seed 0) is compacted three ways — no compensation,
+FLAP's output biases, and `bpp.reconstruction` (damped least squares with an intercept, inputs
+from the already-pruned model) — all calibrated on those same windows. Each model is evaluated on
+windows of 128 tokens of two texts: the held-out part of the embedded text (CPython's pydoc
+topics) and a text of another domain, the licence texts under /usr/share/common-licenses
+(concatenated, symlinked duplicates skipped). Windows are spread evenly over each text. Paired
+bootstrap over the windows (10,000 resamples) of the perplexity difference, reconstruct − bias
+and reconstruct − none, with its 95% interval (negative: reconstruction is better).
+
+    python bench/reconstruction.py --methods flap --sparsities 0.2,0.4 --json bench/results/reconstruction.json
+    python bench/reconstruction.py --methods besa --sparsities 0.2,0.4 --json bench/results/reconstruction.json
+
+A run adds to the JSON it is given (rows already there are kept and not recomputed), so the grid
+can be filled in parts; masks are cached in --cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# bench/kernels.py would shadow the `kernels` package transformers imports: drop bench/ from the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from bpp import load_model  # noqa: E402
+from bpp.compaction import compact_model  # noqa: E402
+from bpp.data import load_text, tokenize, windows  # noqa: E402
+from bpp.methods import baseline_mask  # noqa: E402
+from bpp.methods.flap import compensation_for  # noqa: E402
+from bpp.reconstruction import DAMPING, reconstruct  # noqa: E402
+from bpp.masks import Masks  # noqa: E402
+from bpp.space import MaskSpace  # noqa: E402
+
+LICENCES = Path("/usr/share/common-licenses")
+
+
+def licence_text() -> str:
+    files = sorted(p for p in LICENCES.iterdir() if p.is_file() and not p.is_symlink())
+    return "\n\n".join(p.read_text(errors="replace") for p in files)
+
+
+def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None) -> torch.Tensor:
+    """``n`` non-overlapping windows spread evenly over ``ids`` (all of them when n is None)."""
+    total = ids.numel() // seq_len
+    data = ids[: total * seq_len].view(total, seq_len)
+    if n is None or n >= total:
+        return data
+    return data[torch.linspace(0, total - 1, n).round().long()]
+
+
+@torch.no_grad()
+def window_nll(model, data: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(n,) float64 mean next-token NLL of each window."""
+    out = []
+    for start in range(0, data.shape[0], batch_size):
+        batch = data[start:start + batch_size]
+        logits = model(batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        out.append(nll.double().mean(1))
+    return torch.cat(out)
+
+
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> dict:
+    """ppl(a) − ppl(b) over windows resampled together: mean and 95% interval."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, a.numel(), (n, a.numel()), generator=g)
+    diff = torch.exp(a[idx].mean(1)) - torch.exp(b[idx].mean(1))
+    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"ppl_a": math.exp(float(a.mean())), "ppl_b": math.exp(float(b.mean())),
+            "mean_difference": math.exp(float(a.mean())) - math.exp(float(b.mean())), "ci95": [lo, hi]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="flap,besa")
+    ap.add_argument("--sparsities", default="0.2,0.4")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=None, help="windows per text (default: all)")
+    ap.add_argument("--damping", default=str(DAMPING), help="λ of the reconstruction; several: a comma list")
+    ap.add_argument("--cache", default="/tmp/bpp-reconstruction-cache", help="folder for the methods' masks")
+    ap.add_argument("--json", default="bench/results/reconstruction.json")
+    args = ap.parse_args()
+
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "models": {}, "comparisons": []}
+    results["meta"].setdefault("commands", []).append(
+        {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "host": platform.node(), "threads": torch.get_num_threads(), "torch": torch.__version__})
+    save = lambda: path.write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
+
+    model, tok = load_model()
+    space = MaskSpace.from_model(model)
+    calib = windows(tok, load_text("default", "calib"), args.calib_seq_len, args.calib_windows, seed=0)
+    texts = {"default/heldout": spread_windows(tokenize(tok, load_text("default", "heldout")), 128, args.eval_windows),
+             "licences": spread_windows(tokenize(tok, licence_text()), 128, args.eval_windows)}
+    results["meta"].update({"calib": f"default/calib, {args.calib_windows} x {args.calib_seq_len}, seed 0",
+                            "eval_windows": {k: int(v.shape[0]) for k, v in texts.items()}, "default_damping": DAMPING})
+    dampings = [float(x) for x in args.damping.split(",")]
+
+    def evaluate(key: str, small) -> dict:
+        if key not in results["models"]:
+            t0 = time.perf_counter()
+            results["models"][key] = {text: window_nll(small, data).tolist() for text, data in texts.items()}
+            results["models"][key]["eval_seconds"] = time.perf_counter() - t0
+            ppl = {t: math.exp(sum(v) / len(v)) for t, v in results["models"][key].items() if t in texts}
+            print(f"{key}: " + ", ".join(f"{t} {p:.3f}" for t, p in ppl.items()), flush=True)
+            save()
+        return results["models"][key]
+
+    evaluate("dense", model)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for method in args.methods.split(","):
+        for sparsity in (float(s) for s in args.sparsities.split(",")):
+            tag = f"{method} {sparsity:g}"
+            mask_file = cache / f"{method}-{sparsity:g}-{args.calib_windows}x{args.calib_seq_len}.safetensors"
+            if mask_file.is_file():
+                mask = Masks.load(mask_file)
+            else:
+                t0 = time.perf_counter()
+                mask = baseline_mask(method, model, space, calib, sparsity)
+                mask.save(mask_file)
+                results.setdefault("mask_seconds", {})[tag] = time.perf_counter() - t0
+            results.setdefault("params", {})[tag] = int(space.params(mask)[0])
+            rows = {}
+            refits = [f"reconstruct λ={lam:g}" for lam in dampings]
+            for comp, lam in [("none", None), ("bias", None)] + [(r, lam) for r, lam in zip(refits, dampings)]:
+                key = f"{tag} {comp}"
+                if key not in results["models"]:
+                    t0 = time.perf_counter()
+                    if comp == "none":
+                        extra = {}
+                    elif comp == "bias":
+                        extra = compensation_for(model, mask, calib)
+                    else:
+                        recon = reconstruct(model, mask, calib, damping=lam, progress=True)
+                        extra = recon.compact_kwargs()
+                        results.setdefault("reconstruction", {})[key] = {
+                            "seconds": time.perf_counter() - t0, "tokens": recon.tokens, "damping": lam,
+                            "errors": recon.errors}
+                    small = compact_model(model, mask, **extra)
+                    evaluate(key, small)
+                rows[comp] = results["models"][key]
+            for text, refit, other in ((t, r, o) for t in texts for r in refits for o in ("bias", "none")):
+                    rec = {"method": method, "sparsity": sparsity, "text": text, "a": refit, "b": other,
+                           **paired_bootstrap(torch.tensor(rows[refit][text], dtype=torch.float64),
+                                              torch.tensor(rows[other][text], dtype=torch.float64))}
+                    results["comparisons"] = [c for c in results["comparisons"]
+                                              if (c["method"], c["sparsity"], c["text"], c["a"], c["b"]) !=
+                                              (method, sparsity, text, refit, other)] + [rec]
+            save()
+
+    print("\n| mask | sparsity | text (refit) | none | bias | reconstruct | reconstruct − bias [95% CI] | reconstruct − none [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|")
+    dense = results["models"]["dense"]
+    for text in texts:
+        print(f"| dense | 0 | {text} | {math.exp(sum(dense[text]) / len(dense[text])):.2f} | | | | |")
+    by_key = {(c["method"], c["sparsity"], c["text"], c["a"], c["b"]): c for c in results["comparisons"]}
+    for (method, sparsity, text, a, b), c in sorted(by_key.items()):
+        if b != "bias":
+            continue
+        none = by_key[(method, sparsity, text, a, "none")]
+        print(f"| {method} | {sparsity:g} | {text} ({a}) | {none['ppl_b']:.2f} | {c['ppl_b']:.2f} | {c['ppl_a']:.2f} | "
+              f"{c['mean_difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | "
+              f"{none['mean_difference']:+.2f} [{none['ci95'][0]:+.2f}, {none['ci95'][1]:+.2f}] |")
+
+
+if __name__ == "__main__":
+    main()
