@@ -312,7 +312,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_resumes(tiny_llama_d
 # --- malformed but safe checkpoints ------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["no-config", "config-a-string", "no-step", "extra-a-string", "no-space",
-                                    "allocation-a-list"])
+                                    "policy-a-list", "no-policy"])
 def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage):
     cut = _interrupted(run_dir, tmp_path)
     state = torch.load(cut / "checkpoint.pt", weights_only=True)
@@ -326,8 +326,10 @@ def test_a_malformed_checkpoint_is_one_line_naming_it(run_dir, tmp_path, damage)
         state["extra"] = "job"
     elif damage == "no-space":
         del state["space"]
+    elif damage == "policy-a-list":
+        state["policy"] = [1, 2]
     else:
-        state["allocation"] = [1, 2]
+        del state["policy"]
     torch.save(state, cut / "checkpoint.pt")
     code, err = _cli("prune", "--resume", cut, "--quiet")
     _one_line_error(code, err, "checkpoint.pt", "not a usable bpp checkpoint")

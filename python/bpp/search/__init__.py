@@ -43,11 +43,9 @@ def new_policy(space: MaskSpace, config: PruneConfig, start: SearchStart) -> Sea
 
 
 def resumed_policy(space: MaskSpace, config: PruneConfig, state: dict) -> SearchPolicy:
-    """The policy of a resumed run, from its checkpoint ``state``."""
-    from ..errors import BppError
-
+    """The policy of a resumed run, from its checkpoint ``state`` (ValueError when the checkpoint
+    holds no state of the run's policy, e.g. one written by another version of bpp)."""
     saved = state.get("policy")
     if not isinstance(saved, dict) or saved.get("name") != config.policy:
-        raise BppError("the checkpoint holds no state of the run's policy; it was written by another version "
-                       "of bpp: start a new run with --out (and --force)")
+        raise ValueError(f"no state of the {config.policy} policy")
     return POLICIES[config.policy].from_state(space, config_budget(space, config), config, saved)
