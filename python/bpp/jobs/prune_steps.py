@@ -20,7 +20,7 @@ from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
-from ..space import MaskSpace, model_fingerprint
+from ..space import MaskSpace, fingerprint_difference, model_fingerprint
 
 # options of the job that do not change the mask; a resumed run keeps its own unless given again
 JOB_DEFAULTS = {"checkpoint_every": 20, "eval_windows": None, "eval_seq_len": 128, "evaluate": True,
@@ -134,8 +134,27 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         init_mask.save(out / "init_mask.safetensors", model=inputs.fingerprint)
     if inputs.losses.compensation is not None:
         loop.extra_state["compensation"] = inputs.losses.compensation.state()
-    loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job})
+    loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job,
+                             "model": {"name": model_name(config.model), "fingerprint": inputs.fingerprint}})
     return loop, init_mask
+
+
+def model_name(model: str) -> str:
+    """The model as a run records it: a local folder's resolved path (where a symlink led), else its name."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != "default" and path.exists() else str(model)
+
+
+def check_resumed_model(state: dict, config: PruneConfig, fingerprint: dict) -> None:
+    """Refuse to resume a run on another model than the one its checkpoint was made on (checkpoints
+    that do not record it are taken as they are)."""
+    saved = state.get("extra", {}).get("model")
+    if saved is None:
+        return
+    reason = fingerprint_difference(saved["fingerprint"], fingerprint)
+    if reason:
+        raise BppError(f"the run was made on the model {saved['name']}, but {model_name(config.model)} is another "
+                       f"model ({reason}); resume with the model the run was made on, or start a new run")
 
 
 def resume_search(config: PruneConfig, out: Path, inputs: Inputs, state: dict, loop_args: tuple, job: dict, changed: dict,

@@ -1,0 +1,66 @@
+"""Inputs that are wrong but look right: a model that is not the one a mask or a run was made on,
+absurd configs and options, damaged side files, GGUF plans with impossible counts, outputs that
+would overwrite inputs. Each is refused before anything is written, with one line (``error:
+...``, exit 2) or a :class:`bpp.BppError` from the API."""
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpp.errors import BppError
+from bpp.space import fingerprint_difference, model_fingerprint
+from tests.conftest import FAST_CLI as FAST
+from tests.conftest import cli as _cli
+from tests.conftest import one_line_error as _one_line_error
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+# --- the model a mask or a run was made on ---------------------------------------------------------
+
+def _noisy(model, scale: float = 0.003):
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.mul_(1 + scale * torch.randn_like(p))
+    return noisy
+
+
+def test_the_fingerprint_sees_every_weight_but_not_the_dtype():
+    model = tiny_model("llama")
+    made_for = model_fingerprint(model)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fingerprint_difference(made_for, model_fingerprint(copy.deepcopy(model).to(dtype))) is None
+    assert fingerprint_difference(made_for, model_fingerprint(_noisy(model))) is not None
+    replaced = copy.deepcopy(model)
+    other = tiny_model("llama", seed=3).model.layers[1].self_attn
+    replaced.model.layers[1].self_attn.load_state_dict(other.state_dict())  # weights the statistics do not read
+    assert "model.layers.1.self_attn" in fingerprint_difference(made_for, model_fingerprint(replaced))
+    old = {k: v for k, v in made_for.items() if k != "samples"}  # a mask file from before the samples
+    assert fingerprint_difference(old, model_fingerprint(model)) is None
+
+
+def test_compact_refuses_a_noisy_copy_of_the_model(run_dir, tmp_path):
+    noisy = _save(_noisy(tiny_model("llama")), tmp_path / "noisy")
+    code, err = _cli("compact", "--mask", run_dir / "mask.safetensors", "--model", noisy, "--out", tmp_path / "x")
+    _one_line_error(code, err, "made for another model")
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_refuses_another_model_behind_the_same_path(tmp_path):
+    model = _save(tiny_model("llama"), tmp_path / "m")
+    out = tmp_path / "run"
+    assert _cli("prune", "--model", model, "--out", out, *FAST)[0] == 0
+    (out / "report.json").unlink()  # as if interrupted after its last checkpoint
+    shutil.rmtree(model)
+    _save(tiny_model("llama", seed=5), model)
+    code, err = _cli("prune", "--resume", out, "--quiet")
+    _one_line_error(code, err, "made on the model", str(model.resolve()), "another model")
+    assert not (out / "report.json").exists()
