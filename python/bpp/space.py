@@ -122,7 +122,8 @@ def _bf16_sample(t: torch.Tensor) -> str:
     """A strided sample of every part of ``t``, rounded to bf16 (so the same weights loaded in fp32,
     bf16 or fp16 give the same sample, up to fp16's double rounding), as hex."""
     flat = t.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel()), device=flat.device).long()
+    count = min(SAMPLES_PER_TENSOR, flat.numel())
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)  # exact in int64
     bits = flat[index].to(torch.float32).to(torch.bfloat16).view(torch.int16).cpu()
     return bits.numpy().astype(">i2").tobytes().hex()
 
