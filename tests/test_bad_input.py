@@ -3,6 +3,7 @@ absurd configs and options, damaged side files, GGUF plans with impossible count
 would overwrite inputs. Each is refused before anything is written, with one line (``error:
 ...``, exit 2) or a :class:`bpp.BppError` from the API."""
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -64,3 +65,46 @@ def test_resume_refuses_another_model_behind_the_same_path(tmp_path):
     code, err = _cli("prune", "--resume", out, "--quiet")
     _one_line_error(code, err, "made on the model", str(model.resolve()), "another model")
     assert not (out / "report.json").exists()
+
+
+# --- configs no model has ------------------------------------------------------------------------------
+
+def _config_folder(tiny_llama_dir: Path, folder: Path, **changes) -> Path:
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 0), ("num_hidden_layers", "2"),
+                                       ("num_hidden_layers", 10**9), ("num_key_value_heads", 0),
+                                       ("num_key_value_heads", 4), ("hidden_size", -60), ("vocab_size", None),
+                                       ("intermediate_size", 2.5)])
+def test_a_config_with_absurd_sizes_is_refused_before_it_is_built(tiny_llama_dir, tmp_path, key, value):
+    import bpp
+
+    folder = _config_folder(tiny_llama_dir, tmp_path / "absurd", **{key: value})
+    with pytest.raises(BppError, match=f"config.json: {key} must be"):
+        bpp.load_model(folder)
+    code, err = _cli("prune", "--model", folder, "--out", tmp_path / "out", *FAST)
+    _one_line_error(code, err, key)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kv", [[-1, 2], None, [2], [2, "2"]])
+def test_export_refuses_impossible_per_layer_counts(tiny_llama_dir, tmp_path, kv):
+    folder = _config_folder(tiny_llama_dir, tmp_path / "m", kv_heads_per_layer=kv,
+                            intermediate_size_per_layer=[70, 70])
+    code, err = _cli("export", folder, "--out", tmp_path / "m.gguf")
+    _one_line_error(code, err, "kv_heads_per_layer")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_refuses_to_overwrite_its_own_input(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    before = (folder / "model.safetensors").read_bytes()
+    code, err = _cli("export", folder, "--out", folder / "model.safetensors", "--force")
+    _one_line_error(code, err, "which the export reads")
+    assert (folder / "model.safetensors").read_bytes() == before
