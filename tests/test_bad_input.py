@@ -108,3 +108,45 @@ def test_export_refuses_to_overwrite_its_own_input(tiny_llama_dir, tmp_path):
     code, err = _cli("export", folder, "--out", folder / "model.safetensors", "--force")
     _one_line_error(code, err, "which the export reads")
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+# --- options checked before anything is deleted or computed ---------------------------------------------
+
+def _results(run_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
+    out = tmp_path / "earlier"
+    shutil.copytree(run_dir, out)
+    return out, {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("option", [["--eval-seq-len", "1"], ["--eval-seq-len", "100000"]])
+def test_prune_checks_the_evaluation_before_force_removes_anything(run_dir, tiny_llama_dir, tmp_path, option):
+    out, before = _results(run_dir, tmp_path)
+    fast = [a for a in FAST if a != "--no-eval"]
+    code, err = _cli("prune", "--model", tiny_llama_dir, "--out", out, "--force", *fast, *option)
+    _one_line_error(code, err, "--eval-seq-len")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("option,needle", [(["--eval-windows", "0"], "--eval-windows"),
+                                           (["--eval-seq-len", "100000"], "fewer than one evaluation window")])
+def test_baseline_checks_the_evaluation_first(tiny_llama_dir, tmp_path, option, needle):
+    code, err = _cli("baseline", "--method", "magnitude", "--model", tiny_llama_dir, "--out", tmp_path / "b",
+                     "--calib-windows", "2", "--calib-seq-len", "16", *option)
+    _one_line_error(code, err, needle)
+    assert not (tmp_path / "b" / "mask.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_eval_batch_size_below_one_is_one_line(tiny_llama_dir, size):
+    code, err = _cli("eval", "--model", tiny_llama_dir, "--seq-len", "16", "--batch-size", size)
+    _one_line_error(code, err, "batch size")
+
+
+def test_a_perplexity_beyond_a_float_is_inf(tiny_llama_loaded):
+    from bpp.evaluation import perplexity
+
+    model, tokenizer = tiny_llama_loaded
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)  # confidently wrong: a mean NLL far above log(float max)
+    assert perplexity(model, tokenizer, torch.arange(3, 67), seq_len=16) == float("inf")

@@ -11,7 +11,7 @@ import torch
 
 from ..compaction import compact_model, save_compacted
 from ..data import load_text, tokenize, windows
-from ..evaluation import perplexity
+from ..evaluation import check_eval_options, perplexity
 from ..methods import baseline_mask
 from ..methods import method as method_entry
 from ..methods.flap import compensation_for
@@ -34,6 +34,7 @@ def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None
     default), or a loaded model passed with its ``tokenizer``."""
     method_entry(method, "baseline")
     check_sparsity(sparsity)
+    check_eval_options(eval_seq_len, eval_windows)
     out = Path(out) if out is not None else Path(f"baseline-{method}-{sparsity:g}")
     local = tuple(Path(p) for p in (model, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())
     folder = RunFolder(out, "baseline").open(force=force, protected=local)
@@ -63,6 +64,7 @@ def _run(method, sparsity, out: Path, folder: RunFolder, *, model, tokenizer, da
     space = MaskSpace.from_model(model)
     calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed)
     held = tokenize(tokenizer, load_text(data, "heldout"))
+    check_eval_options(eval_seq_len, eval_windows, held, data)
     folder.claim(force=force, files=OUTPUT_FILES)
     biases = {}
     with torch.no_grad():

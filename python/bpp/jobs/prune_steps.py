@@ -15,7 +15,7 @@ import torch
 from ..bias_compensation import BiasCompensation, InputStats
 from ..checkpoints import CHECKPOINT, malformed_checkpoint
 from ..errors import BppError
-from ..evaluation import compacted_perplexity, masked_perplexity
+from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
@@ -64,8 +64,7 @@ def job_options(state: dict | None, given: dict, compact: bool) -> tuple[dict, d
     and the ones that changed on resume."""
     saved_job = (state or {}).get("extra", {}).get("job", {})
     job = {**JOB_DEFAULTS, **saved_job, **given}
-    if job["eval_windows"] is not None and job["eval_windows"] < 1:
-        raise BppError(f"--eval-windows must be at least 1, got {job['eval_windows']}")
+    check_eval_options(job["eval_seq_len"], job["eval_windows"])
     if job["checkpoint_every"] < 0:
         raise BppError(f"--checkpoint-every must be at least 0, got {job['checkpoint_every']}")
     if job["export"] is not None:
@@ -99,6 +98,7 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
     windows = calibration_batches(calib_ids, config)
     selection_ids = selection_windows(calib_ids, config)
     held = tokenize(tokenizer, load_text(config.data, "heldout")) if job["evaluate"] else None
+    check_eval_options(job["eval_seq_len"], job["eval_windows"], held, config.data)
     losses, backend = mask_losses(model, config, losses_fn)
     step_losses = losses
     if world_size > 1:
