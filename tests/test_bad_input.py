@@ -150,3 +150,44 @@ def test_a_perplexity_beyond_a_float_is_inf(tiny_llama_loaded):
     with torch.no_grad():
         model.lm_head.weight.mul_(1e4)  # confidently wrong: a mean NLL far above log(float max)
     assert perplexity(model, tokenizer, torch.arange(3, 67), seq_len=16) == float("inf")
+
+
+# --- side files beside a mask ----------------------------------------------------------------------------
+
+def _mask_copy(run_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    shutil.copy(run_dir / "mask.safetensors", folder / "mask.safetensors")
+    return folder / "mask.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["nan", "shape", "not-safetensors"])
+def test_a_damaged_bias_compensation_file_is_refused(run_dir, tiny_llama_dir, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    mask = _mask_copy(run_dir, tmp_path)
+    means = {f"attn.{i}": torch.zeros(60, dtype=torch.float64) for i in range(2)}
+    means.update({f"mlp.{i}": torch.zeros(70, dtype=torch.float64) for i in range(2)})
+    if damage == "nan":
+        means["mlp.1"][3] = float("nan")
+    elif damage == "shape":
+        means["attn.0"] = torch.zeros(59, dtype=torch.float64)
+    save_file(means, str(mask.parent / "bias_compensation.safetensors"))
+    if damage == "not-safetensors":
+        (mask.parent / "bias_compensation.safetensors").write_bytes(b"\x07" * 100)
+    code, err = _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--bias-compensation",
+                     "--out", tmp_path / "small")
+    _one_line_error(code, err, "bias_compensation.safetensors")
+    assert not (tmp_path / "small").exists()
+
+
+def test_a_nan_theta_file_is_refused(run_dir, tiny_llama_dir, tmp_path):
+    from bpp.masks import Masks
+
+    mask = _mask_copy(run_dir, tmp_path)
+    theta = Masks.load(mask)
+    theta = Masks(torch.full(theta.channels.shape[1:], float("nan")), theta.groups[0].float(), theta.layers[0].float())
+    theta.save(mask.parent / "theta.safetensors")
+    code, err = _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--round-to", "8", "--out", tmp_path / "s")
+    _one_line_error(code, err, "theta.safetensors", "not finite")
+    assert not (tmp_path / "s").exists()

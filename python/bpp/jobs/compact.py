@@ -86,6 +86,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             scores, source = Masks.load(theta_file).channels, "θ"
         else:
             scores, source = magnitude_metric(model, space)["channel"], "weight magnitude"
+        if source == "θ" and not (scores.is_floating_point() and torch.isfinite(scores).all()):
+            raise BppError(f"{theta_file if theta is None else 'theta'} holds values that are not finite "
+                           "probabilities; write it again with bpp prune, or remove it to round by weight magnitude")
         before = masks.channels.sum(-1)[0]
         masks = round_mask(masks, round_to, scores)
         info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),
