@@ -191,3 +191,59 @@ def test_a_nan_theta_file_is_refused(run_dir, tiny_llama_dir, tmp_path):
     code, err = _cli("compact", "--mask", mask, "--model", tiny_llama_dir, "--round-to", "8", "--out", tmp_path / "s")
     _one_line_error(code, err, "theta.safetensors", "not finite")
     assert not (tmp_path / "s").exists()
+
+
+# --- texts, mask metadata, output names -------------------------------------------------------------
+
+def test_a_text_with_binary_content_after_its_first_64_kib_is_refused(tmp_path):
+    from bpp.data import load_text
+
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"plain words and lines\n" * 4000 + bytes(range(256)) * 400)
+    with pytest.raises(BppError, match="does not look like text"):
+        load_text(str(path), "calib")
+
+
+def test_mask_metadata_that_is_not_an_object_is_one_line(run_dir, tiny_llama_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(run_dir / "mask.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "mask.safetensors"), metadata={"bpp_model": "[1, 2]"})
+    code, err = _cli("compact", "--mask", tmp_path / "mask.safetensors", "--model", tiny_llama_dir,
+                     "--out", tmp_path / "small")
+    _one_line_error(code, err, "mask.safetensors", "not a JSON object")
+
+
+@pytest.mark.parametrize("out", [".", "/"])
+def test_outputs_without_a_name_are_one_line(run_dir, tiny_llama_dir, tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli("recover", "--model", run_dir, "--out", out, "--steps", "1")
+    _one_line_error(code, err, "--out")
+    code, err = _cli("compact", "--mask", run_dir / "mask.safetensors", "--model", tiny_llama_dir, "--out", out,
+                     "--export", "gguf")
+    _one_line_error(code, err, "--out")
+
+
+def test_a_busy_model_folder_is_named_in_the_lock_error(tmp_path, monkeypatch):
+    from bpp.runs import model_folder_lock
+
+    monkeypatch.chdir(tmp_path)
+    held = model_folder_lock(Path("small"), "compact").acquire()
+    try:
+        with pytest.raises(BppError, match="^small is in use"):
+            model_folder_lock(Path("small"), "compact").acquire()
+    finally:
+        held.release()
+
+
+def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "bpp", "eval", "--model", "nobody/no-such-model"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    _one_line_error(done.returncode, done.stderr, "nobody/no-such-model")

@@ -14,7 +14,7 @@ from ..bias_compensation import BiasCompensation
 from ..errors import BppError
 from ..modelio import load_model
 from ..fileio import write_error
-from ..runs import check_model_folder_target
+from ..runs import check_model_folder_target, check_target
 from ..masks import Masks
 from ..space import MaskSpace
 
@@ -59,6 +59,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             raise BppError(f"unknown GGUF dtype {export_dtype!r}; use one of {', '.join(DTYPES)}")
         if out is None:
             raise BppError("exporting needs the folder to compact into (--out)")
+        check_target(Path(out))  # not the current folder, nor one above it (`.` and `/` have no name to extend)
         gguf = Path(out).with_name(Path(out).name + ".gguf")
         if gguf.exists() and not force:
             raise BppError(f"{gguf} exists; pass --force to replace it")
