@@ -247,3 +247,13 @@ def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bpp", "eval", "--model", "nobody/no-such-model"], env=env,
                           capture_output=True, text=True, timeout=300)
     _one_line_error(done.returncode, done.stderr, "nobody/no-such-model")
+
+
+def test_export_of_truncated_weights_is_one_line(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = _cli("export", folder, "--out", tmp_path / "m.gguf")
+    _one_line_error(code, err, "truncated or corrupt")
+    assert not (tmp_path / "m.gguf").exists()

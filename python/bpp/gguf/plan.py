@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BppError
+from ..errors import BppError, first_line
 from ..model_configs import check_config_sizes
 from ..modelio import read_config
 
@@ -72,7 +72,11 @@ class Weights:
             files, weight_map = ["model.safetensors"], None
         else:
             raise BppError(f"{folder} has no model.safetensors (or index): save the model with safetensors first")
-        self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        try:
+            self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise BppError(f"{folder}: a weight file is unreadable (truncated or corrupt: {first_line(e, 100)}); "
+                           "copy or save the model again") from None
         self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}
 
     def __contains__(self, name: str) -> bool:
