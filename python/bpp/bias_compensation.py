@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BppError
+from .errors import BppError, first_line
 from .fileio import atomic_write
 from .masks import Masks
 from .space import MaskSpace
@@ -106,6 +106,15 @@ class BiasCompensation:
         if len(attn_means) != L or len(mlp_means) != L:
             raise BppError(f"bias compensation needs one mean vector per layer ({L}), got "
                            f"{len(attn_means)} and {len(mlp_means)}")
+        sizes = {"attn": self.space.n_groups * self.space.heads_per_group * self.space.head_dim,
+                 "mlp": self.space.n_channels}
+        for kind, means in (("attn", attn_means), ("mlp", mlp_means)):
+            for i, m in enumerate(means):
+                if not torch.is_tensor(m) or tuple(m.shape) != (sizes[kind],):
+                    raise BppError(f"the {kind} mean of layer {i} has shape {tuple(getattr(m, 'shape', ()))}, this "
+                                   f"model needs ({sizes[kind]},)")
+                if not torch.isfinite(m).all():
+                    raise BppError(f"the {kind} mean of layer {i} holds NaN or infinite values")
         self.attn_means = [m.detach().to(torch.float64).cpu() for m in attn_means]
         self.mlp_means = [m.detach().to(torch.float64).cpu() for m in mlp_means]
         layers = model.model.layers
@@ -152,12 +161,17 @@ class BiasCompensation:
         path = Path(path)
         if not path.is_file():
             raise BppError(f"bias compensation file {path} not found")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise BppError(f"{path} is not a readable bias compensation file ({first_line(e, 100)})") from None
         L = len(model.model.layers)
         try:
             return cls(model, [tensors[f"attn.{i}"] for i in range(L)], [tensors[f"mlp.{i}"] for i in range(L)])
         except KeyError:
             raise BppError(f"{path} does not hold calibration means for this model's {L} layers") from None
+        except BppError as e:
+            raise BppError(f"{path}: {e}; write it again with bpp prune --bias-compensation, or leave it out") from None
 
     def state(self) -> dict:
         return {"attn_means": [m.clone() for m in self.attn_means], "mlp_means": [m.clone() for m in self.mlp_means]}

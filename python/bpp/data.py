@@ -62,10 +62,14 @@ def default_text(split: str = "calib") -> str:
 
 def _file_text(path: Path, split: str) -> str:
     raw = path.read_bytes()
-    head = raw[:65536]
-    if b"\x00" in head or head.decode("utf-8", errors="replace").count("\ufffd") > max(8, len(head) // 100):
-        raise BppError(f"{path} does not look like text (binary or not UTF-8); give a UTF-8 .txt file with --data")
     text = raw.decode("utf-8", errors="replace")
+    # the whole file, in blocks: binary content anywhere (a NUL, or bytes that are not UTF-8) is refused
+    block = 65536
+    for start in range(0, len(text), block):
+        part = text[start:start + block]
+        if "\x00" in part or part.count("\ufffd") > max(8, len(part) // 100):
+            raise BppError(f"{path} does not look like text (binary or not UTF-8 content near character {start}); "
+                           "give a UTF-8 .txt file with --data")
     if split == "all":
         return text
     cut = text.rfind("\n", 0, int(len(text) * 0.9))  # calib = first ~90% up to a line break

@@ -4,6 +4,7 @@ model) and zero-shot accuracy through lm-evaluation-harness. The ``bpp eval`` jo
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +15,32 @@ from .errors import BppError
 from .masks import Masks
 
 
+def check_eval_options(seq_len: int, max_windows: int | None, held: torch.Tensor | None = None,
+                       data: str = "the text") -> None:
+    """Refuse evaluation options (and a held-out text shorter than one window) before a run starts."""
+    if seq_len < 2:
+        raise BppError(f"--eval-seq-len must be at least 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise BppError(f"--eval-windows must be at least 1, got {max_windows}")
+    if held is not None and held.numel() < seq_len:
+        raise BppError(f"the held-out part of {data} has {held.numel()} tokens, fewer than one evaluation window "
+                       f"(--eval-seq-len {seq_len}); give a longer text or a shorter window")
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, batch_size: int = 8,
                progress: bool = False, max_windows: int | None = None) -> float:
     """Perplexity by the standard protocol: tokenize the joined text once, cut it into
     non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped),
-    average the next-token NLL over all predicted tokens of all windows, exponentiate."""
+    average the next-token NLL over all predicted tokens of all windows, exponentiate (inf when
+    that is beyond a float)."""
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     if seq_len < 2:
         raise BppError(f"seq_len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise BppError(f"the batch size must be at least 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise BppError(f"the number of evaluation windows must be at least 1, got {max_windows}")
     n = ids.numel() // seq_len
     if n == 0:
         raise BppError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
@@ -38,7 +56,8 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
         count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    mean = total / count
+    return math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
 
 
 def masked_perplexity(model, tokenizer, ids: torch.Tensor, mask: Masks | None, seq_len: int,

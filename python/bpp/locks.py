@@ -34,8 +34,10 @@ class Lock:
     process on this host, or a process on another host, is respected even when not flocked (a
     writer of an older bpp, or one on a network file system)."""
 
-    def __init__(self, path: Path, job: str):
+    def __init__(self, path: Path, job: str, guards: Path | None = None):
+        """``guards``: what the lock keeps to one writer (default: the folder the lock file is in)."""
         self.path, self.job, self.held = Path(path), job, False
+        self.guards = Path(guards) if guards is not None else self.path.parent
         self.fd: int | None = None
 
     def acquire(self) -> "Lock":
@@ -86,7 +88,7 @@ class Lock:
         owner = owner or {}
         who = f"process {owner.get('pid')} on {owner.get('host')}" if owner.get("pid") is not None \
             else "a process that is starting"
-        return BppError(f"{self.path.parent} is in use by another bpp {owner.get('job', 'job')} ({who}); wait for "
+        return BppError(f"{self.guards} is in use by another bpp {owner.get('job', 'job')} ({who}); wait for "
                         f"it to finish, or remove {self.path} if that process is gone")
 
     @staticmethod

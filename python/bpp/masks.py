@@ -130,6 +130,9 @@ class Masks:
             masks.model = json.loads(metadata["bpp_model"]) if "bpp_model" in metadata else None
         except ValueError:
             masks.model = None
+        if masks.model is not None and not isinstance(masks.model, dict):
+            raise BppError(f"{path} names the model it was made for in a form bpp does not write (not a JSON "
+                           "object); write the mask again with bpp prune or bpp baseline")
         return masks
 
     def check_model(self, model, what: str = "the mask") -> None:

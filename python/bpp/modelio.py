@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import BppError, first_line, missing_dependency
+from .model_configs import check_config_sizes
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
@@ -179,11 +180,15 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
             raise BppError(f"{source} has per-layer sizes; device_map is not supported for it")
         model, tokenizer, _ = load_pruned(source, dtype=torch_dtype, device=device)
         return model, tokenizer
+    raw = read_config(source) if isinstance(source, Path) else {}
+    if raw.get("model_type") in SUPPORTED_FAMILIES:  # before transformers builds anything from it
+        check_config_sizes(raw, source)
     try:
         config = AutoConfig.from_pretrained(source)
-    except OSError as e:
-        raise BppError(f"cannot load the config of {str(source)!r}: {e}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise BppError(f"cannot load the config of {str(source)!r}: {first_line(e, 200)}") from None
     check_supported(config)
+    check_config_sizes(config.to_dict(), source)
     with _load_errors(source):
         if device_map is not None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
@@ -292,6 +297,8 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
     config = read_config(folder)
     model_type = str(config.get("model_type"))
     family = pruned_family(config)
+    if family is not None or model_type in SUPPORTED_FAMILIES:
+        check_config_sizes(config, folder)
     if family is not None:
         shipped = folder / MODELING_FILE
         if not shipped.is_file():

@@ -271,7 +271,7 @@ class RunFolder:
 def model_folder_lock(out: Path, job: str) -> Lock:
     """The lock of an output written under a temporary name and renamed into place (a model
     folder, a GGUF file): beside it, since the output itself is replaced whole."""
-    return Lock(out.parent / f".{out.name}.bpp-lock", job)
+    return Lock(out.parent / f".{out.name}.bpp-lock", job, guards=out)
 
 
 def check_model_folder_target(out: str | os.PathLike, *, force: bool, protected: tuple = ()) -> None:

@@ -107,15 +107,32 @@ class MaskSpace:
 
 # --- which model a mask belongs to -----------------------------------------------------------------
 
+SAMPLES_PER_TENSOR = 64
+# the share of a tensor's bf16 samples that may differ, and of all tensors' on average: loading in fp16
+# rounds a bf16 tie the other way for about 1 sample in 13; 0.3% noise changes about 45%, another tensor all
+MAX_CHANGED_SAMPLES, MAX_CHANGED_MEAN = 0.5, 0.2
+
+
 def _weight_stats(t: torch.Tensor) -> list[float]:
     rows = t.detach().reshape(t.shape[0], -1)[:8].to(torch.float64)
     return [float(rows.abs().mean()), float(rows.norm())]
 
 
+def _bf16_sample(t: torch.Tensor) -> str:
+    """A strided sample of every part of ``t``, rounded to bf16 (so the same weights loaded in fp32,
+    bf16 or fp16 give the same sample, up to fp16's double rounding), as hex."""
+    flat = t.detach().reshape(-1)
+    count = min(SAMPLES_PER_TENSOR, flat.numel())
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)  # exact in int64
+    bits = flat[index].to(torch.float32).to(torch.bfloat16).view(torch.int16).cpu()
+    return bits.numpy().astype(">i2").tobytes().hex()
+
+
 @torch.no_grad()
 def model_fingerprint(model) -> dict:
-    """What identifies the model a mask was made for: its architecture and sizes, and statistics
-    of a few weights (robust to the dtype it was loaded in, not to other weights)."""
+    """What identifies the model a mask was made for: its architecture and sizes, statistics of a
+    few weights, and a strided bf16 sample of every weight tensor (robust to the dtype it was
+    loaded in, not to other or perturbed weights)."""
     space = MaskSpace.from_model(model)
     layers = model.model.layers
     probes = [model.model.embed_tokens.weight, layers[0].self_attn.q_proj.weight,
@@ -123,15 +140,41 @@ def model_fingerprint(model) -> dict:
     return {"family": space.family, "layers": space.n_layers, "hidden": space.hidden_size,
             "channels": space.n_channels, "groups": space.n_groups, "heads_per_group": space.heads_per_group,
             "head_dim": space.head_dim, "vocab": int(model.config.vocab_size),
-            "weights": [x for w in probes for x in _weight_stats(w)]}
+            "weights": [x for w in probes for x in _weight_stats(w)],
+            "samples": {name: _bf16_sample(p) for name, p in model.named_parameters()}}
+
+
+def _changed_samples(a: str, b: str) -> float:
+    """The fraction of two hex bf16 samples' values that differ (1.0 when their lengths do)."""
+    if not isinstance(a, str) or not isinstance(b, str) or len(a) != len(b) or not a:
+        return 1.0
+    x, y = bytes.fromhex(a), bytes.fromhex(b)
+    return sum(x[i:i + 2] != y[i:i + 2] for i in range(0, len(x), 2)) / (len(x) // 2)
+
+
+def _samples_difference(x, y) -> str | None:
+    if not isinstance(x, dict) or not isinstance(y, dict):
+        return "unreadable weight samples"
+    if x.keys() != y.keys():
+        return "other weight tensors"
+    changed = {name: _changed_samples(x[name], y[name]) for name in x}
+    worst = max(changed, key=changed.get, default=None)
+    if worst is not None and changed[worst] > MAX_CHANGED_SAMPLES:
+        return f"other weights in {worst}"
+    if changed and sum(changed.values()) / len(changed) > MAX_CHANGED_MEAN:
+        return "same shape, other weights"
+    return None
 
 
 def fingerprint_difference(a: dict, b: dict, rtol: float = 2e-2) -> str | None:
-    """Why two fingerprints are of different models, or None when they match."""
+    """Why two fingerprints are of different models, or None when they match (fingerprints written
+    before weight samples existed are compared on their statistics alone)."""
     for key in ("family", "layers", "hidden", "channels", "groups", "heads_per_group", "head_dim", "vocab"):
         if a.get(key) != b.get(key):
             return f"{key} {a.get(key)} vs {b.get(key)}"
     x, y = a.get("weights") or [], b.get("weights") or []
     if len(x) != len(y) or any(abs(p - q) > rtol * max(abs(p), abs(q), 1e-6) for p, q in zip(x, y)):
         return "same shape, other weights"
+    if "samples" in a and "samples" in b:
+        return _samples_difference(a["samples"], b["samples"])
     return None

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BppError
+from ..errors import BppError, first_line
+from ..model_configs import check_config_sizes
+from ..modelio import read_config
 
 STOCK_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 NEOX_ROPE = ("qwen2", "qwen3")  # llama.cpp archs whose rope rotates halves, as Hugging Face does
@@ -70,7 +72,11 @@ class Weights:
             files, weight_map = ["model.safetensors"], None
         else:
             raise BppError(f"{folder} has no model.safetensors (or index): save the model with safetensors first")
-        self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        try:
+            self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise BppError(f"{folder}: a weight file is unreadable (truncated or corrupt: {first_line(e, 100)}); "
+                           "copy or save the model again") from None
         self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}
 
     def __contains__(self, name: str) -> bool:
@@ -88,15 +94,13 @@ def read_model(folder: Path) -> Model:
     if not (folder / "config.json").is_file():
         raise BppError(f"{folder} has no config.json: give a model folder written by bpp compact "
                        "(or a stock Llama / Mistral / Qwen2 / Qwen3 folder)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise BppError(f"cannot read {folder / 'config.json'}: {e}") from None
+    config = read_config(folder)
     model_type = str(config.get("model_type"))
     family = model_type.removeprefix("bpp_pruned_")
     if family not in STOCK_ARCH:
         raise BppError(f"{folder}: model type {model_type!r} has no GGUF export; bpp exports the families "
                        f"{', '.join(STOCK_ARCH)} (stock or compacted by bpp)")
+    check_config_sizes(config, folder)  # no negative, null or absurd counts, per layer too
     if config.get("hidden_act", "silu") != "silu":
         raise BppError(f"{folder}: hidden_act {config['hidden_act']!r} is not SiLU; llama.cpp's graphs for "
                        f"{family} compute SiLU")

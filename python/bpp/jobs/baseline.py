@@ -13,7 +13,7 @@ import torch
 from ..compaction import compact_model, save_compacted
 from ..data import load_text, tokenize, windows
 from ..errors import BppError
-from ..evaluation import perplexity
+from ..evaluation import check_eval_options, perplexity
 from ..methods import baseline_mask
 from ..methods import method as method_entry
 from ..methods.flap import compensation_for
@@ -54,6 +54,7 @@ def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None
     compensation = resolve_compensation(method, compensation)
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
         raise BppError(f"--damping must be a finite number >= 0, got {damping!r}")
+    check_eval_options(eval_seq_len, eval_windows)
     out = Path(out) if out is not None else Path(f"baseline-{method}-{sparsity:g}")
     local = tuple(Path(p) for p in (model, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())
     folder = RunFolder(out, "baseline").open(force=force, protected=local)
@@ -83,6 +84,7 @@ def _run(method, sparsity, out: Path, folder: RunFolder, *, model, tokenizer, da
     space = MaskSpace.from_model(model)
     calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed)
     held = tokenize(tokenizer, load_text(data, "heldout"))
+    check_eval_options(eval_seq_len, eval_windows, held, data)
     folder.claim(force=force, files=OUTPUT_FILES)
     biases = {}
     with torch.no_grad():

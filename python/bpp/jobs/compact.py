@@ -19,7 +19,7 @@ from ..fileio import write_error
 from ..masks import Masks
 from ..reconstruction import DAMPING
 from ..reconstruction import reconstruct as refit
-from ..runs import check_model_folder_target
+from ..runs import check_model_folder_target, check_target
 from ..space import MaskSpace
 
 
@@ -68,6 +68,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             raise BppError(f"unknown GGUF dtype {export_dtype!r}; use one of {', '.join(DTYPES)}")
         if out is None:
             raise BppError("exporting needs the folder to compact into (--out)")
+        check_target(Path(out))  # not the current folder, nor one above it (`.` and `/` have no name to extend)
         gguf = Path(out).with_name(Path(out).name + ".gguf")
         if gguf.exists() and not force:
             raise BppError(f"{gguf} exists; pass --force to replace it")
@@ -109,6 +110,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
             scores, source = Masks.load(theta_file).channels, "θ"
         else:
             scores, source = magnitude_metric(model, space)["channel"], "weight magnitude"
+        if source == "θ" and not (scores.is_floating_point() and torch.isfinite(scores).all()):
+            raise BppError(f"{theta_file if theta is None else 'theta'} holds values that are not finite "
+                           "probabilities; write it again with bpp prune, or remove it to round by weight magnitude")
         before = masks.channels.sum(-1)[0]
         masks = round_mask(masks, round_to, scores)
         info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),

@@ -32,6 +32,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     folder, out = resolve_model_dir(model_dir), Path(out).expanduser()
     if out.is_dir():
         raise BppError(f"{out} is a folder; give the path of the .gguf file to write")
+    if out.exists() and out.resolve().is_relative_to(folder.resolve()):
+        raise BppError(f"{out} is a file of the model folder {folder}, which the export reads; write the GGUF "
+                       "file elsewhere")
     if out.exists() and not force:
         raise BppError(f"{out} exists; pass --force to replace it")
     file = gguf.prepare(folder, dtype)  # every check on the folder, before anything is written

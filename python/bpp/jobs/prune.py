@@ -21,8 +21,8 @@ from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn
-from .prune_steps import (build_report, compensation_biases, evaluate_masks, export_model, job_options, load_inputs,
-                          resume_search, save_compacted_model, start_search, write_masks)
+from .prune_steps import (build_report, check_resumed_model, compensation_biases, evaluate_masks, export_model,
+                          job_options, load_inputs, resume_search, save_compacted_model, start_search, write_masks)
 
 OUTPUT_FILES = ("mask.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json", "config.json",
                 "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf", COMPENSATION_FILE,
@@ -122,6 +122,9 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     with malformed_checkpoint(out / CHECKPOINT):
         job, changed = job_options(state, given, compact)
     inputs = load_inputs(config, job, model, tokenizer, losses_fn, rank, world_size, sharded)
+    if state is not None:
+        with malformed_checkpoint(out / CHECKPOINT):
+            check_resumed_model(state, config, inputs.fingerprint)
     if writer:
         folder.claim(force=force, resume=state is not None, files=OUTPUT_FILES, patterns=OUTPUT_PATTERNS)
     if world_size > 1:

@@ -15,12 +15,12 @@ import torch
 from ..bias_compensation import BiasCompensation, InputStats
 from ..checkpoints import CHECKPOINT, malformed_checkpoint
 from ..errors import BppError
-from ..evaluation import compacted_perplexity, masked_perplexity
+from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
-from ..space import MaskSpace, model_fingerprint
+from ..space import MaskSpace, fingerprint_difference, model_fingerprint
 
 # options of the job that do not change the mask; a resumed run keeps its own unless given again
 JOB_DEFAULTS = {"checkpoint_every": 20, "eval_windows": None, "eval_seq_len": 128, "evaluate": True,
@@ -64,8 +64,7 @@ def job_options(state: dict | None, given: dict, compact: bool) -> tuple[dict, d
     and the ones that changed on resume."""
     saved_job = (state or {}).get("extra", {}).get("job", {})
     job = {**JOB_DEFAULTS, **saved_job, **given}
-    if job["eval_windows"] is not None and job["eval_windows"] < 1:
-        raise BppError(f"--eval-windows must be at least 1, got {job['eval_windows']}")
+    check_eval_options(job["eval_seq_len"], job["eval_windows"])
     if job["checkpoint_every"] < 0:
         raise BppError(f"--checkpoint-every must be at least 0, got {job['checkpoint_every']}")
     if job["export"] is not None:
@@ -99,6 +98,7 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
     windows = calibration_batches(calib_ids, config)
     selection_ids = selection_windows(calib_ids, config)
     held = tokenize(tokenizer, load_text(config.data, "heldout")) if job["evaluate"] else None
+    check_eval_options(job["eval_seq_len"], job["eval_windows"], held, config.data)
     losses, backend = mask_losses(model, config, losses_fn)
     step_losses = losses
     if world_size > 1:
@@ -134,8 +134,27 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         init_mask.save(out / "init_mask.safetensors", model=inputs.fingerprint)
     if inputs.losses.compensation is not None:
         loop.extra_state["compensation"] = inputs.losses.compensation.state()
-    loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job})
+    loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job,
+                             "model": {"name": model_name(config.model), "fingerprint": inputs.fingerprint}})
     return loop, init_mask
+
+
+def model_name(model: str) -> str:
+    """The model as a run records it: a local folder's resolved path (where a symlink led), else its name."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != "default" and path.exists() else str(model)
+
+
+def check_resumed_model(state: dict, config: PruneConfig, fingerprint: dict) -> None:
+    """Refuse to resume a run on another model than the one its checkpoint was made on (checkpoints
+    that do not record it are taken as they are)."""
+    saved = state.get("extra", {}).get("model")
+    if saved is None:
+        return
+    reason = fingerprint_difference(saved["fingerprint"], fingerprint)
+    if reason:
+        raise BppError(f"the run was made on the model {saved['name']}, but {model_name(config.model)} is another "
+                       f"model ({reason}); resume with the model the run was made on, or start a new run")
 
 
 def resume_search(config: PruneConfig, out: Path, inputs: Inputs, state: dict, loop_args: tuple, job: dict, changed: dict,

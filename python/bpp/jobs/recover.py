@@ -18,7 +18,7 @@ from ..methods.lora_recovery import CHECKPOINT, LoraRecovery
 from ..methods.recovery_config import RecoverConfig, recovery_windows
 from ..model_folders import save_model_folder
 from ..modelio import MODELING_FILE, load_pruned, load_tokenizer, resolve_model_dir
-from ..runs import RunFolder, check_model_folder_target
+from ..runs import RunFolder, check_model_folder_target, check_target
 
 
 def save_recovered(model, tokenizer, source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
@@ -99,6 +99,7 @@ def recover(model_dir: str | os.PathLike | None = None, out: str | os.PathLike |
     if out is None:
         raise BppError("give the output folder with --out DIR")
     out = Path(out)
+    check_target(out)  # not the current folder, nor one above it (`.` and `/` have no name to extend)
     partial = RunFolder(partial_dir(out), "recover")
     if resume and not (partial.path / CHECKPOINT).is_file():
         done = " (it is finished)" if (out / "report.json").is_file() else ""
