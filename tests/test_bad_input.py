@@ -257,3 +257,22 @@ def test_export_of_truncated_weights_is_one_line(tiny_llama_dir, tmp_path):
     code, err = _cli("export", folder, "--out", tmp_path / "m.gguf")
     _one_line_error(code, err, "truncated or corrupt")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("field,value", [("sparsity", "0.3"), ("steps", 2.5), ("steps", True), ("samples", "8"),
+                                         ("bias_compensation", 1), ("policy", 3), ("lr", [0.1])])
+def test_wrong_python_types_in_the_api_are_one_line(field, value):
+    from bpp.search import PruneConfig
+
+    with pytest.raises(BppError, match=f"--{field.replace('_', '-')} must be"):
+        PruneConfig(**{field: value}).validate()
+
+
+def test_right_python_types_pass_including_numpy_integers_and_ints_for_floats():
+    import numpy as np
+
+    from bpp.search import PruneConfig
+
+    config = PruneConfig(sparsity=np.float32(0.25), steps=np.int64(3), lr=1, seed=np.int32(2)).validate()
+    assert config.steps == 3 and config.lr == 1 and config.sparsity == 0.25
+    assert json.loads(json.dumps(config.to_dict()))["steps"] == 3  # plain numbers in the run's JSON files

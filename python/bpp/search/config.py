@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class PruneConfig:
     sampling: str = "antithetic"  # allocation: antithetic pairs | independent draws with a leave-one-out baseline
 
     def validate(self) -> "PruneConfig":
+        check_types(self)
         resolve_policy_defaults(self)
         check_sparsity(self.sparsity)
         check_device(self.device)
@@ -100,6 +102,28 @@ class PruneConfig:
     def differences(self, other: "PruneConfig") -> list[str]:
         """``name: mine (checkpoint) vs other (now)`` for every field that differs."""
         return differences(self.to_dict(), other.to_dict())
+
+
+_KINDS = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+
+
+def check_types(config: PruneConfig) -> None:
+    """Every field holds a value of its declared type (an int where a float is declared is fine;
+    a bool is no number; numpy numbers become Python ones), or one line naming the option."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        wanted = [_KINDS[k] for k in kinds if k in _KINDS]
+        is_bool = isinstance(value, bool)
+        if not any(isinstance(value, t) and (t is bool or not is_bool) for t in wanted):
+            raise BppError(f"--{f.name.replace('_', '-')} must be {' or '.join(kinds)}, got {type(value).__name__} "
+                           f"{value!r}")
+        if not is_bool and isinstance(value, numbers.Integral) and not isinstance(value, int):
+            setattr(config, f.name, int(value))  # numpy integers: plain ints for the JSON files
+        elif not is_bool and isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+            setattr(config, f.name, float(value))
 
 
 def resolve_policy_defaults(config: PruneConfig) -> None:
