@@ -3,14 +3,13 @@ saved and loaded as safetensors with the fingerprint of the model they were made
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from .errors import BppError, first_line
-from .fileio import io_errors
+from .fileio import atomic_write
 from .space import MaskSpace, fingerprint_difference, model_fingerprint
 
 
@@ -94,17 +93,8 @@ class Masks:
         from safetensors.torch import save_file
 
         metadata = {"bpp_model": json.dumps(model)} if model is not None else None
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.unlink(missing_ok=True)  # a symlink planted under the temporary name is not followed
-            with io_errors(path):  # a full disk: OSError, not SafetensorError
-                save_file({f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}, str(tmp),
-                          metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        tensors = {f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
