@@ -15,7 +15,7 @@ from bpp.search import PruneConfig, SearchLoop
 from bpp.search.config import learning_rate
 from bpp.errors import BppError
 from bpp.methods import initialise
-from bpp.methods.calibration import layer_inputs, run_layer
+from bpp.models.replay import layer_inputs, run_layer
 from bpp.methods.ranking import per_layer_counts, sigmap
 from bpp.models.hooks import hook_losses
 from bpp.budget import Budget

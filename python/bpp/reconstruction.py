@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .errors import BppError
 from .masks import Masks
-
+from .models.replay import layer_inputs, run_layer
 # λ: δ = λ · mean(diag X_cᵀX_c). Ten times SparseGPT's usual 1%: the refit then holds up better on text
 from .space import MaskSpace
 
@@ -139,31 +139,7 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
 # --- running the model layer by layer ---------------------------------------------------------------
 
 class _Stop(Exception):
-    pass
-
-
-def _layer_inputs(model, input_ids: torch.Tensor):
-    """Hidden states entering layer 0 and the other arguments the model passes to its decoder layers."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _Stop
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    args, kwargs = captured["args"], dict(captured["kwargs"])
-    return (args[0] if args else kwargs.pop("hidden_states")), kwargs
-
-
-def _run_layer(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    """Raised in a projection's pre-hook once its kept inputs are captured: the layer need not go on."""
 
 
 class _Projection:
@@ -243,9 +219,9 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
     training = model.training
     model.eval()
     try:
-        dense = [_layer_inputs(model, calib[i:i + batch_size].to(device))[0]
+        dense = [layer_inputs(model, calib[i:i + batch_size].to(device))[0]
                  for i in range(0, calib.shape[0], batch_size)]
-        _, kwargs = _layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
+        _, kwargs = layer_inputs(model, calib[:1].to(device))  # batch-1 extras broadcast to any batch
         pruned = [h.clone() for h in dense]
         result = Reconstruction([None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
                                 [None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
@@ -256,7 +232,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
             dense = [h.to(layer_device) for h in dense]
             pruned = [h.to(layer_device) for h in pruned]
             if not bool(eff.layers[0, i]):  # dropped: the pruned model skips it
-                dense = [_run_layer(layer, h, kwargs) for h in dense]
+                dense = [run_layer(layer, h, kwargs) for h in dense]
                 continue
             projections = {"o_proj": _Projection(layer.self_attn.o_proj, eff.groups[0, i].repeat_interleave(cols)),
                            "down_proj": _Projection(layer.mlp.down_proj, eff.channels[0, i])}
@@ -264,7 +240,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
                 targets = {name: [] for name in projections}
                 next_dense = []
                 for h in dense:
-                    next_dense.append(_run_layer(layer, h, kwargs))
+                    next_dense.append(run_layer(layer, h, kwargs))
                     for name, p in projections.items():
                         if p.pruned:
                             targets[name].append(p.captured)
@@ -279,7 +255,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
                     p.stop = True
                     for h, y in zip(pruned, targets[name]):
                         try:
-                            _run_layer(layer, h, kwargs)
+                            run_layer(layer, h, kwargs)
                         except _Stop:
                             pass
                         normal.add(p.captured, y)
@@ -292,7 +268,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
                     weights = result.o_proj_weight if name == "o_proj" else result.down_proj_weight
                     biases = result.o_proj_bias if name == "o_proj" else result.down_proj_bias
                     weights[i], biases[i] = p.fit[0].cpu(), p.fit[1].cpu()
-                pruned = [_run_layer(layer, h, kwargs) for h in pruned]
+                pruned = [run_layer(layer, h, kwargs) for h in pruned]
                 dense = next_dense
                 result.errors.append(record)
             finally:

@@ -69,10 +69,11 @@ from ..budget import check_sparsity, parse_granularity
 from ..errors import BppError
 from ..masks import Masks
 from ..models.blocks import GRADIENT_ENGINES, choose_engine, kernel_block, pack_block
+from ..models.replay import layer_inputs, run_layer
 from ..space import MaskSpace
 from .besa_relaxation import (candidate_counts, discretise_block, expected_count, expected_mask, init_logits,
                               rescale_budgets, straight_through_mask)
-from .calibration import check_calib, eval_mode, input_scales, input_squares, layer_inputs, run_layer, wanda_sp_scores
+from .calibration import check_calib, eval_mode, input_scales, input_squares, wanda_sp_scores
 from .ranking import sigmap
 
 TYPES = ("channel", "group")

@@ -32,37 +32,6 @@ def check_calib(model, calib, method: str) -> torch.Tensor:
 
 # --- layer by layer ----------------------------------------------------------------------------
 
-class _StopForward(Exception):
-    pass
-
-
-def layer_inputs(model, input_ids: torch.Tensor):
-    """The hidden states entering layer 0, and the other arguments the model passes to every
-    decoder layer (position embeddings, attention mask, ...), captured by a pre-hook."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _StopForward
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    args, kwargs = captured["args"], dict(captured["kwargs"])
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    return hidden, kwargs
-
-
-def run_layer(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer on ``hidden`` with the arguments :func:`layer_inputs` captured."""
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @contextlib.contextmanager
 def eval_mode(module):
     """Run ``module`` in eval mode and give every submodule its own training flag back."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import BppError
+from ..models.replay import layer_inputs, run_layer
 from ..space import MaskSpace
-from .calibration import input_scales, input_squares, layer_inputs, run_layer, wanda_sp_scores
+from .calibration import input_scales, input_squares, wanda_sp_scores
 from .ranking import sigmap, top_per_layer, uniform_counts
 
 
