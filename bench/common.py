@@ -89,10 +89,14 @@ def utc_now() -> str:
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, seq_len: int = 128, max_windows: int | None = None,
                batch_size: int = 8) -> torch.Tensor:
-    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol)."""
-    n = ids.numel() // seq_len
-    n = min(n, max_windows) if max_windows else n
-    data = ids[: n * seq_len].view(n, seq_len)
+    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol);
+    ``ids`` already cut into windows ``(n, T)`` are taken as they are."""
+    if ids.dim() == 2:
+        data, n = ids, ids.shape[0]
+    else:
+        n = ids.numel() // seq_len
+        n = min(n, max_windows) if max_windows else n
+        data = ids[: n * seq_len].view(n, seq_len)
     out = []
     for start in range(0, n, batch_size):
         batch = data[start:start + batch_size]

@@ -28,18 +28,16 @@ from pathlib import Path
 
 import torch
 
-# bench/kernels.py would shadow the `kernels` package transformers imports: drop bench/ from the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from common import paired_bootstrap, window_nll
 
-from bpp import load_model  # noqa: E402
-from bpp.compaction import compact_model  # noqa: E402
-from bpp.data import load_text, tokenize, windows  # noqa: E402
-from bpp.methods import baseline_mask  # noqa: E402
-from bpp.methods.flap import compensation_for  # noqa: E402
-from bpp.reconstruction import DAMPING, reconstruct  # noqa: E402
-from bpp.masks import Masks  # noqa: E402
-from bpp.space import MaskSpace  # noqa: E402
+from bpp import load_model
+from bpp.compaction import compact_model
+from bpp.data import load_text, tokenize, windows
+from bpp.masks import Masks
+from bpp.methods import baseline_mask
+from bpp.methods.flap import compensation_for
+from bpp.reconstruction import DAMPING, reconstruct
+from bpp.space import MaskSpace
 
 LICENCES = Path("/usr/share/common-licenses")
 
@@ -56,28 +54,6 @@ def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None) -> torch.Tens
     if n is None or n >= total:
         return data
     return data[torch.linspace(0, total - 1, n).round().long()]
-
-
-@torch.no_grad()
-def window_nll(model, data: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(n,) float64 mean next-token NLL of each window."""
-    out = []
-    for start in range(0, data.shape[0], batch_size):
-        batch = data[start:start + batch_size]
-        logits = model(batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(nll.double().mean(1))
-    return torch.cat(out)
-
-
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> dict:
-    """ppl(a) − ppl(b) over windows resampled together: mean and 95% interval."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, a.numel(), (n, a.numel()), generator=g)
-    diff = torch.exp(a[idx].mean(1)) - torch.exp(b[idx].mean(1))
-    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"ppl_a": math.exp(float(a.mean())), "ppl_b": math.exp(float(b.mean())),
-            "mean_difference": math.exp(float(a.mean())) - math.exp(float(b.mean())), "ci95": [lo, hi]}
 
 
 def main():
