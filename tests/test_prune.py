@@ -106,7 +106,8 @@ def test_leave_one_out_and_layer_granularity_run(tiny_llama_dir, tmp_path, tiny_
     (dict(sparsity=1.0), "strictly between 0 and 1"),
     (dict(sparsity=0.0), "strictly between 0 and 1"),
     (dict(samples=1), "at least 2"),
-    (dict(steps=100000), "too little calibration text"),
+    (dict(batch_size=100000), "too little calibration text"),
+    (dict(evaluations=1000, steps=4), "not both"),
     (dict(granularity="layer", init="uniform", sparsity=0.2), "cannot be met by the granularity layer"),
     (dict(baseline="median"), "unknown baseline"),
 ])

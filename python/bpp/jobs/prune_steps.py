@@ -20,6 +20,8 @@ from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
+from ..search.config import rounds
+from ..search.objective import passes_over_text
 from ..space import MaskSpace, fingerprint_difference, model_fingerprint
 
 # options of the job that do not change the mask; a resumed run keeps its own unless given again
@@ -226,6 +228,9 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
         "losses_backend": inputs.backend,
         "world_size": world_size,
         "steps_done": loop.step,
+        "evaluations": loop.evaluations,
+        "calibration_passes": passes_over_text(inputs.calib_ids, config),
+        "rounds": rounds(config),
         "skipped_steps": loop.skipped_steps,
         "dropped_masks": loop.dropped_masks,
         "sessions": loop.extra_state.get("sessions", 1),

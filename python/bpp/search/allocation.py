@@ -18,6 +18,10 @@ Steps alternate between kinds:
   a ± σε (antithetic pairs) or at a + σε (independent draws) on one batch; the gradient of the
   smoothed loss J(a) = E f(a + σε) from :func:`bpp.search.estimators.offset_gradient`; an
   optimiser step on the offsets (or their profile coefficients), re-centred (the shift is free).
+- rounds (a search of more than ``ROUND_EVALUATIONS`` · 1.5 mask evaluations, :func:`.config.rounds`):
+  each round restarts at the incumbent's counts with zero offsets, a fresh optimiser and learning
+  rate, half the previous σ (down to σ/8) and a finer space: twice the profiles, then one offset
+  per layer. Coarse steps first, then finer ones around the best mask found.
 - group steps (every ``group_every``-th): the deterministic mask and up to samples − 1
   single-layer KV-group moves on one batch, judged window by window (:mod:`.group_moves`). Group
   draws never mix with channel draws: a group's loss swing would drown the channel signal.
@@ -33,8 +37,8 @@ from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
 from .config import PruneConfig
-from .counts import init_ranking, largest_remainder, ranks_from_scores, smooth_basis
-from .estimators import half_correlation, offset_gradient
+from .counts import channel_total, init_ranking, ranked_masks, ranks_from_scores, shifted_counts, smooth_basis
+from .estimators import half_correlation, offset_gradient, t_statistics
 from .group_moves import GroupMove, GroupMoves
 from .interface import Proposal, SearchStart, fmt
 from .optimizers import make_optimizer
@@ -67,6 +71,8 @@ class AllocationPolicy:
         if not sigma > 0:
             raise BppError(f"--sigma must be positive, got {sigma}")
         self.space, self.sparsity, self.sigma = space, float(sparsity), float(sigma)
+        self.first_sigma, self.first_basis, self.optimizer_name = float(sigma), int(basis), optimizer
+        self.round = 0
         self.budget = budget if budget is not None else Budget(space, "channel,group", sparsity, "params")
         self.samples, self.sampling, self.group_every = samples, sampling, group_every
         self.channel_ranks, self.group_ranks = channel_ranks.long(), group_ranks.long()
@@ -74,7 +80,7 @@ class AllocationPolicy:
         self.offsets = torch.zeros(L, dtype=torch.float64)  # a_l
         self.groups = base_groups.long().clone()  # g_l
         self.target = (1.0 - self.sparsity) * space.prunable_params
-        self.basis = smooth_basis(L, basis) if 0 < basis < L - 1 else None  # (L, K) or None: every layer free
+        self.basis = self.make_basis(basis)
         if self.channel_total(self.groups.unsqueeze(0))[0] < 0:
             raise BppError(f"the init mask keeps {int(self.groups.sum())} KV groups, more parameters than the "
                            f"budget at sparsity {sparsity:g} allows")
@@ -120,37 +126,15 @@ class AllocationPolicy:
     # --- counts ↔ masks -------------------------------------------------------------------
     def channel_total(self, groups: torch.Tensor) -> torch.Tensor:
         """(S,) channels the budget leaves once ``groups (S, L)`` are kept (−1: groups alone exceed it)."""
-        sp = self.space
-        left = self.target - sp.group_params * groups.sum(-1).to(torch.float64)
-        total = torch.floor(left / sp.channel_params + 1e-9).long()
-        return torch.where(left < 0, torch.full_like(total, -1), total.clamp(max=sp.n_layers * sp.n_channels))
+        return channel_total(self.space, self.target, groups)
 
     def channel_counts(self, levels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Per-layer kept channels (S, L) for keep levels ``(S, L)`` (fractions before the shift):
-        the shared shift v_s solves Σ_l m·clip(level + v_s, 0, 1) = the channel total, then the
-        counts are rounded by largest remainder to that total exactly."""
-        m = self.space.n_channels
-        total = self.channel_total(groups)
-        if bool((total < 0).any()):
-            raise BppError("a sampled KV-group allocation exceeds the parameter budget")
-        lo = (-levels.max(-1).values - 1.0).clone()  # everything clipped to 0
-        hi = (1.0 - levels.min(-1).values + 1.0).clone()  # everything clipped to 1
-        target = total.to(torch.float64)
-        for _ in range(64):  # the bracket is < 4 wide: 2⁻⁶⁴ of it is far below a channel
-            mid = 0.5 * (lo + hi)
-            kept = (m * (levels + mid.unsqueeze(-1)).clamp(0.0, 1.0)).sum(-1)
-            below = kept < target
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        kappa = m * (levels + hi.unsqueeze(-1)).clamp(0.0, 1.0)
-        return largest_remainder(kappa, total, m)
+        """Per-layer kept channels (S, L) for keep levels ``(S, L)``: :func:`.counts.shifted_counts`."""
+        return shifted_counts(levels, self.channel_total(groups), self.space.n_channels)
 
     def masks(self, channels: torch.Tensor, groups: torch.Tensor) -> Masks:
         """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)`` groups."""
-        S, L = channels.shape
-        return Masks(self.channel_ranks.unsqueeze(0) < channels.unsqueeze(-1),
-                     self.group_ranks.unsqueeze(0) < groups.unsqueeze(-1),
-                     torch.ones(S, L, dtype=torch.bool))
+        return ranked_masks(self.channel_ranks, self.group_ranks, channels, groups)
 
     def levels(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
         return self.base + (self.offsets if offsets is None else offsets)
@@ -225,6 +209,43 @@ class AllocationPolicy:
         every = self.group_every
         return bool(every) and step % every == every - 1 and not self.moves.exhausted
 
+    # --- rounds -----------------------------------------------------------------------------------
+    def make_basis(self, K: int) -> torch.Tensor | None:
+        """(L, K) smooth profiles over depth, or None (every layer its own coordinate)."""
+        L = self.space.n_layers
+        return smooth_basis(L, K) if 0 < K < L - 1 else None
+
+    def round_settings(self, r: int) -> tuple[float, int]:
+        """Round r's perturbation scale and number of profiles: σ halves each round down to σ/8,
+        and the profiles double once, then every layer is free: a finer search around the last
+        round's result."""
+        sigma = self.first_sigma * max(0.5 ** r, 1 / 8)
+        K = self.first_basis if r == 0 else 2 * self.first_basis if r == 1 else 0
+        return sigma, K
+
+    def new_round(self, r: int, start: Masks | None) -> None:
+        """Round r starts at ``start``'s per-layer counts (the incumbent; None: where this policy
+        is), with zero offsets, round r's σ and profiles, a fresh optimiser and fresh group moves."""
+        if start is not None:
+            m = self.space.n_channels
+            self.base = start.channels[0].sum(-1).to(torch.float64) / m
+            self.groups = start.groups[0].sum(-1).long().clone()
+        else:
+            channels, self.groups = self.center_counts()
+            self.base = channels.to(torch.float64) / self.space.n_channels
+        self.offsets = torch.zeros_like(self.offsets)
+        self.round = r
+        self._set_round(r)
+        self.moves = GroupMoves()
+
+    def _set_round(self, r: int) -> None:
+        self.sigma, K = self.round_settings(r)
+        self.basis = self.make_basis(K)
+        self.optimizer = make_optimizer(self.optimizer_name, self.n_coefficients)
+        self.grad_sum = torch.zeros(self.n_coefficients, dtype=torch.float64)
+        self.grad_sq = torch.zeros(self.n_coefficients, dtype=torch.float64)
+        self.grad_steps = 0
+
     # --- ask / tell -----------------------------------------------------------------------------
     def ask(self, step: int, generator: torch.Generator) -> Proposal:
         if self.is_group_step(step):
@@ -253,7 +274,7 @@ class AllocationPolicy:
         self.grad_sum += grad
         self.grad_sq += grad * grad
         self.grad_steps += 1
-        update = self.from_coefficients(self.optimizer.update(grad, lr))
+        update = self.from_coefficients(self.optimizer.update(grad, lr * self.sigma / self.first_sigma))
         self.offsets = self.offsets - update
         self.offsets = self.offsets - self.offsets.mean()
         corr = half_correlation(eps, diffs)
@@ -284,20 +305,10 @@ class AllocationPolicy:
         return dict(loss=fmt(record["mean_loss"]), snr=fmt(self.snr, 2), groups=int(self.groups.sum()),
                     masks_s=fmt(record["masks_per_s"], 1))
 
-    def gradient_t_statistics(self) -> list[float] | None:
-        """Per learned coordinate: mean gradient over the channel steps / its standard error (|t| ≫ 2:
-        a direction the data agree on; |t| ≲ 1: noise)."""
-        n = self.grad_steps
-        if n < 2:
-            return None
-        mean = self.grad_sum / n
-        var = (self.grad_sq / n - mean * mean).clamp_min(0) * n / (n - 1)
-        return (mean / (var / n).sqrt().clamp_min(1e-300)).tolist()
-
     def summary(self, evaluations: int) -> dict:
         channels, groups = self.center_counts()
-        return {"allocation": {"evaluations": evaluations, "snr": self.snr,
-                               "gradient_t_statistics": self.gradient_t_statistics(),
+        return {"allocation": {"evaluations": evaluations, "snr": self.snr, "round": self.round, "sigma": self.sigma,
+                               "gradient_t_statistics": t_statistics(self.grad_sum, self.grad_sq, self.grad_steps),
                                "kept_groups": int(groups.sum()), "kept_channels_per_layer": channels.tolist(),
                                "kept_groups_per_layer": groups.tolist(), "offsets": self.offsets.tolist()}}
 
@@ -311,12 +322,15 @@ class AllocationPolicy:
 
     # --- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"offsets": self.offsets.clone(), "groups": self.groups.clone(),
+        return {"round": self.round, "offsets": self.offsets.clone(), "groups": self.groups.clone(),
                 "channel_ranks": self.channel_ranks.clone(), "group_ranks": self.group_ranks.clone(),
                 "base": self.base.clone(), "optimizer": self.optimizer.state(), "snr": self.snr,
                 "grad_moments": (self.grad_sum.clone(), self.grad_sq.clone(), self.grad_steps), **self.moves.state()}
 
     def load_state(self, state: dict) -> None:
+        self.round = int(state.get("round", 0))
+        if self.round:
+            self._set_round(self.round)
         self.offsets = state["offsets"].to(torch.float64).clone()
         self.groups = state["groups"].long().clone()
         self.channel_ranks, self.group_ranks = state["channel_ranks"].clone(), state["group_ranks"].clone()

@@ -25,6 +25,9 @@ UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective"
 # the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets,
 # and fewer steps than the per-unit policy (bench/RESULTS.md, sample efficiency)
 ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "besa", "budget": "params", "objective": "soft", "steps": 60}
+# the allocation policy's round: about as many mask evaluations as one search gains from at a fixed
+# perturbation scale (bench/RESULTS.md, sample efficiency); the default search is one round
+ROUND_EVALUATIONS = 480
 
 
 @dataclass
@@ -37,6 +40,7 @@ class PruneConfig:
     granularity: str = "channel,group"
     budget: str | None = None  # None: per policy (units: "count", the official; allocation: "params")
     steps: int | None = None  # None: per policy (units 100, allocation 60), sized so the default job fits a CPU budget
+    evaluations: int | None = None  # mask evaluations of the search; sets the steps (one of the two, not both)
     samples: int = 8
     batch_size: int = 2
     seq_len: int = 128
@@ -73,7 +77,9 @@ class PruneConfig:
         self.granularity = ",".join(parse_granularity(self.granularity))
         if self.samples < 2:
             raise BppError(f"--samples must be at least 2 (a baseline needs two masks per step), got {self.samples}")
-        for name in ("steps", "batch_size", "init_windows"):
+        for name in ("steps", "batch_size", "init_windows", "evaluations"):
+            if getattr(self, name) is None:
+                continue
             if getattr(self, name) < 1:
                 raise BppError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("seq_len", "init_seq_len"):
@@ -131,6 +137,7 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
     if config.policy not in POLICIES:
         raise BppError(f"unknown policy {config.policy!r}; use one of {', '.join(POLICIES)}")
     defaults = UNITS_DEFAULTS if config.policy == "units" else ALLOCATION_DEFAULTS
+    resolve_steps(config)
     for name, value in defaults.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
@@ -166,12 +173,48 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
                        f"differences over windows), got {config.selection_windows}")
 
 
+def resolve_steps(config: PruneConfig) -> None:
+    """``--evaluations N`` sets the steps: N mask evaluations are ⌈N / samples⌉ steps. A saved
+    configuration holds both, consistent; given together they must agree."""
+    if config.evaluations is None:
+        return
+    if config.evaluations < config.samples:
+        raise BppError(f"--evaluations must be at least --samples ({config.samples}): one step evaluates "
+                       f"{config.samples} masks; got {config.evaluations}")
+    steps = math.ceil(config.evaluations / config.samples)
+    if config.steps is not None and config.steps != steps:
+        raise BppError(f"give --steps or --evaluations, not both ({config.evaluations} evaluations of "
+                       f"{config.samples} masks per step are {steps} steps, not {config.steps})")
+    config.steps = steps
+
+
+def rounds(config: PruneConfig) -> list[int]:
+    """The first step of each round of the search. The allocation policy runs rounds of
+    ``ROUND_EVALUATIONS`` mask evaluations (a longer search is more rounds, each re-centred on
+    the incumbent with a finer perturbation); a remainder under half a round joins the last one.
+    The other policies run one round."""
+    per_round = max(round(ROUND_EVALUATIONS / config.samples), 1)
+    if config.policy != "allocation" or config.steps < 1.5 * per_round:
+        return [0]
+    n = max(round(config.steps / per_round), 1)
+    return [r * per_round for r in range(n)]
+
+
+def round_of(config: PruneConfig, step: int) -> tuple[int, int, int]:
+    """(round index, its first step, its number of steps) of ``step``."""
+    starts = rounds(config)
+    r = max(i for i, s in enumerate(starts) if s <= step)
+    end = starts[r + 1] if r + 1 < len(starts) else config.steps
+    return r, starts[r], end - starts[r]
+
+
 def learning_rate(config: PruneConfig, step: int) -> float:
-    """Cosine from lr at step 0 towards 0 at ``steps`` (torch's CosineAnnealingLR with
-    T_max = steps, as the official code), or constant."""
+    """Cosine from lr at a round's first step towards 0 at its end (one round: torch's
+    CosineAnnealingLR with T_max = steps, as the official code), or constant."""
     if config.schedule == "constant":
         return config.lr
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+    _, first, length = round_of(config, step)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (step - first) / length))
 
 
 def needs_stats(config: PruneConfig) -> bool:

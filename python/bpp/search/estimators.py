@@ -121,3 +121,13 @@ def half_correlation(eps: torch.Tensor, diffs: torch.Tensor) -> float | None:
     a, b = a - a.mean(), b - b.mean()
     den = float(a.norm() * b.norm())
     return float((a * b).sum()) / den if den > 0 else None
+
+
+def t_statistics(grad_sum: torch.Tensor, grad_sq: torch.Tensor, n: int) -> list[float] | None:
+    """Per coordinate, from the sums of n gradient estimates and of their squares: the mean / its
+    standard error (|t| ≫ 2: a direction the data agree on; |t| ≲ 1: noise). None below 2."""
+    if n < 2:
+        return None
+    mean = grad_sum / n
+    var = (grad_sq / n - mean * mean).clamp_min(0) * n / (n - 1)
+    return (mean / (var / n).sqrt().clamp_min(1e-300)).tolist()

@@ -63,6 +63,10 @@ class SearchPolicy(Protocol):
     def deterministic_mask(self) -> Masks:
         """The mask the policy would output now (S = 1)."""
 
+    def new_round(self, r: int, start: Masks | None) -> None:
+        """Round r ≥ 1 of the search starts at ``start`` (the incumbent, or None); only policies
+        that run rounds (:func:`bpp.search.config.rounds`) are asked."""
+
     def postfix(self, record: dict) -> dict:
         """What the progress bar shows after a step."""
 

@@ -22,7 +22,7 @@ from ..budget import Budget
 from ..checkpoints import CHECKPOINT, fingerprint, rng_state, save_checkpoint, set_rng_state
 from ..errors import BppError
 from ..masks import Masks
-from .config import PruneConfig, learning_rate
+from .config import PruneConfig, learning_rate, rounds
 from .incumbent import Incumbent
 from .interface import SearchPolicy, fmt
 from .objective import LossesFn
@@ -83,7 +83,7 @@ class SearchLoop:
         incumbent on the selection windows (see :mod:`.incumbent`)."""
         every = self.config.incumbent_every
         if self.incumbent is None or self.selection_losses is None or not every or (
-                self.step % every and self.step < self.config.steps):
+                self.step % every and not self.done()):
             return None
         mask = self.deterministic_mask()
         t0 = time.perf_counter()
@@ -92,6 +92,11 @@ class SearchLoop:
         record["seconds"] = time.perf_counter() - t0
         self.seconds += record["seconds"]
         return record
+
+    def done(self) -> bool:
+        """The last step has run, or the mask evaluations asked for (``--evaluations``) are spent."""
+        cap = self.config.evaluations
+        return self.step >= self.config.steps or (cap is not None and self.evaluations >= cap)
 
     # --- one step ---------------------------------------------------------------------------
     def evaluate(self, batch: torch.Tensor, masks: Masks, per_window: bool) -> torch.Tensor:
@@ -107,6 +112,9 @@ class SearchLoop:
         t0 = time.perf_counter()
         batch = self.windows[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
         lr = learning_rate(cfg, self.step)
+        starts = rounds(cfg)
+        if self.step in starts[1:]:  # a new round starts at the best mask so far
+            self.policy.new_round(starts.index(self.step), self.incumbent.mask if self.incumbent else None)
         proposal = self.policy.ask(self.step, self.generator)
         losses = self.evaluate(batch, proposal.masks, proposal.per_window)
         S = proposal.masks.S
@@ -138,7 +146,7 @@ class SearchLoop:
                    disable=not self.progress, dynamic_ncols=True)
         metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir else None
         try:
-            while self.step < self.config.steps:
+            while not self.done():
                 record = self.run_step()
                 selection = self.challenge_incumbent()
                 if selection is not None:
@@ -150,7 +158,7 @@ class SearchLoop:
                 bar.update(1)
                 bar.set_postfix(self.postfix(record))
                 if self.out_dir and self.checkpoint_every and self.step % self.checkpoint_every == 0 \
-                        and self.step < self.config.steps:
+                        and not self.done():
                     self.save_checkpoint()
         finally:
             bar.close()

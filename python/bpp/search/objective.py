@@ -110,31 +110,46 @@ def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> t
 
 def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
     """The calibration token stream cut into non-overlapping windows of ``seq_len``, shuffled by
-    the seed; step t uses rows [t·B, (t+1)·B). One pass, no window twice (the official code runs
-    one epoch), so the text must hold steps × batch_size windows."""
+    the seed; step t uses rows [t·B, (t+1)·B). The windows the incumbent's selection holds back
+    are never among them. A search longer than the text (``steps × batch_size`` windows) goes
+    over it again, each further pass in a new order of the same windows."""
     n = ids.numel() // config.seq_len
     need = config.steps * config.batch_size
-    if n < need:
+    held = config.selection_windows if config.incumbent_every else 0
+    pool = n - held
+    if pool < config.batch_size:
         raise BppError(
             f"too little calibration text: {ids.numel()} tokens make {n} windows of {config.seq_len}, "
-            f"but {config.steps} steps × batch size {config.batch_size} need {need}; lower --steps, "
-            "--batch-size or --seq-len, or give more text with --data")
+            f"{f'{held} of them held back for the incumbent, ' if held else ''}but one batch needs "
+            f"{config.batch_size}; lower --batch-size or --seq-len, or give more text with --data")
     windows = ids[: n * config.seq_len].view(n, config.seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
-    return windows[order[:need]].clone()
+    if need <= pool:
+        return windows[order[:need]].clone()
+    passes = [order[:pool]]
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    while sum(p.numel() for p in passes) < need:
+        passes.append(order[:pool][torch.randperm(pool, generator=generator)])
+    return windows[torch.cat(passes)[:need]].clone()
+
+
+def passes_over_text(ids: torch.Tensor, config: PruneConfig) -> float:
+    """How many times the search's batches go over the calibration windows they are drawn from."""
+    n = ids.numel() // config.seq_len - (config.selection_windows if config.incumbent_every else 0)
+    return config.steps * config.batch_size / max(n, 1)
 
 
 def selection_windows(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor | None:
     """The incumbent's held-in windows: the last ``selection_windows`` of the seeded shuffle whose
-    first ``steps × batch_size`` windows the gradient uses (so the two never overlap)."""
+    first windows the gradient uses (so the two never overlap)."""
     if not config.incumbent_every:
         return None
     n = ids.numel() // config.seq_len
-    need = config.steps * config.batch_size + config.selection_windows
+    need = config.batch_size + config.selection_windows
     if n < need:
-        raise BppError(f"too little calibration text: {n} windows of {config.seq_len} tokens, but {config.steps} "
-                       f"steps × batch size {config.batch_size} and {config.selection_windows} selection windows "
-                       f"need {need}; lower --steps, --batch-size or --selection-windows, or give more text with --data")
+        raise BppError(f"too little calibration text: {n} windows of {config.seq_len} tokens, but one batch of "
+                       f"{config.batch_size} and {config.selection_windows} selection windows need {need}; lower "
+                       "--batch-size or --selection-windows, or give more text with --data")
     windows = ids[: n * config.seq_len].view(n, config.seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     return windows[order[n - config.selection_windows:]].clone()
