@@ -174,14 +174,17 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
 
 
 def resolve_steps(config: PruneConfig) -> None:
-    """``--evaluations N`` sets the steps: N mask evaluations are ⌈N / samples⌉ steps. A saved
+    """``--evaluations N`` sets the steps: N mask evaluations are ⌈N / samples⌉ steps (evopress:
+    at most N). A saved
     configuration holds both, consistent; given together they must agree."""
     if config.evaluations is None:
         return
     if config.evaluations < config.samples:
         raise BppError(f"--evaluations must be at least --samples ({config.samples}): one step evaluates "
                        f"{config.samples} masks; got {config.evaluations}")
-    steps = math.ceil(config.evaluations / config.samples)
+    # evopress evaluates fewer masks on some steps: its steps are an upper bound and the loop stops
+    # when the evaluations are spent
+    steps = math.ceil(config.evaluations / (1 if config.policy == "evopress" else config.samples))
     if config.steps is not None and config.steps != steps:
         raise BppError(f"give --steps or --evaluations, not both ({config.evaluations} evaluations of "
                        f"{config.samples} masks per step are {steps} steps, not {config.steps})")
