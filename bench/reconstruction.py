@@ -12,6 +12,9 @@ and reconstruct − none, with its 95% interval (negative: reconstruction is bet
 
     python bench/reconstruction.py --methods flap --sparsities 0.2,0.4 --json bench/results/reconstruction.json
     python bench/reconstruction.py --methods besa --sparsities 0.2,0.4 --json bench/results/reconstruction.json
+    python bench/reconstruction.py --methods default --sparsities 0.4 --masks default-0.4=RUN/mask.safetensors --json ...
+
+(``--masks``: masks made elsewhere, e.g. `bpp prune`'s, compensated and evaluated the same way.)
 
 A run adds to the JSON it is given (rows already there are kept and not recomputed), so the grid
 can be filled in parts; masks are cached in --cache.
@@ -65,6 +68,8 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=None, help="windows per text (default: all)")
     ap.add_argument("--damping", default=str(DAMPING), help="λ of the reconstruction; several: a comma list")
     ap.add_argument("--cache", default="/tmp/bpp-reconstruction-cache", help="folder for the methods' masks")
+    ap.add_argument("--masks", default="", help="masks made elsewhere, as method-sparsity=path (e.g. the mask of a "
+                    "bpp prune run: default-0.4=RUN/mask.safetensors), used when that method and sparsity are asked")
     ap.add_argument("--json", default="bench/results/reconstruction.json")
     args = ap.parse_args()
 
@@ -101,7 +106,11 @@ def main():
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             tag = f"{method} {sparsity:g}"
             mask_file = cache / f"{method}-{sparsity:g}-{args.calib_windows}x{args.calib_seq_len}.safetensors"
-            if mask_file.is_file():
+            given = dict(x.split("=", 1) for x in args.masks.split(",") if x)
+            if f"{method}-{sparsity:g}" in given:
+                mask = Masks.load(given[f"{method}-{sparsity:g}"])
+                results.setdefault("mask_files", {})[tag] = given[f"{method}-{sparsity:g}"]
+            elif mask_file.is_file():
                 mask = Masks.load(mask_file)
             else:
                 t0 = time.perf_counter()
