@@ -33,7 +33,7 @@ from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
 from .config import PruneConfig
-from .counts import init_ranking, largest_remainder, ranks_from_scores, smooth_basis
+from .counts import channels_left, shifted_counts, smooth_basis, start_ranking, top_masks
 from .estimators import half_correlation, offset_gradient
 from .group_moves import GroupMove, GroupMoves
 from .interface import Proposal, SearchStart, fmt
@@ -89,19 +89,7 @@ class AllocationPolicy:
     def start(cls, space: MaskSpace, budget: Budget, config: PruneConfig, start: SearchStart) -> "AllocationPolicy":
         """The policy at the init method's mask, ranking units by ``config.rank``: the init's own
         scores ("init"), else ``start.rank_scores``."""
-        init_mask = start.init_mask
-        if init_mask is None:
-            raise BppError(f"--policy allocation starts from an init method's mask; --init {config.init} has none")
-        if config.rank == "init":
-            if "channel" not in start.metrics or "group" not in start.metrics:
-                raise BppError(f"--init {config.init} gives no per-unit scores to rank by; pass --rank flap or wanda-sp")
-            channel_ranks = init_ranking(start.metrics["channel"], init_mask.channels[0])
-            group_ranks = init_ranking(start.metrics["group"], init_mask.groups[0])
-        else:
-            channel_ranks = ranks_from_scores(start.rank_scores["channel"])
-            group_ranks = ranks_from_scores(start.rank_scores["group"])
-        return cls._configured(space, budget, config, channel_ranks, group_ranks, init_mask.channels[0].sum(-1),
-                               init_mask.groups[0].sum(-1))
+        return cls._configured(space, budget, config, *start_ranking(config, start))
 
     @classmethod
     def from_state(cls, space: MaskSpace, budget: Budget, config: PruneConfig, state: dict) -> "AllocationPolicy":
@@ -120,37 +108,19 @@ class AllocationPolicy:
     # --- counts ↔ masks -------------------------------------------------------------------
     def channel_total(self, groups: torch.Tensor) -> torch.Tensor:
         """(S,) channels the budget leaves once ``groups (S, L)`` are kept (−1: groups alone exceed it)."""
-        sp = self.space
-        left = self.target - sp.group_params * groups.sum(-1).to(torch.float64)
-        total = torch.floor(left / sp.channel_params + 1e-9).long()
-        return torch.where(left < 0, torch.full_like(total, -1), total.clamp(max=sp.n_layers * sp.n_channels))
+        return channels_left(self.space, self.target, groups)
 
     def channel_counts(self, levels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Per-layer kept channels (S, L) for keep levels ``(S, L)`` (fractions before the shift):
-        the shared shift v_s solves Σ_l m·clip(level + v_s, 0, 1) = the channel total, then the
-        counts are rounded by largest remainder to that total exactly."""
-        m = self.space.n_channels
+        the shared shift meets the budget's channel total exactly (:func:`.counts.shifted_counts`)."""
         total = self.channel_total(groups)
         if bool((total < 0).any()):
             raise BppError("a sampled KV-group allocation exceeds the parameter budget")
-        lo = (-levels.max(-1).values - 1.0).clone()  # everything clipped to 0
-        hi = (1.0 - levels.min(-1).values + 1.0).clone()  # everything clipped to 1
-        target = total.to(torch.float64)
-        for _ in range(64):  # the bracket is < 4 wide: 2⁻⁶⁴ of it is far below a channel
-            mid = 0.5 * (lo + hi)
-            kept = (m * (levels + mid.unsqueeze(-1)).clamp(0.0, 1.0)).sum(-1)
-            below = kept < target
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        kappa = m * (levels + hi.unsqueeze(-1)).clamp(0.0, 1.0)
-        return largest_remainder(kappa, total, m)
+        return shifted_counts(levels, total, self.space.n_channels)
 
     def masks(self, channels: torch.Tensor, groups: torch.Tensor) -> Masks:
         """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)`` groups."""
-        S, L = channels.shape
-        return Masks(self.channel_ranks.unsqueeze(0) < channels.unsqueeze(-1),
-                     self.group_ranks.unsqueeze(0) < groups.unsqueeze(-1),
-                     torch.ones(S, L, dtype=torch.bool))
+        return top_masks(self.channel_ranks, self.group_ranks, channels, groups)
 
     def levels(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
         return self.base + (self.offsets if offsets is None else offsets)
