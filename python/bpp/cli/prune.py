@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(_D.data, "--data", help="calibration/held-out text: default | wikitext2 | c4 | ptb | path/to/file.txt"),
         sparsity: float = typer.Option(_D.sparsity, "--sparsity", "-s", help="fraction of the learned units' parameters to remove, in (0, 1)"),
         granularity: str = typer.Option(_D.granularity, "--granularity", help="unit types to prune: group,channel | group | channel | layer"),
-        policy: str = typer.Option(_D.policy, "--policy", help="allocation: learn per-layer kept counts of channels and KV groups over a metric's ranking (default) | units: the official per-unit keep-probabilities"),
+        policy: str = typer.Option(_D.policy, "--policy", help="allocation: learn per-layer kept counts of channels and KV groups over a metric's ranking (default) | units: the official per-unit keep-probabilities | evopress: an EvoPress-style (1 + λ) evolutionary search over the allocation policy's counts, from its start, under its budget and loss (a forward-only baseline without a gradient; --samples: parent + offspring per generation)"),
         budget: Optional[str] = typer.Option(_D.budget, "--budget", help="count: one budget per unit type (units' default, official); params: one joint parameter budget (allocation's only budget)"),
         steps: Optional[int] = typer.Option(_D.steps, "--steps", help="policy-gradient steps, one calibration batch each, no batch twice (allocation: 60, units: 100)"),
         samples: int = typer.Option(_D.samples, "--samples", "-S", help="masks sampled and evaluated per step (official: 2)"),

@@ -15,7 +15,7 @@ from ..modelio import check_device
 
 SCHEDULES = ("cosine", "constant")
 LOSS_ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth
-POLICIES = ("allocation", "units")
+POLICIES = ("allocation", "units", "evopress")
 BASELINES = ("moving-average", "leave-one-out")  # the per-unit policy's loss baselines
 RANKS = ("init", "flap", "wanda-sp")
 OBJECTIVES = ("soft", "nll")
@@ -25,6 +25,8 @@ UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective"
 # the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets,
 # and fewer steps than the per-unit policy (bench/RESULTS.md, sample efficiency)
 ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "besa", "budget": "params", "objective": "soft", "steps": 60}
+# the evolutionary baseline shares the allocation policy's start, budget, loss and steps (it uses no lr)
+EVOPRESS_DEFAULTS = dict(ALLOCATION_DEFAULTS)
 
 
 @dataclass
@@ -130,20 +132,22 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
     """Fill the options whose default depends on the policy, and check the policies' own options."""
     if config.policy not in POLICIES:
         raise BppError(f"unknown policy {config.policy!r}; use one of {', '.join(POLICIES)}")
-    defaults = UNITS_DEFAULTS if config.policy == "units" else ALLOCATION_DEFAULTS
+    defaults = {"units": UNITS_DEFAULTS, "evopress": EVOPRESS_DEFAULTS}.get(config.policy, ALLOCATION_DEFAULTS)
     for name, value in defaults.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    if config.policy == "allocation":
+    if config.policy in ("allocation", "evopress"):
         if config.budget != "params":
-            raise BppError("--policy allocation has one parameter budget (KV groups and channels trade under "
+            raise BppError(f"--policy {config.policy} has one parameter budget (KV groups and channels trade under "
                            "it); drop --budget count, or use --policy units")
         if parse_granularity(config.granularity) != ("channel", "group"):
-            raise BppError("--policy allocation learns channels and KV groups together; use --granularity "
-                           "channel,group (or --group-every 0 to keep the init's KV groups), or --policy units")
+            keep = " (or --group-every 0 to keep the init's KV groups)" if config.policy == "allocation" else ""
+            raise BppError(f"--policy {config.policy} learns channels and KV groups together; use --granularity "
+                           f"channel,group{keep}, or --policy units")
         if config.init == "uniform":
-            raise BppError("--policy allocation starts from an init method's mask and --init uniform has none; "
+            raise BppError(f"--policy {config.policy} starts from an init method's mask and --init uniform has none; "
                            "use --init besa, flap or wanda-sp")
+    if config.policy == "allocation":
         if config.sampling not in SAMPLINGS:
             raise BppError(f"unknown sampling {config.sampling!r}; use one of {', '.join(SAMPLINGS)}")
         if config.sampling == "antithetic" and config.samples % 2:
@@ -182,7 +186,7 @@ def needs_stats(config: PruneConfig) -> bool:
 def needs_ranking(config: PruneConfig) -> str | None:
     """The metric that must rank units inside each layer before the search starts (``--rank``),
     or None when the init's own scores rank them or the policy learns every unit."""
-    if config.policy != "allocation" or config.rank == "init":
+    if config.policy == "units" or config.rank == "init":
         return None
     return config.rank
 
