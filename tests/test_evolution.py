@@ -238,3 +238,12 @@ def test_prune_cli_runs_evopress_end_to_end(tiny_llama_dir, tmp_path):
     assert [r["stage"] for r in records] == [1, 2, 2, 2, 2, 1, 2]
     mask = Masks.load(out / "mask.safetensors")
     assert (out / "model").is_dir() and mask.S == 1
+
+
+def test_prune_help_lists_evopress():
+    from typer.testing import CliRunner
+
+    from bpp.cli import app
+
+    result = CliRunner().invoke(app, ["prune", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0 and "evopress" in result.output
