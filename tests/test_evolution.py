@@ -2,6 +2,10 @@
 selection on a synthetic objective, bit-exact resume mid-generation, and ``bpp prune --policy
 evopress`` end to end on the tiny model."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from bpp.search.evolution import CONFIRM_STEPS, SURVIVORS, EvolutionPolicy
 from bpp.errors import BppError
 from bpp.masks import Masks
 from bpp.space import MaskSpace
-from tests.conftest import FAST_CLI, cli
+from tests.conftest import FAST_CLI, REPO, cli, kill_9_at_checkpoint, prune_cmd
 
 # 6 layers of 64 channels and 4 KV groups; a group costs as many parameters as 8 channels
 SPACE = MaskSpace(family="llama", n_layers=6, hidden_size=8, n_channels=64, n_groups=4, heads_per_group=2,
@@ -247,3 +251,29 @@ def test_prune_help_lists_evopress():
 
     result = CliRunner().invoke(app, ["prune", "--help"], env={"COLUMNS": "400"})
     assert result.exit_code == 0 and "evopress" in result.output
+
+
+def test_evopress_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    """The parent, the survivors and their stage-2 losses, the generator and the incumbent survive
+    kill -9 in the middle of a generation bit for bit."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    extra = ("--policy", "evopress", "--init", "flap", "--steps", "80", "--samples", "4", "--checkpoint-every", "7",
+             "--incumbent-every", "20", "--selection-windows", "4")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(prune_cmd(tiny_llama_dir, ref, *extra), check=True, env=env, cwd=REPO, capture_output=True,
+                   timeout=300)
+    proc = subprocess.Popen(prune_cmd(tiny_llama_dir, cut, *extra), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = kill_9_at_checkpoint(proc, cut / "checkpoint.pt", 36, finished=cut / "mask.safetensors")
+    assert proc.returncode == -signal.SIGKILL
+    assert 36 <= killed_at < 80 and killed_at % (1 + CONFIRM_STEPS) != 0  # inside a generation
+    subprocess.run([sys.executable, "-m", "bpp", "prune", "--resume", str(cut), "--quiet"], check=True, env=env,
+                   cwd=REPO, capture_output=True, timeout=300)
+    a, b = json.loads((cut / "evolution.json").read_text()), json.loads((ref / "evolution.json").read_text())
+    assert a == b and a["generations"] == 16 and a["accepted"] > 0
+    assert Masks.load(cut / "mask.safetensors") == Masks.load(ref / "mask.safetensors")
+    lines = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "masks_per_s", "selection")}  # noqa: E731
+    assert [strip(r) for r in lines(cut)] == [strip(r) for r in lines(ref)]
+    rc, rr = json.loads((cut / "report.json").read_text()), json.loads((ref / "report.json").read_text())
+    assert rc["sessions"] == 2 and rc["evolution"] == rr["evolution"]
