@@ -55,7 +55,7 @@ class PruneConfig:
     device_map: str | None = None  # e.g. "auto": layers over the GPUs of a node, for models too large for one
     engine: str = "batched"
     # the policy, masks judged as compacted, and the incumbent
-    policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official)
+    policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official) | evopress
     bias_compensation: bool = True  # masks judged, and the model written, with FLAP's output biases
     rank: str = "flap"  # allocation: what ranks units inside a layer: flap (fluctuation, fits bias compensation) | init | wanda-sp
     sigma: float = 0.05  # allocation: perturbation scale, a fraction of a layer's channels

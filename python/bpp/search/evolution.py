@@ -147,13 +147,13 @@ class EvolutionPolicy:
         m = self.space.n_channels
         missing = self.channel_total(groups) - int(channels.sum())
         while missing != 0:
-            room = channels < m if missing > 0 else channels > 0
-            open_layers = room.nonzero().flatten()
+            sign = 1 if missing > 0 else -1  # +1: channels to give out; −1: channels to take back
+            open_layers = (channels < m if sign > 0 else channels > 0).nonzero().flatten()
             j = int(open_layers[int(torch.randint(len(open_layers), (), generator=generator))])
-            size = int(m - channels[j]) if missing > 0 else int(channels[j])
-            amount = min(self.level, abs(missing), size)
-            channels[j] += amount if missing > 0 else -amount
-            missing += -amount if missing > 0 else amount
+            room = int(m - channels[j]) if sign > 0 else int(channels[j])
+            amount = min(self.level, abs(missing), room)
+            channels[j] += sign * amount
+            missing -= sign * amount
         return True
 
     def mutate(self, channels: torch.Tensor, groups: torch.Tensor, generator: torch.Generator,
@@ -165,10 +165,10 @@ class EvolutionPolicy:
             draws = torch.randint(1, MAX_MUTATIONS + 1, (2,), generator=generator)
             for _ in range(int(draws.min())):
                 group_first = float(torch.rand((), generator=generator, dtype=torch.float64)) < GROUP_MOVE_P
-                moved = group_first and self.group_move(c, g, generator)
-                moved = moved or self.channel_move(c, generator)
-                if not moved and not group_first:
-                    self.group_move(c, g, generator)  # no channel move left: a group move instead
+                if group_first and self.group_move(c, g, generator):
+                    continue
+                if not self.channel_move(c, generator) and not group_first:
+                    self.group_move(c, g, generator)  # no layer can give channels to another: a group move
             if not (torch.equal(c, channels) and torch.equal(g, groups)):
                 break
         return c, g
