@@ -277,3 +277,21 @@ def test_evopress_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(
     assert [strip(r) for r in lines(cut)] == [strip(r) for r in lines(ref)]
     rc, rr = json.loads((cut / "report.json").read_text()), json.loads((ref / "report.json").read_text())
     assert rc["sessions"] == 2 and rc["evolution"] == rr["evolution"]
+
+
+@pytest.mark.parametrize("rank", ["flap", "init"])
+def test_the_start_is_the_allocation_policys(rank):
+    """Built from the same SearchStart, both policies start from the same mask under the same budget."""
+    from bpp.search import AllocationPolicy, SearchStart, config_budget
+
+    g = torch.Generator().manual_seed(6)
+    init = Masks(torch.rand(1, 6, 64, generator=g) < 0.7, torch.rand(1, 6, 4, generator=g) < 0.6,
+                 torch.ones(1, 6, dtype=torch.bool))
+    scores = {"channel": torch.rand(6, 64, generator=g), "group": torch.rand(6, 4, generator=g)}
+    start = SearchStart(None, init, metrics=scores, rank_scores=None if rank == "init" else scores)
+    masks = []
+    for policy in ("allocation", "evopress"):
+        config = PruneConfig(policy=policy, sparsity=0.35, rank=rank).validate()
+        cls = AllocationPolicy if policy == "allocation" else EvolutionPolicy
+        masks.append(cls.start(SPACE, config_budget(SPACE, config), config, start).deterministic_mask())
+    assert masks[0] == masks[1]
