@@ -5,7 +5,9 @@ of them, the incumbent, the objective and the run's configuration.
 - :mod:`.units`: the per-unit Bernoulli policy (``--policy units``, the paper's method)
 - :mod:`.allocation`: per-layer kept counts over a within-layer ranking (``--policy allocation``),
   with its KV-group moves in :mod:`.group_moves`
-- :mod:`.counts`: the allocation policy's rankings, integer counts and depth profiles
+- :mod:`.evolution`: an EvoPress-style (1 + λ) search over the allocation policy's counts
+  (``--policy evopress``), the forward-only baseline without a gradient
+- :mod:`.counts`: rankings, budget-exact integer counts and depth profiles of the count policies
 - :mod:`.estimators`: every gradient estimate the policies use; :mod:`.optimizers`: their updates
 - :mod:`.loop`: batches, evaluation, metrics, checkpoints and the incumbent, for any policy
 - :mod:`.incumbent`: the best mask so far, judged on held-in windows
@@ -19,15 +21,16 @@ from __future__ import annotations
 from ..budget import Budget
 from ..space import MaskSpace
 from .allocation import AllocationPolicy
+from .evolution import EvolutionPolicy
 from .config import PruneConfig, needs_ranking, needs_stats
 from .interface import Proposal, SearchPolicy, SearchStart
 from .loop import SearchLoop
 from .objective import MaskLosses, calibration_batches, mask_losses, selection_windows
 from .units import UnitsPolicy
 
-POLICIES = {"allocation": AllocationPolicy, "units": UnitsPolicy}
+POLICIES = {"allocation": AllocationPolicy, "units": UnitsPolicy, "evopress": EvolutionPolicy}
 
-__all__ = ["POLICIES", "AllocationPolicy", "MaskLosses", "Proposal", "PruneConfig", "SearchLoop", "SearchPolicy",
+__all__ = ["POLICIES", "AllocationPolicy", "EvolutionPolicy", "MaskLosses", "Proposal", "PruneConfig", "SearchLoop", "SearchPolicy",
            "SearchStart", "UnitsPolicy", "calibration_batches", "config_budget", "mask_losses", "needs_ranking",
            "needs_stats", "new_policy", "resumed_policy", "selection_windows"]
 

@@ -37,7 +37,7 @@ from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
 from .config import PruneConfig
-from .counts import channel_total, init_ranking, ranked_masks, ranks_from_scores, shifted_counts, smooth_basis
+from .counts import channels_left, shifted_counts, smooth_basis, start_ranking, top_masks
 from .estimators import half_correlation, offset_gradient, t_statistics
 from .group_moves import GroupMove, GroupMoves
 from .interface import Proposal, SearchStart, fmt
@@ -95,19 +95,7 @@ class AllocationPolicy:
     def start(cls, space: MaskSpace, budget: Budget, config: PruneConfig, start: SearchStart) -> "AllocationPolicy":
         """The policy at the init method's mask, ranking units by ``config.rank``: the init's own
         scores ("init"), else ``start.rank_scores``."""
-        init_mask = start.init_mask
-        if init_mask is None:
-            raise BppError(f"--policy allocation starts from an init method's mask; --init {config.init} has none")
-        if config.rank == "init":
-            if "channel" not in start.metrics or "group" not in start.metrics:
-                raise BppError(f"--init {config.init} gives no per-unit scores to rank by; pass --rank flap or wanda-sp")
-            channel_ranks = init_ranking(start.metrics["channel"], init_mask.channels[0])
-            group_ranks = init_ranking(start.metrics["group"], init_mask.groups[0])
-        else:
-            channel_ranks = ranks_from_scores(start.rank_scores["channel"])
-            group_ranks = ranks_from_scores(start.rank_scores["group"])
-        return cls._configured(space, budget, config, channel_ranks, group_ranks, init_mask.channels[0].sum(-1),
-                               init_mask.groups[0].sum(-1))
+        return cls._configured(space, budget, config, *start_ranking(config, start))
 
     @classmethod
     def from_state(cls, space: MaskSpace, budget: Budget, config: PruneConfig, state: dict) -> "AllocationPolicy":
@@ -126,15 +114,19 @@ class AllocationPolicy:
     # --- counts ↔ masks -------------------------------------------------------------------
     def channel_total(self, groups: torch.Tensor) -> torch.Tensor:
         """(S,) channels the budget leaves once ``groups (S, L)`` are kept (−1: groups alone exceed it)."""
-        return channel_total(self.space, self.target, groups)
+        return channels_left(self.space, self.target, groups)
 
     def channel_counts(self, levels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Per-layer kept channels (S, L) for keep levels ``(S, L)``: :func:`.counts.shifted_counts`."""
-        return shifted_counts(levels, self.channel_total(groups), self.space.n_channels)
+        """Per-layer kept channels (S, L) for keep levels ``(S, L)`` (fractions before the shift):
+        the shared shift meets the budget's channel total exactly (:func:`.counts.shifted_counts`)."""
+        total = self.channel_total(groups)
+        if bool((total < 0).any()):
+            raise BppError("a sampled KV-group allocation exceeds the parameter budget")
+        return shifted_counts(levels, total, self.space.n_channels)
 
     def masks(self, channels: torch.Tensor, groups: torch.Tensor) -> Masks:
         """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)`` groups."""
-        return ranked_masks(self.channel_ranks, self.group_ranks, channels, groups)
+        return top_masks(self.channel_ranks, self.group_ranks, channels, groups)
 
     def levels(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
         return self.base + (self.offsets if offsets is None else offsets)

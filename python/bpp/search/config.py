@@ -15,7 +15,7 @@ from ..modelio import check_device
 
 SCHEDULES = ("cosine", "constant")
 LOSS_ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth
-POLICIES = ("allocation", "units")
+POLICIES = ("allocation", "units", "evopress")
 BASELINES = ("moving-average", "leave-one-out")  # the per-unit policy's loss baselines
 RANKS = ("init", "flap", "wanda-sp")
 OBJECTIVES = ("soft", "nll")
@@ -28,6 +28,8 @@ ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "besa", "budget": "params", "objectiv
 # the allocation policy's round: about as many mask evaluations as one search gains from at a fixed
 # perturbation scale (bench/RESULTS.md, sample efficiency); the default search is one round
 ROUND_EVALUATIONS = 480
+# the evolutionary baseline shares the allocation policy's start, budget, loss and steps (it uses no lr)
+EVOPRESS_DEFAULTS = dict(ALLOCATION_DEFAULTS)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class PruneConfig:
     device_map: str | None = None  # e.g. "auto": layers over the GPUs of a node, for models too large for one
     engine: str = "batched"
     # the policy, masks judged as compacted, and the incumbent
-    policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official)
+    policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official) | evopress
     bias_compensation: bool = True  # masks judged, and the model written, with FLAP's output biases
     rank: str = "flap"  # allocation: what ranks units inside a layer: flap (fluctuation, fits bias compensation) | init | wanda-sp
     sigma: float = 0.05  # allocation: perturbation scale, a fraction of a layer's channels
@@ -136,21 +138,23 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
     """Fill the options whose default depends on the policy, and check the policies' own options."""
     if config.policy not in POLICIES:
         raise BppError(f"unknown policy {config.policy!r}; use one of {', '.join(POLICIES)}")
-    defaults = UNITS_DEFAULTS if config.policy == "units" else ALLOCATION_DEFAULTS
+    defaults = {"units": UNITS_DEFAULTS, "evopress": EVOPRESS_DEFAULTS}.get(config.policy, ALLOCATION_DEFAULTS)
     resolve_steps(config)
     for name, value in defaults.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    if config.policy == "allocation":
+    if config.policy in ("allocation", "evopress"):
         if config.budget != "params":
-            raise BppError("--policy allocation has one parameter budget (KV groups and channels trade under "
+            raise BppError(f"--policy {config.policy} has one parameter budget (KV groups and channels trade under "
                            "it); drop --budget count, or use --policy units")
         if parse_granularity(config.granularity) != ("channel", "group"):
-            raise BppError("--policy allocation learns channels and KV groups together; use --granularity "
-                           "channel,group (or --group-every 0 to keep the init's KV groups), or --policy units")
+            keep = " (or --group-every 0 to keep the init's KV groups)" if config.policy == "allocation" else ""
+            raise BppError(f"--policy {config.policy} learns channels and KV groups together; use --granularity "
+                           f"channel,group{keep}, or --policy units")
         if config.init == "uniform":
-            raise BppError("--policy allocation starts from an init method's mask and --init uniform has none; "
+            raise BppError(f"--policy {config.policy} starts from an init method's mask and --init uniform has none; "
                            "use --init besa, flap or wanda-sp")
+    if config.policy == "allocation":
         if config.sampling not in SAMPLINGS:
             raise BppError(f"unknown sampling {config.sampling!r}; use one of {', '.join(SAMPLINGS)}")
         if config.sampling == "antithetic" and config.samples % 2:
@@ -228,7 +232,7 @@ def needs_stats(config: PruneConfig) -> bool:
 def needs_ranking(config: PruneConfig) -> str | None:
     """The metric that must rank units inside each layer before the search starts (``--rank``),
     or None when the init's own scores rank them or the policy learns every unit."""
-    if config.policy != "allocation" or config.rank == "init":
+    if config.policy == "units" or config.rank == "init":
         return None
     return config.rank
 

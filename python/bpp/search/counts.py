@@ -1,6 +1,7 @@
-"""Rankings, counts and depth profiles for the policies over per-layer counts: each unit's
-position in its layer, the channels a parameter budget leaves, integer counts that meet a total
-exactly, masks from counts, and smooth profiles over depth."""
+"""Rankings, counts and depth profiles for the policies that search per-layer kept counts (the
+allocation and evolution policies): each unit's position in its layer, the channel total a
+parameter budget leaves, integer counts that meet a total exactly, the masks of given counts, and
+smooth profiles over depth."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,8 @@ import torch
 from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
+from .config import PruneConfig
+from .interface import SearchStart
 
 
 def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -50,37 +53,54 @@ def smooth_basis(L: int, K: int) -> torch.Tensor:
     return cols / cols.norm(dim=0, keepdim=True)  # already orthogonal: normalising suffices
 
 
-def channel_total(space: MaskSpace, target: float, groups: torch.Tensor) -> torch.Tensor:
-    """(S,) channels a budget of ``target`` parameters leaves once ``groups (S, L)`` KV groups are
-    kept (−1: the groups alone exceed it)."""
+def start_ranking(config: PruneConfig, start: SearchStart) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+    """The within-layer ranking of ``config.rank`` (the init's own scores for "init", else
+    ``start.rank_scores``) and the init mask's kept counts: (channel ranks (L, m), group ranks
+    (L, G), channels (L,), groups (L,))."""
+    init_mask = start.init_mask
+    if init_mask is None:
+        raise BppError(f"--policy {config.policy} starts from an init method's mask; --init {config.init} has none")
+    if config.rank == "init":
+        if "channel" not in start.metrics or "group" not in start.metrics:
+            raise BppError(f"--init {config.init} gives no per-unit scores to rank by; pass --rank flap or wanda-sp")
+        channel_ranks = init_ranking(start.metrics["channel"], init_mask.channels[0])
+        group_ranks = init_ranking(start.metrics["group"], init_mask.groups[0])
+    else:
+        channel_ranks = ranks_from_scores(start.rank_scores["channel"])
+        group_ranks = ranks_from_scores(start.rank_scores["group"])
+    return channel_ranks, group_ranks, init_mask.channels[0].sum(-1), init_mask.groups[0].sum(-1)
+
+
+def channels_left(space: MaskSpace, target: float, groups: torch.Tensor) -> torch.Tensor:
+    """(S,) channels a budget of ``target`` parameters leaves once ``groups (S, L)`` are kept (−1:
+    groups alone exceed it; at most every channel)."""
     left = target - space.group_params * groups.sum(-1).to(torch.float64)
     total = torch.floor(left / space.channel_params + 1e-9).long()
     return torch.where(left < 0, torch.full_like(total, -1), total.clamp(max=space.n_layers * space.n_channels))
 
 
-def shifted_counts(levels: torch.Tensor, total: torch.Tensor, m: int) -> torch.Tensor:
-    """Per-layer kept channels (S, L) for keep levels ``(S, L)`` (fractions before the shift): the
-    shared shift v_s solves Σ_l m·clip(level + v_s, 0, 1) = ``total (S,)``, then the counts are
-    rounded by largest remainder to that total exactly."""
-    if bool((total < 0).any()):
-        raise BppError("a sampled KV-group allocation exceeds the parameter budget")
+def shifted_counts(levels: torch.Tensor, total: torch.Tensor, cap: int) -> torch.Tensor:
+    """Per-layer counts (S, L) for keep levels ``(S, L)`` (fractions before the shift): the shared
+    shift v_s solves Σ_l cap·clip(level + v_s, 0, 1) = total (S,), then the counts are rounded by
+    largest remainder to that total exactly."""
     lo = (-levels.max(-1).values - 1.0).clone()  # everything clipped to 0
     hi = (1.0 - levels.min(-1).values + 1.0).clone()  # everything clipped to 1
     target = total.to(torch.float64)
     for _ in range(64):  # the bracket is < 4 wide: 2⁻⁶⁴ of it is far below a channel
         mid = 0.5 * (lo + hi)
-        kept = (m * (levels + mid.unsqueeze(-1)).clamp(0.0, 1.0)).sum(-1)
+        kept = (cap * (levels + mid.unsqueeze(-1)).clamp(0.0, 1.0)).sum(-1)
         below = kept < target
         lo = torch.where(below, mid, lo)
         hi = torch.where(below, hi, mid)
-    kappa = m * (levels + hi.unsqueeze(-1)).clamp(0.0, 1.0)
-    return largest_remainder(kappa, total, m)
+    kappa = cap * (levels + hi.unsqueeze(-1)).clamp(0.0, 1.0)
+    return largest_remainder(kappa, total, cap)
 
 
-def ranked_masks(channel_ranks: torch.Tensor, group_ranks: torch.Tensor, channels: torch.Tensor,
-                 groups: torch.Tensor) -> Masks:
+def top_masks(channel_ranks: torch.Tensor, group_ranks: torch.Tensor, channels: torch.Tensor,
+              groups: torch.Tensor) -> Masks:
     """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)``
-    KV groups by the ranks ``(L, m)`` / ``(L, G)`` (0 = kept first)."""
+    groups by the ranks (L, m) / (L, G)."""
     S, L = channels.shape
     return Masks(channel_ranks.unsqueeze(0) < channels.unsqueeze(-1), group_ranks.unsqueeze(0) < groups.unsqueeze(-1),
                  torch.ones(S, L, dtype=torch.bool))
