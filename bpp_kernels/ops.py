@@ -136,16 +136,57 @@ def _check(cond: bool, op: str, msg: str) -> None:
 
 
 def _check_index(op: str, keep_idx: torch.Tensor, keep_count: torch.Tensor, S: int, n: int,
-                 unit_scale: torch.Tensor | None, x: torch.Tensor) -> None:
+                 unit_scale: torch.Tensor | None, x: torch.Tensor, check: bool = True) -> None:
     _check(keep_idx.shape == (S, n), op, f"keep_idx must be (S={S}, n={n}), got {tuple(keep_idx.shape)}")
     _check(keep_count.shape == (S,), op, f"keep_count must be (S={S},), got {tuple(keep_count.shape)}")
     _check(keep_idx.dtype == torch.int32 and keep_count.dtype == torch.int32, op,
            "keep_idx and keep_count must be int32 (use mask_to_index)")
+    _check(keep_idx.device == x.device == keep_count.device, op,
+           f"keep_idx ({keep_idx.device}) and keep_count ({keep_count.device}) must be on x's device ({x.device})")
+    if check:
+        check_indices(keep_idx, keep_count, n, op)
     if unit_scale is not None:
         _check(unit_scale.shape == (S, n) and unit_scale.is_floating_point(), op,
                f"unit_scale must be a floating (S={S}, n={n}) tensor aligned with keep_idx, got "
                f"{tuple(unit_scale.shape)} {unit_scale.dtype}")
         _check(unit_scale.device == x.device, op, f"unit_scale is on {unit_scale.device}, x on {x.device}")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_indices(keep_idx: torch.Tensor, keep_count: torch.Tensor, n: int, op: str = "check_indices") -> None:
+    """Check the index lists an op reads: every count in [0, n], and each sample's first
+    ``keep_count[s]`` entries of ``keep_idx`` in [0, n) and distinct (the entries after them are
+    never read). On CPU a ValueError names the first offence; on CUDA (and under torch.compile)
+    the check runs on the device without a host sync and fails as a device-side assertion. Cost:
+    one pass over ``(S, n)``. The ops call it unless ``check=False``."""
+    S = keep_idx.shape[0]
+    live = torch.arange(n, device=keep_idx.device).unsqueeze(0) < keep_count.unsqueeze(1)
+    idx = keep_idx.long()
+    in_range = (idx >= 0) & (idx < n)
+    out_of_range = live & ~in_range
+    bad_count = (keep_count < 0) | (keep_count > n)
+    slot = torch.where(live & in_range, idx, torch.full_like(idx, n))
+    seen = torch.zeros(S, n + 1, dtype=torch.int32, device=idx.device).scatter_add_(
+        1, slot, torch.ones_like(slot, dtype=torch.int32))[:, :n]
+    repeated = seen > 1
+    if keep_idx.device.type != "cpu" or _compiling():
+        ok = ~(bad_count.any() | out_of_range.any() | repeated.any())
+        torch._assert_async(ok, f"{op}: keep_count outside [0, {n}], or keep_idx outside [0, {n}) or repeated "
+                                "among the kept entries")
+        return
+    if bool(bad_count.any()):
+        s = int(bad_count.nonzero()[0, 0])
+        raise ValueError(f"{op}: keep_count[{s}] = {int(keep_count[s])} is outside [0, {n}]")
+    if bool(out_of_range.any()):
+        s, j = (int(v) for v in out_of_range.nonzero()[0])
+        raise ValueError(f"{op}: keep_idx[{s}, {j}] = {int(keep_idx[s, j])} is outside [0, {n})")
+    if bool(repeated.any()):
+        s, u = (int(v) for v in repeated.nonzero()[0])
+        raise ValueError(f"{op}: unit {u} appears {int(seen[s, u])} times among the {int(keep_count[s])} kept "
+                         f"entries of keep_idx[{s}]")
 
 
 def mask_to_index(mask: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +213,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
                   keep_count: torch.Tensor, *, unit_scale: torch.Tensor | None = None,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, check: bool = True) -> torch.Tensor:
     """Per-sample SwiGLU MLP over kept channels only: ``down(a * silu(gate(x)) * up(x))``.
 
     x ``(S, ..., d)`` fp32/fp16/bf16; w_gate_up ``(m, 2, d)``, w_down_t ``(m, d)`` from
@@ -181,6 +222,8 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
     ``keep_idx[s, j]`` (soft masks; None = 1, the scale-free path).
     Returns ``(S, ..., d)``; a sample that keeps no channel gets zeros. Pruned channels cost
     nothing, forward or backward. Differentiable in x, w_gate_up, w_down_t and unit_scale.
+    ``check``: validate keep_idx / keep_count first (:func:`check_indices`; False for indices
+    that come from :func:`mask_to_index`).
     """
     op = "masked_swiglu"
     _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
@@ -188,7 +231,7 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
     _check(w_gate_up.shape == (m, 2, d), op, f"w_gate_up must be ({m}, 2, {d}), got {tuple(w_gate_up.shape)}")
     _check(x.shape[-1] == d, op, f"x's last dim {x.shape[-1]} != hidden size {d}")
     _check(x.dtype == w_gate_up.dtype == w_down_t.dtype, op, "x and weights must share a dtype")
-    _check_index(op, keep_idx, keep_count, x.shape[0], m, unit_scale, x)
+    _check_index(op, keep_idx, keep_count, x.shape[0], m, unit_scale, x, check)
     return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale)
 
 
@@ -196,7 +239,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
                      sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, *,
                      b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, scale: float | None = None,
-                     unit_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                     unit_scale: torch.Tensor | None = None, backend: str | None = None,
+                     check: bool = True) -> torch.Tensor:
     """Per-sample causal GQA attention over kept KV groups only, through W_o (no residual).
 
     x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
@@ -207,6 +251,7 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     j-th kept group (all its r query heads) by ``unit_scale[s, j]`` before W_o.
     Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros. Differentiable in x,
     w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos and sin are constants.
+    ``check``: validate keep_idx / keep_count first (:func:`check_indices`).
     """
     op = "masked_attention"
     _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
@@ -225,7 +270,7 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     _check(x.dtype == w_qkv.dtype == w_o_t.dtype, op, "x and weights must share a dtype")
     _check(not (cos.requires_grad or sin.requires_grad), op,
            "cos and sin are RoPE constants and get no gradient; pass them detached")
-    _check_index(op, keep_idx, keep_count, S, G, unit_scale, x)
+    _check_index(op, keep_idx, keep_count, S, G, unit_scale, x, check)
     return _call(op, x, backend, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count,
                  b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale, unit_scale=unit_scale)
 

@@ -113,3 +113,19 @@ def test_rounds_recentre_on_the_incumbent_and_resume_bit_for_bit(space, monkeypa
     again.run()
     assert policy2.round == 2 and torch.equal(policy2.offsets, policy.offsets)
     assert torch.equal(policy2.base, policy.base) and again.incumbent.mask == loop.incumbent.mask
+
+
+def test_evaluations_bound_every_policy(tiny_llama_dir, tiny_llama_loaded, tmp_path):
+    """--evaluations N: the allocation policy runs ⌈N / S⌉ steps; evopress (fewer masks on some
+    steps) stops once N are spent; both report what they evaluated."""
+    from bpp.jobs.prune import prune
+
+    model, tok = tiny_llama_loaded
+    fast = dict(model=str(tiny_llama_dir), samples=4, batch_size=2, seq_len=32, init_windows=4, init_seq_len=32,
+                sparsity=0.3, selection_windows=4, incumbent_every=3, group_every=3)
+    for policy, n in (("allocation", 30), ("evopress", 45)):
+        report = prune(PruneConfig(policy=policy, evaluations=n, **fast), tmp_path / policy, model=model,
+                       tokenizer=tok, progress=False, evaluate=False, compact=False)
+        assert n <= report["evaluations"] < n + 4, policy
+        assert report["config"]["evaluations"] == n
+    assert report["steps_done"] > 45 // 4  # evopress's confirmation steps evaluate fewer masks

@@ -166,7 +166,7 @@ def kernel_block(block: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             # the C++ attention backward (bpp_kernels 0.1.0) writes q/k-norm weight gradients even when
             # they are not wanted (a null-pointer crash): have them computed, and let them go unused
             q_norm, k_norm = (None if w is None else w.detach().requires_grad_() for w in (q_norm, k_norm))
-        a = K.masked_attention(y, attn["w_qkv"], attn["w_o_t"], cos, sin, idx, cnt, b_qkv=attn["b_qkv"],
+        a = K.masked_attention(y, attn["w_qkv"], attn["w_o_t"], cos, sin, idx, cnt, check=False, b_qkv=attn["b_qkv"],
                                q_norm=q_norm, k_norm=k_norm, norm_eps=attn["norm_eps"], scale=attn["scale"],
                                unit_scale=scale)
         if block["attn_bias"] is not None:
@@ -183,7 +183,7 @@ def kernel_block(block: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if mlp is not None:
         idx, cnt = channels if channels is not None else all_kept(S, mlp["channels"], x.device)
         scale = None if channel_scale is None else channel_scale.to(x.dtype).gather(1, idx.long())
-        x = x + K.masked_swiglu(y, mlp["w_gate_up"], mlp["w_down_t"], idx, cnt, unit_scale=scale)
+        x = x + K.masked_swiglu(y, mlp["w_gate_up"], mlp["w_down_t"], idx, cnt, unit_scale=scale, check=False)
     if block["mlp_bias"] is not None:
         x = x + block["mlp_bias"]
     return x

@@ -136,12 +136,12 @@ class MaskedModel:
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
             y = K.rms_norm(h, layer.attn_norm, self.eps)
-            a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, b_qkv=layer.b_qkv,
+            a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, check=False, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
             if biases is not None:  # bias compensation: o_proj's per-sample output bias
                 a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
             y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
-            mlp = K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt)
+            mlp = K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False)
             if biases is not None:
                 mlp = mlp + biases[1][i].to(mlp.device, mlp.dtype)[:, None, None, :]
             h = h + mlp
