@@ -33,7 +33,21 @@ from bpp.search import PruneConfig  # noqa: E402
 from bpp.masks import Masks
 
 
-def part_default(bench: common.QualityBench, sparsity: float, seed: int, steps: int | None):
+class Refit:
+    """The least-squares reconstruction as a compensation: ``compact_biases(mask)`` gives what
+    ``compact_model`` takes, refit on ``calib`` (the seed's init windows, as the bias means)."""
+
+    def __init__(self, model, calib):
+        self.model, self.calib = model, calib
+
+    def compact_biases(self, mask) -> dict:
+        from bpp.reconstruction import reconstruct
+
+        return reconstruct(self.model, mask, self.calib).compact_kwargs()
+
+
+def part_default(bench: common.QualityBench, sparsity: float, seed: int, steps: int | None,
+                 compensations: tuple[str, ...] = ("bias",), masks_dir: str | None = None):
     from bpp.methods.besa import besa_mask
     from bpp.methods.flap import flap_mask
 
@@ -52,13 +66,20 @@ def part_default(bench: common.QualityBench, sparsity: float, seed: int, steps: 
         besa = besa_mask(bench.model, bench.space, calib, sparsity)
         besa_s = time.perf_counter() - t0
     tag = f"s{sparsity}-seed{seed}"
-    pg = (f"bpp prune (default) {tag}", bench.nll(f"pg-{tag}", mask, comp))
+    if masks_dir:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
+        for name, m in (("default", mask), ("flap", flap), ("besa", besa)):
+            m.save(Path(masks_dir) / f"{name}-{sparsity:g}-seed{seed}.safetensors")
     params = {"pg": int(bench.space.params(mask)[0]), "flap": int(bench.space.params(flap)[0]),
               "besa": int(bench.space.params(besa)[0])}
-    for name, m, secs in (("FLAP + bias", flap, flap_s), ("BESA + bias", besa, besa_s)):
-        base = (f"{name} {tag}", bench.nll(f"{name}-{tag}", m, comp))
-        bench.compare("default vs baseline", pg, base, sparsity=sparsity, seed=seed, params=params,
-                      baseline_seconds=secs)
+    for kind in compensations:
+        c = comp if kind == "bias" else Refit(bench.model, calib)
+        suffix = "" if kind == "bias" else f" {kind}"  # the bias rows keep their names of earlier runs
+        pg = (f"bpp prune (default){suffix} {tag}", bench.nll(f"pg{suffix}-{tag}", mask, c))
+        for name, m, secs in (("FLAP", flap, flap_s), ("BESA", besa, besa_s)):
+            base = (f"{name} + {kind} {tag}", bench.nll(f"{name} + {kind}-{tag}", m, c))
+            bench.compare("default vs baseline", pg, base, sparsity=sparsity, seed=seed, params=params,
+                          baseline_seconds=secs, compensation=kind)
 
 
 def part_inits(bench: common.QualityBench, sparsity: float, seed: int, inits: list[str], steps: int | None):
@@ -137,6 +158,9 @@ def main():
     ap.add_argument("--efficiency", default="", help="evaluation budgets for the efficiency part: N,N,... for both policies, or "
                          "policy:N,N;policy:N,... (e.g. allocation:100,300,500;units:100,300,1000,3000)")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
+    ap.add_argument("--compensations", default="bias", help="how every mask of the default part is compacted: "
+                    "bias, reconstruct, or both (bias,reconstruct)")
+    ap.add_argument("--masks-dir", default=None, help="also save the default part's masks here")
     ap.add_argument("--json", default="bench/quality-allocation.json")
     ap.add_argument("--besa-cache", default=None,
                     help="folder of s<sparsity>_seed<seed>.pt files holding BESA results already computed on the same "
@@ -150,7 +174,8 @@ def main():
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for seed in seeds:
                 if not args.no_default:
-                    part_default(bench, sparsity, seed, args.steps)
+                    part_default(bench, sparsity, seed, args.steps, tuple(args.compensations.split(",")),
+                                 args.masks_dir)
                 if args.inits:
                     part_inits(bench, sparsity, seed, args.inits.split(","), args.steps)
                 if args.efficiency:

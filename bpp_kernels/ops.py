@@ -11,7 +11,11 @@ else the environment variable ``BPP_KERNELS_BACKEND`` in {auto, reference, cpp, 
 CUDA tensors and cpp for CPU tensors when built, else reference.
 :func:`backend_info` tells what each op resolves to on this machine.
 
-Gradients: every op but :func:`mask_to_index` is differentiable on every backend, first order.
+Dtypes: float32, float16 and bfloat16 on every backend; float64 is computed in float64 by the
+reference (inputs in float64 go there unless another backend is named, which is an error).
+
+Gradients: every op but :func:`mask_to_index` is differentiable on every backend, first order;
+a batch that keeps no unit gives zero gradients (never ``None``) on every backend.
 The reference is plain autograd; the C++ and Triton ops each have a backward op beside the
 forward op, recomputing what it needs from the saved inputs, and one wiring per op
 (:mod:`bpp_kernels._autograd`: fake implementations and ``torch.library.register_autograd``)
@@ -127,7 +131,14 @@ def backend_info() -> dict[str, dict[str, str]]:
 
 
 def _call(op: str, x: torch.Tensor, backend: str | None, *args, **kwargs):
-    return _impl(op, resolve(op, x.device.type, backend))(*args, **kwargs)
+    name = resolve(op, x.device.type, backend)
+    if x.dtype == torch.float64 and name != "reference":
+        # the C++ and Triton kernels compute in float32 at most: float64 is the reference's
+        if backend is not None:
+            raise ValueError(f"{op}: the {name} backend computes in float32 at most; float64 inputs run on "
+                             "backend='reference' (what they get without a backend=)")
+        name = "reference"
+    return _impl(op, name)(*args, **kwargs)
 
 
 def _check(cond: bool, op: str, msg: str) -> None:
@@ -245,7 +256,7 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
 
     x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
     ``(G, (r+2)*hd)`` from :func:`bpp_kernels.layout.pack_attention`; cos/sin ``(T, hd)``
-    (Hugging Face rotate-half RoPE); q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
+    (Hugging Face rotate-half RoPE) of any floating dtype, cast to x's dtype on every backend; q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
     keep_idx ``(S, G)`` int32, keep_count ``(S,)`` int32; scale (the softmax scale) defaults
     to hd**-0.5; unit_scale ``(S, G)`` floating or None multiplies the attention output of the
     j-th kept group (all its r query heads) by ``unit_scale[s, j]`` before W_o.

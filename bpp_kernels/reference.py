@@ -83,6 +83,16 @@ def masked_swiglu(
         if unit_scale is not None:
             act = act * unit_scale[s, :c].to(act.dtype)
         out[s] = (act @ w_down_t[k]).view(x.shape[1:])
+    return _connected(out, x, w_gate_up, w_down_t, unit_scale)
+
+
+def _connected(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """``out`` joined to the autograd graph of every input that needs a gradient, through an empty
+    slice: a batch that keeps no unit then gives zero gradients (as the C++ and Triton backends
+    do), never ``None`` or an output without a graph."""
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            out = out + t.reshape(-1)[:0].sum().to(out.dtype)
     return out
 
 
@@ -111,7 +121,7 @@ def masked_attention(
     """Causal GQA self-attention of sample s over its kept KV groups only, through W_o.
 
     x ``(S, B, T, d)`` (already normalised); w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``;
-    cos/sin ``(T, hd)``; keep_idx ``(S, G)``; keep_count ``(S,)``; optional b_qkv
+    cos/sin ``(T, hd)`` of any floating dtype, used in x's dtype; keep_idx ``(S, G)``; keep_count ``(S,)``; optional b_qkv
     ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3);
     ``scale`` is the softmax scale (default hd**-0.5); unit_scale ``(S, G)`` or None multiplies
     the attention output of the j-th kept group's r query heads by ``unit_scale[s, j]``.
@@ -123,6 +133,7 @@ def masked_attention(
     r = rows // hd - 2
     scale = hd**-0.5 if scale is None else scale
     out = torch.zeros_like(x)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     counts = keep_count.tolist()
     for s in range(S):
         c = counts[s]
@@ -148,7 +159,7 @@ def masked_attention(
             att = att * unit_scale[s, :c].to(att.dtype).repeat_interleave(r).view(1, c * r, 1, 1)
         att = att.transpose(1, 2).reshape(B, T, c * r * hd)
         out[s] = att @ w_o_t[k].reshape(c * r * hd, d)
-    return out
+    return _connected(out, x, w_qkv, w_o_t, b_qkv, q_norm, k_norm, unit_scale)
 
 
 def linear_cross_entropy(
