@@ -71,8 +71,15 @@ ground truth every test compares against). Chosen per call (``backend=``), else 
 when built, else reference. :func:`backend_info` says what runs where.
 
 Dtypes: fp32, fp16 and bf16 on every backend (the C++ backend computes fp16/bf16 in fp32 on CPUs
-without native half-precision GEMMs; Triton accumulates in fp32). Losses are fp32; gradients come
-back in their input's dtype. fp32 matches the reference to 1e-5 relative RMS error; fp16/bf16
+without native half-precision GEMMs; Triton accumulates in fp32); float64 runs on the reference,
+in float64 (naming another backend for it is an error). cos/sin may be any floating dtype and are
+cast to x's dtype (:func:`rope_tables` builds them). Losses are fp32; gradients come back in
+their input's dtype; a batch that keeps no unit gives zero gradients.
+
+Indices: every masked op checks keep_idx / keep_count first (:func:`check_indices`: counts in
+[0, n]; the kept entries in [0, n) and distinct): a ValueError on CPU, a device-side assertion on
+CUDA and under torch.compile, never a crash or silent garbage. ``check=False`` skips it for
+indices from :func:`mask_to_index`. fp32 matches the reference to 1e-5 relative RMS error; fp16/bf16
 err at most twice as much as the reference run in that dtype (FlashAttention's rule).
 
 Determinism: a sample's forward result does not depend on the other samples of its batch (no
@@ -84,6 +91,7 @@ hard-concrete channel and head masks with an L0 penalty on a tiny Llama built fr
 ``examples/supernet_mlp.py`` trains one shared MLP under S sampled masks per batch.
 """
 from .layout import pack_attention, pack_swiglu
+from .rope import rope_tables
 from .ops import (
     BACKENDS,
     add_rms_norm,
@@ -110,4 +118,5 @@ __all__ = [
     "pack_attention",
     "pack_swiglu",
     "rms_norm",
+    "rope_tables",
 ]
