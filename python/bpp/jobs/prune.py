@@ -1,8 +1,8 @@
 """``bpp prune``: learn a structured mask by a policy-gradient search and write the pruned result
 (mask, the policy's state, metrics, report, plots, the compacted model) into a run folder that
 can be resumed. The job reads as its steps (:mod:`bpp.jobs.prune_steps`): load → calibrate →
-init → search → write the masks → evaluate → report → compact; the search itself is
-:mod:`bpp.search`, the methods that start it are :mod:`bpp.methods`."""
+init → search → write the masks → refit and evaluate them → report → compact; the search itself
+is :mod:`bpp.search`, the methods that start it are :mod:`bpp.methods`."""
 from __future__ import annotations
 
 import errno
