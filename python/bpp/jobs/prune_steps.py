@@ -300,9 +300,9 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
 
 
 def save_compacted_model(model, tokenizer, mask: Masks, path: Path, biases: dict | None = None) -> dict:
-    """Compact and save the pruned model (with its compensation: ``biases`` and refit weights as
-    :func:`bpp.compaction.compact_model` takes them). A failure
-    there does not lose the run: mask and θ are already saved, and the report says why."""
+    """Compact and save the pruned model with its compensation (``biases``: output biases and refit
+    weights as :func:`bpp.compaction.compact_model` takes them). A failure there does not lose the
+    run: mask and θ are already saved, and the report says why."""
     from ..compaction import save_compacted
 
     try:
