@@ -17,9 +17,11 @@ masks around it the way the policy does (antithetic pairs of smooth directions o
 
 It reports Spearman and Kendall rank correlations between proxy and reconstructed losses over all
 K masks, the fraction of mask pairs ordered alike, and the fraction of antithetic pairs (the
-differences the gradient uses) whose sign agrees.
+differences the gradient uses) whose sign agrees; beside them, the reconstructed model's own
+held-in NLL against its held-out NLL (what no held-in criterion can beat).
 
     OMP_NUM_THREADS=1 python bench/reconstruction_proxy.py --sparsities 0.4,0.2 --init flap
+    python bench/reconstruction_proxy.py --table-only   # the agreements and the table again from the JSON
 """
 from __future__ import annotations
 
@@ -72,6 +74,16 @@ def dense_logprobs(model, ids: torch.Tensor, batch_size: int = 4) -> list[torch.
             for s in range(0, ids.shape[0], batch_size)]
 
 
+COMPARISONS = {  # name: (ranking, what it should rank like)
+    "proxy vs reconstructed soft, held-in": ("proxy_soft_heldin", "recon_soft_heldin"),
+    "proxy vs reconstructed NLL, held-in": ("proxy_soft_heldin", "recon_nll_heldin"),
+    "proxy vs reconstructed NLL, held-out": ("proxy_soft_heldin", "recon_nll_heldout"),
+    "bias vs reconstructed NLL, held-out": ("bias_nll_heldout", "recon_nll_heldout"),
+    # the ceiling of any held-in criterion: the reconstructed model itself, held-in vs held-out windows
+    "reconstructed NLL, held-in vs held-out": ("recon_nll_heldin", "recon_nll_heldout"),
+}
+
+
 def rank_agreement(proxy: list[float], target: list[float]) -> dict:
     """Spearman ρ, Kendall τ and the fraction of pairs the two order alike (ties count half)."""
     pairs = list(itertools.combinations(range(len(proxy)), 2))
@@ -119,7 +131,14 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0, help="seeds the directions")
     ap.add_argument("--json", default="bench/results/reconstruction-proxy.json")
+    ap.add_argument("--table-only", action="store_true", help="recompute the agreements and the table from --json")
     args = ap.parse_args()
+    if args.table_only:
+        results = json.loads(Path(args.json).read_text())
+        for entry in results["sparsities"]:
+            add_agreement(entry)
+        write_table(results, lambda: Path(args.json).write_text(json.dumps(results, indent=1) + "\n"))
+        return
     pairs = {float(s): int(n) for s, n in (x.split(":") for x in args.pairs.split(","))}
 
     default = load_default()
@@ -131,7 +150,6 @@ def main() -> None:
                         "recon_calib": f"default/calib, {args.recon_windows} x 128, seed 0",
                         "held_out": f"default/heldout, {held.shape[0]} x 128 spread"}, "sparsities": []}
     save = lambda: Path(args.json).write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
-    rows = []
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -164,34 +182,36 @@ def main() -> None:
                       f"bias held-out {bias_held:.4f} ({row['seconds']:.0f}s, refit {recon_seconds:.0f}s)", flush=True)
                 results["sparsities"] = [e for e in results["sparsities"] if e["sparsity"] != sparsity] + [entry]
                 save()
-        col = lambda k: [r[k] for r in entry["masks"]]  # noqa: E731
-        comparisons = {
-            "proxy vs reconstructed soft, held-in": ("proxy_soft_heldin", "recon_soft_heldin"),
-            "proxy vs reconstructed NLL, held-in": ("proxy_soft_heldin", "recon_nll_heldin"),
-            "proxy vs reconstructed NLL, held-out": ("proxy_soft_heldin", "recon_nll_heldout"),
-            "bias vs reconstructed NLL, held-out": ("bias_nll_heldout", "recon_nll_heldout"),
-        }
-        entry["agreement"] = {}
-        for name, (a, b) in comparisons.items():
-            rec = rank_agreement(col(a), col(b))
-            rec["antithetic_pairs_alike"] = antithetic_agreement(col(a), col(b))
-            entry["agreement"][name] = rec
-            rows.append((sparsity, name, rec))
-        spread = {k: [min(col(k)), max(col(k))] for k in ("proxy_soft_heldin", "recon_nll_heldout", "bias_nll_heldout")}
-        entry["spread"] = spread
+        add_agreement(entry)
         results["sparsities"] = [e for e in results["sparsities"] if e["sparsity"] != sparsity] + [entry]
         save()
-    lines = [f"{machine_line()}; init {args.init}; K = {2 * sum(pairs.values())} masks ({args.pairs})", "",
+    write_table(results, save)
+
+
+def add_agreement(entry: dict) -> None:
+    """The rank agreements of one sparsity's masks, and the spread of their losses."""
+    col = lambda k: [r[k] for r in entry["masks"]]  # noqa: E731
+    entry["agreement"] = {}
+    for name, (a, b) in COMPARISONS.items():
+        rec = rank_agreement(col(a), col(b))
+        rec["antithetic_pairs_alike"] = antithetic_agreement(col(a), col(b))
+        entry["agreement"][name] = rec
+    entry["spread"] = {k: [min(col(k)), max(col(k))] for k in ("proxy_soft_heldin", "recon_soft_heldin",
+                                                                "recon_nll_heldout", "bias_nll_heldout")}
+
+
+def write_table(results: dict, save) -> None:
+    meta = results["meta"]
+    lines = [f"{meta['machine']}; init {meta['init']}; masks per sparsity: σ:antithetic pairs {meta['pairs']}", "",
              "| sparsity | compared | Spearman ρ | Kendall τ | pairs ordered alike | antithetic pairs alike |",
              "|---|---|---|---|---|---|"]
-    for sparsity, name, rec in rows:
-        lines.append(f"| {sparsity:g} | {name} | {rec['spearman']:+.2f} | {rec['kendall']:+.2f} | "
-                     f"{rec['pairs_ordered_alike']:.2f} | {rec['antithetic_pairs_alike']:.2f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    results["table"] = table
+    for entry in results["sparsities"]:
+        for name, rec in entry["agreement"].items():
+            lines.append(f"| {entry['sparsity']:g} | {name} | {rec['spearman']:+.2f} | {rec['kendall']:+.2f} | "
+                         f"{rec['pairs_ordered_alike']:.2f} | {rec['antithetic_pairs_alike']:.2f} |")
+    results["table"] = "\n".join(lines)
+    print("\n" + results["table"])
     save()
-
 
 if __name__ == "__main__":
     main()
