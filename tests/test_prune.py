@@ -74,7 +74,10 @@ def test_prune_cli_writes_every_output(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     compacted = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
-    assert sum(p.numel() for p in compacted.parameters()) == report["params"]["final_mask"]["params"]
+    # the mask's parameters, plus the intercepts of the refit output projections
+    intercepts = sum(p.numel() for n, p in compacted.named_parameters() if n.endswith(("o_proj.bias", "down_proj.bias")))
+    assert report["compensation"] == "reconstruct" and intercepts > 0
+    assert sum(p.numel() for p in compacted.parameters()) - intercepts == report["params"]["final_mask"]["params"]
     # the same folder again: refused without --force
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, BppError) and "--force" in str(again.exception)

@@ -27,10 +27,11 @@ def _run(tiny_llama_dir, tiny_llama_loaded, out, **kw):
                  progress=False, eval_windows=3)
 
 
-def test_default_run_writes_the_incumbent_and_a_compacted_model_with_biases(tiny_llama_dir, tiny_llama_loaded,
-                                                                            tmp_path):
+@pytest.mark.parametrize("reconstruct", [True, False], ids=["reconstruct", "bias"])
+def test_default_run_writes_the_incumbent_and_its_compensated_compacted_model(tiny_llama_dir, tiny_llama_loaded,
+                                                                              tmp_path, reconstruct):
     out = tmp_path / "run"
-    report = _run(tiny_llama_dir, tiny_llama_loaded, out)
+    report = _run(tiny_llama_dir, tiny_llama_loaded, out, reconstruct=reconstruct)
     assert report["config"]["policy"] == "allocation" and report["config"]["init"] == "besa"
     for name in ("mask.safetensors", "init_mask.safetensors", "allocation.json", "bias_compensation.safetensors",
                  "metrics.jsonl", "report.json", "loss_curve.png", "kept_per_layer.png"):
@@ -49,14 +50,27 @@ def test_default_run_writes_the_incumbent_and_a_compacted_model_with_biases(tiny
     assert {r["kind"] for r in records} == {"channel", "group"}
     assert [r["step"] for r in records] == list(range(12)) and records[-1]["evaluations"] > 0
     assert all("selection" in r for r in records if (r["step"] + 1) % 3 == 0)
-    # the written model is the incumbent compacted with its compensation biases
+    # the written model is the incumbent compacted with its compensation (refit or FLAP's biases), and
+    # the report's perplexity is that model's
     from transformers import AutoModelForCausalLM
 
     from bpp.bias_compensation import BiasCompensation
     from bpp.evaluation import perplexity
 
     small = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
-    assert json.loads((out / "model" / "bpp_compaction.json").read_text())["bias_compensation"]
+    record = json.loads((out / "model" / "bpp_compaction.json").read_text())
+    assert (record["reconstructed"], record["bias_compensation"]) == (reconstruct, not reconstruct)
+    kind = "reconstruct" if reconstruct else "bias"
+    assert report["compensation"] == report["perplexity"]["compensation"] == kind
+    if reconstruct:
+        rec = report["reconstruction"]
+        assert rec["damping"] == 0.1 and (rec["calib_windows"], rec["calib_seq_len"]) == (4, 32)
+        assert set(rec["mean_relative_error"]) == {"init_mask", "final_mask"}
+        for errors in rec["mean_relative_error"]["final_mask"].values():
+            assert errors["refit"] <= errors["bias"] + 1e-9 and errors["layers"] >= 1
+        assert report["timings_s"]["reconstruction"] > 0
+    else:
+        assert "reconstruction" not in report and report["timings_s"]["reconstruction"] == 0
     held = __import__("bpp.data", fromlist=["x"])
     ids = held.tokenize(tiny_llama_loaded[1], held.load_text("default", "heldout"))
     ppl = perplexity(small, tiny_llama_loaded[1], ids, seq_len=128, max_windows=3)
@@ -201,7 +215,7 @@ def test_compact_cli_uses_the_runs_own_compensation(tiny_llama_dir, tiny_llama_l
     from bpp.cli import app
 
     out = tmp_path / "run"
-    _run(tiny_llama_dir, tiny_llama_loaded, out, steps=3)
+    _run(tiny_llama_dir, tiny_llama_loaded, out, steps=3, reconstruct=False)
     result = CliRunner().invoke(app, ["compact", "--mask", str(out / "mask.safetensors"), "--out", str(tmp_path / "c"),
                                       "--model", str(tiny_llama_dir), "--bias-compensation", "--calib-windows", "2"])
     assert result.exit_code == 0, result.output + repr(result.exception)

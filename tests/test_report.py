@@ -41,7 +41,7 @@ def test_report_compares_runs(two_runs, tmp_path):
         assert cells["ppl final"] == f"{report['perplexity']['final_mask']:.3f}"
         assert cells["params"] == f"{report['params']['final_mask']['params']:,}"
         assert "seq_len 128" in cells["ppl protocol"]
-    assert "0.6250" in lines[2] and "leave-one-out" in lines[2]
+    assert "0.6250" in lines[2] and "leave-one-out" in lines[2] and "+reconstruct" in lines[2]
 
 
 def test_report_cli_and_errors(two_runs, tmp_path):

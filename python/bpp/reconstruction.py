@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from .errors import BppError
 from .masks import Masks
 from .models.replay import layer_inputs, run_layer
-# λ: δ = λ · mean(diag X_cᵀX_c). Ten times SparseGPT's usual 1%: the refit then holds up better on text
 from .space import MaskSpace
 
 # λ: δ = λ · mean(diag X_cᵀX_c). Ten times SparseGPT's usual 1%: the refit then holds up better on text
@@ -61,6 +60,16 @@ class Reconstruction:
     damping: float
     tokens: int
     errors: list[dict] = field(default_factory=list)
+
+    def mean_errors(self) -> dict:
+        """Per projection, the mean over its refit layers of each relative error of ``errors``
+        (``masked``, ``bias``, ``refit``) and the number of those layers."""
+        out = {}
+        for name in ("o_proj", "down_proj"):
+            rows = [r[name] for r in self.errors if name in r]
+            if rows:
+                out[name] = {**{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}, "layers": len(rows)}
+        return out
 
     def compact_kwargs(self) -> dict:
         """The keyword arguments of :func:`bpp.compaction.compact_model` and ``save_compacted``."""

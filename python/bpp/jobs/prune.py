@@ -1,8 +1,8 @@
 """``bpp prune``: learn a structured mask by a policy-gradient search and write the pruned result
 (mask, the policy's state, metrics, report, plots, the compacted model) into a run folder that
 can be resumed. The job reads as its steps (:mod:`bpp.jobs.prune_steps`): load → calibrate →
-init → search → write the masks → evaluate → report → compact; the search itself is
-:mod:`bpp.search`, the methods that start it are :mod:`bpp.methods`."""
+init → search → write the masks → refit and evaluate them → report → compact; the search itself
+is :mod:`bpp.search`, the methods that start it are :mod:`bpp.methods`."""
 from __future__ import annotations
 
 import errno
@@ -21,7 +21,7 @@ from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn
-from .prune_steps import (build_report, check_resumed_model, compensation_biases, evaluate_masks, export_model,
+from .prune_steps import (OutputCompensation, build_report, check_resumed_model, evaluate_masks, export_model,
                           job_options, load_inputs, resume_search, save_compacted_model, start_search, write_masks)
 
 OUTPUT_FILES = ("mask.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json", "config.json",
@@ -153,21 +153,25 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
         return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
     final_mask, deterministic = write_masks(loop, out, inputs.fingerprint)
-    biases = compensation_biases(inputs.losses)
+    compensation = OutputCompensation(config, inputs, progress)
     t0 = time.perf_counter()
-    perplexities = evaluate_masks(inputs, job, init_mask, final_mask, deterministic, biases) if job["evaluate"] else {}
-    eval_seconds = time.perf_counter() - t0
+    perplexities = {}
+    if job["evaluate"]:
+        perplexities = evaluate_masks(inputs, job, init_mask, final_mask, deterministic, compensation)
+    eval_seconds = time.perf_counter() - t0 - compensation.seconds
 
-    report = build_report(config, out, job, inputs, loop, init_mask, final_mask, perplexities, world_size)
-    report["timings_s"]["evaluation"] = eval_seconds
+    report = build_report(config, out, job, inputs, loop, init_mask, final_mask, perplexities, world_size,
+                          compensation.kind)
     plot_kept_per_layer(out / "kept_per_layer.png", inputs.space, final_mask, init_mask,
                         init_label=f"init mask ({config.init})")
     plot_loss_curve(out / "loss_curve.png", out / "metrics.jsonl")
     if compact:
         report["compacted_model"] = save_compacted_model(inputs.model, inputs.tokenizer, final_mask, out / "model",
-                                                         biases(final_mask))
+                                                         compensation.kwargs(final_mask, "final_mask"))
         if job["export"] == "gguf":
             report["export"] = export_model(out / "model", out / "model.gguf", job["export_dtype"], progress)
-    report["timings_s"]["total_this_session"] = time.perf_counter() - t_start
+    report.update(compensation.report())
+    report["timings_s"].update(evaluation=eval_seconds, reconstruction=compensation.seconds,
+                               total_this_session=time.perf_counter() - t_start)
     atomic_write_json(out / "report.json", report)
     return report

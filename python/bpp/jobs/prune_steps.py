@@ -18,6 +18,7 @@ from ..errors import BppError
 from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
+from ..reconstruction import DAMPING, reconstruct
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
 from ..search.config import rounds
@@ -110,10 +111,18 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
                   model_fingerprint(model), time.perf_counter() - t0)
 
 
+def init_calibration(config: PruneConfig, inputs: Inputs) -> torch.Tensor:
+    """The run's calibration windows ``(init_windows, init_seq_len)`` (seeded): what the init method
+    and the bias statistics calibrate on, and what the output's reconstruction refits on."""
+    from ..data import windows as random_windows
+
+    return random_windows(inputs.tokenizer, inputs.calib_ids, config.init_seq_len, config.init_windows,
+                          seed=config.seed)
+
+
 def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tuple, job: dict, writer: bool,
            ) -> tuple[SearchLoop, Masks | None]:
     """A fresh run: calibrate, run the init method, rank the units, and build the search."""
-    from ..data import windows as random_windows
     from ..methods import initialise, method, rank_scores
 
     if writer:
@@ -122,8 +131,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
     model, space = inputs.model, inputs.space
     calib = None
     if method(config.init, "init").calibrated or needs_stats(config):
-        calib = random_windows(inputs.tokenizer, inputs.calib_ids, config.init_seq_len, config.init_windows,
-                               seed=config.seed)
+        calib = init_calibration(config, inputs)
     with torch.no_grad():
         theta, init_mask, metrics = initialise(config_budget(space, config), config.init, model, calib)
         stats = InputStats(model).collect(calib) if needs_stats(config) else None
@@ -195,30 +203,71 @@ def write_masks(loop: SearchLoop, out: Path, fingerprint: dict) -> tuple[Masks, 
     return final_mask, deterministic
 
 
-def compensation_biases(losses: MaskLosses):
-    """mask → the compensation biases ``compact_model`` takes (none without compensation)."""
-    compensation = losses.compensation
-    return (lambda mask: compensation.compact_biases(mask)) if compensation is not None else (lambda mask: {})
+class OutputCompensation:
+    """How the written model and the reported perplexities make up for the pruned units:
+    ``reconstruct`` (o_proj/down_proj refit by damped least squares on :func:`init_calibration`'s
+    windows, :func:`bpp.reconstruction.reconstruct`), ``bias`` (the FLAP biases the search judged
+    masks with) or ``none``. Only the latest refit is kept (the output's, when it is fitted last)."""
+
+    def __init__(self, config: PruneConfig, inputs: Inputs, progress: bool):
+        self.kind = "reconstruct" if config.reconstruct else "none" if inputs.losses.compensation is None else "bias"
+        self.config, self.inputs, self.progress = config, inputs, progress
+        self.seconds = 0.0
+        self.errors: dict[str, dict] = {}  # mask name → Reconstruction.mean_errors()
+        self._latest: tuple[Masks, dict] | None = None
+
+    def kwargs(self, mask: Masks, name: str) -> dict:
+        """What :func:`bpp.compaction.compact_model` takes besides ``mask`` to write ``mask``."""
+        if self.kind == "bias":
+            return self.inputs.losses.compensation.compact_biases(mask)
+        if self.kind == "none":
+            return {}
+        if self._latest is not None and self._latest[0] == mask:
+            return self._latest[1]
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        calib = init_calibration(self.config, self.inputs)
+        if self.progress:
+            tqdm.write(f"reconstructing the {name.replace('_', ' ')}: o_proj/down_proj refit on "
+                       f"{calib.shape[0]} x {calib.shape[1]} calibration tokens")
+        with torch.no_grad():
+            fit = reconstruct(self.inputs.model, mask, calib, damping=DAMPING, progress=self.progress)
+        self.errors[name] = fit.mean_errors()
+        self._latest = (mask, fit.compact_kwargs())
+        self.seconds += time.perf_counter() - t0
+        return self._latest[1]
+
+    def report(self) -> dict:
+        if self.kind != "reconstruct":
+            return {"compensation": self.kind}
+        return {"compensation": self.kind, "reconstruction": {
+            "damping": DAMPING, "calib_windows": self.config.init_windows,
+            "calib_seq_len": self.config.init_seq_len, "mean_relative_error": self.errors}}
 
 
 def evaluate_masks(inputs: Inputs, job: dict, init_mask: Masks | None, final_mask: Masks, deterministic: Masks,
-              biases) -> dict:
-    """Held-out perplexity of the dense model and of each mask as it would be written."""
+                   compensation: OutputCompensation) -> dict:
+    """Held-out perplexity of the dense model and of each mask as it would be written (the final
+    mask last, so that its reconstruction is the one kept for the written model)."""
     model, tok, held = inputs.model, inputs.tokenizer, inputs.held
     seq_len, windows = job["eval_seq_len"], job["eval_windows"]
-    ppl = lambda mask: compacted_perplexity(model, tok, held, mask, biases(mask), seq_len, windows)  # noqa: E731
+
+    def ppl(mask: Masks, name: str) -> float:
+        return compacted_perplexity(model, tok, held, mask, compensation.kwargs(mask, name), seq_len, windows)
+
     with torch.no_grad():
         out = {"dense": masked_perplexity(model, tok, held, None, seq_len, windows)}
         if init_mask is not None:
-            out["init_mask"] = ppl(init_mask)
-        out["final_mask"] = ppl(final_mask)
+            out["init_mask"] = ppl(init_mask, "init_mask")
         if deterministic != final_mask:
-            out["deterministic_mask"] = ppl(deterministic)
+            out["deterministic_mask"] = ppl(deterministic, "deterministic_mask")
+        out["final_mask"] = ppl(final_mask, "final_mask")
     return out
 
 
 def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop: SearchLoop, init_mask: Masks | None,
-            final_mask: Masks, perplexities: dict, world_size: int) -> dict:
+            final_mask: Masks, perplexities: dict, world_size: int, compensation: str) -> dict:
     space, budget = inputs.space, loop.budget
     return {
         "config": config.to_dict(),
@@ -243,8 +292,8 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
             "final_mask": budget.summary(final_mask),
         },
         "perplexity": {"data": f"{config.data}/heldout", "seq_len": job["eval_seq_len"],
-                       "max_windows": job["eval_windows"], "bias_compensation": inputs.losses.compensation is not None,
-                       **perplexities},
+                       "max_windows": job["eval_windows"], "compensation": compensation,
+                       "bias_compensation": compensation == "bias", **perplexities},
         **loop.summary(),
         "timings_s": {
             "load_this_session": inputs.seconds,
@@ -256,8 +305,9 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
 
 
 def save_compacted_model(model, tokenizer, mask: Masks, path: Path, biases: dict | None = None) -> dict:
-    """Compact and save the pruned model (with its compensation ``biases``, when on). A failure
-    there does not lose the run: mask and θ are already saved, and the report says why."""
+    """Compact and save the pruned model with its compensation (``biases``: output biases and refit
+    weights as :func:`bpp.compaction.compact_model` takes them). A failure there does not lose the
+    run: mask and θ are already saved, and the report says why."""
     from ..compaction import save_compacted
 
     try:

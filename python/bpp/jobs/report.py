@@ -40,7 +40,8 @@ def _row(r: dict) -> dict:
         "run": r["_name"],
         "method": (c["method"] + (" +reconstruct" if c.get("compensation") == "reconstruct" else
                                   " +bias" if c.get("bias_compensation") else "")) if "method" in c else
-        f"PG init={c.get('init')} S={c.get('samples')} {c.get('baseline')} budget={c.get('budget')}",
+        f"PG init={c.get('init')} S={c.get('samples')} {c.get('baseline')} budget={c.get('budget')}"
+        + (f" +{r['compensation']}" if r.get("compensation") not in (None, "none") else ""),
         "sparsity": c.get("sparsity"),
         "params": final.get("params"),
         "ppl_dense": ppl.get("dense"),

@@ -31,6 +31,9 @@ ROUND_EVALUATIONS = 480
 # the evolutionary baseline shares the allocation policy's start, budget, loss and steps (it uses no lr)
 EVOPRESS_DEFAULTS = dict(ALLOCATION_DEFAULTS)
 
+# fields added after runs were saved without them: the value those runs were made with
+SAVED_WITHOUT = {"reconstruct": False}
+
 
 @dataclass
 class PruneConfig:
@@ -60,7 +63,8 @@ class PruneConfig:
     engine: str = "batched"
     # the policy, masks judged as compacted, and the incumbent
     policy: str = "allocation"  # allocation (per-layer counts over a metric's ranking) | units (official) | evopress
-    bias_compensation: bool = True  # masks judged, and the model written, with FLAP's output biases
+    bias_compensation: bool = True  # masks judged with FLAP's output biases (and written with them without reconstruct)
+    reconstruct: bool = True  # the written model and the reported perplexities refit o_proj/down_proj by least squares
     rank: str = "flap"  # allocation: what ranks units inside a layer: flap (fluctuation, fits bias compensation) | init | wanda-sp
     sigma: float = 0.05  # allocation: perturbation scale, a fraction of a layer's channels
     group_every: int = 4  # allocation: every N-th step explores KV-group moves (0: groups stay as the init's)
@@ -104,8 +108,10 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
+        """A saved configuration; a field it lacks takes the value runs had before the field existed
+        (``SAVED_WITHOUT``), else its default."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**SAVED_WITHOUT, **{k: v for k, v in d.items() if k in known}})
 
     def differences(self, other: "PruneConfig") -> list[str]:
         """``name: mine (checkpoint) vs other (now)`` for every field that differs."""
