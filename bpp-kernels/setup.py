@@ -1,7 +1,8 @@
 """Builds the C++ extension bpp_kernels._C from csrc/ (everything else is in pyproject.toml).
 
-Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already
-installed (build isolation would download another torch). ``BPP_NO_EXT=1`` skips the
+Install from this folder with ``pip install --no-build-isolation -e .`` (or ``pip install
+--no-build-isolation .`` for a regular install, a wheel or an sdist) so the build uses the torch
+already installed (build isolation would download another torch). ``BPP_NO_EXT=1`` skips the
 extension; a failed compile only warns: ``import bpp_kernels`` then uses the reference ops.
 """
 import os
@@ -9,12 +10,15 @@ from glob import glob
 
 from setuptools import setup
 
+# the sources are named relative to this folder, as setuptools requires
+os.chdir(os.path.dirname(os.path.abspath(__file__)))
+
 ext_modules, cmdclass = [], {}
 if os.environ.get("BPP_NO_EXT") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("bpp: torch is not importable at build time; skipping the C++ extension")
+        print("bpp-kernels: torch is not importable at build time; skipping the C++ extension")
     else:
         ext_modules = [
             CppExtension(

@@ -10,7 +10,18 @@ import torch
 def pack_swiglu(
     w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w_gate, w_up (m, d)``, ``w_down (d, m)`` -> ``w_gate_up (m, 2, d)``, ``w_down_t (m, d)``."""
+    """``w_gate, w_up (m, d)``, ``w_down (d, m)`` -> ``w_gate_up (m, 2, d)``, ``w_down_t (m, d)``.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> w_gate, w_up, w_down = torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)
+        >>> w_gate_up, w_down_t = K.pack_swiglu(w_gate, w_up, w_down)
+        >>> w_gate_up.shape, w_down_t.shape
+        (torch.Size([6, 2, 4]), torch.Size([6, 4]))
+        >>> torch.equal(w_gate_up[2, 1], w_up[2]) and torch.equal(w_down_t[2], w_down[:, 2])  # channel 2
+        True
+    """
     if w_gate.shape != w_up.shape or w_down.shape != w_gate.shape[::-1]:
         raise ValueError(
             f"pack_swiglu: expected w_gate, w_up (m, d) and w_down (d, m); got "
@@ -34,6 +45,18 @@ def pack_attention(
     ``w_q (H*hd, d)``, ``w_k, w_v (G*hd, d)``, ``w_o (d, H*hd)``, optional biases of the
     matching row counts -> ``w_qkv (G, (r+2)*hd, d)``, ``w_o_t (G, r*hd, d)``,
     ``b_qkv (G, (r+2)*hd)`` or None, where r = H / G.
+
+    Example (4 query heads in 2 KV groups, so r = 2; head size 2)::
+
+        >>> import torch, bpp_kernels as K
+        >>> d, H, G, hd = 8, 4, 2, 2
+        >>> w_q, w_k, w_v = torch.randn(H * hd, d), torch.randn(G * hd, d), torch.randn(G * hd, d)
+        >>> w_o = torch.randn(d, H * hd)
+        >>> w_qkv, w_o_t, b_qkv = K.pack_attention(w_q, w_k, w_v, w_o, num_kv_groups=G)
+        >>> w_qkv.shape, w_o_t.shape, b_qkv
+        (torch.Size([2, 8, 8]), torch.Size([2, 4, 8]), None)
+        >>> torch.equal(w_qkv[1, :4], w_q[4:]) and torch.equal(w_qkv[1, 4:6], w_k[2:])  # group 1: heads 2, 3, key
+        True
     """
     G = num_kv_groups
     d = w_q.shape[1]

@@ -126,7 +126,17 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> str:
 
 
 def backend_info() -> dict[str, dict[str, str]]:
-    """``{op: {"cpu": backend, "cuda": backend}}`` under the current settings."""
+    """``{op: {"cpu": backend, "cuda": backend}}`` under the current settings.
+
+    Example::
+
+        >>> import bpp_kernels as K
+        >>> info = K.backend_info()
+        >>> sorted(info)
+        ['add_rms_norm', 'linear_cross_entropy', 'mask_to_index', 'masked_attention', 'masked_swiglu', 'rms_norm']
+        >>> info["masked_swiglu"]["cpu"] in K.BACKENDS  # 'cpp' when the extension is built, else 'reference'
+        True
+    """
     return {op: {dev: resolve(op, dev) for dev in ("cpu", "cuda")} for op in OPS}
 
 
@@ -172,7 +182,18 @@ def check_indices(keep_idx: torch.Tensor, keep_count: torch.Tensor, n: int, op: 
     ``keep_count[s]`` entries of ``keep_idx`` in [0, n) and distinct (the entries after them are
     never read). On CPU a ValueError names the first offence; on CUDA (and under torch.compile)
     the check runs on the device without a host sync and fails as a device-side assertion. Cost:
-    one pass over ``(S, n)``. The ops call it unless ``check=False``."""
+    one pass over ``(S, n)``. The ops call it unless ``check=False``.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> keep_idx = torch.tensor([[2, 2, 0]], dtype=torch.int32)
+        >>> K.check_indices(keep_idx, torch.tensor([1], dtype=torch.int32), 3)  # reads only keep_idx[0, :1]
+        >>> K.check_indices(keep_idx, torch.tensor([2], dtype=torch.int32), 3)
+        Traceback (most recent call last):
+            ...
+        ValueError: check_indices: unit 2 appears 2 times among the 2 kept entries of keep_idx[0]
+    """
     S = keep_idx.shape[0]
     live = torch.arange(n, device=keep_idx.device).unsqueeze(0) < keep_count.unsqueeze(1)
     idx = keep_idx.long()
@@ -202,21 +223,50 @@ def check_indices(keep_idx: torch.Tensor, keep_count: torch.Tensor, n: int, op: 
 
 def mask_to_index(mask: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``mask (S, n) bool`` -> ``keep_idx (S, n) int32`` (a permutation, kept units first in
-    ascending order), ``keep_count (S,) int32``. Runs on mask's device, no host sync."""
+    ascending order), ``keep_count (S,) int32``. Runs on mask's device, no host sync.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
+        >>> keep_idx, keep_count = K.mask_to_index(mask)
+        >>> keep_count
+        tensor([2, 1], dtype=torch.int32)
+        >>> keep_idx[0, :2].tolist(), keep_idx[1, :1].tolist(), sorted(keep_idx[1].tolist())
+        ([0, 2], [3], [0, 1, 2, 3])
+    """
     _check(mask.dim() == 2 and mask.dtype == torch.bool, "mask_to_index",
            f"mask must be a 2-D bool tensor (S, n), got {tuple(mask.shape)} {mask.dtype}")
     return _call("mask_to_index", mask, backend, mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim (fp32 statistics). x ``(..., d)``, weight ``(d,)``."""
+    """RMSNorm over the last dim (fp32 statistics). x ``(..., d)``, weight ``(d,)``.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> x, weight = torch.randn(2, 3, 8), torch.randn(8)
+        >>> y = K.rms_norm(x, weight, 1e-6)
+        >>> torch.allclose(y, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight, atol=1e-5)
+        True
+    """
     _check(weight.shape == (x.shape[-1],), "rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
     return _call("rms_norm", x, backend, x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual``; returns ``(rms_norm(h, weight), h)``."""
+    """``h = x + residual``; returns ``(rms_norm(h, weight), h)``.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> x, residual, weight = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(8)
+        >>> y, h = K.add_rms_norm(x, residual, weight, 1e-6)
+        >>> torch.allclose(h, x + residual), torch.allclose(y, K.rms_norm(x + residual, weight, 1e-6), atol=1e-5)
+        (True, True)
+    """
     _check(x.shape == residual.shape, "add_rms_norm", f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
     _check(weight.shape == (x.shape[-1],), "add_rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
     return _call("add_rms_norm", x, backend, x, residual, weight, eps)
@@ -235,6 +285,23 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
     nothing, forward or backward. Differentiable in x, w_gate_up, w_down_t and unit_scale.
     ``check``: validate keep_idx / keep_count first (:func:`check_indices`; False for indices
     that come from :func:`mask_to_index`).
+
+    Example (3 masks over 6 channels in one call; each sample equals the dense MLP with its pruned
+    channels zeroed)::
+
+        >>> import torch, bpp_kernels as K
+        >>> m, d = 6, 4
+        >>> w_gate, w_up, w_down = torch.randn(m, d), torch.randn(m, d), torch.randn(d, m)
+        >>> w_gate_up, w_down_t = K.pack_swiglu(w_gate, w_up, w_down)
+        >>> mask = torch.tensor([[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+        >>> keep_idx, keep_count = K.mask_to_index(mask)
+        >>> x = torch.randn(3, 2, 5, d)                      # (S, B, T, d)
+        >>> y = K.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count)
+        >>> y.shape
+        torch.Size([3, 2, 5, 4])
+        >>> dense = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T) * mask[:, None, None]) @ w_down.T
+        >>> torch.allclose(y, dense, rtol=1e-4, atol=1e-5), bool(y[2].eq(0).all())
+        (True, True)
     """
     op = "masked_swiglu"
     _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
@@ -263,6 +330,22 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros. Differentiable in x,
     w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos and sin are constants.
     ``check``: validate keep_idx / keep_count first (:func:`check_indices`).
+
+    Example (2 KV groups of 2 query heads; sample 0 keeps group 0, sample 1 both)::
+
+        >>> import torch, bpp_kernels as K
+        >>> d, H, G, hd, T = 8, 4, 2, 4, 5
+        >>> w_q, w_k, w_v = torch.randn(H * hd, d), torch.randn(G * hd, d), torch.randn(G * hd, d)
+        >>> w_qkv, w_o_t, _ = K.pack_attention(w_q, w_k, w_v, torch.randn(d, H * hd), num_kv_groups=G)
+        >>> cos, sin = K.rope_tables(T, hd)
+        >>> keep_idx, keep_count = K.mask_to_index(torch.tensor([[True, False], [True, True]]))
+        >>> x = torch.randn(2, 1, T, d)                      # (S, B, T, d)
+        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count)
+        >>> y.shape
+        torch.Size([2, 1, 5, 8])
+        >>> ref = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, backend="reference")
+        >>> torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+        True
     """
     op = "masked_attention"
     _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
@@ -296,6 +379,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     ``chunk_size`` rows) and never hold all of them; the reference's autograd keeps every
     chunk's logits. chunk_size bounds the rows the reference holds logits for at once; the C++
     and Triton forward kernels work in fixed tiles of their own.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> h, weight = torch.randn(6, 8), torch.randn(50, 8)
+        >>> target = torch.tensor([3, 7, -100, 0, 49, 1])    # -100: an ignored row, loss 0
+        >>> loss = K.linear_cross_entropy(h, weight, target)
+        >>> full = torch.nn.functional.cross_entropy(h @ weight.T, target, reduction="none")
+        >>> torch.allclose(loss, full, rtol=1e-4, atol=1e-4), loss[2].item()
+        (True, 0.0)
     """
     op = "linear_cross_entropy"
     _check(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], op,

@@ -13,7 +13,18 @@ def rope_tables(positions: int | torch.Tensor, head_dim: int, base: float = 1000
     1-D integer tensor of T positions. Angles ``p / scaling · base^(−2i/head_dim)`` are computed
     in float32 (float64 when ``dtype`` is float64) and the tables cast to ``dtype``; ``scaling`` is
     linear position interpolation (1: none). ``head_dim`` must be even; the tables' two halves are
-    equal, as rotate-half expects."""
+    equal, as rotate-half expects.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> cos, sin = K.rope_tables(12, 8)                  # positions 0..11, head_dim 8
+        >>> cos.shape, cos.dtype, torch.equal(cos[:, :4], cos[:, 4:])
+        (torch.Size([12, 8]), torch.float32, True)
+        >>> c, s = K.rope_tables(torch.tensor([10, 11]), 8)  # a window that starts at position 10
+        >>> torch.allclose(c, cos[10:]) and torch.allclose(s, sin[10:])
+        True
+    """
     if isinstance(positions, int):
         if positions < 1:
             raise ValueError(f"rope_tables: need at least one position, got T={positions}")

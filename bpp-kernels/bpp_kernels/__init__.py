@@ -1,7 +1,8 @@
 """bpp_kernels: transformer layers under many structured masks at once, forward and backward.
 
-A standalone library for structured-sparsity research: it depends on torch (and triton for the
-GPU path), never on bpp or transformers. Every op takes S masks in one call, computes (and
+A standalone library for structured-sparsity research, the distribution ``bpp-kernels``
+(``pip install --no-build-isolation .`` in its folder, against the torch already installed): it
+depends on torch (and triton for the GPU path), never on bpp or transformers. Every op takes S masks in one call, computes (and
 differentiates) only the units each mask keeps, and never reads the weights of pruned units.
 
 Quick start::
