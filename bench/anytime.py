@@ -6,6 +6,7 @@ the same fitness (soft loss, bias compensation) and the same budget.
     # one process per policy (one core each), then the table and the plot from both files
     OMP_NUM_THREADS=1 python bench/anytime.py run --policy allocation --sparsity 0.4 --budgets 100,300,480,1000,3000 --json A.json
     OMP_NUM_THREADS=1 python bench/anytime.py run --policy evopress --sparsity 0.4 --budgets 100,300,480,1000,3000 --json E.json
+    python bench/anytime.py add --json A.json --evaluations 480 --mask RUN/mask.safetensors   # a point made elsewhere
     python bench/anytime.py table A.json E.json --plot bench/results/anytime-40.png
 
 What a point is: for ``allocation``, the output (the incumbent) of a separate run asked for N
@@ -85,6 +86,25 @@ def run(args) -> None:
     bench.save()
 
 
+def add(args) -> None:
+    """A point from a mask made elsewhere (e.g. the default run of bench/quality_allocation.py, the
+    same configuration as ``--evaluations 480``), evaluated as ``run`` evaluates its points."""
+    from bpp.masks import Masks
+    from bpp.search import PruneConfig
+
+    path = Path(args.json)
+    out = json.loads(path.read_text())
+    bench = common.QualityBench(argparse.Namespace(json=str(path) + ".tmp", eval_windows=args.eval_windows),
+                                PruneConfig())
+    mask = Masks.load(args.mask)
+    nll = bench.nll("added", mask, bench.compensation(out["meta"]["seed"]))
+    out["points"] = [p for p in out["points"] if p["evaluations"] != args.evaluations] + [
+        {"evaluations": args.evaluations, "ppl": math.exp(float(nll.mean())), "window_nll": nll.tolist(),
+         "params": int(bench.space.params(mask)[0]), "mask_file": args.mask}]
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{args.evaluations}: ppl {out['points'][-1]['ppl']:.3f}")
+
+
 def table(args) -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.files]
     by_policy = {r["meta"]["policy"]: {p["evaluations"]: p for p in r["points"]} for r in runs}
@@ -145,12 +165,17 @@ def main() -> None:
     r.add_argument("--budgets", default="3000,300,100,1000", help="evaluation budgets (allocation: one run each, in this order)")
     r.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all 85)")
     r.add_argument("--json", required=True)
+    a = sub.add_parser("add", help="a point from a mask made elsewhere, into a run file")
+    a.add_argument("--json", required=True)
+    a.add_argument("--mask", required=True)
+    a.add_argument("--evaluations", type=int, required=True)
+    a.add_argument("--eval-windows", type=int, default=None)
     t = sub.add_parser("table", help="the table and plot from run files")
     t.add_argument("files", nargs="+")
     t.add_argument("--plot", default=None)
     t.add_argument("--json", default=None, help="write the comparisons here")
     args = ap.parse_args()
-    run(args) if args.command == "run" else table(args)
+    {"run": run, "add": add, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":
