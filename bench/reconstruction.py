@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--masks", default="", help="masks made elsewhere, as method-sparsity=path (e.g. the mask of a "
                     "bpp prune run: default-0.4=RUN/mask.safetensors), used when that method and sparsity are asked")
     ap.add_argument("--json", default="bench/results/reconstruction.json")
+    ap.add_argument("--versus", default=None, help="also compare this method's rows with every other method's at "
+                    "the same sparsity, compensation and text (e.g. default), from the JSON")
     args = ap.parse_args()
 
     path = Path(args.json)
@@ -159,6 +161,33 @@ def main():
         print(f"| {method} | {sparsity:g} | {text} ({a}) | {none['ppl_b']:.2f} | {c['ppl_b']:.2f} | {c['ppl_a']:.2f} | "
               f"{c['mean_difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | "
               f"{none['mean_difference']:+.2f} [{none['ci95'][0]:+.2f}, {none['ci95'][1]:+.2f}] |")
+    if args.versus:
+        versus(results, args.versus)
+
+
+def versus(results: dict, method: str) -> None:
+    """``method`` against every other method at the same sparsity and text: each compensation of
+    one against each of the other (paired over the same windows), as a markdown table."""
+    models = results["models"]
+    rows = []
+    for key in sorted(models):
+        parts = key.split(" ", 2)
+        if len(parts) < 3 or parts[0] != method:
+            continue
+        sparsity, comp = parts[1], parts[2]
+        for other in sorted(models):
+            o = other.split(" ", 2)
+            if len(o) < 3 or o[0] == method or o[1] != sparsity:
+                continue
+            for text in (t for t in models[key] if t != "eval_seconds" and t in models[other]):
+                c = paired_bootstrap(torch.tensor(models[key][text], dtype=torch.float64),
+                                     torch.tensor(models[other][text], dtype=torch.float64))
+                rows.append((sparsity, text, f"{method} + {comp}", f"{o[0]} + {o[2]}", c))
+    print(f"\n| sparsity | text | {method} | other | ppl | other ppl | difference [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for sparsity, text, a, b, c in rows:
+        print(f"| {sparsity} | {text} | {a} | {b} | {c['ppl_a']:.2f} | {c['ppl_b']:.2f} | {c['mean_difference']:+.2f} "
+              f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] |")
 
 
 if __name__ == "__main__":
