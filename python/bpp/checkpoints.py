@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_symlink():
         raise BppError(f"{path} is a symlink, not a checkpoint bpp wrote; refusing to read it")
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it will refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise BppError(f"{path} is not a bpp checkpoint: it holds objects other than tensors and plain data "
                        f"({first_line(e)}); refusing to load it. Start a new run instead") from None
