@@ -206,7 +206,7 @@ def test_two_runs_started_together_do_not_mix(tiny_llama_dir, tmp_path):
     winners = [r for r in results if r[0] == 0]
     assert len(winners) == 1, results
     loser = next(r for r in results if r[0] != 0)
-    assert "in use by another bpp prune" in loser[1] or "already exists" in loser[1], loser[1]
+    assert "in use by another bpp" in loser[1] or "already exists" in loser[1], loser[1]
     config = json.loads((out / "config.json").read_text())
     report = json.loads((out / "report.json").read_text())
     assert config["seed"] == report["config"]["seed"]
