@@ -56,6 +56,21 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def native_half_dtype(device: str | torch.device) -> torch.dtype | None:
+    """bfloat16 where ``device`` computes it natively (a CPU with AVX512-BF16 or AMX-BF16, the
+    instructions bpp_kernels' C++ ops use for it; a GPU that supports it), else None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
+    return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else None
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch device that exists here, or a one-line error."""
     try:

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows of the init method, the bias statistics and the output's reconstruction"),
         init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per --init-windows window"),
         seed: int = typer.Option(_D.seed, "--seed", help="seeds the data order, the wanda-sp windows and mask sampling"),
-        dtype: str = typer.Option(_D.dtype, "--dtype", help="float32 | bfloat16 | float16"),
+        dtype: str = typer.Option(_D.dtype, "--dtype", help="auto (the model in float32, masks judged in bfloat16 "
+                                  "where the CPU or GPU has it natively) | float32 | bfloat16 | float16"),
         device: str = typer.Option(_D.device, "--device", help="cpu | cuda"),
         device_map: Optional[str] = typer.Option(_D.device_map, "--device-map", help="'auto': spread the layers over the GPUs of a node (models too large for one GPU)"),
         engine: str = typer.Option(_D.engine, "--engine", help="batched (bpp.MaskedModel: S masks in one pass) | hooks (one Hugging Face forward per mask, the ground truth)"),

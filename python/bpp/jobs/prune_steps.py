@@ -21,7 +21,7 @@ from ..masks import Masks
 from ..reconstruction import DAMPING, reconstruct
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
-from ..search.config import rounds
+from ..search.config import model_dtype, rounds
 from ..search.objective import passes_over_text
 from ..space import MaskSpace, fingerprint_difference, model_fingerprint
 
@@ -94,7 +94,7 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(None if config.model == "default" else config.model,
-                                      dtype=config.dtype, device=config.device, device_map=config.device_map)
+                                      dtype=model_dtype(config), device=config.device, device_map=config.device_map)
     space = MaskSpace.from_model(model)
     config_budget(space, config)  # a sparsity the granularity can meet
     calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))

@@ -7,6 +7,11 @@ its decoder block: Llama 1/2/3, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k RMS
 
 A layer that a sample drops is given zero kept channels and groups for that sample, so its
 attention and MLP add exactly zero and the residual passes through.
+
+With a compute ``dtype`` narrower than the model's (bf16 for an fp32 model), the projections
+run in that dtype while the residual stream, the norms' statistics and weights, and the loss
+stay in the model's dtype: each block's normed input is rounded once on its way in and its
+output is added to the residual in the wider dtype.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ class _Layer:
     w_down_t: torch.Tensor
 
 
-def _pack_layer(layer, n_groups: int) -> _Layer:
+def _pack_layer(layer, n_groups: int, dtype: torch.dtype) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     bias = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
     w_qkv, w_o_t, b_qkv = K.pack_attention(
@@ -44,21 +49,25 @@ def _pack_layer(layer, n_groups: int) -> _Layer:
                                         mlp.down_proj.weight.detach())
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (a no-op in the model's dtype)
     return _Layer(
-        attn_norm=layer.input_layernorm.weight.detach(), w_qkv=w_qkv, b_qkv=b_qkv, w_o_t=w_o_t,
-        q_norm=None if q_norm is None else q_norm.weight.detach(),
-        k_norm=None if k_norm is None else k_norm.weight.detach(),
-        mlp_norm=layer.post_attention_layernorm.weight.detach(), w_gate_up=w_gate_up, w_down_t=w_down_t)
+        attn_norm=layer.input_layernorm.weight.detach(), w_qkv=cast(w_qkv), b_qkv=cast(b_qkv), w_o_t=cast(w_o_t),
+        q_norm=None if q_norm is None else cast(q_norm.weight.detach()),
+        k_norm=None if k_norm is None else cast(k_norm.weight.detach()),
+        mlp_norm=layer.post_attention_layernorm.weight.detach(), w_gate_up=cast(w_gate_up),
+        w_down_t=cast(w_down_t))
 
 
 class MaskedModel:
     """Evaluates many structured masks of one Hugging Face causal LM in batched passes.
 
     ``max_tokens_per_pass`` bounds S·B·T per pass (activation memory); more samples than fit are
-    evaluated in consecutive passes, with identical results (batch invariance).
+    evaluated in consecutive passes, with identical results (batch invariance). ``dtype``: what
+    the projections compute in (default: the model's); the residual stream, norms and loss stay
+    in the model's dtype, and :meth:`teacher` uses the model itself.
     """
 
-    def __init__(self, model, max_tokens_per_pass: int = 32768):
+    def __init__(self, model, max_tokens_per_pass: int = 32768, dtype: torch.dtype | None = None):
         self.space = MaskSpace.from_model(model)
         config = model.config
         if getattr(config, "mlp_bias", False) or getattr(model.model.layers[0].self_attn.o_proj, "bias", None) is not None:
@@ -74,10 +83,13 @@ class MaskedModel:
         uses_window = window is not None and getattr(config, "use_sliding_window", True)
         self.sliding_window = int(window) if uses_window else None
         self.embed = model.model.embed_tokens.weight.detach()
+        self.dtype = self.embed.dtype if dtype is None else dtype
+        if not self.dtype.is_floating_point:
+            raise BppError(f"the masked engine computes in a floating dtype, got {self.dtype}")
         self.final_norm = model.model.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head = model.lm_head.weight.detach().to(self.dtype)
         self.rotary = model.model.rotary_emb
-        self.layers = [_pack_layer(layer, self.space.n_groups) for layer in model.model.layers]
+        self.layers = [_pack_layer(layer, self.space.n_groups, self.dtype) for layer in model.model.layers]
 
     @property
     def device(self) -> torch.device:
@@ -130,23 +142,25 @@ class MaskedModel:
         S = groups[0][0].shape[0]
         B, T = input_ids.shape
         h = self.embed[input_ids].unsqueeze(0).expand(S, B, T, -1).contiguous()
-        cos, sin = self._rope(T, h.dtype)
+        cos, sin = self._rope(T, self.dtype)
         for i, (layer, (g_idx, g_cnt), (c_idx, c_cnt)) in enumerate(zip(self.layers, groups, channels)):
             # pipeline by layer: with a device map, the samples' hidden states follow the layers
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
-            y = K.rms_norm(h, layer.attn_norm, self.eps)
+            y = K.rms_norm(h, layer.attn_norm, self.eps).to(self.dtype)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, check=False, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
+            a = a.to(h.dtype)
             if biases is not None:  # bias compensation: o_proj's per-sample output bias
                 a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
             y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
-            mlp = K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False)
+            mlp = K.masked_swiglu(y.to(self.dtype), layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False)
+            mlp = mlp.to(h.dtype)
             if biases is not None:
                 mlp = mlp + biases[1][i].to(mlp.device, mlp.dtype)[:, None, None, :]
             h = h + mlp
         (h,) = self._on(self.final_norm.device, h)
-        return K.rms_norm(h, self.final_norm, self.eps)
+        return K.rms_norm(h, self.final_norm, self.eps).to(self.dtype)
 
     def _chunks(self, S: int, tokens: int):
         per_pass = max(1, self.max_tokens_per_pass // tokens)
@@ -179,8 +193,9 @@ class MaskedModel:
                 rows = h[s, :, :-1].reshape(B * (T - 1), -1)
                 nll = K.linear_cross_entropy(rows, self.lm_head, targets_here)
                 if teacher is not None:  # soft targets: swap the picked logit for the dense expectation
-                    shift = self.lm_head[targets_here] - teacher.reshape(B * (T - 1), -1).to(rows)
-                    nll = nll + (shift.float() * rows.float()).sum(-1)
+                    shift = self.lm_head[targets_here].float() - teacher.reshape(B * (T - 1), -1).to(rows.device,
+                                                                                                      torch.float32)
+                    nll = nll + (shift * rows.float()).sum(-1)
                 loss = nll.view(1, B, T - 1).mean(2) if per_window else nll.mean().reshape(1)
                 out.append(loss.to(self.device))
         return torch.cat(out)
@@ -192,13 +207,19 @@ class MaskedModel:
         masks = Masks.full(self.space, 1, device=self.device)
         self._check_inputs(input_ids, masks)
         input_ids = input_ids.to(self.device, torch.int64)
-        groups, channels = self._indices(masks)
         B, T = input_ids.shape
-        h = self._hidden(input_ids, groups, channels)[0, :, :-1].reshape(B * (T - 1), -1).to(self.lm_head.device)
+        head = self.lm_head
+        if self.dtype == self.embed.dtype:
+            groups, channels = self._indices(masks)
+            h = self._hidden(input_ids, groups, channels)[0]
+        else:  # the dense model in its own dtype: the targets do not carry the engine's rounding
+            head = self.model.lm_head.weight.detach()
+            h = self.model.model(input_ids=input_ids).last_hidden_state
+        h = h[:, :-1].reshape(B * (T - 1), -1).to(head.device)
         out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        w = self.lm_head.float()
+        w = head.float()
         for start in range(0, h.shape[0], chunk):
-            p = torch.softmax((h[start:start + chunk] @ self.lm_head.t()).float(), dim=-1)
+            p = torch.softmax((h[start:start + chunk] @ head.t()).float(), dim=-1)
             out[start:start + chunk] = p @ w
         return out.view(B, T - 1, -1).to(self.device)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..budget import check_sparsity, parse_granularity
 from ..checkpoints import differences
 from ..errors import BppError
-from ..modelio import check_device
+from ..modelio import check_device, native_half_dtype, parse_dtype
 
 SCHEDULES = ("cosine", "constant")
 LOSS_ENGINES = ("batched", "hooks")  # how mask losses are computed: bpp.MaskedModel, or the hook ground truth
@@ -57,7 +57,7 @@ class PruneConfig:
     init_windows: int = 32
     init_seq_len: int = 256
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the model in float32, masks judged in bfloat16 where the device has it natively
     device: str = "cpu"
     device_map: str | None = None  # e.g. "auto": layers over the GPUs of a node, for models too large for one
     engine: str = "batched"
@@ -97,6 +97,8 @@ class PruneConfig:
             raise BppError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.baseline not in BASELINES:
             raise BppError(f"unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
         if self.engine not in LOSS_ENGINES:
             raise BppError(f"unknown engine {self.engine!r}; use one of {', '.join(LOSS_ENGINES)}")
         if not 0.0 <= self.baseline_momentum < 1.0:
@@ -116,6 +118,20 @@ class PruneConfig:
     def differences(self, other: "PruneConfig") -> list[str]:
         """``name: mine (checkpoint) vs other (now)`` for every field that differs."""
         return differences(self.to_dict(), other.to_dict())
+
+
+def model_dtype(config: PruneConfig) -> str:
+    """The dtype the model is loaded, calibrated, refit and written in."""
+    return "float32" if config.dtype == "auto" else config.dtype
+
+
+def eval_dtype(config: PruneConfig, loaded):
+    """The dtype the batched engine judges masks in, for a model ``loaded`` in that torch dtype:
+    with ``dtype="auto"`` and a float32 model, bfloat16 where the device computes it natively;
+    otherwise the model's own."""
+    if config.dtype != "auto" or config.engine != "batched" or loaded != parse_dtype("float32"):
+        return loaded
+    return native_half_dtype(config.device) or loaded
 
 
 _KINDS = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import BppError
 from ..masks import Masks
-from .config import PruneConfig
+from .config import PruneConfig, eval_dtype
 
 WINDOWS_PER_PASS = 4  # windows evaluated in one pass of per-window losses: bounds the activations
 
@@ -105,7 +105,10 @@ def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> t
 
     # the training batch and the selection windows, a pass of WINDOWS_PER_PASS at a time
     cache = 1 + math.ceil(config.selection_windows / WINDOWS_PER_PASS)
-    return MaskLosses(engine=MaskedModel(model), objective=config.objective, teacher_cache=cache), "MaskedModel"
+    dtype = eval_dtype(config, model.get_input_embeddings().weight.dtype)
+    engine = MaskedModel(model, dtype=dtype)
+    name = "MaskedModel" if dtype == engine.embed.dtype else f"MaskedModel in {str(dtype).removeprefix('torch.')}"
+    return MaskLosses(engine=engine, objective=config.objective, teacher_cache=cache), name
 
 
 def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
