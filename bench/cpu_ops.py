@@ -10,11 +10,14 @@ The C++ ops are timed twice: with their GEMMs in ATen's mm (``BPP_CPU_GEMM=aten`
 (``BPP_CPU_GEMM=onednn``), so the gain of the C++ code itself shows apart from the gain of the
 GEMM library; the ratio is the reference against the library ``auto`` picks on this CPU.
 linear_cross_entropy takes one sample's B×(T-1) rows against the 49,152-word LM head, as the
-engine calls it.
+engine calls it. masked_mlp (the non-gated OPT / GPT-2 / Pythia MLP: up projection with bias, exact
+GELU, down projection) runs at the same d and m as masked_swiglu, and layer_norm (with bias) over
+the S×B×T rows of width d.
 Each op's outputs are compared once (relative RMS error against the reference) so a fast but
 wrong kernel shows. Numbers are wall-clock and only mean something on an otherwise idle machine.
 
-    .venv/bin/python bench/cpu_ops.py [--repeats 21] [--dtype fp32|bf16|fp16|all] [--markdown]
+    .venv/bin/python bench/cpu_ops.py [--repeats 21] [--dtype fp32|bf16|fp16|all] [--ops a,b] [--threads N]
+                                      [--markdown]
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
     group_mask = _exact_masks(S, GROUPS, GROUPS - 1, g)
     w_gate_up, w_down_t = layout.pack_swiglu(rnd(M, D, scale=D**-0.5), rnd(M, D, scale=D**-0.5),
                                              rnd(D, M, scale=M**-0.5))
+    w_up, w_down_t_mlp, b_up = layout.pack_mlp(rnd(M, D, scale=D**-0.5), rnd(D, M, scale=M**-0.5), rnd(M, scale=0.5))
     w_qkv, w_o_t, _ = layout.pack_attention(rnd(HEADS * HEAD_DIM, D, scale=D**-0.5),
                                             rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
                                             rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
@@ -68,6 +72,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
         "mask_to_index": dict(mask=channel_mask),
         "masked_swiglu": dict(x=rnd(S, B, T, D), w_gate_up=w_gate_up, w_down_t=w_down_t, keep_idx=keep_idx,
                               keep_count=keep_count),
+        "masked_mlp": dict(x=rnd(S, B, T, D), w_up=w_up, w_down_t=w_down_t_mlp, keep_idx=keep_idx,
+                           keep_count=keep_count, b_up=b_up, activation="gelu"),
+        "layer_norm": dict(x=rnd(S, B, T, D), weight=1 + rnd(D, scale=0.2), bias=rnd(D, scale=0.1), eps=1e-5),
         "masked_attention": dict(x=rnd(S, B, T, D), w_qkv=w_qkv, w_o_t=w_o_t, cos=cos, sin=sin,
                                  keep_idx=group_idx, keep_count=group_count),
         "linear_cross_entropy": dict(h=rnd(B * (T - 1), D), weight=rnd(VOCAB, D, scale=D**-0.5),
@@ -114,8 +121,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--dtype", choices=(*DTYPES, "all"), default="all")
+    parser.add_argument("--ops", default="", help="comma-separated ops to time (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    wanted = [op for op in args.ops.split(",") if op]
+    unknown = sorted(set(wanted) - set(op_inputs(torch.float32))) if wanted else []
+    if unknown:
+        raise SystemExit(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(op_inputs(torch.float32))}")
     if ops.resolve("masked_swiglu", "cpu", None) != "cpp" and not ops._cpp_module():
         raise SystemExit("bpp_kernels._C is not built: run `python setup.py build_ext --inplace` first")
 
@@ -136,6 +151,8 @@ def main() -> None:
     for name in DTYPES if args.dtype == "all" else (args.dtype,):
         dtype = DTYPES[name]
         for op, kwargs in op_inputs(dtype).items():
+            if wanted and op not in wanted:
+                continue
             if op == "mask_to_index" and name != next(iter(DTYPES)):
                 continue  # dtype-free: time once
             t = time_op(op, kwargs, args.repeats)

@@ -13,12 +13,14 @@ Quick start::
     y = K.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count)   # x (S, B, T, d)
     y.sum().backward()                                           # gradients of x and both weights
 
-Layouts (built once with :func:`pack_swiglu` / :func:`pack_attention`; any Hugging Face Llama,
-Mistral, Qwen2/3-style weights): a unit's weights are whole rows, so keeping a unit is a row
-gather.
+Layouts (built once with :func:`pack_swiglu` / :func:`pack_mlp` / :func:`pack_attention`; any
+Hugging Face Llama, Mistral, Qwen2/3-style weights, and OPT, GPT-2, Pythia-style MLPs): a unit's
+weights are whole rows, so keeping a unit is a row gather.
 
 - MLP, m channels: ``w_gate_up (m, 2, d)`` (row j holds W_gate[j] and W_up[j]) and
   ``w_down_t (m, d)`` (W_down transposed).
+- Non-gated MLP (OPT, GPT-2, Pythia), m channels: ``w_up (m, d)``, ``b_up (m,)`` or None and
+  ``w_down_t (m, d)``; the down projection's bias stays with the caller.
 - Attention, G KV groups of r query heads of size hd: ``w_qkv (G, (r+2)*hd, d)`` (the group's
   r query heads, then its key head, then its value head), ``w_o_t (G, r*hd, d)`` (the columns of
   W_o that read the group's heads, transposed), optional ``b_qkv (G, (r+2)*hd)``. Query head h
@@ -30,11 +32,11 @@ Mask formats:
 - ``keep_idx (S, n) int32, keep_count (S,) int32``: per sample a permutation of the n units
   with the kept ones first, ascending; :func:`mask_to_index` builds it from a bool ``(S, n)``
   mask on the mask's device without a host sync. Counts live on the device: nothing syncs.
-- ``unit_scale (S, n)`` floating, optional (``masked_swiglu``, ``masked_attention``): a soft
-  mask's values for the kept units, aligned with keep_idx: ``unit_scale[s, j]`` scales unit
-  ``keep_idx[s, j]`` for ``j < keep_count[s]`` (an MLP channel's activation before W_down; a KV
-  group's attention output, all r heads, before W_o); entries past keep_count are never read and
-  get zero gradient. From unit-ordered gates ``z (S, n)`` (hard-concrete, sigmoid, ...)::
+- ``unit_scale (S, n)`` floating, optional (``masked_swiglu``, ``masked_mlp``,
+  ``masked_attention``): a soft mask's values for the kept units, aligned with keep_idx:
+  ``unit_scale[s, j]`` scales unit ``keep_idx[s, j]`` for ``j < keep_count[s]`` (an MLP
+  channel's activation before W_down; a KV group's attention output, all r heads, before W_o);
+  entries past keep_count are never read and get zero gradient. From unit-ordered gates ``z (S, n)`` (hard-concrete, sigmoid, ...)::
 
       keep_idx, keep_count = K.mask_to_index(z > 0)
       unit_scale = z.gather(1, keep_idx.long())          # differentiable back to z
@@ -48,8 +50,11 @@ op                       computes                                              d
 =======================  ====================================================  ==================
 mask_to_index            bool mask -> keep_idx, keep_count                     (integer outputs)
 rms_norm / add_rms_norm  RMSNorm (fp32 statistics), optionally after h = x+r   x, residual, weight
+layer_norm               LayerNorm (fp32 statistics and affine map)            x, weight, bias
 masked_swiglu            per sample: down(a * silu(gate x) * up x), kept       x, w_gate_up,
                          channels only                                         w_down_t, unit_scale
+masked_mlp               per sample: down(a * act(up x + b_up)), kept          x, w_up, w_down_t,
+                         channels only; act gelu, gelu_tanh or relu            b_up, unit_scale
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,
                          (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o    b_qkv, q_norm, k_norm,
                                                                                unit_scale
@@ -91,16 +96,18 @@ Examples (run by tests/kernels/test_examples.py): ``examples/hard_concrete_masks
 hard-concrete channel and head masks with an L0 penalty on a tiny Llama built from these ops;
 ``examples/supernet_mlp.py`` trains one shared MLP under S sampled masks per batch.
 """
-from .layout import pack_attention, pack_swiglu
+from .layout import pack_attention, pack_mlp, pack_swiglu
 from .rope import rope_tables
 from .ops import (
     BACKENDS,
     add_rms_norm,
     backend_info,
     check_indices,
+    layer_norm,
     linear_cross_entropy,
     mask_to_index,
     masked_attention,
+    masked_mlp,
     masked_swiglu,
     rms_norm,
 )
@@ -112,11 +119,14 @@ __all__ = [
     "add_rms_norm",
     "backend_info",
     "check_indices",
+    "layer_norm",
     "linear_cross_entropy",
     "mask_to_index",
     "masked_attention",
+    "masked_mlp",
     "masked_swiglu",
     "pack_attention",
+    "pack_mlp",
     "pack_swiglu",
     "rms_norm",
     "rope_tables",

@@ -57,6 +57,37 @@ def masked_swiglu(forward, backward) -> None:
     torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
 
 
+def masked_mlp(forward, backward) -> None:
+    """``forward(x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation) -> y``;
+    ``backward(grad, <the eight inputs>, output_mask[5]) -> (dx, dw_up, dw_down_t, db_up, dunit_scale)``."""
+
+    def forward_fake(x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation):
+        return torch.empty_like(x)
+
+    def backward_fake(grad_out, x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation, output_mask):
+        out = [_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_up),
+               _empty_unless(output_mask[2], w_down_t)]
+        for wanted, t in zip(output_mask[3:], (b_up, unit_scale)):
+            out.append(_empty_unless(bool(wanted) and t is not None, t if t is not None else x))
+        return tuple(out)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.activation = inputs[7]
+
+    def backward_autograd(ctx, grad):
+        x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = [need[0], need[1], need[2], b_up is not None and need[5], unit_scale is not None and need[6]]
+        grads = backward(grad, x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, ctx.activation, wanted)
+        dx, dwu, dwdt, db, dscale = _grads_or_none(grads, wanted)
+        return dx, dwu, dwdt, None, None, db, dscale, None
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
+
+
 def masked_attention(forward, backward) -> None:
     """``forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
     norm_eps, scale) -> y``; ``backward(grad, <the thirteen inputs>, output_mask[7]) -> (dx, dw_qkv,
@@ -169,3 +200,31 @@ def rms_norm(rms_norm_forward, add_rms_norm_forward, backward) -> None:
     torch.library.register_fake(backward, backward_fake)
     torch.library.register_autograd(rms_norm_forward, rms_norm_backward, setup_context=rms_norm_setup)
     torch.library.register_autograd(add_rms_norm_forward, add_rms_norm_backward, setup_context=add_rms_norm_setup)
+
+
+def layer_norm(forward, backward) -> None:
+    """``forward(x, weight, bias, eps) -> y`` (x's dtype); ``backward(grad, x, weight, bias, eps,
+    output_mask[3]) -> (dx, dweight, dbias)``; the forward's statistics are recomputed, not saved."""
+
+    def forward_fake(x, weight, bias, eps):
+        return torch.empty_like(x)
+
+    def backward_fake(grad_out, x, weight, bias, eps, output_mask):
+        return (_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], weight),
+                _empty_unless(bool(output_mask[2]) and bias is not None, bias if bias is not None else weight))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps = eps
+
+    def backward_autograd(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = [need[0], need[1], bias is not None and need[2]]
+        dx, dw, db = _grads_or_none(backward(grad, x, weight, bias, ctx.eps, wanted), wanted)
+        return dx, dw, db, None
+
+    torch.library.register_fake(forward, forward_fake)
+    torch.library.register_fake(backward, backward_fake)
+    torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)

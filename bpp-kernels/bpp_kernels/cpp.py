@@ -43,6 +43,8 @@ if AVAILABLE:
         return mask.new_empty((S, n), dtype=torch.int32), mask.new_empty((S,), dtype=torch.int32)
 
     _autograd.masked_swiglu(torch.ops.bpp.masked_swiglu.default, torch.ops.bpp.masked_swiglu_backward.default)
+    _autograd.masked_mlp(torch.ops.bpp.masked_mlp.default, torch.ops.bpp.masked_mlp_backward.default)
+    _autograd.layer_norm(torch.ops.bpp.layer_norm.default, torch.ops.bpp.layer_norm_backward.default)
     _autograd.masked_attention(torch.ops.bpp.masked_attention.default,
                                torch.ops.bpp.masked_attention_backward.default)
     _autograd.linear_cross_entropy(torch.ops.bpp.linear_cross_entropy.default,
@@ -54,6 +56,12 @@ if AVAILABLE:
 
     def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None):
         return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
+
+    def masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up=None, activation="gelu", unit_scale=None):
+        return torch.ops.bpp.masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation)
+
+    def layer_norm(x, weight, bias, eps):
+        return torch.ops.bpp.layer_norm(x, weight, bias, float(eps))
 
     def masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv=None, q_norm=None, k_norm=None,
                          norm_eps=1e-6, scale=None, unit_scale=None):

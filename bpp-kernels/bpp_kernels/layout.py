@@ -30,6 +30,34 @@ def pack_swiglu(
     return torch.stack((w_gate, w_up), dim=1).contiguous(), w_down.t().contiguous()
 
 
+def pack_mlp(
+    w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Non-gated MLP (OPT ``fc1``/``fc2``, Pythia ``dense_h_to_4h``/``dense_4h_to_h``):
+    ``w_up (m, d)``, ``w_down (d, m)``, optional ``b_up (m,)`` -> ``w_up (m, d)``,
+    ``w_down_t (m, d)``, ``b_up (m,)`` or None, contiguous: channel j is row j of each. GPT-2's
+    ``Conv1D`` stores its weights transposed (``c_fc.weight (d, m)``, ``c_proj.weight (m, d)``):
+    pass ``c_fc.weight.t()`` and ``c_proj.weight.t()``. The down projection's bias is not part of
+    :func:`bpp_kernels.masked_mlp`; the caller adds it.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> w_up, w_down, b_up = torch.randn(6, 4), torch.randn(4, 6), torch.randn(6)
+        >>> w_up_p, w_down_t, b_up_p = K.pack_mlp(w_up, w_down, b_up)
+        >>> w_up_p.shape, w_down_t.shape, b_up_p.shape
+        (torch.Size([6, 4]), torch.Size([6, 4]), torch.Size([6]))
+        >>> torch.equal(w_down_t[2], w_down[:, 2]) and K.pack_mlp(w_up, w_down)[2] is None  # channel 2; no bias
+        True
+    """
+    if w_up.dim() != 2 or w_down.shape != w_up.shape[::-1] or (b_up is not None and b_up.shape != w_up.shape[:1]):
+        raise ValueError(
+            f"pack_mlp: expected w_up (m, d), w_down (d, m) and b_up (m,) or None; got {tuple(w_up.shape)}, "
+            f"{tuple(w_down.shape)}, {None if b_up is None else tuple(b_up.shape)}"
+        )
+    return w_up.contiguous(), w_down.t().contiguous(), None if b_up is None else b_up.contiguous()
+
+
 def pack_attention(
     w_q: torch.Tensor,
     w_k: torch.Tensor,

@@ -39,6 +39,8 @@ _TRITON_MODULE = {
     "rms_norm": "rmsnorm",
     "add_rms_norm": "rmsnorm",
     "masked_swiglu": "masked_mlp",
+    "masked_mlp": "ungated_mlp",
+    "layer_norm": "layernorm",
     "masked_attention": "masked_attention",
     "linear_cross_entropy": "linear_cross_entropy",
 }
@@ -64,12 +66,14 @@ def _triton_modules() -> dict | None:
     if "triton" not in _LOADED:
         # plain import statements (not importlib), so torch.compile traces through the dispatch
         try:
-            from .triton import linear_cross_entropy, mask_index, masked_attention, masked_mlp, rmsnorm
+            from .triton import (layernorm, linear_cross_entropy, mask_index, masked_attention, masked_mlp, rmsnorm,
+                                 ungated_mlp)
         except ImportError:
             _LOADED["triton"] = None
         else:
             _LOADED["triton"] = dict(mask_index=mask_index, rmsnorm=rmsnorm, masked_mlp=masked_mlp,
-                                     masked_attention=masked_attention, linear_cross_entropy=linear_cross_entropy)
+                                     masked_attention=masked_attention, linear_cross_entropy=linear_cross_entropy,
+                                     ungated_mlp=ungated_mlp, layernorm=layernorm)
     return _LOADED["triton"]
 
 
@@ -133,7 +137,7 @@ def backend_info() -> dict[str, dict[str, str]]:
         >>> import bpp_kernels as K
         >>> info = K.backend_info()
         >>> sorted(info)
-        ['add_rms_norm', 'linear_cross_entropy', 'mask_to_index', 'masked_attention', 'masked_swiglu', 'rms_norm']
+        ['add_rms_norm', 'layer_norm', 'linear_cross_entropy', 'mask_to_index', 'masked_attention', 'masked_mlp', 'masked_swiglu', 'rms_norm']
         >>> info["masked_swiglu"]["cpu"] in K.BACKENDS  # 'cpp' when the extension is built, else 'reference'
         True
     """
@@ -270,6 +274,97 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     _check(x.shape == residual.shape, "add_rms_norm", f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
     _check(weight.shape == (x.shape[-1],), "add_rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
     return _call("add_rms_norm", x, backend, x, residual, weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, *,
+               backend: str | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim (OPT, GPT-2, Pythia), as ``torch.nn.functional.layer_norm``:
+    mean and biased variance in fp32, ``(x - mean) / sqrt(var + eps) * weight + bias`` in fp32,
+    one rounding to x's dtype.
+
+    x ``(..., d)`` fp32/fp16/bf16 (float64 runs on the reference); weight ``(d,)``, bias ``(d,)``
+    or None, in x's dtype. Returns ``(..., d)`` in x's dtype; a row's result depends on that row
+    only. Differentiable in x, weight and bias (the backward recomputes the statistics).
+    Backends: cpp (CPU), triton (CUDA), reference.
+
+    Example::
+
+        >>> import torch, bpp_kernels as K
+        >>> x, weight, bias = torch.randn(2, 3, 8), torch.randn(8), torch.randn(8)
+        >>> y = K.layer_norm(x, weight, bias, 1e-5)
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (8,), weight, bias, 1e-5), atol=1e-5)
+        True
+    """
+    op = "layer_norm"
+    _check(x.dim() >= 1, op, f"x must be (..., d), got {tuple(x.shape)}")
+    d = x.shape[-1]
+    _check(weight.shape == (d,), op, f"weight must be ({d},), got {tuple(weight.shape)}")
+    _check(bias is None or bias.shape == (d,), op,
+           f"bias must be ({d},) or None, got {None if bias is None else tuple(bias.shape)}")
+    _check(x.is_floating_point(), op, f"x must be floating, got {x.dtype}")
+    _check(weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype), op,
+           f"weight and bias must be in x's dtype {x.dtype}, got {weight.dtype} and "
+           f"{None if bias is None else bias.dtype}")
+    _check(weight.device == x.device and (bias is None or bias.device == x.device), op,
+           f"weight and bias must be on x's device ({x.device})")
+    _check(eps >= 0, op, f"eps must be >= 0, got {eps}")
+    return _call(op, x, backend, x, weight, bias, float(eps))
+
+
+def masked_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
+               keep_count: torch.Tensor, *, b_up: torch.Tensor | None = None, activation: str = "gelu",
+               unit_scale: torch.Tensor | None = None, backend: str | None = None, check: bool = True) -> torch.Tensor:
+    """Per-sample non-gated MLP (OPT, GPT-2, Pythia) over kept channels only:
+    ``y[s] = sum over kept j of a_j * act(x[s] @ w_up[j] + b_up[j]) * w_down_t[j]``.
+
+    x ``(S, ..., d)`` fp32/fp16/bf16 (float64 runs on the reference); w_up ``(m, d)``, w_down_t
+    ``(m, d)`` (W_down transposed), b_up ``(m,)`` or None, all in x's dtype, from
+    :func:`bpp_kernels.layout.pack_mlp`; keep_idx ``(S, m)`` int32, keep_count ``(S,)`` int32;
+    activation ``"gelu"`` (exact, erf: Pythia), ``"gelu_tanh"`` (GPT-2's ``gelu_new``) or
+    ``"relu"`` (OPT); unit_scale ``(S, m)`` floating or None: ``a = unit_scale[s, j]`` for the
+    j-th kept channel ``keep_idx[s, j]`` (soft masks; None = 1). The down projection's bias is not
+    part of the op: the caller adds it. Returns ``(S, ..., d)`` in x's dtype; a sample that keeps
+    no channel gets zeros. Pruned channels cost nothing, forward or backward, and their weights
+    are never read. Differentiable in x, w_up, w_down_t, b_up and unit_scale. Backends: cpp (CPU),
+    triton (CUDA), reference. ``check``: validate keep_idx / keep_count first
+    (:func:`check_indices`; False for indices that come from :func:`mask_to_index`).
+
+    Example (an OPT-style MLP, 3 masks over 6 channels in one call; each sample equals the dense
+    MLP with its pruned channels zeroed)::
+
+        >>> import torch, bpp_kernels as K
+        >>> m, d = 6, 4
+        >>> w_up, b_up, w_down = torch.randn(m, d), torch.randn(m), torch.randn(d, m)
+        >>> w_up_p, w_down_t, b_up_p = K.pack_mlp(w_up, w_down, b_up)
+        >>> mask = torch.tensor([[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+        >>> keep_idx, keep_count = K.mask_to_index(mask)
+        >>> x = torch.randn(3, 2, 5, d)                      # (S, B, T, d)
+        >>> y = K.masked_mlp(x, w_up_p, w_down_t, keep_idx, keep_count, b_up=b_up_p, activation="relu")
+        >>> y.shape
+        torch.Size([3, 2, 5, 4])
+        >>> dense = (torch.relu(x @ w_up.T + b_up) * mask[:, None, None]) @ w_down.T
+        >>> torch.allclose(y, dense, rtol=1e-4, atol=1e-5), bool(y[2].eq(0).all())
+        (True, True)
+    """
+    op = "masked_mlp"
+    _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
+    _check(w_down_t.dim() == 2, op, f"w_down_t must be (m, d), got {tuple(w_down_t.shape)}")
+    m, d = w_down_t.shape
+    _check(w_up.shape == (m, d), op, f"w_up must be ({m}, {d}), got {tuple(w_up.shape)}")
+    _check(x.shape[-1] == d, op, f"x's last dim {x.shape[-1]} != hidden size {d}")
+    _check(b_up is None or b_up.shape == (m,), op,
+           f"b_up must be ({m},) or None, got {None if b_up is None else tuple(b_up.shape)}")
+    _check(activation in reference.ACTIVATIONS, op,
+           f"activation={activation!r} is not one of {', '.join(reference.ACTIVATIONS)}")
+    _check(x.is_floating_point(), op, f"x must be floating, got {x.dtype}")
+    _check(x.dtype == w_up.dtype == w_down_t.dtype and (b_up is None or b_up.dtype == x.dtype), op,
+           f"x, w_up, w_down_t and b_up must share a dtype, got {x.dtype}, {w_up.dtype}, {w_down_t.dtype}, "
+           f"{None if b_up is None else b_up.dtype}")
+    _check(w_up.device == x.device and w_down_t.device == x.device and (b_up is None or b_up.device == x.device),
+           op, f"w_up, w_down_t and b_up must be on x's device ({x.device})")
+    _check_index(op, keep_idx, keep_count, x.shape[0], m, unit_scale, x, check)
+    return _call(op, x, backend, x, w_up, w_down_t, keep_idx, keep_count, b_up=b_up, activation=activation,
+                 unit_scale=unit_scale)
 
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,

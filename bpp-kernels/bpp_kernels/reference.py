@@ -8,7 +8,9 @@ sample's result never depends on the other samples of the batch.
 Layouts (built once by :mod:`bpp_kernels.layout`):
 
 - MLP: ``w_gate_up (m, 2, d)`` interleaves row j of W_gate and W_up; ``w_down_t (m, d)`` is
-  W_down transposed, so keeping channel j means reading row j of both (a row gather).
+  W_down transposed, so keeping channel j means reading row j of both (a row gather). The
+  non-gated MLP (OPT, GPT-2, Pythia) takes ``w_up (m, d)``, ``b_up (m,)`` and the same
+  ``w_down_t``.
 - Attention, per KV group g (G groups, r = query heads per group, hd = head_dim):
   ``w_qkv (G, (r + 2) * hd, d)`` holds the r query heads of g, then its key head, then its
   value head; ``b_qkv (G, (r + 2) * hd)`` the matching biases; ``w_o_t (G, r * hd, d)`` the
@@ -84,6 +86,72 @@ def masked_swiglu(
             act = act * unit_scale[s, :c].to(act.dtype)
         out[s] = (act @ w_down_t[k]).view(x.shape[1:])
     return _connected(out, x, w_gate_up, w_down_t, unit_scale)
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def activation_fn(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP activations of :func:`masked_mlp`: ``gelu`` (exact, with erf: Pythia / GPT-NeoX),
+    ``gelu_tanh`` (the tanh approximation: GPT-2's ``gelu_new``), ``relu`` (OPT)."""
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "relu":
+        return F.relu(z)
+    raise ValueError(f"activation={activation!r} is not one of {', '.join(ACTIVATIONS)}")
+
+
+def masked_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_count: torch.Tensor,
+    b_up: torch.Tensor | None = None,
+    activation: str = "gelu",
+    unit_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-gated MLP (OPT, GPT-2, Pythia) of sample s over its kept channels only, without the
+    down projection's bias (the caller adds it).
+
+    x ``(S, ..., d)``; w_up ``(m, d)``; w_down_t ``(m, d)`` (W_down transposed); keep_idx
+    ``(S, m)``; keep_count ``(S,)``; b_up ``(m,)`` or None; activation one of
+    :data:`ACTIVATIONS`; unit_scale ``(S, m)`` or None: the j-th kept channel's activation is
+    multiplied by ``unit_scale[s, j]`` (in x's dtype). Returns ``(S, ..., d)`` in x's dtype;
+    zeros where nothing is kept.
+    """
+    S, d = x.shape[0], x.shape[-1]
+    out = torch.zeros_like(x)
+    counts = keep_count.tolist()
+    for s in range(S):
+        c = counts[s]
+        if c == 0:
+            continue
+        k = keep_idx[s, :c].long()
+        z = x[s].reshape(-1, d) @ w_up[k].t()
+        if b_up is not None:
+            z = z + b_up[k]
+        act = activation_fn(z, activation)
+        if unit_scale is not None:
+            act = act * unit_scale[s, :c].to(act.dtype)
+        out[s] = (act @ w_down_t[k]).view(x.shape[1:])
+    return _connected(out, x, w_up, w_down_t, b_up, unit_scale)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim as ``torch.nn.functional.layer_norm`` computes it: mean and
+    (biased) variance in fp32 (float64 stays float64), the affine map too, one rounding to x's
+    dtype at the end. weight ``(d,)``, bias ``(d,)`` or None."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(wide)
+    mean = h.mean(-1, keepdim=True)
+    centred = h - mean
+    y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight.to(wide)
+    if bias is not None:
+        y = y + bias.to(wide)
+    return y.to(x.dtype)
 
 
 def _connected(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:

@@ -88,6 +88,26 @@ def swiglu_inputs(S, N, d, m, keep, dtype=torch.float32, device="cpu", seed=0, u
     return out
 
 
+def mlp_inputs(S, N, d, m, keep, dtype=torch.float32, device="cpu", seed=0, bias=True, unit_scale=False,
+               activation="gelu"):
+    """kwargs for masked_mlp: x (S, N, d), w_up, w_down_t from pack_mlp (b_up when ``bias``),
+    keep_idx, keep_count, activation (and unit_scale). The biases straddle zero, so ReLU and GELU
+    see both signs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(S, N, d, generator=g)
+    w_up = torch.randn(m, d, generator=g) / d**0.5
+    w_down = torch.randn(d, m, generator=g) / m**0.5
+    b_up = 0.5 * torch.randn(m, generator=g)
+    w_up, w_down_t, b_up = layout.pack_mlp(w_up, w_down, b_up if bias else None)
+    keep_idx, keep_count = reference.mask_to_index(random_mask(S, m, keep, g))
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    out = dict(x=to(x), w_up=to(w_up), w_down_t=to(w_down_t), keep_idx=keep_idx.to(device),
+               keep_count=keep_count.to(device), b_up=to(b_up), activation=activation)
+    if unit_scale:
+        out["unit_scale"] = unit_scales(S, m, g).to(device)
+    return out
+
+
 def rope(T, hd, base=10000.0, dtype=torch.float32, device="cpu"):
     inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
     freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv)
@@ -137,6 +157,16 @@ def norm_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
     res = torch.randn(*shape, generator=g).to(device, dtype)
     w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(device, dtype)
     return x, res, w
+
+
+def layer_norm_inputs(shape, dtype=torch.float32, device="cpu", seed=0, bias=True):
+    """kwargs for layer_norm: x (shape) with a non-zero mean per row, weight and bias (shape[-1],)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) + 0.5 * torch.randn(*shape[:-1], 1, generator=g)
+    w = 1 + 0.2 * torch.randn(shape[-1], generator=g)
+    b = 0.1 * torch.randn(shape[-1], generator=g)
+    return dict(x=x.to(device, dtype), weight=w.to(device, dtype), bias=b.to(device, dtype) if bias else None,
+                eps=1e-5)
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -56,8 +56,10 @@ def test_float32_rope_tables_with_half_inputs(backend, dtype):
 def test_a_batch_that_keeps_nothing_has_zero_gradients(backend):
     mlp = cases.swiglu_inputs(2, 3, 8, 9, 0.0, seed=5)
     att = cases.attention_inputs(2, 1, 4, 8, 2, 2, 4, 0.0, seed=6)
+    plain = cases.mlp_inputs(2, 3, 8, 9, 0.0, seed=7)
     for op, kw, names in ((ops.masked_swiglu, mlp, ("x", "w_gate_up", "w_down_t")),
-                          (ops.masked_attention, att, ("x", "w_qkv", "w_o_t"))):
+                          (ops.masked_attention, att, ("x", "w_qkv", "w_o_t")),
+                          (ops.masked_mlp, plain, ("x", "w_up", "w_down_t", "b_up"))):
         assert int(kw["keep_count"].sum()) == 0
         leaves = {n: kw[n].clone().requires_grad_() for n in names}
         out = op(**{**kw, **leaves}, backend=backend)

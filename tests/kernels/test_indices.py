@@ -1,6 +1,6 @@
 """Index lists are checked before any backend reads them: out-of-range, negative and repeated
 kept indices and impossible counts give a ValueError naming the offence (a device-side assertion
-on CUDA and under torch.compile), on every backend, for both masked ops; ``check=False`` skips
+on CUDA and under torch.compile), on every backend, for every masked op; ``check=False`` skips
 the check for indices that come from mask_to_index."""
 import pytest
 import torch
@@ -25,7 +25,7 @@ def _bad_cases(n: int):
 
 @pytest.mark.parametrize("case", range(5))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_indices_are_refused_by_both_ops(backend, case):
+def test_bad_indices_are_refused_by_every_masked_op(backend, case):
     kw = cases.swiglu_inputs(3, 4, 8, 11, 0.5, seed=case)  # sample 0 keeps nothing, sample 1 everything
     change, message = _bad_cases(11)[case]
     change(kw["keep_idx"], kw["keep_count"])
@@ -36,6 +36,11 @@ def test_bad_indices_are_refused_by_both_ops(backend, case):
     change(att["keep_idx"], att["keep_count"])
     with pytest.raises(ValueError, match=message.replace("masked_swiglu", "masked_attention")):
         ops.masked_attention(**att, backend=backend)
+    mlp = cases.mlp_inputs(3, 4, 8, 11, 0.5, seed=case, unit_scale=True)
+    change, message = _bad_cases(11)[case]
+    change(mlp["keep_idx"], mlp["keep_count"])
+    with pytest.raises(ValueError, match=message):
+        ops.masked_mlp(**mlp, backend=backend)
 
 
 def test_entries_past_the_count_are_not_read_so_not_checked():

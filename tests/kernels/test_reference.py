@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bpp_kernels import ops, reference
+from bpp_kernels import layout, ops, reference
 from tests.kernels import cases
 
 
@@ -43,6 +43,46 @@ def test_masked_swiglu_equals_dense_with_mask_multiplied(S, N, d, m, keep, scale
         mask = _dense_unit_scale(kw, s, m)
         dense = (F.silu(kw["x"][s] @ w_gate.t()) * (kw["x"][s] @ w_up.t()) * mask) @ kw["w_down_t"]
         torch.testing.assert_close(out[s], dense, rtol=1e-5, atol=1e-5)
+
+
+DENSE_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["hard-mask", "unit-scale"])
+@pytest.mark.parametrize("activation", list(DENSE_ACTIVATIONS))
+@pytest.mark.parametrize("S,N,d,m,keep", [(3, 5, 12, 17, 0.5), (4, 9, 60, 70, 0.3), (2, 1, 8, 8, 1.0),
+                                          (2, 3, 8, 8, 0.0)])
+def test_masked_mlp_equals_dense_opt_style_mlp(S, N, d, m, keep, activation, scaled, bias):
+    """A hand-written OPT / GPT-2 / Pythia MLP from the unpacked weights (fc1 with its bias, the
+    activation, the channel mask multiplied in, fc2 without its bias), all channels computed."""
+    g = torch.Generator().manual_seed(70)
+    fc1_w, fc1_b = torch.randn(m, d, generator=g) / d**0.5, torch.randn(m, generator=g)
+    fc2_w = torch.randn(d, m, generator=g) / m**0.5
+    w_up, w_down_t, b_up = layout.pack_mlp(fc1_w, fc2_w, fc1_b if bias else None)
+    kw = cases.mlp_inputs(S, N, d, m, keep, seed=71, unit_scale=scaled, activation=activation)
+    kw.update(w_up=w_up, w_down_t=w_down_t, b_up=b_up)
+    out = reference.masked_mlp(**kw)
+    act = DENSE_ACTIVATIONS[activation]
+    for s in range(S):
+        mask = _dense_unit_scale(kw, s, m)
+        hidden = kw["x"][s] @ fc1_w.t() + (fc1_b if bias else 0.0)
+        dense = (act(hidden) * mask) @ fc2_w.t()
+        torch.testing.assert_close(out[s], dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["fp32", "fp16", "bf16", "fp64"])
+def test_layer_norm_equals_torch(dtype, bias):
+    kw = cases.layer_norm_inputs((3, 5, 40), dtype=dtype, seed=72, bias=bias)
+    out = reference.layer_norm(**kw)
+    expected = F.layer_norm(kw["x"], (40,), kw["weight"], kw["bias"], kw["eps"])
+    assert out.dtype == dtype
+    # fp32 statistics and affine map, one rounding: half precision within one unit in the last place
+    half = dtype in (torch.float16, torch.bfloat16)
+    tol = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps) if half else {}
+    torch.testing.assert_close(out, expected, **tol)
 
 
 def _dense_attention(x, w_qkv, w_o_t, cos, sin, group_mask, b_qkv=None, q_norm=None, k_norm=None, eps=1e-6):
@@ -126,6 +166,22 @@ def _double(kw: dict) -> dict:
 def test_masked_swiglu_gradcheck(S, N, d, m, keep, scaled):
     kw = _double(cases.swiglu_inputs(S, N, d, m, keep, seed=66, unit_scale=scaled))
     _gradcheck(reference.masked_swiglu, kw, ["x", "w_gate_up", "w_down_t", "unit_scale"])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("bias,scaled", [(False, False), (True, True)], ids=["plain", "bias-unit-scale"])
+@pytest.mark.parametrize("S,N,d,m,keep", [pytest.param(3, 3, 4, 5, 0.5, id="S3-N3-ragged-empty-full"),
+                                          pytest.param(2, 3, 4, 5, 0.0, id="S2-N3-none-kept")])
+def test_masked_mlp_gradcheck(S, N, d, m, keep, bias, scaled, activation):
+    kw = _double(cases.mlp_inputs(S, N, d, m, keep, seed=73, bias=bias, unit_scale=scaled, activation=activation))
+    _gradcheck(reference.masked_mlp, kw, ["x", "w_up", "w_down_t", "b_up", "unit_scale"])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(3, 5), (1, 1, 7)], ids=["3x5", "one-row"])
+def test_layer_norm_gradcheck(shape, bias):
+    _gradcheck(reference.layer_norm, _double(cases.layer_norm_inputs(shape, seed=74, bias=bias)),
+               ["x", "weight", "bias"])
 
 
 @pytest.mark.parametrize("bias,qk_norm,scaled", [(False, False, False), (True, True, True)],
