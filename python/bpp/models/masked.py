@@ -3,7 +3,9 @@
 Weights are re-laid out once (interleaved gate/up, transposed down, q/k/v/o grouped by KV
 group); the forward is only calls to bpp_kernels ops, so the backend (reference, C++, Triton)
 decides how pruned work is skipped. Works for the Llama family and its relatives that share
-its decoder block: Llama 1/2/3, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm).
+its decoder block: Llama 1/2/3, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm); and for
+Gemma 3 (GELU-tanh gated MLP, RMSNorms scaled by 1 + w before and after both attention and MLP,
+q/k norms, embeddings scaled by √d, sliding-window layers with their own RoPE base).
 
 A layer that a sample drops is given zero kept channels and groups for that sample, so its
 attention and MLP add exactly zero and the residual passes through.
@@ -37,9 +39,31 @@ class _Layer:
     mlp_norm: torch.Tensor
     w_gate_up: torch.Tensor
     w_down_t: torch.Tensor
+    attn_post_norm: torch.Tensor | None = None  # Gemma 3: norms of the attention and MLP outputs
+    mlp_post_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding-window attention: keys at distance < window
+    rope: str | None = None  # which RoPE table (Gemma 3: the layer's type)
 
 
-def _pack_layer(layer, n_groups: int, dtype: torch.dtype) -> _Layer:
+GEMMA3 = "gemma3_text"
+
+
+def _gemma_norm(norm) -> torch.Tensor:
+    """A Gemma RMSNorm's effective weight: it scales by 1 + w (computed in float32)."""
+    return (1.0 + norm.weight.detach().float()).to(norm.weight.dtype)
+
+
+def _pack_gemma3_layer(layer, index: int, config, n_groups: int, dtype: torch.dtype) -> _Layer:
+    packed = _pack_layer(layer, n_groups, dtype, norm=_gemma_norm, mlp_norm=layer.pre_feedforward_layernorm)
+    packed.attn_post_norm = _gemma_norm(layer.post_attention_layernorm)
+    packed.mlp_post_norm = _gemma_norm(layer.post_feedforward_layernorm)
+    packed.rope = config.layer_types[index]
+    packed.window = int(config.sliding_window) if packed.rope == "sliding_attention" else None
+    return packed
+
+
+def _pack_layer(layer, n_groups: int, dtype: torch.dtype, norm=lambda n: n.weight.detach(),
+                mlp_norm=None) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     bias = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
     w_qkv, w_o_t, b_qkv = K.pack_attention(
@@ -51,10 +75,10 @@ def _pack_layer(layer, n_groups: int, dtype: torch.dtype) -> _Layer:
     k_norm = getattr(attn, "k_norm", None)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (a no-op in the model's dtype)
     return _Layer(
-        attn_norm=layer.input_layernorm.weight.detach(), w_qkv=cast(w_qkv), b_qkv=cast(b_qkv), w_o_t=cast(w_o_t),
-        q_norm=None if q_norm is None else cast(q_norm.weight.detach()),
-        k_norm=None if k_norm is None else cast(k_norm.weight.detach()),
-        mlp_norm=layer.post_attention_layernorm.weight.detach(), w_gate_up=cast(w_gate_up),
+        attn_norm=norm(layer.input_layernorm), w_qkv=cast(w_qkv), b_qkv=cast(b_qkv), w_o_t=cast(w_o_t),
+        q_norm=None if q_norm is None else cast(norm(q_norm)),
+        k_norm=None if k_norm is None else cast(norm(k_norm)),
+        mlp_norm=norm(layer.post_attention_layernorm if mlp_norm is None else mlp_norm), w_gate_up=cast(w_gate_up),
         w_down_t=cast(w_down_t))
 
 
@@ -79,17 +103,31 @@ class MaskedModel:
         self.eps = float(config.rms_norm_eps)
         self.scale = float(model.model.layers[0].self_attn.scaling)
         self.vocab_size = int(config.vocab_size)
+        self.gemma3 = getattr(config, "model_type", None) == GEMMA3
         window = getattr(config, "sliding_window", None)
-        uses_window = window is not None and getattr(config, "use_sliding_window", True)
+        uses_window = window is not None and getattr(config, "use_sliding_window", True) and not self.gemma3
         self.sliding_window = int(window) if uses_window else None
+        if self.gemma3:
+            for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if getattr(config, name, None) is not None:
+                    raise BppError(f"Gemma 3 with {name} is not supported by the masked engine")
+            if config.hidden_activation != "gelu_pytorch_tanh":
+                raise BppError(f"Gemma 3 with hidden_activation {config.hidden_activation!r} is not supported by the "
+                               "masked engine (gelu_pytorch_tanh is)")
+        self.activation = "gelu_tanh" if self.gemma3 else "silu"
+        self.embed_scale = getattr(model.model.embed_tokens, "embed_scale", None)
         self.embed = model.model.embed_tokens.weight.detach()
         self.dtype = self.embed.dtype if dtype is None else dtype
         if not self.dtype.is_floating_point:
             raise BppError(f"the masked engine computes in a floating dtype, got {self.dtype}")
-        self.final_norm = model.model.norm.weight.detach()
+        self.final_norm = _gemma_norm(model.model.norm) if self.gemma3 else model.model.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach().to(self.dtype)
         self.rotary = model.model.rotary_emb
-        self.layers = [_pack_layer(layer, self.space.n_groups, self.dtype) for layer in model.model.layers]
+        if self.gemma3:
+            self.layers = [_pack_gemma3_layer(layer, i, config, self.space.n_groups, self.dtype)
+                           for i, layer in enumerate(model.model.layers)]
+        else:
+            self.layers = [_pack_layer(layer, self.space.n_groups, self.dtype) for layer in model.model.layers]
 
     @property
     def device(self) -> torch.device:
@@ -125,9 +163,10 @@ class MaskedModel:
 
         return per_layer(eff.groups), per_layer(eff.channels)
 
-    def _rope(self, T: int, dtype: torch.dtype):
+    def _rope(self, T: int, dtype: torch.dtype, kind: str | None = None):
         positions = torch.arange(T, device=self.device).unsqueeze(0)
-        cos, sin = self.rotary(self.embed[:1].to(dtype), positions)
+        x = self.embed[:1].to(dtype)
+        cos, sin = self.rotary(x, positions) if kind is None else self.rotary(x, positions, kind)
         return cos[0].to(dtype), sin[0].to(dtype)
 
     @staticmethod
@@ -141,23 +180,35 @@ class MaskedModel:
         ``biases``: optional ``(attn, mlp)`` output biases, each ``(L, S, d)``."""
         S = groups[0][0].shape[0]
         B, T = input_ids.shape
-        h = self.embed[input_ids].unsqueeze(0).expand(S, B, T, -1).contiguous()
-        cos, sin = self._rope(T, self.dtype)
+        h = self.embed[input_ids]
+        if self.embed_scale is not None:  # Gemma: embeddings scaled by √d (in the weights' dtype)
+            h = h * self.embed_scale.to(h.device, h.dtype)
+        h = h.unsqueeze(0).expand(S, B, T, -1).contiguous()
+        ropes = {kind: self._rope(T, self.dtype, kind) for kind in {layer.rope for layer in self.layers}}
+        mlp_kwargs = {} if self.activation == "silu" else {"activation": self.activation}
         for i, (layer, (g_idx, g_cnt), (c_idx, c_cnt)) in enumerate(zip(self.layers, groups, channels)):
             # pipeline by layer: with a device map, the samples' hidden states follow the layers
+            cos, sin = ropes[layer.rope]
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
+            attn_kwargs = {} if layer.window is None or T <= layer.window else {"window": layer.window}
             y = K.rms_norm(h, layer.attn_norm, self.eps).to(self.dtype)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, check=False, b_qkv=layer.b_qkv,
-                                   q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale)
+                                   q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale,
+                                   **attn_kwargs)
             a = a.to(h.dtype)
             if biases is not None:  # bias compensation: o_proj's per-sample output bias
                 a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
+            if layer.attn_post_norm is not None:
+                a = K.rms_norm(a, layer.attn_post_norm, self.eps)
             y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
-            mlp = K.masked_swiglu(y.to(self.dtype), layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False)
+            mlp = K.masked_swiglu(y.to(self.dtype), layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False,
+                                  **mlp_kwargs)
             mlp = mlp.to(h.dtype)
             if biases is not None:
                 mlp = mlp + biases[1][i].to(mlp.device, mlp.dtype)[:, None, None, :]
+            if layer.mlp_post_norm is not None:
+                mlp = K.rms_norm(mlp, layer.mlp_post_norm, self.eps)
             h = h + mlp
         (h,) = self._on(self.final_norm.device, h)
         return K.rms_norm(h, self.final_norm, self.eps).to(self.dtype)
