@@ -10,7 +10,8 @@ The C++ ops are timed twice: with their GEMMs in ATen's mm (``BPP_CPU_GEMM=aten`
 (``BPP_CPU_GEMM=onednn``), so the gain of the C++ code itself shows apart from the gain of the
 GEMM library; the ratio is the reference against the library ``auto`` picks on this CPU.
 linear_cross_entropy takes one sample's B×(T-1) rows against the 49,152-word LM head, as the
-engine calls it.
+engine calls it. A second masked_attention row adds left padding (a quarter of the batch's rows
+start with T/4 padding tokens), their shifted positions and a sliding window of T/4 tokens.
 Each op's outputs are compared once (relative RMS error against the reference) so a fast but
 wrong kernel shows. Numbers are wall-clock and only mean something on an otherwise idle machine.
 
@@ -62,6 +63,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
                                             rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
                                             rnd(D, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), GROUPS)
     cos, sin = _rope(T, HEAD_DIM, dtype)
+    padding = torch.ones(B, T, dtype=torch.bool)
+    padding[: max(B // 4, 1), : T // 4] = False
+    positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
     keep_idx, keep_count = reference.mask_to_index(channel_mask)
     group_idx, group_count = reference.mask_to_index(group_mask)
     return {
@@ -70,6 +74,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
                               keep_count=keep_count),
         "masked_attention": dict(x=rnd(S, B, T, D), w_qkv=w_qkv, w_o_t=w_o_t, cos=cos, sin=sin,
                                  keep_idx=group_idx, keep_count=group_count),
+        f"masked_attention (padding, window {T // 4})": dict(
+            x=rnd(S, B, T, D), w_qkv=w_qkv, w_o_t=w_o_t, cos=cos, sin=sin, keep_idx=group_idx,
+            keep_count=group_count, position_ids=positions, attention_mask=padding, window=T // 4),
         "linear_cross_entropy": dict(h=rnd(B * (T - 1), D), weight=rnd(VOCAB, D, scale=D**-0.5),
                                      target=torch.randint(0, VOCAB, (B * (T - 1),), generator=g)),
     }
@@ -98,7 +105,7 @@ def _run(fn, kwargs: dict, variant: str):
 
 def time_op(op: str, kwargs: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call of each variant, interleaved call by call."""
-    fn = getattr(ops, op)
+    fn = getattr(ops, op.split()[0])  # "masked_attention (padding, ...)": a variant of the op's inputs
     for variant in VARIANTS:  # warm-up: allocator, MKL/oneDNN kernel selection
         _run(fn, kwargs, variant)
     samples = {v: [] for v in VARIANTS}
@@ -139,7 +146,7 @@ def main() -> None:
             if op == "mask_to_index" and name != next(iter(DTYPES)):
                 continue  # dtype-free: time once
             t = time_op(op, kwargs, args.repeats)
-            fn = getattr(ops, op)
+            fn = getattr(ops, op.split()[0])
             err = _rel_err(_run(fn, kwargs, "reference"), _run(fn, kwargs, auto))
             rows.append((op, "bool" if op == "mask_to_index" else name, f"{t['reference'] * 1e3:.3f}",
                          f"{t['cpp/mm'] * 1e3:.3f}", f"{t['cpp/onednn'] * 1e3:.3f}", f"{t['reference'] / t[auto]:.2f}",

@@ -51,8 +51,9 @@ rms_norm / add_rms_norm  RMSNorm (fp32 statistics), optionally after h = x+r   x
 masked_swiglu            per sample: down(a * silu(gate x) * up x), kept       x, w_gate_up,
                          channels only                                         w_down_t, unit_scale
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,
-                         (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o    b_qkv, q_norm, k_norm,
-                                                                               unit_scale
+                         (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o;   b_qkv, q_norm, k_norm,
+                         optional position_ids, key padding mask, sliding      unit_scale
+                         window
 linear_cross_entropy     per-row CE of h @ W.T, fp32, no (N, V) logits         h, weight
 =======================  ====================================================  ==================
 
