@@ -12,7 +12,9 @@ GEMM library; the ratio is the reference against the library ``auto`` picks on t
 linear_cross_entropy takes one sample's B×(T-1) rows against the 49,152-word LM head, as the
 engine calls it. masked_mlp (the non-gated OPT / GPT-2 / Pythia MLP: up projection with bias, exact
 GELU, down projection) runs at the same d and m as masked_swiglu, and layer_norm (with bias) over
-the S×B×T rows of width d.
+the S×B×T rows of width d. A second masked_attention row adds left padding (a quarter of the
+batch's rows start with T/4 padding tokens), their shifted positions and a sliding window of T/4
+tokens.
 Each op's outputs are compared once (relative RMS error against the reference) so a fast but
 wrong kernel shows. Numbers are wall-clock and only mean something on an otherwise idle machine.
 
@@ -66,6 +68,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
                                             rnd(GROUPS * HEAD_DIM, D, scale=D**-0.5),
                                             rnd(D, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), GROUPS)
     cos, sin = _rope(T, HEAD_DIM, dtype)
+    padding = torch.ones(B, T, dtype=torch.bool)
+    padding[: max(B // 4, 1), : T // 4] = False
+    positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
     keep_idx, keep_count = reference.mask_to_index(channel_mask)
     group_idx, group_count = reference.mask_to_index(group_mask)
     return {
@@ -77,6 +82,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
         "layer_norm": dict(x=rnd(S, B, T, D), weight=1 + rnd(D, scale=0.2), bias=rnd(D, scale=0.1), eps=1e-5),
         "masked_attention": dict(x=rnd(S, B, T, D), w_qkv=w_qkv, w_o_t=w_o_t, cos=cos, sin=sin,
                                  keep_idx=group_idx, keep_count=group_count),
+        f"masked_attention (padding, window {T // 4})": dict(
+            x=rnd(S, B, T, D), w_qkv=w_qkv, w_o_t=w_o_t, cos=cos, sin=sin, keep_idx=group_idx,
+            keep_count=group_count, position_ids=positions, attention_mask=padding, window=T // 4),
         "linear_cross_entropy": dict(h=rnd(B * (T - 1), D), weight=rnd(VOCAB, D, scale=D**-0.5),
                                      target=torch.randint(0, VOCAB, (B * (T - 1),), generator=g)),
     }
@@ -105,7 +113,7 @@ def _run(fn, kwargs: dict, variant: str):
 
 def time_op(op: str, kwargs: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call of each variant, interleaved call by call."""
-    fn = getattr(ops, op)
+    fn = getattr(ops, op.split()[0])  # "masked_attention (padding, ...)": a variant of the op's inputs
     for variant in VARIANTS:  # warm-up: allocator, MKL/oneDNN kernel selection
         _run(fn, kwargs, variant)
     samples = {v: [] for v in VARIANTS}
@@ -156,7 +164,7 @@ def main() -> None:
             if op == "mask_to_index" and name != next(iter(DTYPES)):
                 continue  # dtype-free: time once
             t = time_op(op, kwargs, args.repeats)
-            fn = getattr(ops, op)
+            fn = getattr(ops, op.split()[0])
             err = _rel_err(_run(fn, kwargs, "reference"), _run(fn, kwargs, auto))
             rows.append((op, "bool" if op == "mask_to_index" else name, f"{t['reference'] * 1e3:.3f}",
                          f"{t['cpp/mm'] * 1e3:.3f}", f"{t['cpp/onednn'] * 1e3:.3f}", f"{t['reference'] / t[auto]:.2f}",

@@ -56,8 +56,9 @@ masked_swiglu            per sample: down(a * silu(gate x) * up x), kept       x
 masked_mlp               per sample: down(a * act(up x + b_up)), kept          x, w_up, w_down_t,
                          channels only; act gelu, gelu_tanh or relu            b_up, unit_scale
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,
-                         (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o    b_qkv, q_norm, k_norm,
-                                                                               unit_scale
+                         (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o;   b_qkv, q_norm, k_norm,
+                         optional position_ids, key padding mask, sliding      unit_scale
+                         window
 linear_cross_entropy     per-row CE of h @ W.T, fp32, no (N, V) logits         h, weight
 =======================  ====================================================  ==================
 

@@ -24,6 +24,7 @@ runs on the backend that ran the forward.
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -412,19 +413,42 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
                      sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, *,
                      b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, scale: float | None = None,
-                     unit_scale: torch.Tensor | None = None, backend: str | None = None,
-                     check: bool = True) -> torch.Tensor:
+                     unit_scale: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None, window: int | None = None,
+                     backend: str | None = None, check: bool = True) -> torch.Tensor:
     """Per-sample causal GQA attention over kept KV groups only, through W_o (no residual).
 
     x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
-    ``(G, (r+2)*hd)`` from :func:`bpp_kernels.layout.pack_attention`; cos/sin ``(T, hd)``
-    (Hugging Face rotate-half RoPE) of any floating dtype, cast to x's dtype on every backend; q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
+    ``(G, (r+2)*hd)`` from :func:`bpp_kernels.layout.pack_attention`; cos/sin ``(P, hd)``
+    (Hugging Face rotate-half RoPE, one row per position, :func:`rope_tables`) of any floating
+    dtype, cast to x's dtype on every backend; q_norm/k_norm ``(hd,)`` per-head RMSNorm (Qwen3);
     keep_idx ``(S, G)`` int32, keep_count ``(S,)`` int32; scale (the softmax scale) defaults
     to hd**-0.5; unit_scale ``(S, G)`` floating or None multiplies the attention output of the
     j-th kept group (all its r query heads) by ``unit_scale[s, j]`` before W_o.
+
+    Positions and masking (the same for every sample; they combine freely):
+
+    - ``position_ids`` ``(B, T)`` int64 or int32, or None: token (b, t) is rotated by row
+      ``position_ids[b, t]`` of cos/sin (shifted windows, packed sequences whose positions restart),
+      so P >= max(position_ids) + 1. None: positions 0..T-1 (P >= T; the first T rows are used).
+      Positions only choose RoPE rows: they never restrict which keys a query sees.
+    - ``attention_mask`` ``(B, T)`` bool, or None: a padding mask over keys (True = a real token);
+      a key where it is False is never attended, on top of causality.
+    - ``window`` positive int, or None: sliding-window attention as in Hugging Face transformers
+      (Mistral, Gemma 3: ``masking_utils.sliding_window_overlay``, ``kv_idx > q_idx - sliding_window``): query
+      t sees key s only if ``s <= t`` and ``t - s < window`` (window=1: itself only; window >= T is
+      plain causal attention). Indices are the tokens' places in x, not their position_ids.
+
+    A query row that sees no key (a fully padded row, or a left-padded row's first tokens) gets
+    an attention output of zeros and passes no gradient. The defaults are plain causal attention
+    over positions 0..T-1, the same bits as a call without these arguments.
+
     Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros. Differentiable in x,
-    w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos and sin are constants.
-    ``check``: validate keep_idx / keep_count first (:func:`check_indices`).
+    w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos, sin, position_ids and
+    attention_mask are constants. ``check``: validate keep_idx / keep_count first
+    (:func:`check_indices`) and that every position has a row of cos/sin (a ValueError on CPU, a
+    device-side assertion on CUDA); with ``check=False`` the C++ op still refuses an out-of-range
+    position (RuntimeError) and Triton clamps it into the table (a wrong result, no stray read).
 
     Example (2 KV groups of 2 query heads; sample 0 keeps group 0, sample 1 both)::
 
@@ -441,14 +465,26 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
         >>> ref = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, backend="reference")
         >>> torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
         True
+
+    Shifted positions, left padding and a sliding window of 3 tokens::
+
+        >>> cos, sin = K.rope_tables(T + 7, hd)              # rows for positions 0..11
+        >>> position_ids = torch.arange(7, 7 + T)[None]      # (B, T): this window starts at position 7
+        >>> attention_mask = torch.tensor([[False, True, True, True, True]])   # token 0 is padding
+        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, position_ids=position_ids,
+        ...                        attention_mask=attention_mask, window=3)
+        >>> bool(y[:, 0, 0].eq(0).all())                     # query 0 sees only the padded key 0: zeros
+        True
     """
     op = "masked_attention"
     _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
     S, B, T, d = x.shape
     _check(w_qkv.dim() == 3 and w_qkv.shape[2] == d, op, f"w_qkv must be (G, (r+2)*hd, {d}), got {tuple(w_qkv.shape)}")
     G, rows = w_qkv.shape[:2]
-    _check(cos.dim() == 2 and cos.shape[0] == T and cos.shape == sin.shape, op,
-           f"cos and sin must be (T={T}, hd), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    _check(cos.dim() == 2 and cos.shape == sin.shape, op,
+           f"cos and sin must be (P, hd), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    _check(position_ids is not None or cos.shape[0] >= T, op,
+           f"cos and sin need a row per position 0..T-1 (T={T}) without position_ids, got {cos.shape[0]} rows")
     hd = cos.shape[1]
     _check(rows % hd == 0 and rows // hd >= 3, op, f"w_qkv rows {rows} are not (r+2)*hd with hd={hd}")
     r = rows // hd - 2
@@ -460,8 +496,53 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     _check(not (cos.requires_grad or sin.requires_grad), op,
            "cos and sin are RoPE constants and get no gradient; pass them detached")
     _check_index(op, keep_idx, keep_count, S, G, unit_scale, x, check)
+    _check_positions_and_masks(op, position_ids, attention_mask, window, B, T, cos.shape[0], x, check)
+    extra = {}  # the new keywords only when given: a call without them is the same call as before
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
+    if attention_mask is not None:
+        extra["attention_mask"] = attention_mask
+    if window is not None:
+        extra["window"] = int(window)
     return _call(op, x, backend, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count,
-                 b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale, unit_scale=unit_scale)
+                 b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale, unit_scale=unit_scale,
+                 **extra)
+
+
+def _check_positions_and_masks(op: str, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                               window, B: int, T: int, P: int, x: torch.Tensor, check: bool) -> None:
+    """masked_attention's position_ids ``(B, T)`` integer in [0, P) (the range checked unless
+    ``check=False``: a ValueError on CPU, a device-side assertion on CUDA and under torch.compile),
+    attention_mask ``(B, T)`` bool and window a positive int or None."""
+    if window is not None:
+        _check(isinstance(window, numbers.Integral) and not isinstance(window, bool) and window > 0, op,
+               f"window must be a positive int or None, got {window!r}")
+    if attention_mask is not None:
+        _check(torch.is_tensor(attention_mask) and attention_mask.dtype == torch.bool
+               and tuple(attention_mask.shape) == (B, T), op,
+               f"attention_mask must be a (B={B}, T={T}) bool tensor, got "
+               f"{_describe(attention_mask)}")
+        _check(attention_mask.device == x.device, op, f"attention_mask is on {attention_mask.device}, x on {x.device}")
+    if position_ids is None:
+        return
+    _check(torch.is_tensor(position_ids) and position_ids.dtype in (torch.int64, torch.int32)
+           and tuple(position_ids.shape) == (B, T), op,
+           f"position_ids must be a (B={B}, T={T}) int64 or int32 tensor, got {_describe(position_ids)}")
+    _check(position_ids.device == x.device, op, f"position_ids is on {position_ids.device}, x on {x.device}")
+    if not check or position_ids.numel() == 0:
+        return
+    bad = (position_ids < 0) | (position_ids >= P)
+    if position_ids.device.type != "cpu" or _compiling():
+        torch._assert_async(~bad.any(), f"{op}: position_ids outside [0, {P}) (cos/sin have {P} rows)")
+        return
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{op}: position_ids[{b}, {t}] = {int(position_ids[b, t])} is outside [0, {P}) "
+                         f"(cos/sin have {P} rows)")
+
+
+def _describe(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,

@@ -165,10 +165,37 @@ def _connected(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in Hugging Face's rotate-half convention; cos/sin ``(T, hd)`` broadcast over x's leading dims."""
+    """Rotary embedding in Hugging Face's rotate-half convention; cos/sin ``(..., T, hd)`` broadcast
+    over x's leading dims."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def attention_visibility(T: int, attention_mask: torch.Tensor | None = None, window: int | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """``visible (B or 1, T, T) bool``: query t sees key s iff ``s <= t`` (causal), ``t - s < window``
+    (Hugging Face's ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``; None: no window)
+    and ``attention_mask[b, s]`` (a key padding mask, True = a real token; None: no padding)."""
+    t = torch.arange(T, device=device)
+    visible = t[None, :] <= t[:, None]
+    if window is not None:
+        visible = visible & (t[:, None] - t[None, :] < window)
+    visible = visible.unsqueeze(0)
+    if attention_mask is not None:
+        visible = visible & attention_mask[:, None, :].to(torch.bool)
+    return visible
+
+
+def _masked_softmax_attention(q, k, v, visible, scale):
+    """``softmax(q k^T * scale)`` over the visible keys only, times v; a query row that sees no key
+    gets zeros (and passes no gradient). visible broadcasts to ``(B, heads, T, T)``."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sees_any = visible.any(-1, keepdim=True)
+    scores = torch.where(sees_any, scores, 0.0)  # a row with no visible key: finite, zeroed below
+    p = torch.softmax(scores, dim=-1) * visible
+    return p @ v
 
 
 def masked_attention(
@@ -185,14 +212,21 @@ def masked_attention(
     norm_eps: float = 1e-6,
     scale: float | None = None,
     unit_scale: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal GQA self-attention of sample s over its kept KV groups only, through W_o.
 
     x ``(S, B, T, d)`` (already normalised); w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``;
-    cos/sin ``(T, hd)`` of any floating dtype, used in x's dtype; keep_idx ``(S, G)``; keep_count ``(S,)``; optional b_qkv
-    ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3);
+    cos/sin ``(P, hd)`` of any floating dtype, used in x's dtype; keep_idx ``(S, G)``; keep_count
+    ``(S,)``; optional b_qkv ``(G, (r+2)*hd)``, q_norm/k_norm ``(hd,)`` (per-head RMSNorm before RoPE, Qwen3);
     ``scale`` is the softmax scale (default hd**-0.5); unit_scale ``(S, G)`` or None multiplies
     the attention output of the j-th kept group's r query heads by ``unit_scale[s, j]``.
+    position_ids ``(B, T)`` integer or None: token (b, t) is rotated by row ``position_ids[b, t]`` of
+    cos/sin (None: row t, P >= T). attention_mask ``(B, T)`` bool or None: keys where it is False
+    are never attended. window int or None: query t sees key s only if ``t - s < window``
+    (:func:`attention_visibility`). A query row that sees no key gets zeros.
     Returns the o_proj output ``(S, B, T, d)`` (no residual); zeros where nothing is kept.
     """
     S, B, T, d = x.shape
@@ -202,6 +236,13 @@ def masked_attention(
     scale = hd**-0.5 if scale is None else scale
     out = torch.zeros_like(x)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if position_ids is None:
+        cos, sin = cos[:T], sin[:T]  # (T, hd): broadcast over batch and heads
+    else:
+        pos = position_ids.long()
+        cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, hd): broadcast over heads
+    masked = attention_mask is not None or window is not None
+    visible = attention_visibility(T, attention_mask, window, x.device)[:, None] if masked else None  # (B|1, 1, T, T)
     counts = keep_count.tolist()
     for s in range(S):
         c = counts[s]
@@ -222,7 +263,10 @@ def masked_attention(
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         kk = kk.repeat_interleave(r, dim=1)
         v = v.repeat_interleave(r, dim=1)
-        att = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale)
+        if masked:
+            att = _masked_softmax_attention(q, kk, v, visible, scale)
+        else:
+            att = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale)
         if unit_scale is not None:
             att = att * unit_scale[s, :c].to(att.dtype).repeat_interleave(r).view(1, c * r, 1, 1)
         att = att.transpose(1, 2).reshape(B, T, c * r * hd)

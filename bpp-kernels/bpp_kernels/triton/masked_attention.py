@@ -23,6 +23,12 @@ sums dK and dV over the r query heads of a group inside one program (GQA without
 differentiated by a few elementwise torch ops over the slot-space buffers; then ``dX`` and the
 kept groups' weight gradients come from :mod:`._gathered`. Pruned groups' weights are never read.
 
+Positions and masks: ``position_ids`` pick each token's cos/sin row in kernel 1 (and in the
+RoPE transpose); a key padding mask and a sliding window are applied in the three flash kernels,
+which then skip the key tiles (forward, dQ) or query tiles (dK/dV) wholly outside the window and
+use a guarded online softmax: a query row that sees no key gets zeros, a log-sum-exp of 0 and no
+gradient. Without them the kernels are compiled as before (constexpr flags), the same bits.
+
 Both directions are ``torch.library`` custom ops (``bpp_triton::masked_attention`` and its
 ``_backward``) tied by :func:`bpp_kernels._autograd.masked_attention`.
 """
@@ -78,9 +84,10 @@ def _head_rms_norm(acc_lo, acc_hi, W, e, e_ok, half, HD, eps, dtype: tl.constexp
 
 
 @triton.jit
-def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K, V, Pre,
-                N, T, D, G, R, HD, eps,
+def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, Pos, KeepIdx, KeepCount, Q, K, V, Pre,
+                N, T, P, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, STORE_PRE: tl.constexpr,
+                HAS_POS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
     # head 0..R-1: query heads, R: key, R+1: value (no batch axis: the row tile spans B*T)
     row_tile, _, slot, head, s, count = _program_ids(KeepCount, G, R + 2)
@@ -112,7 +119,11 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
     dtype = Q.dtype.element_ty
     is_query = head < R
     is_key = head == R
-    t = (rows % T).to(tl.int64)
+    if HAS_POS:  # the cos/sin row of token (b, t) = row b*T + t; clamped: out-of-range (check=False) never reads past
+        t = tl.load(Pos + rows, mask=row_ok, other=0).to(tl.int64)
+        t = tl.minimum(tl.maximum(t, 0), P - 1)
+    else:
+        t = (rows % T).to(tl.int64)
     mask2 = row_ok[:, None] & e_ok[None, :]
     row64 = rows.to(tl.int64)[:, None]
     if STORE_PRE:  # the backward's copy of the q/k projections before norm and RoPE, (S, G, R+1, N, hd)
@@ -145,7 +156,31 @@ def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, KeepIdx, KeepCount, Q, K,
 
 
 @triton.jit
-def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: tl.constexpr,
+def _visible(tq, tk, tk_ok, b, T, KeyMask, window, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(query rows × key columns) bool: causal (key <= query), inside the window (query - key <
+    window) and a real key (attention_mask[b, key])."""
+    visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :]
+    if HAS_WINDOW:
+        visible = visible & (tq[:, None] - tk[None, :] < window)
+    if HAS_PAD:
+        real = tl.load(KeyMask + b * T + tk, mask=tk_ok, other=0) != 0
+        visible = visible & real[None, :]
+    return visible
+
+
+@triton.jit
+def _first_key(q_tile, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The first key tile a query tile can see: 0, or with a window the tile of its first row's
+    earliest key."""
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(q_tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    return first
+
+
+@triton.jit
+def _flash_kernel(Q, K, V, O, Lse, KeepCount, KeyMask, B, T, G, R, HD, scale, window, STORE_LSE: tl.constexpr,
+                  HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
     q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
@@ -161,32 +196,43 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, B, T, G, R, HD, scale, STORE_LSE: 
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HD_P), tl.float32)
     end = tl.minimum((q_tile + 1) * BLOCK_M, T)  # causal: later keys are never needed
-    for k0 in range(0, end, BLOCK_N):
+    start = _first_key(q_tile, window, BLOCK_M, BLOCK_N, HAS_WINDOW)  # window: earlier keys neither
+    for k0 in range(start, end, BLOCK_N):
         tk = k0 + tl.arange(0, BLOCK_N)
         tk_ok = tk < T
         kv_mask = tk_ok[:, None] & e_ok[None, :]
         k = tl.load(K + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :]
+        visible = _visible(tq, tk, tk_ok, b, T, KeyMask, window, HAS_PAD, HAS_WINDOW)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        if HAS_PAD or HAS_WINDOW:  # a row may have seen no key yet: never exp(-inf - -inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    if HAS_PAD or HAS_WINDOW:  # a row that saw no key: output 0, log-sum-exp 0
+        seen = l_i > 0
+        l_safe = tl.where(seen, l_i, 1.0)
+        out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+        lse = tl.where(seen, m_i + tl.log(l_safe), 0.0)
+    else:
+        out = acc / l_i[:, None]
+        lse = m_i + tl.log(l_i)
     if STORE_LSE:  # per query row, (S, G, R, N): what the backward needs to rebuild the probabilities
-        tl.store(Lse + row_off + tq, m_i + tl.log(l_i), mask=tq_ok)
+        tl.store(Lse + row_off + tq, lse, mask=tq_ok)
     feature = (slot * R + head) * HD + e
     o_base = O + s * N * (G * R * HD) + (b * T + tq).to(tl.int64)[:, None] * (G * R * HD)
     tl.store(o_base + feature[None, :], out.to(O.dtype.element_ty), mask=tq_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
-def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, HD, scale,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
+def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, KeyMask, B, T, G, R, HD, scale, window,
+                       HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HD_P: tl.constexpr, PRECISION: tl.constexpr):
     k_tile, b, slot, _, s, count = _program_ids(KeepCount, G, 1)  # one program per group, not per head
     if slot >= count:
         return
@@ -204,12 +250,15 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
     dk = tl.zeros((BLOCK_N, HD_P), tl.float32)
     dv = tl.zeros((BLOCK_N, HD_P), tl.float32)
     first_q = (k_tile * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: earlier queries never see these keys
+    end_q = T
+    if HAS_WINDOW:  # nor do queries window or more past the tile's last key
+        end_q = tl.minimum(T, (k_tile + 1) * BLOCK_N - 1 + window)
     width = G * R * HD
     for head in range(0, R):  # the group's query heads share its K and V: sum them here, no atomics
         q_off, _, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
         q_base = Q + q_off
         do_base = DO + s * N * width + (slot * R + head) * HD
-        for q0 in range(first_q, T, BLOCK_M):
+        for q0 in range(first_q, end_q, BLOCK_M):
             tq = q0 + tl.arange(0, BLOCK_M)
             tq_ok = tq < T
             q_mask = tq_ok[:, None] & e_ok[None, :]
@@ -218,7 +267,7 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
             lse = tl.load(Lse + row_off + tq, mask=tq_ok, other=0.0)
             delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
+            visible = _visible(tq, tk, tk_ok, b, T, KeyMask, window, HAS_PAD, HAS_WINDOW) & tq_ok[:, None]
             p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -229,8 +278,9 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, B, T, G, R, H
 
 
 @triton.jit
-def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, B, T, G, R, HD, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
+def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, KeyMask, B, T, G, R, HD, scale, window,
+                     HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HD_P: tl.constexpr, PRECISION: tl.constexpr):
     q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
@@ -250,14 +300,14 @@ def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, B, T, G, R, HD, sca
     delta = tl.load(Delta + row_off + tq, mask=tq_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HD_P), tl.float32)
     end = tl.minimum((q_tile + 1) * BLOCK_M, T)
-    for k0 in range(0, end, BLOCK_N):
+    for k0 in range(_first_key(q_tile, window, BLOCK_M, BLOCK_N, HAS_WINDOW), end, BLOCK_N):
         tk = k0 + tl.arange(0, BLOCK_N)
         tk_ok = tk < T
         kv_mask = tk_ok[:, None] & e_ok[None, :]
         k = tl.load(K + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off + tk.to(tl.int64)[:, None] * HD + e[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = (tk[None, :] <= tq[:, None]) & tk_ok[None, :] & tq_ok[:, None]
+        visible = _visible(tq, tk, tk_ok, b, T, KeyMask, window, HAS_PAD, HAS_WINDOW) & tq_ok[:, None]
         p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -270,8 +320,17 @@ def _flash_block(dt: torch.dtype) -> int:
     return 32 if INTERPRET or dt == torch.float32 else 64
 
 
+def _masking(x, position_ids, attention_mask, window):
+    """(position_ids contiguous or None, attention_mask as contiguous uint8 or None, window: 0 for
+    none, a window of T or more being none)."""
+    T = x.shape[2]
+    pos = None if position_ids is None else position_ids.contiguous()
+    keys = None if attention_mask is None else attention_mask.contiguous().view(torch.uint8)
+    return pos, keys, (0 if window >= T else window)
+
+
 def _project_and_attend(x, w_qkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps, scale,
-                        for_backward: bool):
+                        for_backward: bool, pos=None, keys=None, window=0):
     """Kernels 1 and 2: q/k/v of the kept groups and the attention output o ``(S, N, G*r*hd)``.
     For the backward also the projections before the q/k norm (when there is one) and the
     per-row log-sum-exp, and every buffer zero-filled (pruned slots then read as zeros)."""
@@ -296,13 +355,16 @@ def _project_and_attend(x, w_qkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm,
     _qkv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), G * (R + 2), S)](
         x, w_qkv, dummy if b_qkv is None else b_qkv.contiguous(),
         dummy if q_norm is None else q_norm.contiguous(), dummy if k_norm is None else k_norm.contiguous(),
-        cos, sin, keep_idx, keep_count, q, k, v, dummy if pre is None else pre, N, T, D, G, R, HD, norm_eps,
+        cos, sin, keep_idx if pos is None else pos, keep_idx, keep_count, q, k, v, dummy if pre is None else pre,
+        N, T, cos.shape[0], D, G, R, HD, norm_eps,
         HAS_BIAS=b_qkv is not None, HAS_QNORM=q_norm is not None, HAS_KNORM=k_norm is not None, STORE_PRE=store_pre,
+        HAS_POS=pos is not None,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_K"], HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     block = _flash_block(dt)
     _flash_kernel[(triton.cdiv(T, block), B * G * R, S)](
-        q, k, v, o, o if lse is None else lse, keep_count, B, T, G, R, HD, scale, STORE_LSE=lse is not None,
+        q, k, v, o, o if lse is None else lse, keep_count, keep_count if keys is None else keys, B, T, G, R, HD, scale,
+        window, STORE_LSE=lse is not None, HAS_PAD=keys is not None, HAS_WINDOW=window > 0,
         BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=precision,
         num_warps=4, num_stages=1 if INTERPRET else 2)
     return q, k, v, o, pre, lse
@@ -313,7 +375,8 @@ def _check_head_dim(HD: int) -> None:
         raise ValueError(f"masked_attention: rotate-half RoPE needs an even head_dim, got {HD} (cos.shape[-1])")
 
 
-def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale):
+def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale,
+             position_ids=None, attention_mask=None, window=0):
     S, B, T, D = x.shape
     G, rows, _ = w_qkv.shape
     HD = cos.shape[-1]
@@ -323,8 +386,9 @@ def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_n
         return torch.empty_like(x)
     x = x.contiguous()
     keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
+    pos, keys, window = _masking(x, position_ids, attention_mask, window)
     o = _project_and_attend(x, w_qkv.contiguous(), cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps,
-                            scale, for_backward=False)[3]
+                            scale, for_backward=False, pos=pos, keys=keys, window=window)[3]
     y = gathered_rows_product(o, w_o_t.contiguous().view(G * R * HD, D), keep_idx, keep_count, R * HD, x.dtype,
                               None if unit_scale is None else unit_scale.contiguous())
     return y.view(S, B, T, D)
@@ -347,7 +411,7 @@ def _head_norm_backward(g, pre, weight, eps, dtype):
 
 
 def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
-              scale, output_mask):
+              scale, position_ids, attention_mask, window, output_mask):
     S, B, T, D = x.shape
     G, rows, _ = w_qkv.shape
     HD = cos.shape[-1]
@@ -367,8 +431,10 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     dy = grad_out.to(dt).contiguous().view(S, N, D)
     keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
     wqkv, wot = w_qkv.contiguous(), w_o_t.contiguous()
+    pos_ids, keys, window = _masking(x, position_ids, attention_mask, window)
     q, k, v, o, pre, lse = _project_and_attend(x, wqkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
-                                               norm_eps, scale, for_backward=True)
+                                               norm_eps, scale, for_backward=True, pos=pos_ids, keys=keys,
+                                               window=window)
     pos = slot_positions(keep_idx, keep_count)
     d_att = gathered_projection(dy, wot.view(G * RHD, D), keep_idx, keep_count, RHD)  # (S, N, G*RHD)
     o_scaled, dscale = o, empty()
@@ -392,11 +458,17 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     # two fp32 (block x hd) accumulators per program (dK and dV): eight warps on a GPU, as FlashAttention-2
     common = dict(BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=dot_precision(dt),
                   num_warps=4 if INTERPRET else 8, num_stages=1 if INTERPRET else 2)
-    _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, B, T, G, R,
-                                                          HD, scale, **common)
-    _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, B, T, G, R,
-                                                            HD, scale, **common)
-    cos_n, sin_n = cos.float().repeat(B, 1), sin.float().repeat(B, 1)  # (N, hd): row n is position n % T
+    masks = dict(HAS_PAD=keys is not None, HAS_WINDOW=window > 0)
+    key_mask = keep_count if keys is None else keys
+    _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, key_mask, B,
+                                                          T, G, R, HD, scale, window, **masks, **common)
+    _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, key_mask, B, T,
+                                                            G, R, HD, scale, window, **masks, **common)
+    if pos_ids is None:  # (N, hd): row n is position n % T
+        cos_n, sin_n = cos[:T].float().repeat(B, 1), sin[:T].float().repeat(B, 1)
+    else:  # row n is position_ids.flatten()[n] (clamped as the forward kernel does)
+        rows_n = pos_ids.reshape(-1).long().clamp(0, cos.shape[0] - 1)
+        cos_n, sin_n = cos.float().index_select(0, rows_n), sin.float().index_select(0, rows_n)
     dq, dk = _rope_transposed(dq, cos_n, sin_n), _rope_transposed(dk, cos_n, sin_n)
     dqn, dkn = empty(), empty()
     if q_norm is not None:
@@ -419,9 +491,11 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
 def _masked_attention_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
                          b_qkv: Optional[torch.Tensor], q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
-                         unit_scale: Optional[torch.Tensor], norm_eps: float, scale: float) -> torch.Tensor:
+                         unit_scale: Optional[torch.Tensor], norm_eps: float, scale: float,
+                         position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                         window: int = 0) -> torch.Tensor:
     return _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
-                    scale)
+                    scale, position_ids, attention_mask, window)
 
 
 @torch.library.custom_op("bpp_triton::masked_attention_backward", mutates_args=())
@@ -429,10 +503,11 @@ def _masked_attention_backward_op(
         grad_out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,
         sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, b_qkv: Optional[torch.Tensor],
         q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], unit_scale: Optional[torch.Tensor],
-        norm_eps: float, scale: float, output_mask: List[bool]
+        norm_eps: float, scale: float, position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+        window: int, output_mask: List[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                     norm_eps, scale, output_mask)
+                     norm_eps, scale, position_ids, attention_mask, window, output_mask)
 
 
 _autograd.masked_attention(_masked_attention_op, _masked_attention_backward_op)
@@ -442,12 +517,20 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
                      sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
                      b_qkv: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6,
-                     scale: float | None = None, unit_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``; cos/sin ``(T, hd)``;
+                     scale: float | None = None, unit_scale: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
+    """x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``; cos/sin ``(P, hd)``;
     keep_idx ``(S, G)`` int32; keep_count ``(S,)`` int32; optional b_qkv, q_norm/k_norm, unit_scale
-    ``(S, G)``. Returns the o_proj output ``(S, B, T, d)`` in x's dtype (zeros where nothing is
-    kept). Differentiable in x, the weights, the bias, the norms and unit_scale (not cos/sin)."""
+    ``(S, G)``, position_ids ``(B, T)`` (cos/sin rows; None: 0..T-1), attention_mask ``(B, T)``
+    bool (keys to attend), window (query t sees key s only if t - s < window; None: no window).
+    Returns the o_proj output ``(S, B, T, d)`` in x's dtype (zeros where nothing is kept).
+    Differentiable in x, the weights, the bias, the norms and unit_scale (not cos/sin)."""
     _check_head_dim(cos.shape[-1])
     scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
+    if position_ids is None and attention_mask is None and window is None:  # the call as it always was
+        return _masked_attention_op(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
+                                    unit_scale, float(norm_eps), scale)
     return _masked_attention_op(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                                float(norm_eps), scale)
+                                float(norm_eps), scale, position_ids, attention_mask,
+                                0 if window is None else int(window))

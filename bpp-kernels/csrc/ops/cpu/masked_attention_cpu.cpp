@@ -16,6 +16,15 @@
 // differentiated in place in one pass; dX = dQKV W (one GEMM); the kept slabs' weight gradients
 // (two GEMMs) added into float accumulators slab by slab. Pruned slabs are never read and keep
 // a zero gradient.
+// Positions and masks: position_ids (B, T) choose each token's cos/sin row in the norm/RoPE pass
+// (and its transpose). The default (no attention_mask, no window) is ATen's causal attention
+// as is. A key padding mask is an additive (B, 1, 1, T) mask (0 / -inf) on top of is_causal, so
+// ATen still skips the key blocks above the diagonal. A window below T runs the attention in
+// query chunks of at most kWindowChunk rows: the chunk [t0, t1) reads only the keys
+// [t0 - window + 1, t1) it can see, with an explicit (causal, window, padding) additive mask, so a
+// row never loops over more than window + chunk keys; forward and backward use the same chunks.
+// A query row that sees no key gets zeros and passes no gradient (ATen's flash kernels leave such
+// a row at 0 with a log-sum-exp of 0).
 // Batch invariance: samples run one after another with the same calls whatever S is.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -31,7 +40,9 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace bpp {
@@ -57,8 +68,9 @@ at::Tensor gather_qkv(const at::Tensor& w, const int32_t* kept, int64_t c, int64
 // then rotate-half RoPE, each result rounded once from float.
 template <typename scalar_t>
 void norm_rope_inplace(at::Tensor& qkv, int64_t T, int64_t q_heads, int64_t k_heads, int64_t hd,
-                       const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& q_norm,
-                       const std::optional<at::Tensor>& k_norm, double eps) {
+                       const at::Tensor& cos, const at::Tensor& sin, const int64_t* pos,
+                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                       double eps) {
   const int64_t BT = qkv.size(0), width = qkv.size(1), half = hd / 2;
   scalar_t* base = qkv.mutable_data_ptr<scalar_t>();
   const scalar_t* cs = cos.const_data_ptr<scalar_t>();
@@ -69,8 +81,9 @@ void norm_rope_inplace(at::Tensor& qkv, int64_t T, int64_t q_heads, int64_t k_he
   at::parallel_for(0, BT, grain_for((q_heads + k_heads) * hd), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(hd);
     for (int64_t bt = begin; bt < end; ++bt) {
-      const scalar_t* ct = cs + (bt % T) * hd;
-      const scalar_t* st = sn + (bt % T) * hd;
+      const int64_t p = pos != nullptr ? pos[bt] : bt % T;  // the cos/sin row of token bt = b*T + t
+      const scalar_t* ct = cs + p * hd;
+      const scalar_t* st = sn + p * hd;
       for (int64_t h = 0; h < q_heads + k_heads; ++h) {
         scalar_t* row = base + bt * width + h * hd;  // k heads follow the q heads directly
         const scalar_t* w = h < q_heads ? qw : kw;
@@ -112,7 +125,7 @@ void scatter_add_qkv(at::Tensor& acc, const at::Tensor& src, const int32_t* kept
 // token, summed by the caller (so every entry has one writer and a fixed order).
 template <typename scalar_t>
 void norm_rope_backward_inplace(at::Tensor& dqkv, const at::Tensor& pre, int64_t T, int64_t q_heads, int64_t k_heads,
-                                int64_t hd, const at::Tensor& cos, const at::Tensor& sin,
+                                int64_t hd, const at::Tensor& cos, const at::Tensor& sin, const int64_t* pos,
                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                                 double eps, float* dqn_rows, float* dkn_rows) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -127,8 +140,9 @@ void norm_rope_backward_inplace(at::Tensor& dqkv, const at::Tensor& pre, int64_t
   at::parallel_for(0, BT, grain_for((q_heads + k_heads) * hd), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(hd);
     for (int64_t bt = begin; bt < end; ++bt) {
-      const scalar_t* ct = cs + (bt % T) * hd;
-      const scalar_t* st = sn + (bt % T) * hd;
+      const int64_t p = pos != nullptr ? pos[bt] : bt % T;
+      const scalar_t* ct = cs + p * hd;
+      const scalar_t* st = sn + p * hd;
       for (int64_t h = 0; h < q_heads + k_heads; ++h) {
         scalar_t* row = base + bt * width + h * hd;
         for (int64_t e = 0; e < half; ++e) {  // RoPE transposed
@@ -170,11 +184,22 @@ struct Shapes {
 Shapes check_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o_t, const at::Tensor& cos,
                     const at::Tensor& sin, const at::Tensor& keep_idx, const at::Tensor& keep_count,
                     const std::optional<at::Tensor>& b_qkv, const std::optional<at::Tensor>& q_norm,
-                    const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale) {
+                    const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale,
+                    const std::optional<at::Tensor>& position_ids, const std::optional<at::Tensor>& attention_mask,
+                    int64_t window) {
   TORCH_CHECK(x.dim() == 4, "masked_attention: x must be (S, B, T, d), got ", x.sizes());
   const int64_t S = x.size(0), B = x.size(1), T = x.size(2), d = x.size(3);
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.sizes() == sin.sizes(),
-              "masked_attention: cos and sin must be (T=", T, ", hd), got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes(), "masked_attention: cos and sin must be (P, hd), got ",
+              cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(position_ids.has_value() || cos.size(0) >= T, "masked_attention: cos and sin need a row per position ",
+              "0..T-1 (T=", T, ") without position_ids, got ", cos.size(0), " rows");
+  TORCH_CHECK(!position_ids || (position_ids->dim() == 2 && position_ids->size(0) == B && position_ids->size(1) == T &&
+                                (position_ids->scalar_type() == at::kLong || position_ids->scalar_type() == at::kInt)),
+              "masked_attention: position_ids must be a (B=", B, ", T=", T, ") int64 or int32 tensor");
+  TORCH_CHECK(!attention_mask || (attention_mask->dim() == 2 && attention_mask->size(0) == B &&
+                                  attention_mask->size(1) == T && attention_mask->scalar_type() == at::kBool),
+              "masked_attention: attention_mask must be a (B=", B, ", T=", T, ") bool tensor");
+  TORCH_CHECK(window >= 0, "masked_attention: window must be positive (0: none), got ", window);
   const int64_t hd = cos.size(1);
   TORCH_CHECK(hd % 2 == 0, "masked_attention: head_dim ", hd, " must be even for rotate-half RoPE");
   TORCH_CHECK(w_qkv.dim() == 3 && w_qkv.size(2) == d && w_qkv.size(1) % hd == 0 && w_qkv.size(1) / hd >= 3,
@@ -202,7 +227,9 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tens
   TORCH_CHECK(!unit_scale || (unit_scale->dim() == 2 && unit_scale->size(0) == S && unit_scale->size(1) == G &&
                               at::isFloatingType(unit_scale->scalar_type())),
               "masked_attention: unit_scale must be a floating (S=", S, ", G=", G, ") tensor aligned with keep_idx");
-  TORCH_CHECK(x.device().is_cpu() && w_qkv.device().is_cpu() && w_o_t.device().is_cpu(),
+  TORCH_CHECK(x.device().is_cpu() && w_qkv.device().is_cpu() && w_o_t.device().is_cpu() &&
+                  (!position_ids || position_ids->device().is_cpu()) &&
+                  (!attention_mask || attention_mask->device().is_cpu()),
               "masked_attention: the cpp backend takes CPU tensors only");
   return {S, B, T, d, hd, G, rows, r};
 }
@@ -215,6 +242,118 @@ int64_t kept_groups(const int32_t* counts, const int32_t* indices, int64_t s, in
     TORCH_CHECK(kept[j] >= 0 && kept[j] < G, "masked_attention: keep_idx[", s, ", ", j, "] = ", kept[j],
                 " is outside [0, G=", G, ")");
   return c;
+}
+
+// position_ids as contiguous int64 (B, T), each checked against the P rows of cos/sin (reading a
+// row past the table would read out of bounds); undefined when absent.
+at::Tensor checked_positions(const std::optional<at::Tensor>& position_ids, int64_t P) {
+  if (!position_ids) return at::Tensor();
+  auto pos = position_ids->to(at::kLong).contiguous();
+  const int64_t* p = pos.const_data_ptr<int64_t>();
+  const int64_t T = pos.size(1);
+  for (int64_t i = 0; i < pos.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < P, "masked_attention: position_ids[", i / T, ", ", i % T, "] = ", p[i],
+                " is outside [0, ", P, ") (cos/sin have ", P, " rows)");
+  return pos;
+}
+
+// Which keys each query sees beyond causality: key_bias (B, T) in the compute dtype, 0 for a
+// real key and -inf for padding (undefined: no padding), and window (0: none; a window of T or
+// more is none, as it hides nothing).
+struct Masking {
+  at::Tensor key_bias;
+  int64_t window = 0;
+  bool plain() const { return !key_bias.defined() && window == 0; }
+};
+
+Masking make_masking(const std::optional<at::Tensor>& attention_mask, int64_t window, int64_t T,
+                     at::ScalarType compute) {
+  Masking mk;
+  mk.window = window >= T ? 0 : window;
+  if (attention_mask) {
+    mk.key_bias = at::zeros(attention_mask->sizes(), attention_mask->options().dtype(compute))
+                      .masked_fill_(attention_mask->logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  return mk;
+}
+
+constexpr int64_t kWindowChunk = 128;  // query rows per call of the windowed attention
+
+// The query chunks of the windowed attention: rows [t0, t1) read keys [lo, t1).
+struct Chunk {
+  int64_t t0, t1, lo;
+};
+
+std::vector<Chunk> window_chunks(int64_t T, int64_t window) {
+  std::vector<Chunk> chunks;
+  for (int64_t t0 = 0; t0 < T; t0 += kWindowChunk) {
+    const int64_t t1 = std::min(T, t0 + kWindowChunk);
+    chunks.push_back({t0, t1, std::max<int64_t>(0, t0 - window + 1)});
+  }
+  return chunks;
+}
+
+// The additive mask of a chunk, (B or 1, 1, t1 - t0, t1 - lo): causality, the window and padding.
+at::Tensor chunk_mask(const Masking& mk, const Chunk& ch, const at::TensorOptions& opts) {
+  const auto lopt = opts.dtype(at::kLong);
+  const auto qi = at::arange(ch.t0, ch.t1, lopt).view({-1, 1});
+  const auto ki = at::arange(ch.lo, ch.t1, lopt).view({1, -1});
+  const auto hidden = (ki > qi).logical_or_((qi - ki) >= mk.window);
+  const int64_t rows = ch.t1 - ch.t0, cols = ch.t1 - ch.lo;
+  auto m = at::zeros({rows, cols}, opts).masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+  if (!mk.key_bias.defined()) return m.view({1, 1, rows, cols});
+  const int64_t B = mk.key_bias.size(0);
+  return (mk.key_bias.narrow(1, ch.lo, cols).view({B, 1, 1, cols}) + m.view({1, 1, rows, cols})).contiguous();
+}
+
+// Attention of q (B, Hq, T, hd) over k, v (B, Hk, T, hd) (GQA, strided views) under causality and
+// mk: (o (B, Hq, T, hd), laid out (B, T, Hq, hd), and its log-sum-exp (B, Hq, T)).
+std::tuple<at::Tensor, at::Tensor> masked_flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const Masking& mk, double scale) {
+  if (mk.window == 0) {
+    const int64_t B = q.size(0), T = q.size(2);
+    return at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, /*is_causal=*/true,
+                                                           mk.key_bias.view({B, 1, 1, T}), scale);
+  }
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
+  auto o = at::empty({B, T, H, hd}, q.options()).transpose(1, 2);
+  at::Tensor lse;
+  for (const auto& ch : window_chunks(T, mk.window)) {
+    const int64_t rows = ch.t1 - ch.t0, cols = ch.t1 - ch.lo;
+    const auto [oc, lc] = at::_scaled_dot_product_flash_attention_for_cpu(
+        q.narrow(2, ch.t0, rows), k.narrow(2, ch.lo, cols), v.narrow(2, ch.lo, cols), 0.0, /*is_causal=*/false,
+        chunk_mask(mk, ch, q.options()), scale);
+    if (!lse.defined()) lse = at::empty({B, H, T}, lc.options());
+    o.narrow(2, ch.t0, rows).copy_(oc);
+    lse.narrow(2, ch.t0, rows).copy_(lc);
+  }
+  return {o, lse};
+}
+
+// The gradients (dq, dk, dv) of masked_flash_forward, in the same chunks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_flash_backward(const at::Tensor& d_out, const at::Tensor& q,
+                                                                     const at::Tensor& k, const at::Tensor& v,
+                                                                     const at::Tensor& o, const at::Tensor& lse,
+                                                                     const Masking& mk, double scale) {
+  if (mk.window == 0) {
+    const int64_t B = q.size(0), T = q.size(2);
+    return at::_scaled_dot_product_flash_attention_for_cpu_backward(d_out, q, k, v, o, lse, 0.0, /*is_causal=*/true,
+                                                                    mk.key_bias.view({B, 1, 1, T}), scale);
+  }
+  const int64_t T = q.size(2);
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
+  for (const auto& ch : window_chunks(T, mk.window)) {
+    const int64_t rows = ch.t1 - ch.t0, cols = ch.t1 - ch.lo;
+    const auto [a, b, c] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out.narrow(2, ch.t0, rows), q.narrow(2, ch.t0, rows), k.narrow(2, ch.lo, cols), v.narrow(2, ch.lo, cols),
+        o.narrow(2, ch.t0, rows), lse.narrow(2, ch.t0, rows), 0.0, /*is_causal=*/false, chunk_mask(mk, ch, q.options()),
+        scale);
+    dq.narrow(2, ch.t0, rows).copy_(a);
+    dk.narrow(2, ch.lo, cols).add_(b);
+    dv.narrow(2, ch.lo, cols).add_(c);
+  }
+  return {dq, dk, dv};
 }
 
 // The kept groups' W_o^T slabs, (c * r*hd, d) in the compute dtype.
@@ -230,13 +369,13 @@ at::Tensor gather_wo(const at::Tensor& wot, const int32_t* kept, int64_t c, int6
 // in place unless keep_pre, in which case the rotated copy is returned and qkv left as it is.
 at::Tensor project_qkv(const at::Tensor& xb, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        at::Tensor& pre, bool keep_pre, const Shapes& sh, int64_t c, const at::Tensor& cs,
-                       const at::Tensor& sn, const std::optional<at::Tensor>& qn, const std::optional<at::Tensor>& kn,
-                       double eps) {
+                       const at::Tensor& sn, const int64_t* pos, const std::optional<at::Tensor>& qn,
+                       const std::optional<at::Tensor>& kn, double eps) {
   pre = gemm_nt(xb, w, bias);
   if (!pre.is_contiguous()) pre = pre.contiguous();
   auto post = keep_pre ? pre.clone() : pre;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, post.scalar_type(), "masked_attention_cpu", [&] {
-    norm_rope_inplace<scalar_t>(post, sh.T, c * sh.r, c, sh.hd, cs, sn, qn, kn, eps);
+    norm_rope_inplace<scalar_t>(post, sh.T, c * sh.r, c, sh.hd, cs, sn, pos, qn, kn, eps);
   });
   return post;
 }
@@ -247,8 +386,11 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
                                 const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keep_idx,
                                 const at::Tensor& keep_count, const std::optional<at::Tensor>& b_qkv,
                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                                const std::optional<at::Tensor>& unit_scale, double norm_eps, double scale) {
-  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale);
+                                const std::optional<at::Tensor>& unit_scale, double norm_eps, double scale,
+                                const std::optional<at::Tensor>& position_ids,
+                                const std::optional<at::Tensor>& attention_mask, int64_t window) {
+  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                                 position_ids, attention_mask, window);
   const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r;
   const auto compute = compute_dtype(x.scalar_type());  // see compute_dtype.h
   const auto xs = x.contiguous();
@@ -262,6 +404,9 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
   const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
+  const auto pos_t = checked_positions(position_ids, cos.size(0));
+  const int64_t* pos = pos_t.defined() ? pos_t.const_data_ptr<int64_t>() : nullptr;
+  const Masking mk = make_masking(attention_mask, window, T, compute);
   auto out = at::empty_like(xs);
 
   for (int64_t s = 0; s < S; ++s) {
@@ -278,12 +423,13 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
     at::Tensor pre;  // normed and rotated in place: qkv below is the same tensor
     const auto qkv = project_qkv(
         xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
-        false, sh, c, cs, sn, qn, kn, norm_eps);
+        false, sh, c, cs, sn, pos, qn, kn, norm_eps);
     const auto q = qkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
     const auto k = qkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
     const auto v = qkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto att = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, scale,
-                                                      /*enable_gqa=*/true);
+    const auto att = mk.plain() ? at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true,
+                                                                   scale, /*enable_gqa=*/true)
+                                : std::get<0>(masked_flash_forward(q, k, v, mk, scale));
     auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
     if (us) att2d = (att2d.view({B * T, c, r * hd}) * (*us)[s].narrow(0, 0, c).view({1, c, 1})).view({B * T, q_width});
     gemm_nt_into(dst, att2d, gather_wo(wot, kept, c, r * hd, d, compute).t());
@@ -297,8 +443,11 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
                               const at::Tensor& keep_idx, const at::Tensor& keep_count,
                               const std::optional<at::Tensor>& b_qkv, const std::optional<at::Tensor>& q_norm,
                               const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale,
-                              double norm_eps, double scale, std::array<bool, 7> output_mask) {
-  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale);
+                              double norm_eps, double scale, const std::optional<at::Tensor>& position_ids,
+                              const std::optional<at::Tensor>& attention_mask, int64_t window,
+                              std::array<bool, 7> output_mask) {
+  const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
+                                 position_ids, attention_mask, window);
   const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r, rows = sh.rows;
   const int64_t BT = B * T;
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "masked_attention_backward: grad_out ", grad_out.sizes(), " != x ",
@@ -315,6 +464,10 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
   const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
+
+  const auto pos_t = checked_positions(position_ids, cos.size(0));
+  const int64_t* pos = pos_t.defined() ? pos_t.const_data_ptr<int64_t>() : nullptr;
+  const Masking mk = make_masking(attention_mask, window, T, compute);
 
   const bool need_x = output_mask[0], need_wqkv = output_mask[1], need_wo = output_mask[2];
   const bool need_b = output_mask[3] && b_qkv.has_value(), need_qn = output_mask[4] && q_norm.has_value();
@@ -345,12 +498,13 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
     at::Tensor pre;
     const auto post = project_qkv(
         xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
-        qn.has_value() || kn.has_value(), sh, c, cs, sn, qn, kn, norm_eps);
+        qn.has_value() || kn.has_value(), sh, c, cs, sn, pos, qn, kn, norm_eps);
     const auto q = post.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
     const auto k = post.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
     const auto v = post.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, /*is_causal=*/true,
-                                                                          std::nullopt, scale);
+    const auto [o, lse] = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, /*is_causal=*/true,
+                                                                                       std::nullopt, scale)
+                                     : masked_flash_forward(q, k, v, mk, scale);
     const auto wo = gather_wo(wot, kept, c, rhd, d, compute);
     auto d_att = at::mm(gy, wo.t());  // (BT, q_width): gradient of the (scaled) attention output
     auto att2d = o.transpose(1, 2).reshape({BT, q_width});  // a view of o: never written
@@ -369,14 +523,15 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
     }
     if (!need_dqkv) continue;
     const auto d_out = d_att.view({B, T, c * r, hd}).transpose(1, 2);
-    const auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        d_out, q, k, v, o, lse, 0.0, /*is_causal=*/true, std::nullopt, scale);
+    const auto [dq, dk, dv] = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu_backward(
+                                               d_out, q, k, v, o, lse, 0.0, /*is_causal=*/true, std::nullopt, scale)
+                                         : masked_flash_backward(d_out, q, k, v, o, lse, mk, scale);
     auto dqkv = at::empty({BT, width}, pre.options());
     dqkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).copy_(dq.transpose(1, 2));
     dqkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).copy_(dk.transpose(1, 2));
     dqkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).copy_(dv.transpose(1, 2));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dqkv.scalar_type(), "masked_attention_backward", [&] {
-      norm_rope_backward_inplace<scalar_t>(dqkv, pre, T, c * r, c, hd, cs, sn, qn, kn, norm_eps,
+      norm_rope_backward_inplace<scalar_t>(dqkv, pre, T, c * r, c, hd, cs, sn, pos, qn, kn, norm_eps,
                                            need_qn ? dqn_rows.mutable_data_ptr<float>() : nullptr,
                                            need_kn ? dkn_rows.mutable_data_ptr<float>() : nullptr);
     });
