@@ -48,8 +48,9 @@ op                       computes                                              d
 =======================  ====================================================  ==================
 mask_to_index            bool mask -> keep_idx, keep_count                     (integer outputs)
 rms_norm / add_rms_norm  RMSNorm (fp32 statistics), optionally after h = x+r   x, residual, weight
-masked_swiglu            per sample: down(a * silu(gate x) * up x), kept       x, w_gate_up,
-                         channels only                                         w_down_t, unit_scale
+masked_swiglu            per sample: down(a * act(gate x) * up x), kept        x, w_gate_up,
+                         channels only; act silu (SwiGLU) or gelu_tanh         w_down_t, unit_scale
+                         (GeGLU)
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,
                          (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o    b_qkv, q_norm, k_norm,
                                                                                unit_scale

@@ -52,8 +52,8 @@ if AVAILABLE:
     def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.bpp.mask_to_index(mask)
 
-    def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None):
-        return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
+    def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None, activation="silu"):
+        return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation)
 
     def masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv=None, q_norm=None, k_norm=None,
                          norm_eps=1e-6, scale=None, unit_scale=None):
