@@ -51,8 +51,9 @@ op                       computes                                              d
 mask_to_index            bool mask -> keep_idx, keep_count                     (integer outputs)
 rms_norm / add_rms_norm  RMSNorm (fp32 statistics), optionally after h = x+r   x, residual, weight
 layer_norm               LayerNorm (fp32 statistics and affine map)            x, weight, bias
-masked_swiglu            per sample: down(a * silu(gate x) * up x), kept       x, w_gate_up,
-                         channels only                                         w_down_t, unit_scale
+masked_swiglu            per sample: down(a * act(gate x) * up x), kept        x, w_gate_up,
+                         channels only; act silu (SwiGLU) or gelu_tanh         w_down_t, unit_scale
+                         (GeGLU)
 masked_mlp               per sample: down(a * act(up x + b_up)), kept          x, w_up, w_down_t,
                          channels only; act gelu, gelu_tanh or relu            b_up, unit_scale
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,

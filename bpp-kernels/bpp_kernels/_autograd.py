@@ -29,28 +29,30 @@ def _grads_or_none(grads, wanted):
 
 
 def masked_swiglu(forward, backward) -> None:
-    """``forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale) -> y``;
-    ``backward(grad, <the six inputs>, output_mask[4]) -> (dx, dw_gate_up, dw_down_t, dunit_scale)``."""
+    """``forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation) -> y``;
+    ``backward(grad, <the seven inputs>, output_mask[4]) -> (dx, dw_gate_up, dw_down_t, dunit_scale)``
+    (activation: "silu" or "gelu_tanh", no gradient; the dispatcher may leave out a default one)."""
 
-    def forward_fake(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale):
+    def forward_fake(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation="silu"):
         return torch.empty_like(x)
 
-    def backward_fake(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask):
+    def backward_fake(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation, output_mask):
         scale = unit_scale if unit_scale is not None else x.new_empty(0)
         return (_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_gate_up),
                 _empty_unless(output_mask[2], w_down_t),
                 _empty_unless(output_mask[3] and unit_scale is not None, scale))
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:6])
+        ctx.activation = inputs[6] if len(inputs) > 6 else "silu"
 
     def backward_autograd(ctx, grad):
         x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         wanted = [need[0], need[1], need[2], unit_scale is not None and need[5]]
-        grads = backward(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, wanted)
+        grads = backward(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, ctx.activation, wanted)
         dx, dwgu, dwdt, dscale = _grads_or_none(grads, wanted)
-        return dx, dwgu, dwdt, None, None, dscale
+        return dx, dwgu, dwdt, None, None, dscale, None
 
     torch.library.register_fake(forward, forward_fake)
     torch.library.register_fake(backward, backward_fake)

@@ -54,8 +54,8 @@ if AVAILABLE:
     def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.bpp.mask_to_index(mask)
 
-    def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None):
-        return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
+    def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None, activation="silu"):
+        return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation)
 
     def masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up=None, activation="gelu", unit_scale=None):
         return torch.ops.bpp.masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation)

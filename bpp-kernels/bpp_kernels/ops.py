@@ -369,14 +369,17 @@ def masked_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, keep
 
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
-                  keep_count: torch.Tensor, *, unit_scale: torch.Tensor | None = None,
+                  keep_count: torch.Tensor, *, unit_scale: torch.Tensor | None = None, activation: str = "silu",
                   backend: str | None = None, check: bool = True) -> torch.Tensor:
-    """Per-sample SwiGLU MLP over kept channels only: ``down(a * silu(gate(x)) * up(x))``.
+    """Per-sample gated MLP over kept channels only: ``down(a * act(gate(x)) * up(x))``.
 
     x ``(S, ..., d)`` fp32/fp16/bf16; w_gate_up ``(m, 2, d)``, w_down_t ``(m, d)`` from
     :func:`bpp_kernels.layout.pack_swiglu`; keep_idx ``(S, m)`` int32, keep_count ``(S,)`` int32;
     unit_scale ``(S, m)`` floating or None: ``a = unit_scale[s, j]`` for the j-th kept channel
     ``keep_idx[s, j]`` (soft masks; None = 1, the scale-free path).
+    ``activation``: the gate's ``act``, ``"silu"`` (SwiGLU: Llama, Mistral, Qwen; the default) or
+    ``"gelu_tanh"`` (GeGLU as in Gemma: ``torch.nn.functional.gelu(g, approximate="tanh")``);
+    anything else is a ValueError.
     Returns ``(S, ..., d)``; a sample that keeps no channel gets zeros. Pruned channels cost
     nothing, forward or backward. Differentiable in x, w_gate_up, w_down_t and unit_scale.
     ``check``: validate keep_idx / keep_count first (:func:`check_indices`; False for indices
@@ -398,15 +401,21 @@ def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tens
         >>> dense = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T) * mask[:, None, None]) @ w_down.T
         >>> torch.allclose(y, dense, rtol=1e-4, atol=1e-5), bool(y[2].eq(0).all())
         (True, True)
+        >>> y = K.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, activation="gelu_tanh")  # GeGLU
+        >>> geglu = torch.nn.functional.gelu(x @ w_gate.T, approximate="tanh") * (x @ w_up.T)
+        >>> torch.allclose(y, (geglu * mask[:, None, None]) @ w_down.T, rtol=1e-4, atol=1e-5)
+        True
     """
     op = "masked_swiglu"
+    reference.check_activation(activation, op)
     _check(x.dim() >= 2, op, f"x must be (S, ..., d), got {tuple(x.shape)}")
     m, d = w_down_t.shape
     _check(w_gate_up.shape == (m, 2, d), op, f"w_gate_up must be ({m}, 2, {d}), got {tuple(w_gate_up.shape)}")
     _check(x.shape[-1] == d, op, f"x's last dim {x.shape[-1]} != hidden size {d}")
     _check(x.dtype == w_gate_up.dtype == w_down_t.dtype, op, "x and weights must share a dtype")
     _check_index(op, keep_idx, keep_count, x.shape[0], m, unit_scale, x, check)
-    return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale)
+    return _call(op, x, backend, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale,
+                 activation=activation)
 
 
 def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, cos: torch.Tensor,

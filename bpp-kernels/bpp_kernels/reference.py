@@ -56,6 +56,19 @@ def add_rms_norm(
     return rms_norm(h, weight, eps), h
 
 
+# the gate activations of masked_swiglu: "silu" is SwiGLU (Llama), "gelu_tanh" GeGLU (Gemma)
+GLU_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+}
+
+
+def check_activation(activation: str, op: str = "masked_swiglu") -> None:
+    """A ValueError unless ``activation`` is one of :data:`GLU_ACTIVATIONS`."""
+    if activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be {' or '.join(map(repr, GLU_ACTIVATIONS))}, got {activation!r}")
+
+
 def masked_swiglu(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -63,14 +76,18 @@ def masked_swiglu(
     keep_idx: torch.Tensor,
     keep_count: torch.Tensor,
     unit_scale: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """SwiGLU MLP of sample s over its kept channels only.
+    """Gated MLP of sample s over its kept channels only: ``down(act(gate x) * up x)``.
 
     x ``(S, ..., d)``; w_gate_up ``(m, 2, d)``; w_down_t ``(m, d)``; keep_idx ``(S, m)``;
     keep_count ``(S,)``; unit_scale ``(S, m)`` or None: the j-th kept channel's activation is
-    multiplied by ``unit_scale[s, j]`` (in x's dtype). Returns ``(S, ..., d)`` in x's dtype;
+    multiplied by ``unit_scale[s, j]`` (in x's dtype); activation ``"silu"`` (SwiGLU) or
+    ``"gelu_tanh"`` (GeGLU, tanh-approximated GELU). Returns ``(S, ..., d)`` in x's dtype;
     zeros where nothing is kept.
     """
+    check_activation(activation)
+    act_fn = GLU_ACTIVATIONS[activation]
     S, d = x.shape[0], x.shape[-1]
     out = torch.zeros_like(x)
     counts = keep_count.tolist()
@@ -81,7 +98,7 @@ def masked_swiglu(
         k = keep_idx[s, :c].long()
         xs = x[s].reshape(-1, d)
         gu = (xs @ w_gate_up[k].reshape(2 * c, d).t()).view(-1, c, 2)
-        act = F.silu(gu[..., 0]) * gu[..., 1]
+        act = act_fn(gu[..., 0]) * gu[..., 1]
         if unit_scale is not None:
             act = act * unit_scale[s, :c].to(act.dtype)
         out[s] = (act @ w_down_t[k]).view(x.shape[1:])

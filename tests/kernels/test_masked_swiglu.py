@@ -1,13 +1,16 @@
 """masked_swiglu on every backend against the reference: forward and gradients (x, both
-weights, per-unit scales) on ragged, empty and full masks at odd sizes, pruned channels never
-read and given exactly zero gradient, batch invariance, torch.compile, input errors."""
+weights, per-unit scales) on ragged, empty and full masks at odd sizes, for both gate
+activations (SiLU: SwiGLU; tanh-GELU: GeGLU), pruned channels never read and given exactly zero
+gradient, batch invariance, torch.compile, input errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bpp_kernels import cpp, ops, reference
 from tests.kernels import cases
 
 WRT = ["x", "w_gate_up", "w_down_t", "unit_scale"]
+ACTIVATIONS = [pytest.param("silu", id="silu"), pytest.param("gelu_tanh", id="gelu_tanh")]
 
 SHAPES = [  # S, N, d, m, keep
     pytest.param(3, 5, 12, 17, 0.5, id="S3-N5-d12-m17-keep0.5"),
@@ -33,8 +36,10 @@ GRAD_CASES = [  # S, N, d, m, keep, unit_scale
 
 @pytest.mark.parametrize("backend,device,dtype", cases.targets())
 @pytest.mark.parametrize("S,N,d,m,keep", SHAPES)
-def test_forward_matches_reference(S, N, d, m, keep, backend, device, dtype):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_matches_reference(activation, S, N, d, m, keep, backend, device, dtype):
     kw = cases.swiglu_inputs(S, N, d, m, keep, dtype=dtype, device=device, seed=11)
+    kw["activation"] = activation
     ref, tol = cases.tolerance(reference.masked_swiglu, kw, dtype)
     out = ops.masked_swiglu(**kw, backend=backend)
     assert out.dtype == dtype
@@ -44,14 +49,56 @@ def test_forward_matches_reference(S, N, d, m, keep, backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device,dtype", cases.targets())
 @pytest.mark.parametrize("S,N,d,m,keep,scaled", GRAD_CASES)
-def test_gradients_match_reference(S, N, d, m, keep, scaled, backend, device, dtype):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradients_match_reference(activation, S, N, d, m, keep, scaled, backend, device, dtype):
     kw = cases.swiglu_inputs(S, N, d, m, keep, dtype=dtype, device=device, seed=12, unit_scale=scaled)
+    kw["activation"] = activation
     grads = cases.assert_grads_match(f"{backend} masked_swiglu", "masked_swiglu", kw, WRT, backend, dtype)
     empty = kw["keep_count"] == 0
     assert (grads["x"][empty] == 0).all(), "a sample keeping no channel passes no gradient to x"
     if scaled:
         slots = torch.arange(m, device=device)[None, :] >= kw["keep_count"][:, None]
         assert (grads["unit_scale"][slots] == 0).all(), "scales past keep_count are never read"
+
+
+def _gelu_tanh(g):
+    """GELU's tanh approximation written out (Gemma's hidden_activation "gelu_pytorch_tanh")."""
+    return 0.5 * g * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)))
+
+
+def _dense_geglu(x, w_gate_up, w_down_t, unit_mask):
+    """Gemma's MLP, every channel computed: down(gelu_tanh(gate x) * up x), the mask (S, m) in
+    channel order multiplied into the activations before W_down."""
+    g, u = x @ w_gate_up[:, 0].t(), x @ w_gate_up[:, 1].t()
+    return (_gelu_tanh(g) * u * unit_mask[:, None, :]) @ w_down_t
+
+
+def test_written_out_gelu_tanh_is_torchs():
+    g = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    torch.testing.assert_close(_gelu_tanh(g), F.gelu(g, approximate="tanh"), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["hard-mask", "unit-scale"])
+@pytest.mark.parametrize("S,N,d,m,keep", [(3, 5, 12, 17, 0.5), (4, 9, 60, 70, 0.3), (2, 1, 8, 8, 1.0),
+                                          (2, 3, 8, 8, 0.0)])
+def test_reference_gelu_tanh_equals_dense_geglu_with_mask_multiplied(S, N, d, m, keep, scaled):
+    """The reference's GeGLU, output and gradients, against the dense MLP with pruned channels
+    zeroed (and kept ones scaled) by a multiplicative mask, in float64."""
+    kw = cases.to_float64(cases.swiglu_inputs(S, N, d, m, keep, seed=20, unit_scale=scaled))
+    kw["activation"] = "gelu_tanh"
+    wrt = ["x", "w_gate_up", "w_down_t"] + (["unit_scale"] if scaled else [])
+    out, grads = cases.forward_backward(reference.masked_swiglu, kw, wrt)
+
+    def dense(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None, activation=None):
+        slots = torch.arange(m)[None, :] < keep_count[:, None]
+        values = torch.ones(S, m, dtype=x.dtype) if unit_scale is None else unit_scale
+        unit_mask = torch.zeros(S, m, dtype=x.dtype).scatter(1, keep_idx.long(), torch.where(slots, values, 0.0))
+        return _dense_geglu(x, w_gate_up, w_down_t, unit_mask)
+
+    dense_out, dense_grads = cases.forward_backward(dense, kw, wrt)
+    torch.testing.assert_close(out, dense_out, rtol=1e-10, atol=1e-10)
+    for name in wrt:
+        torch.testing.assert_close(grads[name], dense_grads[name], rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("cpp", "cpu", marks=cases.needs_cpp),
@@ -91,12 +138,14 @@ def test_batch_invariance(backend, device, dtype, monkeypatch):
     kw = cases.swiglu_inputs(8, 21, 24, 40, 0.5, dtype=dtype, device=device, seed=15, unit_scale=True)
     for gemm in (("onednn", "aten") if backend == "cpp" else ("default",)):
         monkeypatch.setenv("BPP_CPU_GEMM", gemm if backend == "cpp" else "auto")
-        together = ops.masked_swiglu(**kw, backend=backend)
-        for j in range(8):
-            alone = ops.masked_swiglu(kw["x"][j:j + 1], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"][j:j + 1],
-                                      kw["keep_count"][j:j + 1], unit_scale=kw["unit_scale"][j:j + 1],
-                                      backend=backend)
-            assert torch.equal(alone[0], together[j]), f"sample {j} differs alone and in a batch of 8 ({gemm})"
+        for activation in ("silu", "gelu_tanh"):
+            together = ops.masked_swiglu(**kw, activation=activation, backend=backend)
+            for j in range(8):
+                alone = ops.masked_swiglu(kw["x"][j:j + 1], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"][j:j + 1],
+                                          kw["keep_count"][j:j + 1], unit_scale=kw["unit_scale"][j:j + 1],
+                                          activation=activation, backend=backend)
+                assert torch.equal(alone[0], together[j]), \
+                    f"sample {j} differs alone and in a batch of 8 ({gemm}, {activation})"
 
 
 @cases.needs_cpp
@@ -111,7 +160,8 @@ def test_cpp_both_gemm_libraries_match_reference(dtype, gemm, monkeypatch):
 @pytest.mark.parametrize("backend,device", [pytest.param("cpp", "cpu", marks=cases.needs_cpp),
                                             pytest.param("triton", "cpu", marks=cases.needs_interpreter),
                                             pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
-def test_forward_and_backward_compile_without_graph_break(backend, device):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_and_backward_compile_without_graph_break(backend, device, activation):
     """mask -> index lists -> masked_swiglu -> loss, and its backward, in one torch.compile graph
     (fullgraph=True raises on any graph break); the same values as eager."""
     kw = cases.swiglu_inputs(3, 5, 12, 17, 0.5, device=device, seed=17, unit_scale=True)
@@ -119,7 +169,8 @@ def test_forward_and_backward_compile_without_graph_break(backend, device):
 
     def loss_fn(x, w_gate_up, w_down_t, unit_scale, mask):
         keep_idx, keep_count = ops.mask_to_index(mask, backend=backend)
-        y = ops.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale, backend=backend)
+        y = ops.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=unit_scale,
+                              activation=activation, backend=backend)
         return (y * y).mean()
 
     args = {k: kw[k].detach().clone().requires_grad_() for k in ("x", "w_gate_up", "w_down_t", "unit_scale")}
@@ -149,6 +200,28 @@ def test_bad_inputs_say_what_is_wrong():
         cpp.masked_swiglu(*args, unit_scale=torch.ones(2, 16))
     with pytest.raises(ValueError, match=r"unit_scale must be a floating \(S=2, n=17\)"):
         ops.masked_swiglu(*args, unit_scale=torch.ones(2, 17, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=cases.needs_cpp),
+                                     pytest.param("triton", marks=cases.needs_interpreter)])
+def test_unknown_activation_is_a_value_error(backend):
+    kw = cases.swiglu_inputs(2, 5, 12, 17, 0.5)
+    message = r"^masked_swiglu: activation must be 'silu' or 'gelu_tanh', got 'relu'$"
+    with pytest.raises(ValueError, match=message):
+        ops.masked_swiglu(**kw, activation="relu", backend=backend)
+    impl = ops._impl("masked_swiglu", backend)  # the backend's own function, past ops' check
+    with pytest.raises(ValueError, match=message):
+        impl(**kw, activation="relu")
+
+
+@cases.needs_cpp
+def test_cpp_ops_reject_an_unknown_activation():
+    kw = cases.swiglu_inputs(2, 5, 12, 17, 0.5)
+    args = [kw["x"], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"], kw["keep_count"], None]
+    with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'gelu'"):
+        torch.ops.bpp.masked_swiglu(*args, "gelu")
+    with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'tanh'"):
+        torch.ops.bpp.masked_swiglu_backward(kw["x"], *args, "tanh", [True, True, True, False])
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Masked SwiGLU MLP: per sample, only the kept channels are computed.
+"""Masked gated MLP (SwiGLU, or GeGLU with ``activation="gelu_tanh"``): per sample, only the kept
+channels are computed.
 
 Two kernels over a static grid (row tile, channel tile, sample) sized by the full channel count,
 so nothing is read back to the host; a program whose tile starts past its sample's keep_count
@@ -6,7 +7,7 @@ exits at once, so pruned channels cost nothing but an early return. Row tiles va
 that programs running together share one gathered weight tile in L2.
 
 1. ``_gate_up_kernel``: gathers the kept rows of the interleaved ``w_gate_up (m, 2, d)`` and
-   writes ``silu(x W_g^T) * (x W_u^T)`` into a compacted intermediate ``(S, N, m)`` whose
+   writes ``act(x W_g^T) * (x W_u^T)`` (act: SiLU or tanh-GELU, :func:`_glu_activation`) into a compacted intermediate ``(S, N, m)`` whose
    column j is the sample's j-th kept channel.
    With ``unit_scale`` the activation of the j-th kept channel is multiplied by its scale here.
 2. the down projection reduces over the kept channels only, gathering rows of the
@@ -35,10 +36,35 @@ from .. import _autograd
 from ._common import dot_precision, gemm_config
 from ._gathered import gathered_rows_product, slot_positions, unit_weight_grad
 
+# the ACTIVATION constexpr of the kernels below
+_ACTIVATION_CODE = {"silu": 0, "gelu_tanh": 1}
+
+
+@triton.jit
+def _glu_activation(g, ACTIVATION: tl.constexpr):
+    """(act(g), p) in fp32 with act(g) = g * p: SiLU (0, p = sigmoid(g)), or tanh-GELU (1),
+    0.5 g (1 + tanh(z)) = g * sigmoid(2z) with z = sqrt(2/pi) (g + 0.044715 g^3)."""
+    if ACTIVATION == 0:
+        p = tl.sigmoid(g)
+    else:
+        p = tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    return g * p, p
+
+
+@triton.jit
+def _glu_activation_slope(g, p, ACTIVATION: tl.constexpr):
+    """act'(g) from the p of :func:`_glu_activation`."""
+    if ACTIVATION == 0:
+        slope = p * (1.0 + g * (1.0 - p))
+    else:
+        slope = p + g * p * (1.0 - p) * 1.5957691216057308 * (1.0 + 0.134145 * g * g)
+    return slope
+
 
 @triton.jit
 def _gate_up_kernel(X, Wgu, KeepIdx, KeepCount, Scale, Act, N, D, M, HAS_SCALE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     row_tile = tl.program_id(0)
     chan_tile = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -62,7 +88,8 @@ def _gate_up_kernel(X, Wgu, KeepIdx, KeepCount, Scale, Act, N, D, M, HAS_SCALE: 
         w_up = tl.load(Wgu + channel[:, None] * (2 * D) + D + cols[None, :], mask=w_mask, other=0.0)
         acc_gate += tl.dot(x, tl.trans(w_gate), input_precision=PRECISION)
         acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    gate, _ = _glu_activation(acc_gate, ACTIVATION)
+    act = gate * acc_up
     if HAS_SCALE:
         act *= tl.load(Scale + s * M + slots, mask=slot_ok, other=0.0).to(tl.float32)[None, :]
     out = Act + s * N * M + rows.to(tl.int64)[:, None] * M + slots[None, :]
@@ -71,8 +98,8 @@ def _gate_up_kernel(X, Wgu, KeepIdx, KeepCount, Scale, Act, N, D, M, HAS_SCALE: 
 
 @triton.jit
 def _swiglu_backward_kernel(X, DY, Wgu, Wdt, KeepIdx, KeepCount, Scale, DGU, HS, DScalePart, N, D, M,
-                            HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                            HAS_SCALE: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     row_tile = tl.program_id(0)
     chan_tile = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -102,9 +129,8 @@ def _swiglu_backward_kernel(X, DY, Wgu, Wdt, KeepIdx, KeepCount, Scale, DGU, HS,
         acc_gate += tl.dot(x, tl.trans(w_gate), input_precision=PRECISION)
         acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         acc_dh += tl.dot(dy, tl.trans(w_down), input_precision=PRECISION)
-    sig = tl.sigmoid(acc_gate)
-    silu = acc_gate * sig
-    h = silu * acc_up
+    gate, p = _glu_activation(acc_gate, ACTIVATION)
+    h = gate * acc_up
     dh = acc_dh
     if HAS_SCALE:
         scale = tl.load(Scale + s * M + slots, mask=slot_ok, other=0.0).to(tl.float32)
@@ -112,8 +138,11 @@ def _swiglu_backward_kernel(X, DY, Wgu, Wdt, KeepIdx, KeepCount, Scale, DGU, HS,
         tl.store(DScalePart + (s * tl.num_programs(0) + row_tile) * M + slots, part, mask=slot_ok)
         dh = dh * scale[None, :]
         h = h * scale[None, :]
-    d_gate = dh * acc_up * sig * (1.0 + acc_gate * (1.0 - sig))
-    d_up = dh * silu
+    if ACTIVATION == 0:  # today's SwiGLU expression, the same bits
+        d_gate = dh * acc_up * p * (1.0 + acc_gate * (1.0 - p))
+    else:
+        d_gate = dh * acc_up * _glu_activation_slope(acc_gate, p, ACTIVATION)
+    d_up = dh * gate
     mask = row_ok[:, None] & slot_ok[None, :]
     dgu = DGU + s * N * (2 * M) + rows.to(tl.int64)[:, None] * (2 * M) + 2 * slots[None, :]
     tl.store(dgu, d_gate.to(DGU.dtype.element_ty), mask=mask)
@@ -121,7 +150,7 @@ def _swiglu_backward_kernel(X, DY, Wgu, Wdt, KeepIdx, KeepCount, Scale, DGU, HS,
     tl.store(HS + s * N * M + rows.to(tl.int64)[:, None] * M + slots[None, :], h.to(HS.dtype.element_ty), mask=mask)
 
 
-def _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale):
+def _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation):
     S, D = x.shape[0], x.shape[-1]
     M = w_down_t.shape[0]
     xs = x.reshape(S, -1, D).contiguous()
@@ -136,13 +165,14 @@ def _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale):
     chan_block = max(32, cfg["BLOCK_C"] // 2)
     _gate_up_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, chan_block), S)](
         xs, w_gate_up.contiguous(), keep_idx, keep_count, act if scale is None else scale, act, N, D, M,
-        HAS_SCALE=scale is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=chan_block, BLOCK_D=cfg["BLOCK_K"],
-        PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_SCALE=scale is not None, ACTIVATION=_ACTIVATION_CODE[activation], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_C=chan_block, BLOCK_D=cfg["BLOCK_K"], PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     y = gathered_rows_product(act, w_down_t.contiguous(), keep_idx, keep_count, 1, x.dtype)
     return y.view(x.shape)
 
 
-def _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask):
+def _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation, output_mask):
     S, D = x.shape[0], x.shape[-1]
     M = w_down_t.shape[0]
     xs = x.reshape(S, -1, D).contiguous()
@@ -162,8 +192,9 @@ def _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale
     if S and N:
         _swiglu_backward_kernel[(row_tiles, triton.cdiv(M, chan_block), S)](
             xs, dys, wgu, wdt, keep_idx, keep_count, hs if scale is None else scale, dgu, hs, dscale_part, N, D, M,
-            HAS_SCALE=scale is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=chan_block, BLOCK_D=cfg["BLOCK_K"],
-            PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            HAS_SCALE=scale is not None, ACTIVATION=_ACTIVATION_CODE[activation], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_C=chan_block, BLOCK_D=cfg["BLOCK_K"], PRECISION=dot_precision(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     empty = lambda: x.new_empty(0)  # noqa: E731  (a fresh tensor per output: outputs must not alias)
     dx = gathered_rows_product(dgu, wgu.view(2 * M, D), keep_idx, keep_count, 2, x.dtype).view(x.shape) \
         if need_x else empty()
@@ -180,24 +211,29 @@ def _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale
 
 @torch.library.custom_op("bpp_triton::masked_swiglu", mutates_args=())
 def _masked_swiglu_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
-                      keep_count: torch.Tensor, unit_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    return _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
+                      keep_count: torch.Tensor, unit_scale: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation)
 
 
 @torch.library.custom_op("bpp_triton::masked_swiglu_backward", mutates_args=())
 def _masked_swiglu_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
                                w_down_t: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
-                               unit_scale: Optional[torch.Tensor], output_mask: List[bool]
+                               unit_scale: Optional[torch.Tensor], activation: str, output_mask: List[bool]
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, output_mask)
+    return _backward(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation, output_mask)
 
 
 _autograd.masked_swiglu(_masked_swiglu_op, _masked_swiglu_backward_op)
 
 
 def masked_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, keep_idx: torch.Tensor,
-                  keep_count: torch.Tensor, unit_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  keep_count: torch.Tensor, unit_scale: torch.Tensor | None = None,
+                  activation: str = "silu") -> torch.Tensor:
     """x ``(S, ..., d)``; w_gate_up ``(m, 2, d)``; w_down_t ``(m, d)``; keep_idx ``(S, m)`` int32;
-    keep_count ``(S,)`` int32; unit_scale ``(S, m)`` or None -> ``(S, ..., d)`` in x's dtype
-    (zeros where nothing is kept). Differentiable in x, the weights and unit_scale."""
-    return _masked_swiglu_op(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale)
+    keep_count ``(S,)`` int32; unit_scale ``(S, m)`` or None; activation "silu" or "gelu_tanh" ->
+    ``(S, ..., d)`` in x's dtype (zeros where nothing is kept). Differentiable in x, the weights
+    and unit_scale."""
+    if activation not in _ACTIVATION_CODE:
+        raise ValueError(f"masked_swiglu: activation must be {' or '.join(map(repr, _ACTIVATION_CODE))}, "
+                         f"got {activation!r}")
+    return _masked_swiglu_op(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation)

@@ -1,6 +1,7 @@
-// Schemas: per-sample SwiGLU MLP over kept channels only, and its backward (see
+// Schemas: per-sample gated MLP over kept channels only, and its backward (see
 // bpp_kernels/reference.py). unit_scale (S, m), aligned with keep_idx, scales the j-th kept
-// channel's activation; None is a hard mask. The backward recomputes the kept channels'
+// channel's activation; None is a hard mask. activation names the gate's nonlinearity: "silu"
+// (SwiGLU) or "gelu_tanh" (GeGLU, tanh-approximated GELU). The backward recomputes the kept channels'
 // gate/up projections (nothing but the inputs is saved) and returns, in order, the gradients of
 // x, w_gate_up, w_down_t and unit_scale; output_mask says which are wanted, the others come back
 // as empty (0,) tensors.
@@ -9,8 +10,8 @@
 TORCH_LIBRARY_FRAGMENT(bpp, m) {
   m.def(
       "masked_swiglu(Tensor x, Tensor w_gate_up, Tensor w_down_t, Tensor keep_idx, Tensor keep_count, "
-      "Tensor? unit_scale) -> Tensor");
+      "Tensor? unit_scale, str activation=\"silu\") -> Tensor");
   m.def(
       "masked_swiglu_backward(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down_t, Tensor keep_idx, "
-      "Tensor keep_count, Tensor? unit_scale, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor keep_count, Tensor? unit_scale, str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

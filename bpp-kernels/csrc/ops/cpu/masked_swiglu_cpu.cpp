@@ -1,11 +1,13 @@
-// CPU masked SwiGLU. Per sample s with c kept channels:
+// CPU masked gated MLP (SwiGLU, or GeGLU with activation "gelu_tanh"). Per sample s with c kept
+// channels:
 //   1. copy the kept rows of the interleaved gate/up weight into one (2c, d) block, gate rows
 //      first, then up rows (plain memcpy per row: ATen's index_select copies slice by slice
 //      and measured ~20x slower than the GEMM input it produces needs);
 //   2. one GEMM gives gate and up side by side, (N, 2c) = [G | U];
-//   3. SiLU in place on G, then G *= U (and *= unit_scale): vectorised ATen passes over
-//      contiguous rows (the interleaved layout would make them strided); G is then the (N, c)
-//      activation, read by the next GEMM through its row stride 2c, no copy;
+//   3. the activation (SiLU or tanh-GELU) in place on G, then G *= U (and *= unit_scale):
+//      vectorised ATen passes over contiguous rows (the interleaved layout would make them
+//      strided); G is then the (N, c) activation, read by the next GEMM through its row stride
+//      2c, no copy;
 //   4. one GEMM against the gathered rows of W_down^T, written straight into out[s].
 // Backward, per sample: the same gathers, [G | U] recomputed (one GEMM) and dH = dY W_down^T
 // (one GEMM); one pass turns them into [dG | dU] in place; then dX = [dG | dU] W (one GEMM) and
@@ -26,6 +28,7 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string_view>
 
 namespace bpp {
 namespace {
@@ -53,6 +56,39 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Te
               "masked_swiglu: unit_scale must be a floating (S=", S, ", m=", m, ") tensor aligned with keep_idx");
   TORCH_CHECK(x.device().is_cpu() && w_gate_up.device().is_cpu() && w_down_t.device().is_cpu(),
               "masked_swiglu: the cpp backend takes CPU tensors only");
+}
+
+enum class GluActivation { kSilu, kGeluTanh };
+
+GluActivation parse_activation(std::string_view name) {
+  if (name == "silu") return GluActivation::kSilu;
+  if (name == "gelu_tanh") return GluActivation::kGeluTanh;
+  TORCH_CHECK_VALUE(false, "masked_swiglu: activation must be 'silu' or 'gelu_tanh', got '", name, "'");
+}
+
+// tanh-GELU as torch's gelu(approximate="tanh"): 0.5 g (1 + tanh(k (g + c g^3))), k = sqrt(2 / pi)
+constexpr float kGeluK = 0.7978845608028654f, kGeluC = 0.044715f;
+
+// act(g) in float; p receives what glu_gate_grad needs again (sigmoid(g) for SiLU, the tanh for GELU).
+template <GluActivation kAct>
+inline float glu_act(float g, float& p) {
+  if constexpr (kAct == GluActivation::kSilu) {
+    p = 1.f / (1.f + std::exp(-g));
+    return g * p;
+  } else {
+    p = std::tanh(kGeluK * (g + kGeluC * g * g * g));
+    return 0.5f * g * (1.f + p);
+  }
+}
+
+// dG = (dA * U) * act'(g), from glu_act's p.
+template <GluActivation kAct>
+inline float glu_gate_grad(float g, float p, float da_u) {
+  if constexpr (kAct == GluActivation::kSilu) {
+    return da_u * p * (1.f + g * (1.f - p));
+  } else {
+    return da_u * (0.5f * (1.f + p) + 0.5f * g * (1.f - p * p) * kGeluK * (1.f + 3.f * kGeluC * g * g));
+  }
 }
 
 // Count and kept indices of sample s, validated.
@@ -84,7 +120,7 @@ std::pair<at::Tensor, at::Tensor> gather_weights(const at::Tensor& wgu, const at
 // In place on gu (N, 2c) = [G | U] and dh (N, c) = dY W_down^T: gu becomes [dG | dU], h (N, c)
 // receives H * a (the input of W_down), dscale[j] (float, or null) the sum over rows of dH * H.
 // Columns are split across threads so each dscale entry is summed by one thread in row order.
-template <typename scalar_t>
+template <typename scalar_t, GluActivation kAct>
 void swiglu_backward_pass(at::Tensor& gu, const at::Tensor& dh, at::Tensor& h, const float* a, float* dscale) {
   const int64_t N = gu.size(0), c = dh.size(1);
   scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
@@ -95,13 +131,14 @@ void swiglu_backward_pass(at::Tensor& gu, const at::Tensor& dh, at::Tensor& h, c
       scalar_t* row = gup + n * 2 * c;
       for (int64_t j = begin; j < end; ++j) {
         const float g = static_cast<float>(row[j]), u = static_cast<float>(row[c + j]);
-        const float sg = 1.f / (1.f + std::exp(-g)), silu = g * sg, hv = silu * u;
+        float p;
+        const float act = glu_act<kAct>(g, p), hv = act * u;
         float d = static_cast<float>(dhp[n * c + j]);
         if (dscale != nullptr) dscale[j] += d * hv;
         const float aj = a != nullptr ? a[j] : 1.f;
         d *= aj;
-        row[j] = static_cast<scalar_t>(d * u * sg * (1.f + g * (1.f - sg)));
-        row[c + j] = static_cast<scalar_t>(d * silu);
+        row[j] = static_cast<scalar_t>(glu_gate_grad<kAct>(g, p, d * u));
+        row[c + j] = static_cast<scalar_t>(d * act);
         hp[n * c + j] = static_cast<scalar_t>(hv * aj);
       }
     }
@@ -112,8 +149,9 @@ void swiglu_backward_pass(at::Tensor& gu, const at::Tensor& dh, at::Tensor& h, c
 
 at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down_t,
                              const at::Tensor& keep_idx, const at::Tensor& keep_count,
-                             const std::optional<at::Tensor>& unit_scale) {
+                             const std::optional<at::Tensor>& unit_scale, std::string_view activation) {
   check_inputs(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale);
+  const auto act_kind = parse_activation(activation);
   const int64_t S = x.size(0), m = w_down_t.size(0), d = w_down_t.size(1);
   const auto xs = x.reshape({S, -1, d}).contiguous();
   const auto wgu = w_gate_up.contiguous(), wdt = w_down_t.contiguous();
@@ -136,7 +174,11 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     const auto xc = xs[s].to(compute);
     auto gate_up = gemm_nt(xc, w.to(compute));  // (N, 2c) = [gate | up]
     auto act = gate_up.narrow(1, 0, c);
-    at::silu_(act);
+    if (act_kind == GluActivation::kSilu) {
+      at::silu_(act);
+    } else {
+      at::gelu_(act, "tanh");
+    }
     act.mul_(gate_up.narrow(1, c, c));
     if (scale) act.mul_((*scale)[s].narrow(0, 0, c).view({1, c}));
     gemm_nt_into(dst, act, wd.to(compute).t());
@@ -147,8 +189,9 @@ at::Tensor masked_swiglu_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_swiglu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down_t,
     const at::Tensor& keep_idx, const at::Tensor& keep_count, const std::optional<at::Tensor>& unit_scale,
-    std::array<bool, 4> output_mask) {
+    std::string_view activation, std::array<bool, 4> output_mask) {
   check_inputs(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale);
+  const auto act_kind = parse_activation(activation);
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "masked_swiglu_backward: grad_out ", grad_out.sizes(), " != x ",
               x.sizes());
   const int64_t S = x.size(0), m = w_down_t.size(0), d = w_down_t.size(1);
@@ -189,7 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_swiglu_backwar
     const float* a = scale ? scale->const_data_ptr<float>() + s * m : nullptr;
     float* ds = need_scale ? dscale.mutable_data_ptr<float>() + s * m : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "masked_swiglu_backward", [&] {
-      swiglu_backward_pass<scalar_t>(gu, dh, h, a, ds);
+      if (act_kind == GluActivation::kSilu) {
+        swiglu_backward_pass<scalar_t, GluActivation::kSilu>(gu, dh, h, a, ds);
+      } else {
+        swiglu_backward_pass<scalar_t, GluActivation::kGeluTanh>(gu, dh, h, a, ds);
+      }
     });
     if (need_x) {
       auto dst = dx[s];
