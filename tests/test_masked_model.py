@@ -171,3 +171,18 @@ def test_unsupported_architectures_are_clear_errors():
         MaskedModel(tiny_model("llama", attention_bias=True))
     with pytest.raises(BppError, match="max_tokens_per_pass"):
         MaskedModel(tiny_model("llama"), max_tokens_per_pass=0)
+
+
+@pytest.mark.parametrize("family, overrides", [("mistral", dict(sliding_window=5)),
+                                               ("qwen2", dict(use_sliding_window=True, sliding_window=5,
+                                                              max_window_layers=1))])
+def test_sliding_windows_shorter_than_the_text_equal_the_hook_model(family, overrides):
+    model = tiny_model(family, **overrides)
+    space = MaskSpace.from_model(model)
+    masks = _edge_masks(space, 5, seed=11)
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    got, want = MaskedModel(model).losses(ids, masks), hook_losses(model, ids, masks)
+    rel = ((got - want).abs() / want.abs()).max().item()
+    assert rel <= 1e-4, f"max relative error {rel:.2e}"
+    windows = [layer.window for layer in MaskedModel(model).layers]
+    assert windows == ([5] * len(windows) if family == "mistral" else [None] + [5] * (len(windows) - 1))

@@ -82,6 +82,16 @@ def _pack_layer(layer, n_groups: int, dtype: torch.dtype, norm=lambda n: n.weigh
         w_down_t=cast(w_down_t))
 
 
+def sliding_window(config, index: int) -> int | None:
+    """The sliding window of layer ``index`` (Mistral: every layer; Qwen2/Qwen3 with
+    ``use_sliding_window``: the layers ``layer_types`` marks), or None for full causal attention."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return None
+    types = getattr(config, "layer_types", None)
+    return int(window) if types is None or types[index] == "sliding_attention" else None
+
+
 class MaskedModel:
     """Evaluates many structured masks of one Hugging Face causal LM in batched passes.
 
@@ -104,9 +114,6 @@ class MaskedModel:
         self.scale = float(model.model.layers[0].self_attn.scaling)
         self.vocab_size = int(config.vocab_size)
         self.gemma3 = getattr(config, "model_type", None) == GEMMA3
-        window = getattr(config, "sliding_window", None)
-        uses_window = window is not None and getattr(config, "use_sliding_window", True) and not self.gemma3
-        self.sliding_window = int(window) if uses_window else None
         if self.gemma3:
             for name in ("attn_logit_softcapping", "final_logit_softcapping"):
                 if getattr(config, name, None) is not None:
@@ -128,6 +135,8 @@ class MaskedModel:
                            for i, layer in enumerate(model.model.layers)]
         else:
             self.layers = [_pack_layer(layer, self.space.n_groups, self.dtype) for layer in model.model.layers]
+            for i, layer in enumerate(self.layers):
+                layer.window = sliding_window(config, i)
 
     @property
     def device(self) -> torch.device:
@@ -142,8 +151,6 @@ class MaskedModel:
             raise BppError("input_ids is an empty batch (B = 0)")
         if T < 2:
             raise BppError(f"input_ids needs at least 2 tokens per row to predict one, got T={T}")
-        if self.sliding_window is not None and T > self.sliding_window:
-            raise BppError(f"T={T} exceeds the model's sliding window {self.sliding_window}; use shorter windows")
         masks.validate(self.space)
         if masks.S == 0:
             raise BppError("masks holds no sample (S = 0)")
