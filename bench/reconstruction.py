@@ -89,7 +89,7 @@ def main():
              "licences": spread_windows(tokenize(tok, licence_text()), 128, args.eval_windows)}
     results["meta"].update({"calib": f"default/calib, {args.calib_windows} x {args.calib_seq_len}, seed 0",
                             "eval_windows": {k: int(v.shape[0]) for k, v in texts.items()}, "default_damping": DAMPING})
-    dampings = [float(x) for x in args.damping.split(",")]
+    dampings = [x if x == "auto" else float(x) for x in args.damping.split(",")]
 
     def evaluate(key: str, small) -> dict:
         if key not in results["models"]:
@@ -121,7 +121,7 @@ def main():
                 results.setdefault("mask_seconds", {})[tag] = time.perf_counter() - t0
             results.setdefault("params", {})[tag] = int(space.params(mask)[0])
             rows = {}
-            refits = [f"reconstruct λ={lam:g}" for lam in dampings]
+            refits = [f"reconstruct λ={lam if lam == 'auto' else format(lam, 'g')}" for lam in dampings]
             for comp, lam in [("none", None), ("bias", None)] + [(r, lam) for r, lam in zip(refits, dampings)]:
                 key = f"{tag} {comp}"
                 if key not in results["models"]:

@@ -278,3 +278,43 @@ def test_compact_and_baseline_reconstruct(tmp_path, tokenizer):
     bad = CliRunner().invoke(app, ["baseline", "--method", "magnitude", "--model", str(tmp_path / "m"),
                                    "--out", str(tmp_path / "b2"), "--compensation", "lstsq"])
     assert bad.exit_code != 0 and "unknown compensation 'lstsq'" in str(bad.exception)
+
+
+def test_choose_damping_picks_the_least_held_back_error():
+    from bpp.reconstruction import NormalEquations, choose_damping
+
+    g = torch.Generator().manual_seed(0)
+    k, d = 12, 5
+    w_true = torch.randn(d, k, generator=g, dtype=torch.float64)
+    w0 = w_true + 0.3 * torch.randn(d, k, generator=g, dtype=torch.float64)
+
+    def equations(n, noise):
+        eq = NormalEquations(k, d)
+        x = torch.randn(n, k, generator=g, dtype=torch.float64)
+        eq.add(x, x @ w_true.T + noise * torch.randn(n, d, generator=g, dtype=torch.float64))
+        return eq
+
+    # plenty of clean tokens: the fit should trust the data, the least damping wins
+    lam, held = choose_damping(equations(400, 0.01), equations(400, 0.01), w0)
+    assert lam == 0.01 and held[0.01] < held[10.0]
+    # fewer tokens than inputs and noisy targets: the refit overfits, strong damping wins
+    lam, held = choose_damping(equations(8, 3.0), equations(400, 3.0), w0)
+    assert lam >= 1.0 and held[lam] == min(held.values())
+
+
+def test_auto_damping_refits_every_projection_and_records_its_choice():
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    mask = _mask(space, 0)
+    calib = _calib(model, n=8, T=23)
+    recon = reconstruct(model, mask, calib, damping="auto", batch_size=2)
+    assert recon.damping == "auto"
+    for record in recon.errors:
+        for name in ("o_proj", "down_proj"):
+            chosen = record[name]["damping"]
+            held = record[name]["held_back_errors"]
+            assert held[str(chosen)] == min(held.values()) and record[name]["refit"] <= record[name]["bias"] + 1e-9
+    with pytest.raises(BppError, match="more than 8 calibration windows"):
+        reconstruct(model, mask, calib, damping="auto")
+    with pytest.raises(BppError, match="damping"):
+        reconstruct(model, mask, calib, damping="strong")

@@ -39,6 +39,9 @@ from .space import MaskSpace
 # λ: δ = λ · mean(diag X_cᵀX_c). Ten times SparseGPT's usual 1%: the refit then holds up better on text
 # unlike the calibration text (bench/RESULTS.md, reconstruction section)
 DAMPING = 0.1
+# damping="auto": per projection, the λ of these whose refit on half the calibration batches has the
+# least error on the other half; then refit on all of them with it
+AUTO_DAMPINGS = (0.01, 0.1, 1.0, 10.0)
 MAX_DAMPING_TRIES = 12  # δ grows tenfold per failed Cholesky factorisation
 
 
@@ -57,7 +60,7 @@ class Reconstruction:
     o_proj_bias: list[torch.Tensor]
     down_proj_weight: list[torch.Tensor | None]
     down_proj_bias: list[torch.Tensor]
-    damping: float
+    damping: float | str
     tokens: int
     errors: list[dict] = field(default_factory=list)
 
@@ -98,6 +101,15 @@ class NormalEquations:
         self.yy += float(y.pow(2).sum())
         self.n += x.shape[0]
 
+    def __iadd__(self, other: "NormalEquations") -> "NormalEquations":
+        self.xx += other.xx
+        self.xy += other.xy
+        self.x += other.x
+        self.y += other.y
+        self.yy += other.yy
+        self.n += other.n
+        return self
+
     def error(self, w: torch.Tensor, b: torch.Tensor | None) -> float:
         """Σ‖x Wᵀ + b − y‖² / Σ‖y‖² from the accumulated sums; ``w`` ``(d, k)`` float64."""
         wt = w.T
@@ -125,6 +137,14 @@ class NormalEquations:
         b = y_mean - w @ x_mean
         errors["refit"] = self.error(w, b)
         return w, b, errors
+
+
+def choose_damping(fit: NormalEquations, check: NormalEquations, w0: torch.Tensor,
+                   candidates=AUTO_DAMPINGS) -> tuple[float, dict]:
+    """The λ of ``candidates`` whose refit on ``fit``'s tokens has the least relative error on
+    ``check``'s (held-back) tokens, and each candidate's error there."""
+    held = {lam: check.error(*fit.solve(w0, lam)[:2]) for lam in candidates}
+    return min(held, key=lambda lam: (held[lam], -lam)), held
 
 
 def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
@@ -206,8 +226,10 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
                 progress: bool = False) -> Reconstruction:
     """Refit the output projections of every width-pruned layer of ``model`` under ``masks``
     (S = 1) on the calibration windows ``calib`` ``(n, T)``, layer by layer with inputs from the
-    already-pruned model and targets from the dense one (module docstring). ``damping``: λ ≥ 0;
-    ``batch_size``: windows per forward. ``model`` is left as it was. Returns the
+    already-pruned model and targets from the dense one (module docstring). ``damping``: λ ≥ 0,
+    or ``"auto"``: per projection the λ of ``AUTO_DAMPINGS`` that fits alternate batches of
+    windows best on the others (:func:`choose_damping`; at least two batches), then the refit on
+    all of them with it; ``batch_size``: windows per forward. ``model`` is left as it was. Returns the
     :class:`Reconstruction` that :func:`bpp.compaction.compact_model` takes."""
     from tqdm.auto import tqdm
 
@@ -215,11 +237,16 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
     masks.validate(space)
     if masks.S != 1:
         raise BppError(f"reconstruction takes one mask (S = 1), got {masks.S}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise BppError(f"the reconstruction damping must be a finite number >= 0, got {damping!r}")
+    auto = damping == "auto"
+    if not auto and not (isinstance(damping, (int, float)) and not isinstance(damping, bool)
+                         and math.isfinite(damping) and damping >= 0):
+        raise BppError(f"the reconstruction damping must be a finite number >= 0 or 'auto', got {damping!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise BppError(f"batch_size must be a positive integer, got {batch_size!r}")
     calib = _check_calib(model, calib)
+    if auto and calib.shape[0] <= batch_size:
+        raise BppError(f"damping 'auto' holds back every other batch of {batch_size} windows, so it needs more "
+                       f"than {batch_size} calibration windows; got {calib.shape[0]}")
     eff = masks.effective().to("cpu")
     cols = space.heads_per_group * space.head_dim
     d, dtype = space.hidden_size, model.model.layers[0].mlp.down_proj.weight.dtype
@@ -234,7 +261,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
         pruned = [h.clone() for h in dense]
         result = Reconstruction([None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
                                 [None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
-                                damping=float(damping), tokens=int(calib.numel()))
+                                damping="auto" if auto else float(damping), tokens=int(calib.numel()))
         for i in tqdm(range(space.n_layers), desc="reconstruction", unit="layer", disable=not progress):
             layer = layers[i]
             layer_device = next(layer.parameters()).device
@@ -260,19 +287,24 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float = DA
                 for name, p in projections.items():  # o_proj first: down_proj's inputs depend on it
                     if not p.pruned:
                         continue
-                    normal = NormalEquations(len(p.keep_idx), d, device=layer_device)
+                    halves = [NormalEquations(len(p.keep_idx), d, device=layer_device) for _ in range(2)]
                     p.stop = True
-                    for h, y in zip(pruned, targets[name]):
+                    for j, (h, y) in enumerate(zip(pruned, targets[name])):
                         try:
                             run_layer(layer, h, kwargs)
                         except _Stop:
                             pass
-                        normal.add(p.captured, y)
+                        halves[j % 2].add(p.captured, y)
                         p.captured = None
                     p.stop = False
                     targets[name] = None
                     w0 = p.module.weight.detach()[:, p.keep_idx]
-                    w, b, record[name] = normal.solve(w0, float(damping))
+                    lam, held = choose_damping(*halves, w0) if auto else (float(damping), None)
+                    normal = halves[0]
+                    normal += halves[1]
+                    w, b, record[name] = normal.solve(w0, lam)
+                    if auto:
+                        record[name].update(damping=lam, held_back_errors={str(k): v for k, v in held.items()})
                     p.fit = (w.to(dtype), b.to(dtype))
                     weights = result.o_proj_weight if name == "o_proj" else result.down_proj_weight
                     biases = result.o_proj_bias if name == "o_proj" else result.down_proj_bias
