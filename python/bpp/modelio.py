@@ -22,9 +22,15 @@ import torch
 from .errors import BppError, first_line, missing_dependency
 from .model_configs import check_config_sizes
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
-FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                       "gemma3_text": "Gemma3"}
+# the transformers module of each family whose model type is not its module's name
+FAMILY_MODULE = {"gemma3_text": "gemma3"}
+# the config class of each family not named <prefix>Config
+FAMILY_CONFIG_CLASS = {"gemma3_text": "Gemma3TextConfig"}
+FAMILY_NAMES = "Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 3 text models"
 # the linear layers of a decoder block (LoRA targets, and what compaction resizes)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model_type of per-layer-size folders written by bpp before their config took the family's own
@@ -93,7 +99,7 @@ def check_supported(config) -> None:
     if model_type not in SUPPORTED_FAMILIES:
         raise BppError(
             f"architecture {model_type!r} is not supported; bpp supports the families "
-            f"{', '.join(SUPPORTED_FAMILIES)} (Llama 1/2/3, Mistral, Qwen2, Qwen3)"
+            f"{', '.join(SUPPORTED_FAMILIES)} ({FAMILY_NAMES})"
         )
 
 
