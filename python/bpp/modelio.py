@@ -240,23 +240,30 @@ def _load_errors(source):
 
 def modeling_source(family: str) -> str:
     """The shipped modeling file for ``family`` (torch + transformers only, no bpp)."""
-    return _MODELING_TEMPLATE.read_text().replace("FAMILY", family).replace("Family", FAMILY_CLASS_PREFIX[family])
+    prefix = FAMILY_CLASS_PREFIX[family]
+    return (_MODELING_TEMPLATE.read_text().replace('"FAMILY"', f'"{family}"')
+            .replace("FAMILY", FAMILY_MODULE.get(family, family))
+            .replace("FamilyConfig", FAMILY_CONFIG_CLASS.get(family, f"{prefix}Config")).replace("Family", prefix))
 
 
-# sha256 of the modeling files earlier bpp versions shipped (model type bpp_pruned_<family>):
-# their folders still load, with this version's code (the same model)
+# sha256 of the modeling files earlier bpp versions shipped (the first: model type bpp_pruned_<family>;
+# the second: before Gemma 3): their folders still load, with this version's code (the same model)
 _EARLIER_MODELING_FILES = {
-    "llama": "62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
-    "mistral": "ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
-    "qwen2": "d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
-    "qwen3": "8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
+    "llama": ("62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
+              "91c72473ca2de6fa95fb2ec332b2f2fd4148fb5349de09f31adaeac6b663bdc4"),
+    "mistral": ("ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
+                "fdfdbc249b0c493b246b9cf0e1ecb684925631d216bac5586206e554fa9a9e97"),
+    "qwen2": ("d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
+              "b8666841793b379607378374f62c315b2fcbb665306778345ed84fef216c7f58"),
+    "qwen3": ("8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
+              "9c1adce6401ce63ddc0f4f6a1ffbb4998c46e068a871d2b8ccb91c1d5b720523"),
 }
 
 
 def _is_bpps_modeling_file(text: str, family: str) -> bool:
     """``text`` is the modeling file this bpp ships for ``family``, or one an earlier version shipped."""
     return text == modeling_source(family) or \
-        hashlib.sha256(text.encode()).hexdigest() == _EARLIER_MODELING_FILES.get(family)
+        hashlib.sha256(text.encode()).hexdigest() in _EARLIER_MODELING_FILES.get(family, ())
 
 
 def modeling_module(family: str):

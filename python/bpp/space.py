@@ -22,6 +22,14 @@ from .errors import BppError
 from .modelio import check_supported
 
 
+def block_norms(layer) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of the norms a decoder layer's attention block owns, and its MLP block's."""
+    if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 3: one before and one after each block
+        return ("input_layernorm", "post_attention_layernorm"), ("pre_feedforward_layernorm",
+                                                                 "post_feedforward_layernorm")
+    return ("input_layernorm",), ("post_attention_layernorm",)
+
+
 @dataclass(frozen=True)
 class MaskSpace:
     family: str
@@ -63,7 +71,7 @@ class MaskSpace:
             qkv_bias=attn.q_proj.bias is not None,
             qk_norm=hasattr(attn, "q_norm"),
             total_params=sum(p.numel() for p in model.parameters()),  # parameters() yields tied ones once
-            norms_per_block=2 if hasattr(layer, "post_feedforward_layernorm") else 1,
+            norms_per_block=len(block_norms(layer)[0]),
         )
 
     # --- costs in parameters ---------------------------------------------------------------
