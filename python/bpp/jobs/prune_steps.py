@@ -18,6 +18,7 @@ from ..errors import BppError
 from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
+from ..modelio import EMBEDDED_MODELS
 from ..reconstruction import DAMPING, reconstruct
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
@@ -152,7 +153,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
 def model_name(model: str) -> str:
     """The model as a run records it: a local folder's resolved path (where a symlink led), else its name."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if model != "default" and path.exists() else str(model)
+    return str(path.resolve()) if model not in EMBEDDED_MODELS and path.exists() else str(model)
 
 
 def check_resumed_model(state: dict, config: PruneConfig, fingerprint: dict) -> None:
