@@ -373,3 +373,17 @@ def test_embedded_gemma3_270m_converts_and_is_a_language_model():
     assert 2.0 < ppl < 60.0  # a real language model, not random weights (vocab 262144): 26.8 measured
     # Gemma needs BOS first: windows cut from the middle of the text, as bpp's protocol cuts them, read far worse
     assert evaluation.perplexity(model, tok, ids, seq_len=128, max_windows=4) > 3 * ppl
+
+
+def test_flap_baseline_job_writes_a_gemma3_folder_with_its_biases(gemma_dir, tmp_path):
+    from bpp.jobs.baseline import baseline
+
+    report = baseline("flap", 0.3, tmp_path / "flap", model=str(gemma_dir), calib_windows=4, calib_seq_len=24,
+                      eval_seq_len=24, eval_windows=2)
+    assert report["perplexity"]["final_mask"] > 1
+    model, _, _ = modelio.load_pruned(tmp_path / "flap")
+    assert model.config.model_type == "gemma3_text" and model.config.o_proj_bias and model.config.down_proj_bias
+    mask = Masks.load(tmp_path / "flap" / "mask.safetensors")
+    space = MaskSpace.from_model(tiny_gemma3())
+    biases = 2 * TINY_GEMMA3["hidden_size"] * len(model.model.layers)  # one o_proj and one down_proj bias a layer
+    assert sum(p.numel() for p in model.parameters()) == int(space.params(mask)[0]) + biases
