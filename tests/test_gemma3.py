@@ -285,6 +285,34 @@ def test_baseline_masks_meet_the_parameter_budget(model, method):
     assert abs(kept - 0.7 * space.prunable_params) <= 2 * space.group_params
 
 
+# --- windows of text start with BOS ----------------------------------------------------------------
+
+def test_gemma3_windows_start_with_bos_and_other_families_do_not(model):
+    from bpp import data, evaluation
+    from bpp.search import PruneConfig
+    from bpp.search.objective import calibration_batches, selection_windows
+    from tests.tiny import tiny_model
+
+    bos = TINY_GEMMA3["bos_token_id"]
+    assert data.window_bos(model) == bos and data.window_bos(tiny_model("llama")) is None
+    stream = torch.arange(10, 110)
+    cut = data.cut_windows(stream, 10, bos)
+    assert cut.shape == (11, 10) and (cut[:, 0] == bos).all() and torch.equal(cut[:, 1:].reshape(-1), stream[:99])
+    assert torch.equal(data.cut_windows(stream, 10), stream.view(10, 10))
+    picked = data.windows(None, stream, 10, 5, seed=1, bos=bos)
+    assert (picked[:, 0] == bos).all() and ((picked[:, 2:] - picked[:, 1:-1]) == 1).all()
+    config = PruneConfig(seq_len=10, steps=2, batch_size=2, selection_windows=3)
+    for windows in (calibration_batches(stream, config, bos), selection_windows(stream, config, bos)):
+        assert windows.shape[1] == 10 and (windows[:, 0] == bos).all()
+    # perplexity reads the model's windows as BOS + 9 tokens of the text
+    ids = torch.randint(3, TINY_GEMMA3["vocab_size"], (45,), generator=torch.Generator().manual_seed(6))
+    want = data.cut_windows(ids, 10, bos)
+    with torch.no_grad():
+        logits = model(want).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), want[:, 1:].reshape(-1))
+    assert evaluation.perplexity(model, None, ids, seq_len=10) == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
 # --- refusals --------------------------------------------------------------------------------------
 
 def test_batched_engine_refuses_gemma3_in_one_line(model):
@@ -364,15 +392,15 @@ def test_embedded_gemma3_270m_converts_and_is_a_language_model():
     space = MaskSpace.from_model(model)
     assert space.total_params - space.prunable_params > c.vocab_size * c.hidden_size  # the embedding
     ids = data.tokenize(tok, data.load_text("default", "heldout"))[1:]  # without the text's leading BOS
-    windows = ids[: 4 * 127].view(4, 127)
-    with_bos = torch.cat([torch.full((4, 1), tok.bos_token_id), windows], 1)
-    with torch.no_grad():
-        logits = model(with_bos).logits[:, :-1]
-    ppl = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                  with_bos[:, 1:].reshape(-1)).exp())
+    ppl = evaluation.perplexity(model, tok, ids, seq_len=128, max_windows=4)  # windows of BOS + 127 tokens
     assert 2.0 < ppl < 60.0  # a real language model, not random weights (vocab 262144): 26.8 measured
-    # Gemma needs BOS first: windows cut from the middle of the text, as bpp's protocol cuts them, read far worse
-    assert evaluation.perplexity(model, tok, ids, seq_len=128, max_windows=4) > 3 * ppl
+    # why every window starts with BOS: the same text in windows without it reads far worse
+    plain = ids[: 4 * 128].view(4, 128)
+    with torch.no_grad():
+        logits = model(plain).logits[:, :-1]
+    without = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                      plain[:, 1:].reshape(-1)).exp())
+    assert without > 3 * ppl
 
 
 def test_flap_baseline_job_writes_a_gemma3_folder_with_its_biases(gemma_dir, tmp_path):
