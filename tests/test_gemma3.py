@@ -245,16 +245,19 @@ def test_compensation_biases_of_gemma3_go_before_the_norm_after_their_block(mode
 
 # --- methods -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap"])
-def test_metric_inits_meet_the_budget(model, method):
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["G2", "G1"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "besa"])
+def test_metric_inits_meet_the_budget(method, kv_heads):
+    """Also with one KV group per layer (Gemma 3 270M's shape): attention is then kept or cut whole."""
+    model = tiny_gemma3(num_key_value_heads=kv_heads)
     calib = torch.randint(3, TINY_GEMMA3["vocab_size"], (4, T), generator=torch.Generator().manual_seed(2))
     space = MaskSpace.from_model(model)
     budget = Budget(space, "channel,group", 0.3)
     theta, init_mask, metrics = initialise(budget, method, model, calib)
-    assert theta.min() >= 0 and theta.max() <= 1
+    assert torch.isfinite(theta).all() and theta.min() >= 0 and theta.max() <= 1
     for got, part in zip(budget.sums(theta), budget.parts):
         assert abs(got - part.target) < 1e-6 * part.target
-    assert init_mask.S == 1 and metrics["channel"].shape == (L, M) and metrics["group"].shape == (L, G)
+    assert init_mask.S == 1 and init_mask.channels.shape == (1, L, M) and init_mask.groups.shape == (1, L, kv_heads)
     assert init_mask.channels.any() and not init_mask.channels.all()
 
 
