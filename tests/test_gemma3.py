@@ -302,6 +302,8 @@ def test_gemma3_windows_start_with_bos_and_other_families_do_not(model):
     cut = data.cut_windows(stream, 10, bos)
     assert cut.shape == (11, 10) and (cut[:, 0] == bos).all() and torch.equal(cut[:, 1:].reshape(-1), stream[:99])
     assert torch.equal(data.cut_windows(stream, 10), stream.view(10, 10))
+    tokenized = torch.cat([torch.tensor([bos]), stream])  # the tokenizer's BOS at the start: not doubled
+    assert torch.equal(data.cut_windows(tokenized, 10, bos), cut)
     picked = data.windows(None, stream, 10, 5, seed=1, bos=bos)
     assert (picked[:, 0] == bos).all() and ((picked[:, 2:] - picked[:, 1:-1]) == 1).all()
     config = PruneConfig(seq_len=10, steps=2, batch_size=2, selection_windows=3)

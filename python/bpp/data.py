@@ -139,10 +139,15 @@ def window_bos(model) -> int | None:
     return int(bos) if getattr(config, "model_type", None) in BOS_FIRST and bos is not None else None
 
 
+def _without_leading(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
+    return ids[1:] if bos is not None and ids.numel() and int(ids[0]) == bos else ids
+
+
 def cut_windows(ids: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
     """The token stream ``ids`` cut into consecutive windows ``(n, seq_len)`` (the tail shorter
     than a window dropped); with ``bos``, each window is that token and the next seq_len − 1
-    tokens of the text."""
+    tokens of the text (the BOS the tokenizer put at the start of the text left out)."""
+    ids = _without_leading(ids, bos)
     text_len = seq_len - (bos is not None)
     n = ids.numel() // text_len
     out = ids[: n * text_len].view(n, text_len)
@@ -159,6 +164,7 @@ def windows(tokenizer, text: str | torch.Tensor, seq_len: int, n: int, seed: int
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     if ids.numel() < seq_len:
         raise BppError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    ids = _without_leading(ids, bos)
     text_len = seq_len - (bos is not None)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - text_len + 1, (n,), generator=g)
