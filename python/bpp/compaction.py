@@ -20,9 +20,7 @@ from .errors import BppError
 from .model_folders import save_model_folder
 from .modelio import MODELING_FILE, modeling_module
 from .masks import Masks
-
-# transform(src, new, eff, kept_layers) -> dict: changes the compacted model ``new`` in place
-from .space import MaskSpace
+from .space import MaskSpace, block_norms
 
 # transform(src, new, eff, kept_layers) -> dict: changes the compacted model ``new`` in place
 # (e.g. Pangu Light's re-initialisations) and says what it did
@@ -144,10 +142,12 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
         dst.lm_head.weight.copy_(src.lm_head.weight)
     for new_idx, old_idx in enumerate(kept_layers):
         s_layer, d_layer = src.model.layers[old_idx], dst.model.layers[new_idx]
+        attn_norms, mlp_norms = block_norms(s_layer)
         g = eff.groups[0, old_idx]
         if g.any():
             sa, da = s_layer.self_attn, d_layer.self_attn
-            d_layer.input_layernorm.weight.copy_(s_layer.input_layernorm.weight)
+            for name in attn_norms:
+                getattr(d_layer, name).weight.copy_(getattr(s_layer, name).weight)
             da.q_proj.weight.copy_(sa.q_proj.weight.view(G, r * hd, d)[g].reshape(-1, d))
             da.k_proj.weight.copy_(sa.k_proj.weight.view(G, hd, d)[g].reshape(-1, d))
             da.v_proj.weight.copy_(sa.v_proj.weight.view(G, hd, d)[g].reshape(-1, d))
@@ -165,11 +165,12 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             if o_proj_bias is not None:
                 da.o_proj.bias.copy_(o_proj_bias[old_idx])
         elif o_proj_bias is not None:  # no head left: the block outputs its compensation, a constant
-            d_layer.self_attn.bias.copy_(o_proj_bias[old_idx])
+            d_layer.self_attn.bias.copy_(_after_block(s_layer, attn_norms, o_proj_bias[old_idx]))
         ch = eff.channels[0, old_idx]
         if ch.any():
             sm, dm = s_layer.mlp, d_layer.mlp
-            d_layer.post_attention_layernorm.weight.copy_(s_layer.post_attention_layernorm.weight)
+            for name in mlp_norms:
+                getattr(d_layer, name).weight.copy_(getattr(s_layer, name).weight)
             dm.gate_proj.weight.copy_(sm.gate_proj.weight[ch])
             dm.up_proj.weight.copy_(sm.up_proj.weight[ch])
             if down_proj_weight is not None and down_proj_weight[old_idx] is not None:
@@ -179,7 +180,13 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             if down_proj_bias is not None:
                 dm.down_proj.bias.copy_(down_proj_bias[old_idx])
         elif down_proj_bias is not None:
-            d_layer.mlp.bias.copy_(down_proj_bias[old_idx])
+            d_layer.mlp.bias.copy_(_after_block(s_layer, mlp_norms, down_proj_bias[old_idx]))
+
+
+def _after_block(layer, norms: tuple[str, ...], bias: torch.Tensor) -> torch.Tensor:
+    """What an emptied block that outputs the constant ``bias`` adds to the residual: the bias,
+    through the norm after the block where there is one (Gemma 3)."""
+    return getattr(layer, norms[1])(bias) if len(norms) > 1 else bias
 
 
 ROUND_TO = (8, 16, 32, 64, 128)

@@ -10,6 +10,10 @@ import torch
 from .errors import BppError, missing_dependency
 
 SPLITS = ("calib", "heldout", "all")
+# model types whose every window of text starts with the BOS token: Gemma reads text that does not
+# begin with it far worse (Gemma 3 270M, held-out default text, windows of 128: perplexity 192
+# without, 27 with)
+BOS_FIRST = ("gemma3_text",)
 
 
 @dataclass(frozen=True)
@@ -127,14 +131,42 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def windows(tokenizer, text: str | torch.Tensor, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
+def window_bos(model) -> int | None:
+    """The token every window of text starts with for ``model``: its BOS where its family needs
+    one first (:data:`BOS_FIRST`), else None (windows are plain slices of the text)."""
+    config = model.config
+    bos = getattr(config, "bos_token_id", None)
+    return int(bos) if getattr(config, "model_type", None) in BOS_FIRST and bos is not None else None
+
+
+def _without_leading(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
+    return ids[1:] if bos is not None and ids.numel() and int(ids[0]) == bos else ids
+
+
+def cut_windows(ids: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """The token stream ``ids`` cut into consecutive windows ``(n, seq_len)`` (the tail shorter
+    than a window dropped); with ``bos``, each window is that token and the next seq_len − 1
+    tokens of the text (the BOS the tokenizer put at the start of the text left out)."""
+    ids = _without_leading(ids, bos)
+    text_len = seq_len - (bos is not None)
+    n = ids.numel() // text_len
+    out = ids[: n * text_len].view(n, text_len)
+    return out if bos is None else torch.cat([torch.full((n, 1), bos, dtype=ids.dtype), out], 1)
+
+
+def windows(tokenizer, text: str | torch.Tensor, seq_len: int, n: int, seed: int = 0,
+            bos: int | None = None) -> torch.Tensor:
     """``n`` random windows of ``seq_len`` tokens, ``(n, seq_len)`` int64, from ``text`` (a
-    string, or ids from :func:`tokenize`); the same seed gives the same windows."""
+    string, or ids from :func:`tokenize`); the same seed gives the same windows. With ``bos``
+    (:func:`window_bos`), each is that token and seq_len − 1 tokens of the text."""
     if seq_len < 2 or n < 1:
         raise BppError(f"need seq_len >= 2 and n >= 1, got seq_len={seq_len}, n={n}")
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     if ids.numel() < seq_len:
         raise BppError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    ids = _without_leading(ids, bos)
+    text_len = seq_len - (bos is not None)
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - text_len + 1, (n,), generator=g)
+    out = torch.stack([ids[s : s + text_len] for s in starts.tolist()])
+    return out if bos is None else torch.cat([torch.full((n, 1), bos, dtype=out.dtype), out], 1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import tokenize
+from .data import cut_windows, tokenize, window_bos
 from .errors import BppError
 from .masks import Masks
 
@@ -31,9 +31,10 @@ def check_eval_options(seq_len: int, max_windows: int | None, held: torch.Tensor
 def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, batch_size: int = 8,
                progress: bool = False, max_windows: int | None = None) -> float:
     """Perplexity by the standard protocol: tokenize the joined text once, cut it into
-    non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped),
-    average the next-token NLL over all predicted tokens of all windows, exponentiate (inf when
-    that is beyond a float)."""
+    non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped; for
+    a model that needs BOS first, :func:`bpp.data.window_bos`, each window is BOS and seq_len − 1
+    tokens), average the next-token NLL over all predicted tokens of all windows, exponentiate
+    (inf when that is beyond a float)."""
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     if seq_len < 2:
         raise BppError(f"seq_len must be at least 2, got {seq_len}")
@@ -41,13 +42,14 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
         raise BppError(f"the batch size must be at least 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
         raise BppError(f"the number of evaluation windows must be at least 1, got {max_windows}")
-    n = ids.numel() // seq_len
+    data = cut_windows(ids, seq_len, window_bos(model))
+    n = data.shape[0]
     if n == 0:
         raise BppError(f"the text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
     if max_windows is not None:
         n = min(n, max_windows)
+    data = data[:n]
     device = next(model.parameters()).device
-    data = ids[: n * seq_len].view(n, seq_len)
     total, count = 0.0, 0
     for start in tqdm(range(0, n, batch_size), desc=f"perplexity (seq_len {seq_len})", disable=not progress,
                       unit="batch"):

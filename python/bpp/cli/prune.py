@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("prune")
     def prune_cmd(
         ctx: typer.Context,
-        model: str = typer.Option(_D.model, "--model", "-m", help="local Hugging Face folder, hub id, or 'default' (embedded SmolLM2-135M-Instruct)"),
+        model: str = typer.Option(_D.model, "--model", "-m", help="local Hugging Face folder, hub id, 'default' (embedded SmolLM2-135M-Instruct) or 'gemma3-270m' (embedded Gemma 3 270M)"),
         data: str = typer.Option(_D.data, "--data", help="calibration/held-out text: default | wikitext2 | c4 | ptb | path/to/file.txt"),
         sparsity: float = typer.Option(_D.sparsity, "--sparsity", "-s", help="fraction of the learned units' parameters to remove, in (0, 1)"),
         granularity: str = typer.Option(_D.granularity, "--granularity", help="unit types to prune: group,channel | group | channel | layer"),

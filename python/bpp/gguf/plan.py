@@ -97,6 +97,10 @@ def read_model(folder: Path) -> Model:
     config = read_config(folder)
     model_type = str(config.get("model_type"))
     family = model_type.removeprefix("bpp_pruned_")
+    if family == "gemma3_text":
+        raise BppError(f"{folder}: GGUF export of Gemma 3 is not supported yet; the compacted folder loads in "
+                       "transformers (and runtimes that read Hugging Face folders), and bpp exports GGUF for "
+                       f"{', '.join(STOCK_ARCH)}")
     if family not in STOCK_ARCH:
         raise BppError(f"{folder}: model type {model_type!r} has no GGUF export; bpp exports the families "
                        f"{', '.join(STOCK_ARCH)} (stock or compacted by bpp)")

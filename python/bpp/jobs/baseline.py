@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..compaction import compact_model, save_compacted
-from ..data import load_text, tokenize, windows
+from ..data import load_text, tokenize, window_bos, windows
 from ..errors import BppError
 from ..evaluation import check_eval_options, perplexity
 from ..methods import baseline_mask
@@ -82,7 +82,8 @@ def _run(method, sparsity, out: Path, folder: RunFolder, *, model, tokenizer, da
     else:
         model_name = str(getattr(model.config, "_name_or_path", "") or "in-memory model")
     space = MaskSpace.from_model(model)
-    calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed)
+    calib = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=seed,
+                    bos=window_bos(model))
     held = tokenize(tokenizer, load_text(data, "heldout"))
     check_eval_options(eval_seq_len, eval_windows, held, data)
     folder.claim(force=force, files=OUTPUT_FILES)

@@ -47,7 +47,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     model is refused unless ``allow_other_model``. ``out`` must be new, or (with ``force``) a model
     folder bpp wrote. ``export="gguf"`` also writes ``<out>.gguf`` for llama.cpp (``export_dtype``
     f32 | f16 | bf16 | q8_0). Returns the compacted model; ``model.bpp_compaction`` holds what was done."""
-    from ..data import load_text, windows
+    from ..data import load_text, window_bos, windows
     from ..methods.flap import compensation_for
     from ..methods.magnitude import magnitude_metric
     from ..methods.pangu import PanguOptions, calibrate, transform
@@ -117,7 +117,8 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
         masks = round_mask(masks, round_to, scores)
         info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),
                             "channels_after": masks.channels.sum(-1)[0].tolist()}
-    ids = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=0) if calibrated else None
+    ids = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=0,
+                  bos=window_bos(model)) if calibrated else None
     if calibrated:
         info["calibration"] = {"data": data, "windows": calib_windows, "seq_len": calib_seq_len}
     pangu = PanguOptions(clap=clap, slnp=slnp, absorb_norms=absorb_norms)

@@ -16,6 +16,7 @@ from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..checkpoints import CHECKPOINT, load_checkpoint, malformed_checkpoint
 from ..errors import BppError
 from ..fileio import atomic_write_json, write_error
+from ..modelio import EMBEDDED_MODELS
 from ..plots import plot_kept_per_layer, plot_loss_curve
 from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
@@ -43,7 +44,8 @@ _UNSET = object()
 
 def _local_inputs(config: PruneConfig) -> tuple:
     """Local files and folders the run reads, which its output folder must not hold."""
-    return tuple(Path(p) for p in (config.model, config.data) if p not in ("default",) and Path(p).exists())
+    return tuple(Path(p) for p in (config.model, config.data)
+                 if p != "default" and p not in EMBEDDED_MODELS and Path(p).exists())
 
 
 def prune(config: PruneConfig | None = None, out: str | os.PathLike | None = None, *, force: bool = False,

@@ -14,10 +14,12 @@ import torch
 
 from ..bias_compensation import BiasCompensation, InputStats
 from ..checkpoints import CHECKPOINT, malformed_checkpoint
+from ..data import window_bos
 from ..errors import BppError
 from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
+from ..modelio import EMBEDDED_MODELS
 from ..reconstruction import DAMPING, reconstruct
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
@@ -98,8 +100,9 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
     space = MaskSpace.from_model(model)
     config_budget(space, config)  # a sparsity the granularity can meet
     calib_ids = tokenize(tokenizer, load_text(config.data, "calib"))
-    windows = calibration_batches(calib_ids, config)
-    selection_ids = selection_windows(calib_ids, config)
+    bos = window_bos(model)  # Gemma: every window starts with BOS
+    windows = calibration_batches(calib_ids, config, bos)
+    selection_ids = selection_windows(calib_ids, config, bos)
     held = tokenize(tokenizer, load_text(config.data, "heldout")) if job["evaluate"] else None
     check_eval_options(job["eval_seq_len"], job["eval_windows"], held, config.data)
     losses, backend = mask_losses(model, config, losses_fn)
@@ -117,7 +120,7 @@ def init_calibration(config: PruneConfig, inputs: Inputs) -> torch.Tensor:
     from ..data import windows as random_windows
 
     return random_windows(inputs.tokenizer, inputs.calib_ids, config.init_seq_len, config.init_windows,
-                          seed=config.seed)
+                          seed=config.seed, bos=window_bos(inputs.model))
 
 
 def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tuple, job: dict, writer: bool,
@@ -152,7 +155,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
 def model_name(model: str) -> str:
     """The model as a run records it: a local folder's resolved path (where a symlink led), else its name."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if model != "default" and path.exists() else str(model)
+    return str(path.resolve()) if model not in EMBEDDED_MODELS and path.exists() else str(model)
 
 
 def check_resumed_model(state: dict, config: PruneConfig, fingerprint: dict) -> None:
@@ -278,7 +281,7 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
         "world_size": world_size,
         "steps_done": loop.step,
         "evaluations": loop.evaluations,
-        "calibration_passes": passes_over_text(inputs.calib_ids, config),
+        "calibration_passes": passes_over_text(inputs.calib_ids, config, window_bos(inputs.model)),
         "rounds": rounds(config),
         "skipped_steps": loop.skipped_steps,
         "dropped_masks": loop.dropped_masks,

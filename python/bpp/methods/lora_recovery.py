@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from ..checkpoints import CHECKPOINT, fingerprint, load_checkpoint, save_checkpoint
+from ..data import window_bos
 from ..errors import BppError
 from ..models.blocks import choose_engine, kernel_lm_loss, lora_weight
 from .recovery_config import TARGET_MODULES, RecoverConfig, lr_factor, present_targets, recovery_windows
@@ -77,7 +78,7 @@ class LoraRecovery:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.progress, self.on_step = checkpoint_every, progress, on_step
         self.extra_state = dict(extra_state or {})
-        self.windows = recovery_windows(tokenizer, train_ids, self.config)
+        self.windows = recovery_windows(tokenizer, train_ids, self.config, window_bos(model))
         targets = present_targets(model, self.config.target_modules)
         if not targets:
             raise BppError(f"the model has none of the LoRA target modules {', '.join(self.config.target_modules)}")

@@ -7,9 +7,11 @@ import torch
 
 def sigmap(metric: torch.Tensor, keep: float) -> torch.Tensor:
     """The official mapping of scores to probabilities, row by row (one row = one layer): z-score
-    the metric, apply the sigmoid, shift so the mean equals ``keep``, clamp to [0, 1]."""
+    the metric, apply the sigmoid, shift so the mean equals ``keep``, clamp to [0, 1]. A row of
+    one unit (a layer with one KV group, as Gemma 3 270M) has no spread: its unit gets ``keep``."""
     metric = metric.to(torch.float64)
-    z = (metric - metric.mean(-1, keepdim=True)) / (metric.std(-1, keepdim=True) + 1e-8)
+    spread = metric.std(-1, keepdim=True) if metric.shape[-1] > 1 else torch.zeros_like(metric[..., :1])
+    z = (metric - metric.mean(-1, keepdim=True)) / (spread + 1e-8)
     p = torch.sigmoid(z)
     return (p + (keep - p.mean(-1, keepdim=True))).clamp(0.0, 1.0)
 

@@ -100,9 +100,10 @@ def present_targets(model, wanted=TARGET_MODULES) -> list[str]:
     return [t for t in wanted if t in found]
 
 
-def recovery_windows(tokenizer, text_or_ids, config: RecoverConfig) -> torch.Tensor:
-    """``steps · batch_size`` random windows of ``seq_len`` tokens, drawn once from ``seed``.
-    Refuses text shorter than the tokens the run reads (it would mostly repeat itself)."""
+def recovery_windows(tokenizer, text_or_ids, config: RecoverConfig, bos: int | None = None) -> torch.Tensor:
+    """``steps · batch_size`` random windows of ``seq_len`` tokens, drawn once from ``seed`` (each
+    starting with ``bos`` when given, :func:`bpp.data.window_bos`). Refuses text shorter than the
+    tokens the run reads (it would mostly repeat itself)."""
     from ..data import tokenize, windows
 
     ids = tokenize(tokenizer, text_or_ids) if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids)
@@ -113,4 +114,4 @@ def recovery_windows(tokenizer, text_or_ids, config: RecoverConfig) -> torch.Ten
         raise BppError(f"too little text for {config.steps} steps: the training text has {ids.numel():,} tokens, "
                        f"{config.steps} steps x {config.batch_size} windows x {config.seq_len} tokens need "
                        f"{need:,}; lower --steps, --batch-size or --seq-len, or give more text (--data file.txt)")
-    return windows(tokenizer, ids, config.seq_len, n, seed=config.seed)
+    return windows(tokenizer, ids, config.seq_len, n, seed=config.seed, bos=bos)

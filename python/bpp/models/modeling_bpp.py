@@ -6,9 +6,10 @@
 # pruned model is the stock Hugging Face model whose layers have per-layer sizes:
 #   kv_heads_per_layer[i]         KV groups kept in layer i (query heads: that times the ratio)
 #   intermediate_size_per_layer[i] MLP channels kept in layer i
-# A layer with no KV group has no attention (it adds nothing); one with no channel has no MLP.
+# A layer with no KV group has no attention (it adds nothing); one with no channel has no MLP;
+# either goes with the norms of its block (Gemma 3: the norms before and after it).
 # o_proj_bias / down_proj_bias add output biases (bias compensation of the pruned units); an
-# emptied block then adds just that bias, a constant.
+# emptied block then adds just a constant (the bias; in Gemma 3 the bias after the block's norm).
 import torch
 from torch import nn
 from transformers.models.FAMILY.configuration_FAMILY import FamilyConfig as _BaseConfig
@@ -66,12 +67,22 @@ def _linear(n_in, n_out, bias, like):
     return nn.Linear(n_in, n_out, bias=bias, dtype=like.weight.dtype, device=like.weight.device)
 
 
+def _block_norms(layer):
+    """The norms of a decoder layer's attention block and of its MLP block."""
+    if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 3: one before and one after each block
+        return ("input_layernorm", "post_attention_layernorm"), ("pre_feedforward_layernorm",
+                                                                 "post_feedforward_layernorm")
+    return ("input_layernorm",), ("post_attention_layernorm",)
+
+
 def _resize_layer(layer, kv_heads, channels, config):
     attn, mlp = layer.self_attn, layer.mlp
     d = config.hidden_size
+    attn_norms, mlp_norms = _block_norms(layer)
     if kv_heads == 0:
         layer.self_attn = NoAttention(attn.layer_idx, d, config.o_proj_bias, attn.o_proj.weight)
-        layer.input_layernorm = nn.Identity()
+        for name in attn_norms:
+            setattr(layer, name, nn.Identity())
     else:
         hd = attn.head_dim
         q_heads = kv_heads * (config.num_attention_heads // config.num_key_value_heads)
@@ -81,7 +92,8 @@ def _resize_layer(layer, kv_heads, channels, config):
         attn.o_proj = _linear(q_heads * hd, d, config.o_proj_bias, attn.o_proj)
     if channels == 0:
         layer.mlp = NoMLP(d, config.down_proj_bias, mlp.down_proj.weight)
-        layer.post_attention_layernorm = nn.Identity()
+        for name in mlp_norms:
+            setattr(layer, name, nn.Identity())
     else:
         mlp.gate_proj = _linear(d, channels, False, mlp.gate_proj)
         mlp.up_proj = _linear(d, channels, False, mlp.up_proj)

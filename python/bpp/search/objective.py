@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..data import cut_windows
 from ..errors import BppError
 from ..masks import Masks
 from .config import PruneConfig, eval_dtype
@@ -101,6 +102,8 @@ def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> t
         losses.custom = lambda ids, masks: (hook_losses(model, ids, masks) if losses.compensation is None
                                             else _hook_losses_with_biases(model, ids, masks, losses.compensation))
         return losses, "hook_losses"
+    if getattr(model.config, "model_type", None) == "gemma3_text":
+        raise BppError("Gemma 3 is not supported by the batched engine yet; use --engine hooks --objective nll")
     from ..models.masked import MaskedModel
 
     # the training batch and the selection windows, a pass of WINDOWS_PER_PASS at a time
@@ -111,12 +114,14 @@ def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> t
     return MaskLosses(engine=engine, objective=config.objective, teacher_cache=cache), name
 
 
-def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
-    """The calibration token stream cut into non-overlapping windows of ``seq_len``, shuffled by
-    the seed; step t uses rows [t·B, (t+1)·B). The windows the incumbent's selection holds back
-    are never among them. A search longer than the text (``steps × batch_size`` windows) goes
-    over it again, each further pass in a new order of the same windows."""
-    n = ids.numel() // config.seq_len
+def calibration_batches(ids: torch.Tensor, config: PruneConfig, bos: int | None = None) -> torch.Tensor:
+    """The calibration token stream cut into non-overlapping windows of ``seq_len`` (each starting
+    with ``bos`` when given, :func:`bpp.data.window_bos`), shuffled by the seed; step t uses rows
+    [t·B, (t+1)·B). The windows the incumbent's selection holds back are never among them. A
+    search longer than the text (``steps × batch_size`` windows) goes over it again, each further
+    pass in a new order of the same windows."""
+    windows = cut_windows(ids, config.seq_len, bos)
+    n = windows.shape[0]
     need = config.steps * config.batch_size
     held = config.selection_windows if config.incumbent_every else 0
     pool = n - held
@@ -125,7 +130,6 @@ def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
             f"too little calibration text: {ids.numel()} tokens make {n} windows of {config.seq_len}, "
             f"{f'{held} of them held back for the incumbent, ' if held else ''}but one batch needs "
             f"{config.batch_size}; lower --batch-size or --seq-len, or give more text with --data")
-    windows = ids[: n * config.seq_len].view(n, config.seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     if need <= pool:
         return windows[order[:need]].clone()
@@ -136,23 +140,24 @@ def calibration_batches(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor:
     return windows[torch.cat(passes)[:need]].clone()
 
 
-def passes_over_text(ids: torch.Tensor, config: PruneConfig) -> float:
+def passes_over_text(ids: torch.Tensor, config: PruneConfig, bos: int | None = None) -> float:
     """How many times the search's batches go over the calibration windows they are drawn from."""
-    n = ids.numel() // config.seq_len - (config.selection_windows if config.incumbent_every else 0)
+    held = config.selection_windows if config.incumbent_every else 0
+    n = ids.numel() // (config.seq_len - (bos is not None)) - held
     return config.steps * config.batch_size / max(n, 1)
 
 
-def selection_windows(ids: torch.Tensor, config: PruneConfig) -> torch.Tensor | None:
+def selection_windows(ids: torch.Tensor, config: PruneConfig, bos: int | None = None) -> torch.Tensor | None:
     """The incumbent's held-in windows: the last ``selection_windows`` of the seeded shuffle whose
-    first windows the gradient uses (so the two never overlap)."""
+    first windows the gradient uses (so the two never overlap); ``bos`` as :func:`calibration_batches`."""
     if not config.incumbent_every:
         return None
-    n = ids.numel() // config.seq_len
+    windows = cut_windows(ids, config.seq_len, bos)
+    n = windows.shape[0]
     need = config.batch_size + config.selection_windows
     if n < need:
         raise BppError(f"too little calibration text: {n} windows of {config.seq_len} tokens, but one batch of "
                        f"{config.batch_size} and {config.selection_windows} selection windows need {need}; lower "
                        "--batch-size or --selection-windows, or give more text with --data")
-    windows = ids[: n * config.seq_len].view(n, config.seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     return windows[order[n - config.selection_windows:]].clone()
