@@ -320,12 +320,12 @@ def test_gemma3_windows_start_with_bos_and_other_families_do_not(model):
 
 # --- refusals --------------------------------------------------------------------------------------
 
-def test_batched_engine_refuses_gemma3_in_one_line(model):
+def test_mask_losses_use_the_batched_engine_for_gemma3(model):
     from bpp.search import PruneConfig
     from bpp.search.objective import mask_losses
 
-    with pytest.raises(BppError, match="not supported by the batched engine yet; use --engine hooks --objective nll"):
-        mask_losses(model, PruneConfig(engine="batched"))
+    losses, name = mask_losses(model, PruneConfig(engine="batched", dtype="float32"))
+    assert name == "MaskedModel" and losses.engine.gemma3
     losses, name = mask_losses(model, PruneConfig(engine="hooks", objective="nll"))
     assert name == "hook_losses"
 

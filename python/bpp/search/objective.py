@@ -102,8 +102,6 @@ def mask_losses(model, config: PruneConfig, custom: LossesFn | None = None) -> t
         losses.custom = lambda ids, masks: (hook_losses(model, ids, masks) if losses.compensation is None
                                             else _hook_losses_with_biases(model, ids, masks, losses.compensation))
         return losses, "hook_losses"
-    if getattr(model.config, "model_type", None) == "gemma3_text":
-        raise BppError("Gemma 3 is not supported by the batched engine yet; use --engine hooks --objective nll")
     from ..models.masked import MaskedModel
 
     # the training batch and the selection windows, a pass of WINDOWS_PER_PASS at a time
