@@ -314,7 +314,12 @@ def test_auto_damping_refits_every_projection_and_records_its_choice():
             chosen = record[name]["damping"]
             held = record[name]["held_back_errors"]
             assert held[str(chosen)] == min(held.values()) and record[name]["refit"] <= record[name]["bias"] + 1e-9
-    with pytest.raises(BppError, match="more than 8 calibration windows"):
-        reconstruct(model, mask, calib, damping="auto")
-    with pytest.raises(BppError, match="damping"):
+    # the default batches (8 windows) shrink to two batches of 4: the same split as batch_size=4
+    by_default = reconstruct(model, mask, calib)
+    assert by_default.damping == "auto"
+    assert all(torch.equal(a, b) for a, b in zip(by_default.down_proj_bias,
+                                                  reconstruct(model, mask, calib, batch_size=4).down_proj_bias))
+    with pytest.raises(BppError, match="at least 2"):
+        reconstruct(model, mask, calib[:1])
+    with pytest.raises(BppError, match="damping must be 'auto' or"):
         reconstruct(model, mask, calib, damping="strong")

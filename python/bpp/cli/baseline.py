@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         calib_windows: int = typer.Option(32, "--calib-windows"),
         calib_seq_len: int = typer.Option(128, "--calib-seq-len"),
         compensation: Optional[str] = typer.Option(None, "--compensation", help="none | bias (FLAP's output biases) | reconstruct (least-squares refit of the output projections); default: the method as published (FLAP: bias, the others: none)"),
-        damping: float = typer.Option(DAMPING, "--damping", help="--compensation reconstruct: damping λ (times the mean input energy), pulling the refit towards the original weights"),
+        damping: str = typer.Option(DAMPING, "--damping", help="--compensation reconstruct: auto (per projection, the damping that does best on held-back calibration tokens) or a damping λ (times the mean input energy), pulling the refit towards the original weights"),
         eval_seq_len: int = typer.Option(128, "--eval-seq-len"),
         eval_windows: Optional[int] = typer.Option(None, "--eval-windows"),
         seed: int = typer.Option(0, "--seed"),

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         round_to: Optional[int] = typer.Option(None, "--round-to", help="round kept MLP channels per layer up to a multiple of 8, 16, 32, 64 or 128, adding the highest-θ channels (weight magnitude when DIR has no theta.safetensors)"),
         bias_compensation: bool = typer.Option(False, "--bias-compensation", help="FLAP-style: add the mean contribution of pruned units as output biases (a bpp prune run's own calibration means when the mask's folder holds them)"),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="refit each width-pruned layer's o_proj / down_proj (with an output bias) by damped least squares on calibration activations of the already-pruned model; replaces --bias-compensation"),
-        damping: float = typer.Option(DAMPING, "--damping", help="--reconstruct: damping λ (times the mean input energy), pulling the refit towards the original weights"),
+        damping: str = typer.Option(DAMPING, "--damping", help="--reconstruct: auto (per projection, the damping that does best on held-back calibration tokens) or a damping λ (times the mean input energy), pulling the refit towards the original weights"),
         clap: bool = typer.Option(False, "--clap", help="Pangu Light Cross-Layer Attention Pruning: a dropped layer's best KV groups move into the next kept layer's slots"),
         slnp: bool = typer.Option(False, "--slnp", help="Pangu Light-style stabilisation: rescale each width-pruned block's output to its dense magnitude"),
         absorb_norms: bool = typer.Option(False, "--absorb-norms", help="fold RMSNorm scales into the next linear layers (same logits)"),

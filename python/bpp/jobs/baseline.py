@@ -3,7 +3,6 @@ parameter count of a policy-gradient mask at the same sparsity, compacted and ev
 ``bpp prune`` is, so ``bpp report`` compares them."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..methods.flap import compensation_for
 from ..modelio import load_model
 from ..budget import Budget, check_sparsity
 from ..fileio import atomic_write_json, write_error
-from ..reconstruction import DAMPING, reconstruct
+from ..reconstruction import DAMPING, parse_damping, reconstruct
 from ..runs import RunFolder
 from ..space import MaskSpace, model_fingerprint
 
@@ -40,7 +39,7 @@ def resolve_compensation(method: str, compensation: str | None) -> str:
 
 def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None = None, *, model=None,
              tokenizer=None, data: str = "default", calib_windows: int = 32,
-             calib_seq_len: int = 128, seed: int = 0, compensation: str | None = None, damping: float = DAMPING,
+             calib_seq_len: int = 128, seed: int = 0, compensation: str | None = None, damping: float | str = DAMPING,
              eval_seq_len: int = 128, eval_windows: int | None = None, force: bool = False) -> dict:
     """Write ``mask.safetensors``, ``model/`` (compacted) and ``report.json`` for one baseline into
     ``out`` (default ``baseline-<method>-<sparsity>``); returns the report. ``compensation`` of the
@@ -52,8 +51,7 @@ def baseline(method: str = "flap", sparsity: float = 0.2, out: str | Path | None
     method_entry(method, "baseline")
     check_sparsity(sparsity)
     compensation = resolve_compensation(method, compensation)
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise BppError(f"--damping must be a finite number >= 0, got {damping!r}")
+    damping = parse_damping(damping, "--damping")
     check_eval_options(eval_seq_len, eval_windows)
     out = Path(out) if out is not None else Path(f"baseline-{method}-{sparsity:g}")
     local = tuple(Path(p) for p in (model, data) if isinstance(p, (str, os.PathLike)) and Path(p).exists())

@@ -4,7 +4,6 @@ least-squares reconstruction, Pangu Light's re-initialisations)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..errors import BppError
 from ..modelio import load_model
 from ..fileio import write_error
 from ..masks import Masks
-from ..reconstruction import DAMPING
+from ..reconstruction import DAMPING, parse_damping
 from ..reconstruction import reconstruct as refit
 from ..runs import check_model_folder_target, check_target
 from ..space import MaskSpace
@@ -25,7 +24,7 @@ from ..space import MaskSpace
 
 def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
             tokenizer=None, round_to: int | None = None, theta: Masks | None = None, bias_compensation: bool = False,
-            reconstruct: bool = False, damping: float = DAMPING, clap: bool = False, slnp: bool = False,
+            reconstruct: bool = False, damping: float | str = DAMPING, clap: bool = False, slnp: bool = False,
             absorb_norms: bool = False, data: str | None = None, calib_windows: int = 32, calib_seq_len: int = 128,
             dtype: str = "float32", force: bool = False, allow_other_model: bool = False,
             export: str | None = None, export_dtype: str = "f32", progress: bool = False):
@@ -80,8 +79,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     if reconstruct and (clap or slnp):
         raise BppError("--reconstruct cannot be combined with --clap or --slnp (they change the compacted layers "
                        "after the refit); choose one")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise BppError(f"--damping must be a finite number >= 0, got {damping!r}")
+    damping = parse_damping(damping, "--damping")
     for name, value, low in (("--calib-windows", calib_windows, 1), ("--calib-seq-len", calib_seq_len, 2)):
         if not isinstance(value, int) or value < low:
             raise BppError(f"{name} must be an integer >= {low}, got {value!r}")
