@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bpp
-from bpp import modelio
+from bpp import embedded, modelio
 from bpp.budget import Budget
 from bpp.compaction import compact_model, save_compacted
 from bpp.errors import BppError
@@ -389,7 +389,7 @@ def test_embedded_gemma3_270m_converts_and_is_a_language_model():
     from bpp import data, evaluation
 
     model, tok = bpp.load_model("gemma3-270m")
-    folder = modelio.embedded_model_dir("gemma3-270m")
+    folder = embedded.embedded_model_dir("gemma3-270m")
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size) == ("gemma3_text", 18, 640, 2048)

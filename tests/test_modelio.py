@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bpp
-from bpp import data, evaluation, modelio
+from bpp import data, embedded, evaluation, modelio
 from bpp.errors import BppError
 from tests.tiny import tiny_model
 
@@ -85,7 +85,7 @@ def test_missing_default_model_package_says_how_to_install(monkeypatch, tmp_path
 
 @pytest.mark.slow
 def test_default_model_converts_once_and_reloads_from_cache():
-    first = modelio.default_model_dir()  # converts from GGUF on a fresh machine
+    first = embedded.default_model_dir()  # converts from GGUF on a fresh machine
     assert (first / "model.safetensors").is_file()
     config = json.loads((first / "config.json").read_text())
     assert "quantization_config" not in config

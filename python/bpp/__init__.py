@@ -7,8 +7,9 @@ this list (tests/test_layers.py checks it by reading the imports).
    JSON and JSON-lines readers), ``checkpoints`` (weights-only checkpoints, RNG states), ``locks``
    (one writer at a time), ``runs`` (run folders: manifests, what ``--force`` may replace),
    ``model_configs`` (a config's sizes checked before anything is built from it), ``modelio``
-   (models in: families, loading, the shipped modeling file), ``model_folders`` (model folders
-   out, written atomically)
+   (models in: families, loading, the shipped modeling file), ``embedded`` (the embedded models,
+   converted once from the GGUF files in their packages), ``model_folders`` (model folders out,
+   written atomically)
 2. ``space`` (MaskSpace: a model's prunable units and their parameter costs), ``masks`` (Masks: S
    structured masks, saved with their model's fingerprint), ``budget`` (parameter budgets: the
    projection onto them and the deterministic mask within them)

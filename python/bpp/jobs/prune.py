@@ -16,7 +16,7 @@ from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..checkpoints import CHECKPOINT, load_checkpoint, malformed_checkpoint
 from ..errors import BppError
 from ..fileio import atomic_write_json, write_error
-from ..modelio import EMBEDDED_MODELS
+from ..embedded import EMBEDDED_MODELS
 from ..plots import plot_kept_per_layer, plot_loss_curve
 from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig

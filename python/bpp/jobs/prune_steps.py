@@ -19,7 +19,7 @@ from ..errors import BppError
 from ..evaluation import check_eval_options, compacted_perplexity, masked_perplexity
 from ..fileio import atomic_write_json, atomic_write_text, read_jsonl
 from ..masks import Masks
-from ..modelio import EMBEDDED_MODELS
+from ..embedded import EMBEDDED_MODELS
 from ..reconstruction import DAMPING, reconstruct
 from ..search import (MaskLosses, PruneConfig, SearchLoop, SearchStart, calibration_batches, config_budget, mask_losses,
                       needs_ranking, needs_stats, new_policy, resumed_policy, selection_windows)
