@@ -11,10 +11,10 @@ The C++ ops are timed twice: with their GEMMs in ATen's mm (``BPP_CPU_GEMM=aten`
 GEMM library; the ratio is the reference against the library ``auto`` picks on this CPU.
 linear_cross_entropy takes one sample's B×(T-1) rows against the 49,152-word LM head, as the
 engine calls it. masked_mlp (the non-gated OPT / GPT-2 / Pythia MLP: up projection with bias, exact
-GELU, down projection) runs at the same d and m as masked_swiglu, and layer_norm (with bias) over
-the S×B×T rows of width d. A second masked_attention row adds left padding (a quarter of the
-batch's rows start with T/4 padding tokens), their shifted positions and a sliding window of T/4
-tokens.
+GELU, down projection) runs at the same d and m as masked_swiglu; layer_norm (with bias), rms_norm
+and add_rms_norm (the residual add fused) over the S×B×T rows of width d. A second masked_attention
+row adds left padding (a quarter of the batch's rows start with T/4 padding tokens), their shifted
+positions and a sliding window of T/4 tokens.
 Each op's outputs are compared once (relative RMS error against the reference) so a fast but
 wrong kernel shows. Numbers are wall-clock and only mean something on an otherwise idle machine.
 
@@ -87,6 +87,9 @@ def op_inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, dict]:
             keep_count=group_count, position_ids=positions, attention_mask=padding, window=T // 4),
         "linear_cross_entropy": dict(h=rnd(B * (T - 1), D), weight=rnd(VOCAB, D, scale=D**-0.5),
                                      target=torch.randint(0, VOCAB, (B * (T - 1),), generator=g)),
+        # drawn last, so the other ops' inputs stay those of earlier runs
+        "rms_norm": dict(x=rnd(S, B, T, D), weight=1 + rnd(D, scale=0.2), eps=1e-5),
+        "add_rms_norm": dict(x=rnd(S, B, T, D), residual=rnd(S, B, T, D), weight=1 + rnd(D, scale=0.2), eps=1e-5),
     }
 
 

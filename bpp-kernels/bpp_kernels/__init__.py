@@ -81,8 +81,11 @@ when built, else reference. :func:`backend_info` says what runs where.
 Dtypes: fp32, fp16 and bf16 on every backend (the C++ backend computes fp16/bf16 in fp32 on CPUs
 without native half-precision GEMMs; Triton accumulates in fp32); float64 runs on the reference,
 in float64 (naming another backend for it is an error). cos/sin may be any floating dtype and are
-cast to x's dtype (:func:`rope_tables` builds them). Losses are fp32; gradients come back in
-their input's dtype; a batch that keeps no unit gives zero gradients.
+cast to x's dtype (:func:`rope_tables` builds them). rms_norm and add_rms_norm take
+``out_dtype`` (the normed output's dtype, converted in the same pass), and add_rms_norm takes x and
+residual of different dtypes (h in residual's): a bf16 computation on an fp32 residual stream is
+``y16, h32 = add_rms_norm(a16, h32, w32, eps, out_dtype=torch.bfloat16)``. Losses are fp32;
+gradients come back in their input's dtype; a batch that keeps no unit gives zero gradients.
 
 Indices: every masked op checks keep_idx / keep_count first (:func:`check_indices`: counts in
 [0, n]; the kept entries in [0, n) and distinct): a ValueError on CPU, a device-side assertion on

@@ -166,22 +166,27 @@ def linear_cross_entropy(forward, backward, *, backward_takes_chunk_size: bool) 
 
 def rms_norm(rms_norm_forward, add_rms_norm_forward, backward) -> None:
     """RMSNorm and its fused residual add share one backward operator:
-    ``rms_norm_forward(x, weight, eps) -> y``; ``add_rms_norm_forward(x, residual, weight, eps) ->
-    (y, h = x + residual)``; ``backward(grad_y, grad_h or None, h, weight, eps, need_weight) ->
-    (dh, dweight)`` (dweight empty when not needed). ``y`` is in the dtype ``x`` promotes to with
-    ``weight``."""
+    ``rms_norm_forward(x, weight, eps, out_dtype) -> y``; ``add_rms_norm_forward(x, residual,
+    weight, eps, out_dtype) -> (y, h = x.to(residual.dtype) + residual)``; ``backward(grad_y,
+    grad_h or None, h, weight, eps, need_weight) -> (dh, dweight)`` (dh in h's dtype, dweight
+    empty when not needed). ``y`` is in ``out_dtype``, else in the dtype ``h`` (x for rms_norm)
+    promotes to with ``weight``; x's gradient is dh converted to x's dtype."""
 
-    def rms_norm_fake(x, weight, eps):
-        return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
+    def y_like(h, weight, out_dtype):
+        dtype = out_dtype if out_dtype is not None else torch.promote_types(weight.dtype, h.dtype)
+        return h.new_empty(h.shape, dtype=dtype)
 
-    def add_rms_norm_fake(x, residual, weight, eps):
-        return x.new_empty(x.shape, dtype=torch.result_type(weight, x)), torch.empty_like(x)
+    def rms_norm_fake(x, weight, eps, out_dtype=None):
+        return y_like(x, weight, out_dtype)
+
+    def add_rms_norm_fake(x, residual, weight, eps, out_dtype=None):
+        return y_like(residual, weight, out_dtype), residual.new_empty(residual.shape)
 
     def backward_fake(grad_out, grad_h, h, weight, eps, need_weight):
-        return torch.empty_like(h), weight.new_empty(weight.shape if need_weight else (0,))
+        return h.new_empty(h.shape), weight.new_empty(weight.shape if need_weight else (0,))
 
     def rms_norm_setup(ctx, inputs, output):
-        x, weight, eps = inputs
+        x, weight, eps, _ = inputs
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
 
@@ -189,17 +194,19 @@ def rms_norm(rms_norm_forward, add_rms_norm_forward, backward) -> None:
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw = backward(grad, None, x, weight, ctx.eps, need[1])
-        return (dx if need[0] else None), (dw if need[1] else None), None
+        return (dx if need[0] else None), (dw if need[1] else None), None, None
 
     def add_rms_norm_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1], inputs[2])  # h = x + residual, weight
+        ctx.save_for_backward(output[1], inputs[2])  # h = x.to(residual.dtype) + residual, weight
         ctx.eps = inputs[3]
+        ctx.x_dtype = inputs[0].dtype
 
     def add_rms_norm_backward(ctx, grad, grad_h):
         h, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         dh, dw = backward(grad, grad_h, h, weight, ctx.eps, need[2])
-        return (dh if need[0] else None), (dh if need[1] else None), (dw if need[2] else None), None
+        dx = dh.to(ctx.x_dtype) if need[0] else None
+        return dx, (dh if need[1] else None), (dw if need[2] else None), None, None
 
     torch.library.register_fake(rms_norm_forward, rms_norm_fake)
     torch.library.register_fake(add_rms_norm_forward, add_rms_norm_fake)

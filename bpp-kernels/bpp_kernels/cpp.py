@@ -17,6 +17,9 @@ emulated ~20x slower than fp32, so the inputs are computed in fp32 and rounded o
 (closer to the fp32 reference than the reference's own half-precision run). Weight gradients
 are accumulated in fp32 and rounded once. Samples are computed one after another with the
 same calls whatever S is, so a sample's forward result is bit-identical alone or in a batch.
+The norms have no GEMM and compute in fp32 whatever the dtype: layer_norm rounds once at the end,
+rms_norm and add_rms_norm round where the reference does (h, the normalised value, the weight
+product, out_dtype).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ if AVAILABLE:
     _autograd.masked_swiglu(torch.ops.bpp.masked_swiglu.default, torch.ops.bpp.masked_swiglu_backward.default)
     _autograd.masked_mlp(torch.ops.bpp.masked_mlp.default, torch.ops.bpp.masked_mlp_backward.default)
     _autograd.layer_norm(torch.ops.bpp.layer_norm.default, torch.ops.bpp.layer_norm_backward.default)
+    _autograd.rms_norm(torch.ops.bpp.rms_norm.default, torch.ops.bpp.add_rms_norm.default,
+                       torch.ops.bpp.rms_norm_backward.default)
     _autograd.masked_attention(torch.ops.bpp.masked_attention.default,
                                torch.ops.bpp.masked_attention_backward.default)
     _autograd.linear_cross_entropy(torch.ops.bpp.linear_cross_entropy.default,
@@ -59,6 +64,12 @@ if AVAILABLE:
 
     def masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up=None, activation="gelu", unit_scale=None):
         return torch.ops.bpp.masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up, unit_scale, activation)
+
+    def rms_norm(x, weight, eps, out_dtype=None):
+        return torch.ops.bpp.rms_norm(x, weight, float(eps), out_dtype)
+
+    def add_rms_norm(x, residual, weight, eps, out_dtype=None):
+        return torch.ops.bpp.add_rms_norm(x, residual, weight, float(eps), out_dtype)
 
     def layer_norm(x, weight, bias, eps):
         return torch.ops.bpp.layer_norm(x, weight, bias, float(eps))

@@ -145,9 +145,13 @@ def backend_info() -> dict[str, dict[str, str]]:
     return {op: {dev: resolve(op, dev) for dev in ("cpu", "cuda")} for op in OPS}
 
 
-def _call(op: str, x: torch.Tensor, backend: str | None, *args, **kwargs):
+def _call(op: str, x: torch.Tensor, backend: str | None, *args, float64: bool | None = None, **kwargs):
+    """Run ``op`` on the backend chosen for x's device. ``float64``: whether the call involves
+    float64 (default: x is float64), which only the reference computes."""
     name = resolve(op, x.device.type, backend)
-    if x.dtype == torch.float64 and name != "reference":
+    if float64 is None:
+        float64 = x.dtype == torch.float64
+    if float64 and name != "reference":
         # the C++ and Triton kernels compute in float32 at most: float64 is the reference's
         if backend is not None:
             raise ValueError(f"{op}: the {name} backend computes in float32 at most; float64 inputs run on "
@@ -245,8 +249,32 @@ def mask_to_index(mask: torch.Tensor, *, backend: str | None = None) -> tuple[to
     return _call("mask_to_index", mask, backend, mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim (fp32 statistics). x ``(..., d)``, weight ``(d,)``.
+def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, out_dtype, residual: torch.Tensor | None = None):
+    _check(x.dim() >= 1, op, f"x must be (..., d), got {tuple(x.shape)}")
+    d = x.shape[-1]
+    _check(weight.shape == (d,), op, f"weight must be ({d},), got {tuple(weight.shape)}")
+    tensors = {"x": x, "weight": weight} if residual is None else {"x": x, "residual": residual, "weight": weight}
+    for name, t in tensors.items():
+        _check(t.is_floating_point(), op, f"{name} must be floating, got {t.dtype}")
+        _check(t.device == x.device, op, f"{name} is on {t.device}, x on {x.device}")
+    _check(out_dtype is None or (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point), op,
+           f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+
+
+def _norm_float64(out_dtype, *tensors: torch.Tensor) -> bool:
+    return out_dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out_dtype: torch.dtype | None = None,
+             backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim, as Hugging Face's Llama computes it: fp32 statistics,
+    ``normed = x * rsqrt(mean(x^2) + eps)`` rounded to x's dtype, then ``weight * normed``.
+
+    x ``(..., d)`` fp32/fp16/bf16 (float64 runs on the reference); weight ``(d,)`` of any of
+    those dtypes. Returns ``(..., d)`` in ``out_dtype`` when given (one conversion at the end, in
+    the same pass), else in the dtype weight and x promote to (x's when they agree). A row's result
+    depends on that row only. Differentiable in x (gradient in x's dtype) and weight (the backward
+    recomputes the statistics). Backends: cpp (CPU), triton (CUDA), reference.
 
     Example::
 
@@ -255,14 +283,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
         >>> y = K.rms_norm(x, weight, 1e-6)
         >>> torch.allclose(y, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight, atol=1e-5)
         True
+        >>> K.rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16).dtype   # fp32 math, bf16 result
+        torch.bfloat16
     """
-    _check(weight.shape == (x.shape[-1],), "rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
-    return _call("rms_norm", x, backend, x, weight, eps)
+    _check_norm("rms_norm", x, weight, out_dtype)
+    return _call("rms_norm", x, backend, x, weight, eps, out_dtype=out_dtype,
+                 float64=_norm_float64(out_dtype, x, weight))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 out_dtype: torch.dtype | None = None,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual``; returns ``(rms_norm(h, weight), h)``.
+    """The residual add and the RMSNorm after it in one pass: ``h = x.to(residual.dtype) +
+    residual``, computed and returned in residual's dtype; returns ``(rms_norm(h, weight, eps,
+    out_dtype=out_dtype), h)``.
+
+    x and residual ``(..., d)``, each fp32/fp16/bf16, of the same dtype or not (float64 runs on
+    the reference): a bf16 computation whose residual stream stays fp32 passes
+    ``add_rms_norm(a16, h32, w32, eps, out_dtype=torch.bfloat16)`` and gets the bf16 input of its
+    next layer and the fp32 stream, without separate casts. weight ``(d,)``. y is in
+    ``out_dtype`` when given, else in the dtype weight and residual promote to (residual's when
+    they agree; with x, residual and weight of one dtype everything is as before out_dtype
+    existed). Differentiable in x, residual and weight; the gradients come back in their input's
+    dtype. Backends: cpp (CPU), triton (CUDA), reference.
 
     Example::
 
@@ -271,10 +314,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         >>> y, h = K.add_rms_norm(x, residual, weight, 1e-6)
         >>> torch.allclose(h, x + residual), torch.allclose(y, K.rms_norm(x + residual, weight, 1e-6), atol=1e-5)
         (True, True)
+        >>> y16, h32 = K.add_rms_norm(x.bfloat16(), residual, weight, 1e-6, out_dtype=torch.bfloat16)
+        >>> y16.dtype, h32.dtype, torch.equal(h32, x.bfloat16().float() + residual)
+        (torch.bfloat16, torch.float32, True)
     """
-    _check(x.shape == residual.shape, "add_rms_norm", f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
-    _check(weight.shape == (x.shape[-1],), "add_rms_norm", f"weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
-    return _call("add_rms_norm", x, backend, x, residual, weight, eps)
+    op = "add_rms_norm"
+    _check(x.shape == residual.shape, op, f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    _check_norm(op, x, weight, out_dtype, residual)
+    return _call(op, x, backend, x, residual, weight, eps, out_dtype=out_dtype,
+                 float64=_norm_float64(out_dtype, x, residual, weight))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, *,

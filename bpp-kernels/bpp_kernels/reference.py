@@ -40,20 +40,24 @@ def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32), mask.sum(dim=1, dtype=torch.int32)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 (float64 stays float64) and cast back (as
-    Hugging Face Llama does)."""
+    Hugging Face Llama does): ``weight * normed`` in the dtype weight and x promote to, then
+    converted to ``out_dtype`` when given."""
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    y = weight * h.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual``; returns ``(rms_norm(h), h)``."""
-    h = x + residual
-    return rms_norm(h, weight, eps), h
+    """``h = x.to(residual.dtype) + residual`` (in residual's dtype); returns
+    ``(rms_norm(h, weight, eps, out_dtype), h)``."""
+    h = x.to(residual.dtype) + residual
+    return rms_norm(h, weight, eps, out_dtype), h
 
 
 # the gate activations of masked_swiglu: "silu" is SwiGLU (Llama), "gelu_tanh" GeGLU (Gemma)

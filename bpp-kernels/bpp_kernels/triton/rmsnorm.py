@@ -1,14 +1,16 @@
 """RMSNorm, optionally fused with the residual add that precedes it, and its backward.
 
-Forward: one program per row; statistics in fp32, the normalised value cast back to the input
-dtype before the weight multiplies it (as Hugging Face's Llama RMSNorm does).
+Forward: one program per row; for add_rms_norm ``h = x.to(residual.dtype) + residual`` (written,
+in residual's dtype); statistics in fp32, the normalised value cast back to h's dtype before the
+weight multiplies it (as Hugging Face's Llama RMSNorm does), the product in the dtype weight and h
+promote to, then converted to ``out_dtype`` (when given) in the same store.
 
 Backward: one program per block of rows recomputes each row's statistics from the saved input
-(``h = x + residual`` for add_rms_norm, an output of the forward) and writes
-``dx = rstd * (dn - xhat * mean(dn * xhat))`` with ``dn = dy * weight`` (plus the gradient that
-reached ``h`` directly, for add_rms_norm); the weight gradient is summed per block in fp32 and the
-blocks' partial sums are added in block order (no atomics). The rounding of the normalised value
-to the input dtype is treated as the identity. All three ops are ``torch.library`` custom ops,
+(h for add_rms_norm, an output of the forward) and writes ``dh = rstd * (dn - xhat * mean(dn *
+xhat))`` with ``dn = dy * weight`` (plus the gradient that reached ``h`` directly, for
+add_rms_norm, whose x gets dh converted to x's dtype); the weight gradient is summed per block in
+fp32 and the blocks' partial sums are added in block order (no atomics). The rounding of the
+normalised value to h's dtype is treated as the identity. All three ops are ``torch.library`` custom ops,
 tied by :func:`bpp_kernels._autograd.rms_norm`.
 """
 from __future__ import annotations
@@ -26,21 +28,24 @@ _ROWS_PER_PROGRAM = 16  # backward: rows whose weight-gradient contributions one
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, H, D, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_kernel(X, R, W, Y, H, D, eps, HAS_RESIDUAL: tl.constexpr, PRODUCT_IN_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
     x = tl.load(X + row * D + cols, mask=in_row, other=0.0)
-    if HAS_RESIDUAL:
-        x = x + tl.load(R + row * D + cols, mask=in_row, other=0.0)
+    if HAS_RESIDUAL:  # h = x.to(residual.dtype) + residual, in residual's dtype
+        x = x.to(R.dtype.element_ty) + tl.load(R + row * D + cols, mask=in_row, other=0.0)
         tl.store(H + row * D + cols, x, mask=in_row)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     w = tl.load(W + cols, mask=in_row, other=0.0)
-    normed = (xf * rstd).to(x.dtype)  # rounded to x's dtype before the weight, as the reference does
-    out_dtype = Y.dtype.element_ty
-    y = w.to(out_dtype) * normed.to(out_dtype)
-    tl.store(Y + row * D + cols, y, mask=in_row)
+    normed = (xf * rstd).to(x.dtype)  # rounded to h's dtype before the weight, as the reference does
+    if PRODUCT_IN_H:  # weight in h's dtype: the product is rounded to it (then to Y's dtype)
+        y = w * normed
+    else:  # weight * normed promotes to fp32
+        y = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -69,18 +74,21 @@ def _rms_norm_backward_kernel(X, W, DY, DH, DX, DWPart, ROWS, D, eps, HAS_DH: tl
     tl.store(DWPart + block.to(tl.int64) * D + cols, dw, mask=in_row)
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, out_dtype):
     x = x.contiguous()
     D = x.shape[-1]
     rows = x.numel() // D if D else 0
-    # weight * normed.to(x.dtype) promotes like torch does (an fp32 weight on bf16 x gives fp32)
-    y = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
-    h = torch.empty_like(x) if residual is not None else x
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    # weight * normed.to(h's dtype) promotes like torch does (an fp32 weight on bf16 h gives fp32)
+    y_dtype = out_dtype if out_dtype is not None else torch.promote_types(weight.dtype, h_dtype)
+    y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if residual is not None else x
     if rows:
         r = residual.contiguous() if residual is not None else x
         block = next_pow2(D)
         _rms_norm_kernel[(rows,)](x, r, weight.contiguous(), y, h, D, eps, HAS_RESIDUAL=residual is not None,
-                                  BLOCK_D=block, num_warps=max(1, min(16, block // 512)))
+                                  PRODUCT_IN_H=weight.dtype == h_dtype, BLOCK_D=block,
+                                  num_warps=max(1, min(16, block // 512)))
     return y, h
 
 
@@ -102,14 +110,15 @@ def _backward(grad_out, grad_h, h, weight, eps, need_weight):
 
 
 @torch.library.custom_op("bpp_triton::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _launch(x, None, weight, eps, out_dtype)[0]
 
 
 @torch.library.custom_op("bpp_triton::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps)
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, residual, weight, eps, out_dtype)
 
 
 @torch.library.custom_op("bpp_triton::rms_norm_backward", mutates_args=())
@@ -121,12 +130,14 @@ def _rms_norm_backward_op(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor]
 _autograd.rms_norm(_rms_norm_op, _add_rms_norm_op, _rms_norm_backward_op)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x ``(..., d)``, weight ``(d,)`` -> ``(..., d)`` in x's dtype (promoted with weight's).
-    Differentiable in x and weight."""
-    return _rms_norm_op(x, weight, float(eps))
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x ``(..., d)``, weight ``(d,)`` -> ``(..., d)`` in out_dtype, else in x's dtype promoted with
+    weight's. Differentiable in x and weight."""
+    return _rms_norm_op(x, weight, float(eps), out_dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``h = x + residual``; returns ``(rms_norm(h), h)``. Differentiable in x, residual and weight."""
-    return _add_rms_norm_op(x, residual, weight, float(eps))
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None):
+    """``h = x.to(residual.dtype) + residual``; returns ``(rms_norm(h, weight, eps, out_dtype), h)``.
+    Differentiable in x, residual and weight."""
+    return _add_rms_norm_op(x, residual, weight, float(eps), out_dtype)

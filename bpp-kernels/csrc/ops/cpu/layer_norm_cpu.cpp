@@ -9,17 +9,18 @@
 // and the weight and bias gradients (sums over rows of dy * xhat and dy) are accumulated per fixed
 // block of rows and the blocks' partial sums added in block order: the same bits whatever the
 // thread count.
-// Sums over a row use kLanes independent partial sums (which the compiler may vectorise without
-// -ffast-math), combined in a fixed order. fp16 and bf16 inputs are widened to fp32 once by ATen's copy (its
-// runtime-dispatched vector kernels; converting element by element here, without F16C in the
-// baseline ISA this extension is built for, measured 4x slower for fp16 at bench/cpu_ops.py's
-// shape) and the result is rounded once at the end: the same bits either way.
+// Sums over a row and over the blocks are row_sums.h's, in a fixed order. fp16 and bf16 inputs
+// are widened to fp32 once by ATen's copy (its runtime-dispatched vector kernels; converting
+// element by element here, without F16C in the baseline ISA this extension is built for, measured
+// 4x slower for fp16 at bench/cpu_ops.py's shape) and the result is rounded once at the end: the
+// same bits either way.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "parallel.h"
+#include "row_sums.h"
 
 #include <array>
 #include <cmath>
@@ -27,22 +28,6 @@
 
 namespace bpp {
 namespace {
-
-constexpr int64_t kLanes = 8;
-constexpr int64_t kRowsPerBlock = 32;  // backward: rows whose weight/bias gradients one task sums
-
-// sum over e < d of f(e), in a fixed order
-template <typename acc_t, typename F>
-inline acc_t row_sum(int64_t d, F f) {
-  acc_t part[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= d; e += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) part[k] += f(e + k);
-  acc_t total = 0;
-  for (; e < d; ++e) total += f(e);
-  for (int64_t k = 0; k < kLanes; ++k) total += part[k];
-  return total;
-}
 
 template <typename scalar_t, typename acc_t>
 inline std::pair<acc_t, acc_t> row_stats(const scalar_t* x, int64_t d, double eps) {
@@ -90,7 +75,7 @@ void backward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* dy, sca
                    at::opmath_type<scalar_t>* dw_part, at::opmath_type<scalar_t>* db_part, int64_t rows, int64_t d,
                    double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t blocks = row_blocks(rows);
   at::parallel_for(0, blocks, grain_for(kRowsPerBlock * d), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       acc_t* dw = dw_part != nullptr ? dw_part + blk * d : nullptr;
@@ -123,18 +108,6 @@ void backward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* dy, sca
       }
     }
   });
-}
-
-// (blocks, d) partial sums -> (d,), the blocks added in order (deterministic)
-template <typename acc_t>
-at::Tensor sum_blocks(const at::Tensor& part) {
-  const int64_t blocks = part.size(0), d = part.size(1);
-  auto out = at::zeros({d}, part.options());
-  acc_t* o = out.mutable_data_ptr<acc_t>();
-  const acc_t* p = part.const_data_ptr<acc_t>();
-  for (int64_t blk = 0; blk < blocks; ++blk)
-    for (int64_t e = 0; e < d; ++e) o[e] += p[blk * d + e];
-  return out;
 }
 
 // fp16 / bf16 -> fp32 (see the top of the file); other dtypes as they are
@@ -184,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   const auto gy = grad_out.to(x.scalar_type()).contiguous();
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && bias.has_value();
   const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t blocks = row_blocks(rows);
   // a fresh (0,) tensor per unwanted output: the outputs of an op must not alias
   const auto empty = [&] { return at::empty({0}, xc.options()); };
   auto dx = need_x ? at::empty_like(xc) : empty();
