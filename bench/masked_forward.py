@@ -50,7 +50,7 @@ def _masks(space, S, seed=0):
     for s in range(S):
         for layer in range(L):
             channels[s, layer, torch.randperm(m, generator=g)[: m // 2]] = True
-            groups[s, layer, torch.randperm(G, generator=g)[: G - 1]] = True
+            groups[s, layer, torch.randperm(G, generator=g)[: max(G - 1, 1)]] = True  # all of one
     return Masks(channels, groups, torch.ones(S, L, dtype=torch.bool))
 
 
@@ -122,11 +122,11 @@ class DenseForward:
 def build(method: str, model, tok, S: int, B: int, T: int):
     """The callable that evaluates the S masks with ``method`` (and the backend it needs)."""
     import bpp
-    from bpp.data import load_text, windows
+    from bpp.data import load_text, window_bos, windows
     from bpp.models.hooks import hook_losses
 
     space = bpp.MaskSpace.from_model(model)
-    ids = windows(tok, load_text("default", "calib"), T, B, seed=0)
+    ids = windows(tok, load_text("default", "calib"), T, B, seed=0, bos=window_bos(model))
     masks = _masks(space, S)
     if method.startswith("batched/"):
         backend = method.split("/")[1]
@@ -147,23 +147,23 @@ def build(method: str, model, tok, S: int, B: int, T: int):
     return lambda: torch.cat([dense.losses(ids, w) for w in per_mask])
 
 
-def peak_memory(method: str, S: int, B: int, T: int) -> dict:
+def peak_memory(method: str, S: int, B: int, T: int, name: str | None = None) -> dict:
     """Run once in this (child) process: peak RSS above the RSS after loading the model."""
     import bpp
 
-    model, tok = bpp.load_model()
+    model, tok = bpp.load_model(name)
     fn = build(method, model, tok, S, B, T)
     base = _peak_rss_mb()
     fn()
     return {"method": method, "peak_mb": _peak_rss_mb() - base}
 
 
-def timings(methods, repeats: int, S: int, B: int, T: int) -> dict:
+def timings(methods, repeats: int, S: int, B: int, T: int, name: str | None = None) -> dict:
     """Median seconds per method, the methods interleaved round by round in one process so that
     a busy machine slows all of them alike; plus each method's losses."""
     import bpp
 
-    model, tok = bpp.load_model()
+    model, tok = bpp.load_model(name)
     fns = {m: build(m, model, tok, S, B, T) for m in methods}
     losses = {m: fn() for m, fn in fns.items()}  # warm-up round
     times = {m: [] for m in methods}
@@ -182,10 +182,12 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--model", default=None, help="a model bpp loads (default: the embedded SmolLM2-135M-Instruct; "
+                   "gemma3-270m; a folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(peak_memory(a.child, a.samples, a.batch, a.seq_len)))
+        print(json.dumps(peak_memory(a.child, a.samples, a.batch, a.seq_len, a.model)))
         return
     import bpp_kernels
 
@@ -193,19 +195,20 @@ def main():
     memory = {}
     for method in methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--samples", str(a.samples),
-                              "--batch", str(a.batch), "--seq-len", str(a.seq_len)], capture_output=True, text=True)
+                              "--batch", str(a.batch), "--seq-len", str(a.seq_len),
+                              *(["--model", a.model] if a.model else [])], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{method}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         memory[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-    timed = timings(methods, a.repeats, a.samples, a.batch, a.seq_len)
+    timed = timings(methods, a.repeats, a.samples, a.batch, a.seq_len, a.model)
     rows = [{"method": m, "seconds": timed[m]["seconds"], "losses": timed[m]["losses"],
              "peak_mb": memory.get(m, float("nan"))} for m in methods]
     by = {r["method"]: r for r in rows}
     ref_losses = torch.tensor(by[rows[0]["method"]]["losses"])
     print(f"\nmachine: {common.machine_line()}")
-    print(f"task: SmolLM2-135M-Instruct fp32, B×T = {a.batch}×{a.seq_len}, S = {a.samples} masks, "
-          f"keep 50% channels and 2/3 KV groups per layer; cpp ops: "
+    print(f"task: {a.model or 'SmolLM2-135M-Instruct'} fp32, B×T = {a.batch}×{a.seq_len}, S = {a.samples} masks, "
+          f"keep 50% channels and all KV groups but one (all of a single one) per layer; cpp ops: "
           f"{sorted(op for op, v in bpp_kernels.backend_info().items() if v['cpu'] == 'cpp')}")
     hook = by.get("hook loop (a)")
     floor = by.get("compacted (d)")
