@@ -199,18 +199,24 @@ class MaskedModel:
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
             attn_kwargs = {} if layer.window is None or T <= layer.window else {"window": layer.window}
-            y = K.rms_norm(h, layer.attn_norm, self.eps).to(self.dtype)
+            y = K.rms_norm(h, layer.attn_norm, self.eps, out_dtype=self.dtype)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, check=False, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale,
                                    **attn_kwargs)
-            a = a.to(h.dtype)
-            if biases is not None:  # bias compensation: o_proj's per-sample output bias
-                a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
-            if layer.attn_post_norm is not None:
-                a = K.rms_norm(a, layer.attn_post_norm, self.eps)
-            y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps)
-            mlp = K.masked_swiglu(y.to(self.dtype), layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False,
-                                  **mlp_kwargs)
+            if layer.attn_post_norm is None and a.dtype != h.dtype:
+                # narrower projections: the norm takes them as they are and adds them to the wider
+                # residual in one pass; the compensation bias joins the residual first
+                if biases is not None:
+                    h = h + biases[0][i].to(h.device, h.dtype)[:, None, None, :]
+                y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps, out_dtype=self.dtype)
+            else:
+                a = a.to(h.dtype)
+                if biases is not None:  # bias compensation: o_proj's per-sample output bias
+                    a = a + biases[0][i].to(a.device, a.dtype)[:, None, None, :]
+                if layer.attn_post_norm is not None:
+                    a = K.rms_norm(a, layer.attn_post_norm, self.eps)
+                y, h = K.add_rms_norm(a, h, layer.mlp_norm, self.eps, out_dtype=self.dtype)
+            mlp = K.masked_swiglu(y, layer.w_gate_up, layer.w_down_t, c_idx, c_cnt, check=False, **mlp_kwargs)
             mlp = mlp.to(h.dtype)
             if biases is not None:
                 mlp = mlp + biases[1][i].to(mlp.device, mlp.dtype)[:, None, None, :]
@@ -218,7 +224,7 @@ class MaskedModel:
                 mlp = K.rms_norm(mlp, layer.mlp_post_norm, self.eps)
             h = h + mlp
         (h,) = self._on(self.final_norm.device, h)
-        return K.rms_norm(h, self.final_norm, self.eps).to(self.dtype)
+        return K.rms_norm(h, self.final_norm, self.eps, out_dtype=self.dtype)
 
     def _chunks(self, S: int, tokens: int):
         per_pass = max(1, self.max_tokens_per_pass // tokens)
