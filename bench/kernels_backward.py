@@ -23,7 +23,12 @@ and the largest relative RMS error of the output and gradients against dense+mas
 kernel shows here). Wall-clock numbers only mean something on an otherwise idle machine.
 
     .venv/bin/python bench/kernels_backward.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-        [--S 8] [--B 4] [--T 128] [--repeats 5] [--threads N] [--soft] [--markdown] [--json FILE]
+        [--S 8] [--B 4] [--T 128] [--repeats 5] [--threads N] [--soft] [--ops mlp attention ...]
+        [--markdown] [--json FILE]
+
+The research shape of the kernels' speed targets (one thread, S = 8, B×T = 256):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kernels_backward.py --threads 1 --B 2 --T 128 --ops mlp attention
 """
 from __future__ import annotations
 
@@ -215,6 +220,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--soft", action="store_true", help="per-unit scales (a relaxed mask), gradients for them too")
+    p.add_argument("--ops", nargs="+", choices=OPS_BENCHED, default=list(OPS_BENCHED), help="the ops to time")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--child-peak", nargs=2, metavar=("OP", "PROVIDER"), help=argparse.SUPPRESS)
@@ -230,7 +236,7 @@ def main(argv=None) -> list[dict]:
     providers = ["dense+mask", "reference", fast]
     dtype = DTYPES[args.dtype]
     rows = []
-    for op in OPS_BENCHED:
+    for op in args.ops:
         inp = make_inputs(op, args.S, args.B, args.T, dtype, args.device, args.soft)
         results = {pr: run(op, pr, inp) for pr in providers}  # warm-up, and the values compared
         times = {pr: [] for pr in providers}

@@ -68,7 +68,9 @@ Gradients: first order, on every backend, through plain ``loss.backward()`` or
 gradients of units no sample keeps are exactly zero and those weights are never read. The C++
 and Triton backward passes save only the inputs and recompute what they need (the kept units'
 projections, the attention with its log-sum-exp, the logits tile by tile), so training memory
-does not grow with pruned work. Both directions are ``torch.library`` ops with fake
+does not grow with pruned work; the one exception, C++ ``masked_swiglu``, also saves the kept
+channels' gate and up projections when a gradient is wanted (memory proportional to the kept
+channels) rather than recompute them. Both directions are ``torch.library`` ops with fake
 implementations and ``register_autograd``: ``torch.compile(fullgraph=True)`` traces a masked
 forward and backward without graph breaks (the reference backend's Python loop does break).
 

@@ -1,7 +1,8 @@
 """The differentiable wiring of every op, declared once for all backends.
 
 A backend implements a differentiable op as two ``torch.library`` operators: the forward, and a
-backward operator that recomputes what it needs from the saved inputs and returns one tensor
+backward operator that recomputes what it needs from the saved inputs (or, for the C++
+``masked_swiglu``, reads what a second forward operator returned for it) and returns one tensor
 per differentiable input (an empty ``(0,)`` tensor where its ``output_mask`` says that gradient
 is not wanted; first order only). A backend passes its two operators (an ``OpOverload`` such as
 ``torch.ops.bpp.masked_swiglu.default``, or a ``torch.library.custom_op``) to the function named
@@ -28,15 +29,26 @@ def _grads_or_none(grads, wanted):
     return tuple(g if w else None for g, w in zip(grads, wanted))
 
 
-def masked_swiglu(forward, backward) -> None:
+def masked_swiglu(forward, backward, *, forward_with_gate_up=None) -> None:
     """``forward(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation) -> y``;
-    ``backward(grad, <the seven inputs>, output_mask[4]) -> (dx, dw_gate_up, dw_down_t, dunit_scale)``
-    (activation: "silu" or "gelu_tanh", no gradient; the dispatcher may leave out a default one)."""
+    ``backward(grad, <the six tensor inputs>, [gate_up,] activation, output_mask[4]) -> (dx,
+    dw_gate_up, dw_down_t, dunit_scale)`` (activation: "silu" or "gelu_tanh", no gradient; the
+    dispatcher may leave out a default one).
+
+    ``forward_with_gate_up`` (C++): the same forward, ``-> (y, gate_up)``, that also returns the kept
+    channels' gate and up projections (flat, its length data-dependent), which autograd saves and the
+    backward reads instead of recomputing them. With it, the backward takes ``gate_up`` (None after
+    the plain ``forward``: it recomputes them)."""
+    takes_gate_up = forward_with_gate_up is not None
 
     def forward_fake(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation="silu"):
         return torch.empty_like(x)
 
-    def backward_fake(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation, output_mask):
+    def forward_with_gate_up_fake(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation="silu"):
+        return torch.empty_like(x), x.new_empty((torch.library.get_ctx().new_dynamic_size(),))
+
+    def backward_fake(grad_out, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, *gate_up_activation_mask):
+        output_mask = gate_up_activation_mask[-1]
         scale = unit_scale if unit_scale is not None else x.new_empty(0)
         return (_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_gate_up),
                 _empty_unless(output_mask[2], w_down_t),
@@ -46,17 +58,28 @@ def masked_swiglu(forward, backward) -> None:
         ctx.save_for_backward(*inputs[:6])
         ctx.activation = inputs[6] if len(inputs) > 6 else "silu"
 
-    def backward_autograd(ctx, grad):
-        x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors
+    def setup_context_with_gate_up(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6], output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.activation = inputs[6] if len(inputs) > 6 else "silu"
+
+    def backward_autograd(ctx, grad, *_grad_gate_up):
+        x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors[:6]
+        gate_up = ((ctx.saved_tensors[6] if len(ctx.saved_tensors) > 6 else None),) if takes_gate_up else ()
         need = ctx.needs_input_grad
         wanted = [need[0], need[1], need[2], unit_scale is not None and need[5]]
-        grads = backward(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, ctx.activation, wanted)
+        grads = backward(grad, x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, *gate_up, ctx.activation,
+                         wanted)
         dx, dwgu, dwdt, dscale = _grads_or_none(grads, wanted)
         return dx, dwgu, dwdt, None, None, dscale, None
 
     torch.library.register_fake(forward, forward_fake)
     torch.library.register_fake(backward, backward_fake)
     torch.library.register_autograd(forward, backward_autograd, setup_context=setup_context)
+    if takes_gate_up:
+        torch.library.register_fake(forward_with_gate_up, forward_with_gate_up_fake)
+        torch.library.register_autograd(forward_with_gate_up, backward_autograd,
+                                        setup_context=setup_context_with_gate_up)
 
 
 def masked_mlp(forward, backward) -> None:

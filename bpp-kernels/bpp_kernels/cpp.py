@@ -11,6 +11,11 @@ GEMMs: through oneDNN on CPUs with AVX512 (measured faster than ATen's mm there)
 oneDNN off, :func:`gemm_library` tells the current choice. The backward ops' gradient GEMMs use
 mm (their recomputation of the forward uses the forward's library, so the same bits).
 
+masked_swiglu has two forward ops: ``bpp::masked_swiglu`` (inference) and
+``bpp::masked_swiglu_with_gate_up``, run when a gradient is wanted, which also returns the kept
+channels' gate and up projections (memory proportional to the kept channels) for the backward to
+read instead of recomputing them; both give the same output bits.
+
 Numerics: fp32 runs in fp32. fp16 and bf16 run in their own dtype only on CPUs with native
 instructions for them (AVX512-FP16/AMX-FP16, AVX512-BF16/AMX-BF16); elsewhere their GEMMs are
 emulated ~20x slower than fp32, so the inputs are computed in fp32 and rounded once at the end
@@ -45,7 +50,8 @@ if AVAILABLE:
         S, n = mask.shape
         return mask.new_empty((S, n), dtype=torch.int32), mask.new_empty((S,), dtype=torch.int32)
 
-    _autograd.masked_swiglu(torch.ops.bpp.masked_swiglu.default, torch.ops.bpp.masked_swiglu_backward.default)
+    _autograd.masked_swiglu(torch.ops.bpp.masked_swiglu.default, torch.ops.bpp.masked_swiglu_backward.default,
+                            forward_with_gate_up=torch.ops.bpp.masked_swiglu_with_gate_up.default)
     _autograd.masked_mlp(torch.ops.bpp.masked_mlp.default, torch.ops.bpp.masked_mlp_backward.default)
     _autograd.layer_norm(torch.ops.bpp.layer_norm.default, torch.ops.bpp.layer_norm_backward.default)
     _autograd.rms_norm(torch.ops.bpp.rms_norm.default, torch.ops.bpp.add_rms_norm.default,
@@ -60,6 +66,11 @@ if AVAILABLE:
         return torch.ops.bpp.mask_to_index(mask)
 
     def masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale=None, activation="silu"):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, w_gate_up, w_down_t, unit_scale)):
+            # a gradient is wanted: keep the kept channels' gate/up projections for the backward
+            return torch.ops.bpp.masked_swiglu_with_gate_up(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale,
+                                                            activation)[0]
         return torch.ops.bpp.masked_swiglu(x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale, activation)
 
     def masked_mlp(x, w_up, w_down_t, keep_idx, keep_count, b_up=None, activation="gelu", unit_scale=None):

@@ -17,7 +17,8 @@ reference (inputs in float64 go there unless another backend is named, which is 
 Gradients: every op but :func:`mask_to_index` is differentiable on every backend, first order;
 a batch that keeps no unit gives zero gradients (never ``None``) on every backend.
 The reference is plain autograd; the C++ and Triton ops each have a backward op beside the
-forward op, recomputing what it needs from the saved inputs, and one wiring per op
+forward op, recomputing what it needs from the saved inputs (C++ masked_swiglu saves its kept
+channels' gate/up projections instead), and one wiring per op
 (:mod:`bpp_kernels._autograd`: fake implementations and ``torch.library.register_autograd``)
 ties either backend's pair, so eager autograd and ``torch.compile`` both use them. The backward
 runs on the backend that ran the forward.

@@ -1,10 +1,18 @@
 """masked_swiglu on every backend against the reference: forward and gradients (x, both
 weights, per-unit scales) on ragged, empty and full masks at odd sizes, for both gate
 activations (SiLU: SwiGLU; tanh-GELU: GeGLU), pruned channels never read and given exactly zero
-gradient, batch invariance, torch.compile, input errors."""
+gradient, batch invariance, torch.compile, input errors; the C++ backend's saved gate/up
+projections and its fused passes on every instruction set."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpp_kernels import cpp, ops, reference
 from tests.kernels import cases
@@ -220,8 +228,90 @@ def test_cpp_ops_reject_an_unknown_activation():
     args = [kw["x"], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"], kw["keep_count"], None]
     with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'gelu'"):
         torch.ops.bpp.masked_swiglu(*args, "gelu")
+    with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'relu'"):
+        torch.ops.bpp.masked_swiglu_with_gate_up(*args, "relu")
     with pytest.raises(ValueError, match="activation must be 'silu' or 'gelu_tanh', got 'tanh'"):
-        torch.ops.bpp.masked_swiglu_backward(kw["x"], *args, "tanh", [True, True, True, False])
+        torch.ops.bpp.masked_swiglu_backward(kw["x"], *args, None, "tanh", [True, True, True, False])
+
+
+class _RecordOps(TorchDispatchMode):
+    """The names of the operators that run below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@cases.needs_cpp
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpp_saves_the_kept_gate_up_projections_when_a_gradient_is_wanted(activation):
+    """With a gradient wanted the C++ forward also returns, and autograd saves, every sample's
+    (N, 2c) gate/up projections (memory proportional to the kept channels) for the backward to
+    read; the output bits are those of the inference op, and the gradients those of the backward
+    that recomputes the projections (after the plain op). Without a gradient nothing is saved."""
+    S, N, d, m = 4, 13, 24, 50
+    kw = cases.swiglu_inputs(S, N, d, m, 0.4, seed=22, unit_scale=True)
+    kw["activation"] = activation
+    leaves = {k: kw[k].clone().requires_grad_() for k in WRT}
+    inputs = {t.untyped_storage().data_ptr() for t in leaves.values()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _RecordOps() as rec:
+        y = ops.masked_swiglu(**{**kw, **leaves}, backend="cpp")
+    assert "bpp::masked_swiglu_with_gate_up" in rec.names
+    extra = [t for t in saved if t is not None and t.is_floating_point()
+             and t.untyped_storage().data_ptr() not in inputs]
+    assert [t.numel() for t in extra] == [N * 2 * int(kw["keep_count"].sum())]
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(23))
+    grads = torch.autograd.grad(y, list(leaves.values()), g)
+
+    args = [leaves["x"], leaves["w_gate_up"], leaves["w_down_t"], kw["keep_idx"], kw["keep_count"],
+            leaves["unit_scale"], activation]
+    y_plain = torch.ops.bpp.masked_swiglu(*args)  # its backward recomputes the projections
+    recomputed = torch.autograd.grad(y_plain, list(leaves.values()), g)
+    assert torch.equal(y, y_plain)
+    for name, a, b in zip(WRT, grads, recomputed):
+        cases.assert_close(f"d{name} (saved vs recomputed projections)", b, a, cases.FP32_TOL)
+
+    with torch.no_grad(), _RecordOps() as rec:
+        y_inference = ops.masked_swiglu(**{**kw, **leaves}, backend="cpp")
+    assert "bpp::masked_swiglu" in rec.names and "bpp::masked_swiglu_with_gate_up" not in rec.names
+    assert torch.equal(y_inference, y)
+
+
+@cases.needs_cpp
+def test_cpp_backward_rejects_projections_of_other_inputs():
+    kw = cases.swiglu_inputs(2, 5, 12, 17, 0.5)
+    args = [kw["x"], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"], kw["keep_count"], None]
+    _, gate_up = torch.ops.bpp.masked_swiglu_with_gate_up(*args)
+    with pytest.raises(RuntimeError, match="gate_up must be the second output of masked_swiglu_with_gate_up"):
+        torch.ops.bpp.masked_swiglu_backward(kw["x"], *args, gate_up[1:], "silu", [True, True, True, False])
+
+
+@cases.needs_cpp
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpp_fused_passes_on_narrower_instruction_sets(isa):
+    """The C++ activation passes (csrc/ops/cpu/glu.h) are compiled for AVX-512, AVX2 and the
+    build's baseline, and a CPU runs the widest it has: the narrower ones (BPP_GLU_ISA, read once
+    per process, so in a subprocess) against the reference, both activations, with and without
+    per-unit scales."""
+    script = textwrap.dedent("""
+        import torch
+        from tests.kernels import cases
+        for activation in ("silu", "gelu_tanh"):
+            for scaled in (False, True):
+                kw = cases.swiglu_inputs(4, 37, 40, 70, 0.4, seed=24, unit_scale=scaled)
+                kw["activation"] = activation
+                cases.assert_grads_match(f"cpp masked_swiglu ({activation})", "masked_swiglu", kw,
+                                         ["x", "w_gate_up", "w_down_t", "unit_scale"], "cpp", torch.float32)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "BPP_GLU_ISA": isa},
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 @pytest.mark.gpu
