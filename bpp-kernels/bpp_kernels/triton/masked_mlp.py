@@ -7,8 +7,8 @@ exits at once, so pruned channels cost nothing but an early return. Row tiles va
 that programs running together share one gathered weight tile in L2.
 
 1. ``_gate_up_kernel``: gathers the kept rows of the interleaved ``w_gate_up (m, 2, d)`` and
-   writes ``act(x W_g^T) * (x W_u^T)`` (act: SiLU or tanh-GELU, :func:`_glu_activation`) into a compacted intermediate ``(S, N, m)`` whose
-   column j is the sample's j-th kept channel.
+   writes ``act(x W_g^T) * (x W_u^T)`` (act: SiLU or tanh-GELU, :func:`_glu_activation`) into a
+   compacted intermediate ``(S, N, m)`` whose column j is the sample's j-th kept channel.
    With ``unit_scale`` the activation of the j-th kept channel is multiplied by its scale here.
 2. the down projection reduces over the kept channels only, gathering rows of the
    pre-transposed ``w_down_t (m, d)`` (:func:`._gathered.gathered_rows_product`). No split-K and
