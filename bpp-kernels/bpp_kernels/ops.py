@@ -295,9 +295,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out_dtype: to
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
                  out_dtype: torch.dtype | None = None,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the RMSNorm after it in one pass: ``h = x.to(residual.dtype) +
-    residual``, computed and returned in residual's dtype; returns ``(rms_norm(h, weight, eps,
-    out_dtype=out_dtype), h)``.
+    """The residual add and the RMSNorm after it in one pass:
+    ``h = x.to(residual.dtype) + residual``, computed and returned in residual's dtype; returns
+    ``(rms_norm(h, weight, eps, out_dtype=out_dtype), h)``.
 
     x and residual ``(..., d)``, each fp32/fp16/bf16, of the same dtype or not (float64 runs on
     the reference): a bf16 computation whose residual stream stays fp32 passes
@@ -529,8 +529,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
         >>> cos, sin = K.rope_tables(T + 7, hd)              # rows for positions 0..11
         >>> position_ids = torch.arange(7, 7 + T)[None]      # (B, T): this window starts at position 7
         >>> attention_mask = torch.tensor([[False, True, True, True, True]])   # token 0 is padding
-        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, position_ids=position_ids,
-        ...                        attention_mask=attention_mask, window=3)
+        >>> extras = dict(position_ids=position_ids, attention_mask=attention_mask, window=3)
+        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, **extras)
         >>> bool(y[:, 0, 0].eq(0).all())                     # query 0 sees only the padded key 0: zeros
         True
     """
