@@ -61,10 +61,13 @@ def masked_swiglu(forward, backward, *, forward_with_gate_up=None) -> None:
     def setup_context_with_gate_up(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:6], output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" as large as gate_up
         ctx.activation = inputs[6] if len(inputs) > 6 else "silu"
 
     def backward_autograd(ctx, grad, *_grad_gate_up):
         x, w_gate_up, w_down_t, keep_idx, keep_count, unit_scale = ctx.saved_tensors[:6]
+        if grad is None:  # only after forward_with_gate_up (its gradients are not materialised)
+            grad = torch.zeros_like(x)
         gate_up = ((ctx.saved_tensors[6] if len(ctx.saved_tensors) > 6 else None),) if takes_gate_up else ()
         need = ctx.needs_input_grad
         wanted = [need[0], need[1], need[2], unit_scale is not None and need[5]]
