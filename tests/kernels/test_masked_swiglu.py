@@ -283,6 +283,26 @@ def test_cpp_saves_the_kept_gate_up_projections_when_a_gradient_is_wanted(activa
 
 
 @cases.needs_cpp
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_backward_over_several_channel_blocks(activation, dtype):
+    """More kept channels than one backward block (1,024 in masked_swiglu_cpu.cpp): dX summed over
+    the blocks, each block's projections read at its offset (or recomputed), against the reference."""
+    kw = cases.swiglu_inputs(3, 5, 8, 2600, 0.6, dtype=dtype, seed=25, unit_scale=True)
+    assert int(kw["keep_count"].max()) > 2048  # sample 1 keeps everything: three blocks
+    kw["activation"] = activation
+    grads = cases.assert_grads_match(f"cpp masked_swiglu ({activation})", "masked_swiglu", kw, WRT, "cpp", dtype)
+    leaves = {k: kw[k].clone().requires_grad_() for k in WRT}
+    y_plain = torch.ops.bpp.masked_swiglu(leaves["x"], leaves["w_gate_up"], leaves["w_down_t"], kw["keep_idx"],
+                                          kw["keep_count"], leaves["unit_scale"], activation)
+    g = torch.randn(y_plain.shape, generator=torch.Generator().manual_seed(1)).to(dtype)  # forward_backward's
+    recomputed = torch.autograd.grad(y_plain, list(leaves.values()), g)
+    for name, b in zip(WRT, recomputed):
+        cases.assert_close(f"d{name} (recomputed projections)", grads[name].float(), b.float(),
+                           1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@cases.needs_cpp
 def test_cpp_backward_rejects_projections_of_other_inputs():
     kw = cases.swiglu_inputs(2, 5, 12, 17, 0.5)
     args = [kw["x"], kw["w_gate_up"], kw["w_down_t"], kw["keep_idx"], kw["keep_count"], None]

@@ -265,8 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_swiglu_backwar
   auto dwdt = need_wdt ? at::empty({m, d}, fopt) : empty();
   std::vector<uint8_t> seen(m, 0);  // whether a sample before has kept the channel
   auto dscale = need_scale ? at::zeros({S, m}, fopt) : empty();
-  const auto w_flat = at::empty({2 * kChannelBlock * d}, wgu.options());
-  const auto wd_flat = at::empty({kChannelBlock * d}, wdt.options());
+  int64_t block = 0;  // the widest block any sample needs
+  for (int64_t s = 0; s < S; ++s) block = std::max<int64_t>(block, std::min<int64_t>(counts[s], kChannelBlock));
+  const auto w_flat = at::empty({2 * block * d}, wgu.options()), wd_flat = at::empty({block * d}, wdt.options());
   // dX adds up over the blocks in dx itself, or in a float accumulator when dx is narrower
   const bool dx_direct = xs.scalar_type() == at::kFloat;
   auto dx_acc = need_x && !dx_direct ? at::empty({N, d}, fopt) : at::Tensor();
