@@ -103,9 +103,19 @@ Examples (run by tests/kernels/test_examples.py): ``examples/hard_concrete_masks
 hard-concrete channel and head masks with an L0 penalty on a tiny Llama built from these ops;
 ``examples/supernet_mlp.py`` trains one shared MLP under S sampled masks per batch.
 """
-from .layout import pack_attention, pack_mlp, pack_swiglu
-from .rope import rope_tables
-from .ops import (
+import os as _os
+
+# The C++ ops' GEMMs go through oneDNN, which keeps the kernels it compiles for each GEMM shape in
+# a cache of 1,024 shapes unless ONEDNN_PRIMITIVE_CACHE_CAPACITY says otherwise. Per-sample masks
+# make per-sample shapes: one pass of S masks over L layers runs ~5·S·L GEMMs of shapes that change
+# with the masks (1,344 for S = 8 over 30 layers), so a cache of 1,024 recompiles nearly every
+# GEMM of every pass. oneDNN reads the variable once, when it makes its first kernel, so it is set
+# here, on import, unless the caller set it.
+_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
+from .layout import pack_attention, pack_mlp, pack_swiglu  # noqa: E402
+from .rope import rope_tables  # noqa: E402
+from .ops import (  # noqa: E402
     BACKENDS,
     add_rms_norm,
     backend_info,

@@ -135,15 +135,16 @@ class NormalEquations:
             err += 2.0 * float(b @ (wt.T @ self.x)) + self.n * float(b @ b) - 2.0 * float(b @ self.y)
         return max(err, 0.0) / max(self.yy, 1e-300)
 
-    def solve(self, w0: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def solve(self, w0: torch.Tensor, damping: float, errors: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(W, b, errors)``: the damped least-squares refit of the module docstring, float64;
-        ``w0`` ``(d, k)``: the kept columns of the original weight."""
+        ``w0`` ``(d, k)``: the kept columns of the original weight. ``errors``: the relative errors
+        on these tokens of the masked, bias-compensated and refit outputs (else an empty dict)."""
         if self.n == 0:
             raise BppError("reconstruction needs at least one calibration token")
         w0 = w0.to(self.xx.device, torch.float64)
         k = w0.shape[1]
         x_mean, y_mean = self.x / self.n, self.y / self.n
-        errors = {"masked": self.error(w0, None), "bias": self.error(w0, y_mean - w0 @ x_mean)}
+        record = {"masked": self.error(w0, None), "bias": self.error(w0, y_mean - w0 @ x_mean)} if errors else {}
         if k == 0:  # nothing kept: only the intercept, the dense output's mean
             w = w0
         else:
@@ -152,15 +153,16 @@ class NormalEquations:
             rhs = sxy - sxx @ w0.T  # X_cᵀ (Y_c − X_c W₀ᵀ): solve for the change of the weights
             w = w0 + _damped_solve(sxx, rhs, damping).T
         b = y_mean - w @ x_mean
-        errors["refit"] = self.error(w, b)
-        return w, b, errors
+        if errors:
+            record["refit"] = self.error(w, b)
+        return w, b, record
 
 
 def choose_damping(fit: NormalEquations, check: NormalEquations, w0: torch.Tensor,
                    candidates=AUTO_DAMPINGS) -> tuple[float, dict]:
     """The λ of ``candidates`` whose refit on ``fit``'s tokens has the least relative error on
     ``check``'s (held-back) tokens, and each candidate's error there."""
-    held = {lam: check.error(*fit.solve(w0, lam)[:2]) for lam in candidates}
+    held = {lam: check.error(*fit.solve(w0, lam, errors=False)[:2]) for lam in candidates}
     return min(held, key=lambda lam: (held[lam], -lam)), held
 
 

@@ -154,12 +154,12 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     if not writer:  # outputs and evaluation are rank 0's
         return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
-    final_mask, deterministic = write_masks(loop, out, inputs.fingerprint)
+    final_mask, _ = write_masks(loop, out, inputs.fingerprint)
     compensation = OutputCompensation(config, inputs, progress)
     t0 = time.perf_counter()
     perplexities = {}
     if job["evaluate"]:
-        perplexities = evaluate_masks(inputs, job, init_mask, final_mask, deterministic, compensation)
+        perplexities = evaluate_masks(inputs, job, init_mask, final_mask, compensation)
     eval_seconds = time.perf_counter() - t0 - compensation.seconds
 
     report = build_report(config, out, job, inputs, loop, init_mask, final_mask, perplexities, world_size,

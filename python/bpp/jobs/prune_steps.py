@@ -249,10 +249,11 @@ class OutputCompensation:
             "calib_seq_len": self.config.init_seq_len, "mean_relative_error": self.errors}}
 
 
-def evaluate_masks(inputs: Inputs, job: dict, init_mask: Masks | None, final_mask: Masks, deterministic: Masks,
+def evaluate_masks(inputs: Inputs, job: dict, init_mask: Masks | None, final_mask: Masks,
                    compensation: OutputCompensation) -> dict:
-    """Held-out perplexity of the dense model and of each mask as it would be written (the final
-    mask last, so that its reconstruction is the one kept for the written model)."""
+    """Held-out perplexity of the dense model and of the init and final masks as they would be
+    written (the final mask last, so that its reconstruction is the one kept for the written model).
+    The deterministic mask is saved but not evaluated: its refit would cost as much as the output's."""
     model, tok, held = inputs.model, inputs.tokenizer, inputs.held
     seq_len, windows = job["eval_seq_len"], job["eval_windows"]
 
@@ -263,8 +264,6 @@ def evaluate_masks(inputs: Inputs, job: dict, init_mask: Masks | None, final_mas
         out = {"dense": masked_perplexity(model, tok, held, None, seq_len, windows)}
         if init_mask is not None:
             out["init_mask"] = ppl(init_mask, "init_mask")
-        if deterministic != final_mask:
-            out["deterministic_mask"] = ppl(deterministic, "deterministic_mask")
         out["final_mask"] = ppl(final_mask, "final_mask")
     return out
 
