@@ -3,6 +3,8 @@ model) and zero-shot accuracy through lm-evaluation-harness. The ``bpp eval`` jo
 :mod:`bpp.jobs.eval`."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 
@@ -62,14 +64,57 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
     return math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
 
 
+def _dense_key(model, ids: torch.Tensor, seq_len: int, max_windows: int | None) -> str:
+    """A digest of everything the dense model's :func:`perplexity` depends on: every parameter and
+    buffer (names, dtypes, shapes and bytes), the token ids, the window options, whether windows
+    start with BOS, the device type and the torch version."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(repr(("dense perplexity v1", torch.__version__, seq_len, max_windows, window_bos(model),
+                   next(model.parameters()).device.type)).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, tokenizer=None) -> float:
+    """:func:`perplexity` of the dense ``model`` on the token ids ``ids``, kept in
+    ``$BPP_CACHE/perplexity/`` under a digest of the weights, the text and the options
+    (:func:`_dense_key`): it depends on nothing else, and every run on the same model and text
+    would otherwise compute it again. A cache file that cannot be read is computed again. Only on
+    CPU: on a GPU the forward is faster than reading the weights back to hash them."""
+    from .embedded import cache_dir
+    from .fileio import atomic_write_json
+
+    if next(model.parameters()).device.type != "cpu":
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+    path = cache_dir() / "perplexity" / f"{_dense_key(model, ids, seq_len, max_windows)}.json"
+    try:
+        value = json.loads(path.read_text())["perplexity"]
+        if isinstance(value, (int, float)):
+            return float(value)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"perplexity": value if math.isfinite(value) else str(value), "seq_len": seq_len,
+                                 "max_windows": max_windows, "tokens": int(ids.numel())})
+    except OSError:  # a read-only cache costs the next run the same evaluation, nothing more
+        pass
+    return value
+
+
 def masked_perplexity(model, tokenizer, ids: torch.Tensor, mask: Masks | None, seq_len: int,
                       max_windows: int | None) -> float:
-    """:func:`perplexity` of ``model`` under the single mask ``mask`` (None: the dense model),
-    applied by multiplicative hooks (the ground truth of the masked forward)."""
+    """:func:`perplexity` of ``model`` under the single mask ``mask`` (None: the dense model, through
+    :func:`dense_perplexity`'s cache), applied by multiplicative hooks (the ground truth of the
+    masked forward)."""
     from .models.hooks import hook_masks
 
     if mask is None:
-        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+        return dense_perplexity(model, ids, seq_len, max_windows, tokenizer)
     with hook_masks(model, mask):
         return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
 
