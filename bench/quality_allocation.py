@@ -14,6 +14,8 @@ Parts (each optional, all into one JSON):
 - default: per sparsity and seed, the default `bpp prune` run and the FLAP and BESA masks of the same
   seed's calibration windows (the windows `bpp prune` initialises from), all with bias compensation;
 - --inits X,Y: `bpp prune --init X` against X's own mask (also compensated);
+- --dtypes A,B: the default run with masks judged in dtype A and in B (one BESA start per seed),
+  each written reconstructed, B against A;
 - --efficiency N,...: the deterministic mask of `--policy units` (official settings, bias
   compensation on as for every row here, no incumbent) and of the default policy after N mask
   evaluations: snapshots of one run of max(N) evaluations per policy and seed.
@@ -94,6 +96,40 @@ def part_inits(bench: common.QualityBench, sparsity: float, seed: int, inits: li
                       incumbent_changed_at=report.get("incumbent", {}).get("last_changed_at_step"))
 
 
+def part_dtypes(bench: common.QualityBench, sparsity: float, seed: int, dtypes: list[str], steps: int | None):
+    """The default run with its masks judged in each of ``dtypes`` (the first is the reference), from
+    one BESA start per seed (the same windows give the same start), each final mask written as
+    `bpp prune` writes it (reconstructed on the seed's init windows) and compared paired."""
+    memo_besa(bench)
+    calib = bench.init_calib(seed)
+    rows = []
+    for dtype in dtypes:
+        config = PruneConfig(sparsity=sparsity, seed=seed, dtype=dtype, **({"steps": steps} if steps else {}))
+        mask, report, _ = bench.run(f"default --dtype {dtype} s={sparsity} seed={seed}", config)
+        rows.append((f"default --dtype {dtype} s{sparsity}-seed{seed}",
+                     bench.nll(f"dtype-{dtype}-s{sparsity}-seed{seed}", mask, Refit(bench.model, calib))))
+    for row in rows[1:]:
+        bench.compare("mask judges", row, rows[0], sparsity=sparsity, seed=seed)
+
+
+def memo_besa(bench: common.QualityBench) -> None:
+    """Compute besa_allocate once per (windows, keep rate) in this process."""
+    import bpp.methods.besa as besa
+
+    if getattr(besa.besa_allocate, "memo", None) is not None:
+        return
+    compute, memo = besa.besa_allocate, {}
+
+    def cached(model, space, calib, keep, granularity=("channel", "group"), config=None):
+        key = (calib.numpy().tobytes(), float(keep), tuple(granularity))
+        if key not in memo:
+            memo[key] = compute(model, space, calib, keep, granularity, config)
+        return memo[key]
+
+    cached.memo = memo
+    besa.besa_allocate = cached
+
+
 def efficiency_plan(text: str) -> dict[str, list[int]]:
     """``"100,300,1000"`` (both policies) or ``"allocation:100,300,500;units:100,300,1000,3000"``."""
     if ":" not in text:
@@ -157,6 +193,8 @@ def main():
     ap.add_argument("--inits", default="", help="comma-separated inits for the --init X part")
     ap.add_argument("--efficiency", default="", help="evaluation budgets for the efficiency part: N,N,... for both policies, or "
                          "policy:N,N;policy:N,... (e.g. allocation:100,300,500;units:100,300,1000,3000)")
+    ap.add_argument("--dtypes", default="", help="the default run with masks judged in each of these --dtype values "
+                    "(e.g. float32,auto: the first is the reference), one BESA start per seed, written reconstructed")
     ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--compensations", default="bias", help="how every mask of the default part is compacted: "
                     "bias, reconstruct, or both (bias,reconstruct)")
@@ -180,6 +218,8 @@ def main():
                     part_inits(bench, sparsity, seed, args.inits.split(","), args.steps)
                 if args.efficiency:
                     part_efficiency(bench, sparsity, seed, efficiency_plan(args.efficiency))
+                if args.dtypes:
+                    part_dtypes(bench, sparsity, seed, args.dtypes.split(","), args.steps)
     bench.save()
 
 
