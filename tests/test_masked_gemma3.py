@@ -47,3 +47,17 @@ def test_gemma3_in_bf16_follows_float32():
     want = MaskedModel(model).losses(ids, masks)
     got = MaskedModel(model, dtype=torch.bfloat16).losses(ids, masks)
     assert ((got - want).abs() / want).max() <= 2e-2
+
+
+def test_gemma3_270m_window_of_512_on_a_text_longer_than_it():
+    """Gemma 3 270M's window (512 tokens) on 600 tokens: the batched forward follows the hook-masked
+    model, and the window changes the losses (the same weights with a window of 1,024 differ)."""
+    long = dict(sliding_window=512, max_position_embeddings=1024)
+    model, wide = tiny_gemma3(**long), tiny_gemma3(**dict(long, sliding_window=1024))
+    space = MaskSpace.from_model(model)
+    masks = _masks(space, 3, seed=5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(5))
+    got = MaskedModel(model).losses(ids, masks)
+    want = hook_losses(model, ids, masks)
+    assert ((got - want).abs() / want.abs()).max().item() <= 1e-4
+    assert not torch.allclose(got, MaskedModel(wide).losses(ids, masks), rtol=1e-4, atol=0)
