@@ -50,14 +50,17 @@ class InputStats:
         return record
 
     @torch.no_grad()
-    def collect(self, input_ids: torch.Tensor, batch_size: int = 8) -> "InputStats":
+    def collect(self, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False) -> "InputStats":
+        from tqdm.auto import tqdm
+
         handles = []
         for i, layer in enumerate(self.model.model.layers):
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("attn", i)))
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("mlp", i)))
         try:
             device = next(self.model.parameters()).device
-            for start in range(0, input_ids.shape[0], batch_size):
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration statistics", unit="batch",
+                              disable=not progress):
                 self.model(input_ids[start:start + batch_size].to(device))
         finally:
             for h in handles:

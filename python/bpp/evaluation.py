@@ -31,12 +31,12 @@ def check_eval_options(seq_len: int, max_windows: int | None, held: torch.Tensor
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, batch_size: int = 8,
-               progress: bool = False, max_windows: int | None = None) -> float:
+               progress: bool | str = False, max_windows: int | None = None) -> float:
     """Perplexity by the standard protocol: tokenize the joined text once, cut it into
     non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped; for
     a model that needs BOS first, :func:`bpp.data.window_bos`, each window is BOS and seq_len − 1
     tokens), average the next-token NLL over all predicted tokens of all windows, exponentiate
-    (inf when that is beyond a float)."""
+    (inf when that is beyond a float). ``progress``: a bar over the batches, True or its label."""
     ids = tokenize(tokenizer, text) if isinstance(text, str) else text
     if seq_len < 2:
         raise BppError(f"seq_len must be at least 2, got {seq_len}")
@@ -53,8 +53,8 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
     data = data[:n]
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc=f"perplexity (seq_len {seq_len})", disable=not progress,
-                      unit="batch"):
+    label = progress if isinstance(progress, str) else f"perplexity (seq_len {seq_len})"
+    for start in tqdm(range(0, n, batch_size), desc=label, disable=not progress, unit="batch"):
         batch = data[start : start + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
@@ -78,7 +78,8 @@ def _dense_key(model, ids: torch.Tensor, seq_len: int, max_windows: int | None) 
     return h.hexdigest()
 
 
-def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, tokenizer=None) -> float:
+def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, tokenizer=None,
+                     progress: bool | str = False) -> float:
     """:func:`perplexity` of the dense ``model`` on the token ids ``ids``, kept in
     ``$BPP_CACHE/perplexity/`` under a digest of the weights, the text and the options
     (:func:`_dense_key`): it depends on nothing else, and every run on the same model and text
@@ -88,7 +89,7 @@ def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | 
     from .fileio import atomic_write_json
 
     if next(model.parameters()).device.type != "cpu":
-        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
     path = cache_dir() / "perplexity" / f"{_dense_key(model, ids, seq_len, max_windows)}.json"
     try:
         value = json.loads(path.read_text())["perplexity"]
@@ -96,7 +97,7 @@ def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | 
             return float(value)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+    value = perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"perplexity": value if math.isfinite(value) else str(value), "seq_len": seq_len,
@@ -107,16 +108,16 @@ def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | 
 
 
 def masked_perplexity(model, tokenizer, ids: torch.Tensor, mask: Masks | None, seq_len: int,
-                      max_windows: int | None) -> float:
+                      max_windows: int | None, progress: bool | str = False) -> float:
     """:func:`perplexity` of ``model`` under the single mask ``mask`` (None: the dense model, through
     :func:`dense_perplexity`'s cache), applied by multiplicative hooks (the ground truth of the
     masked forward)."""
     from .models.hooks import hook_masks
 
     if mask is None:
-        return dense_perplexity(model, ids, seq_len, max_windows, tokenizer)
+        return dense_perplexity(model, ids, seq_len, max_windows, tokenizer, progress)
     with hook_masks(model, mask):
-        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows)
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
 
 
 # --- zero-shot accuracy through lm-evaluation-harness ----------------------------------------
@@ -167,12 +168,13 @@ def zero_shot(model, tokenizer, tasks: list[str] | tuple[str, ...] = ZERO_SHOT_T
 
 
 def compacted_perplexity(model, tokenizer, held: torch.Tensor, mask: Masks, biases: dict, seq_len: int,
-                         max_windows: int | None) -> float:
+                         max_windows: int | None, progress: bool | str = False) -> float:
     """Held-out perplexity of the model ``bpp prune`` writes for ``mask``: compacted with its
     compensation ``biases`` when there are any, else the mask applied by hooks (the same logits)."""
     if not biases:
-        return masked_perplexity(model, tokenizer, held, mask, seq_len, max_windows)
+        return masked_perplexity(model, tokenizer, held, mask, seq_len, max_windows, progress)
     from .compaction import compact_model
 
-    return perplexity(compact_model(model, mask, **biases), tokenizer, held, seq_len=seq_len, max_windows=max_windows)
+    return perplexity(compact_model(model, mask, **biases), tokenizer, held, seq_len=seq_len, max_windows=max_windows,
+                      progress=progress)
 

@@ -137,7 +137,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         calib = init_calibration(config, inputs)
     with torch.no_grad():
         theta, init_mask, metrics = initialise(config_budget(space, config), config.init, model, calib)
-        stats = InputStats(model).collect(calib) if needs_stats(config) else None
+        stats = InputStats(model).collect(calib, progress=loop_args[-1]) if needs_stats(config) else None  # the loop's progress flag
         if config.bias_compensation:
             inputs.losses.compensation = BiasCompensation.from_stats(model, stats)
         ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, config.init, metrics)
@@ -257,11 +257,14 @@ def evaluate_masks(inputs: Inputs, job: dict, init_mask: Masks | None, final_mas
     model, tok, held = inputs.model, inputs.tokenizer, inputs.held
     seq_len, windows = job["eval_seq_len"], job["eval_windows"]
 
+    bar = lambda name: f"held-out perplexity, {name.replace('_', ' ')}" if compensation.progress else False  # noqa: E731
+
     def ppl(mask: Masks, name: str) -> float:
-        return compacted_perplexity(model, tok, held, mask, compensation.kwargs(mask, name), seq_len, windows)
+        return compacted_perplexity(model, tok, held, mask, compensation.kwargs(mask, name), seq_len, windows,
+                                    bar(name))
 
     with torch.no_grad():
-        out = {"dense": masked_perplexity(model, tok, held, None, seq_len, windows)}
+        out = {"dense": masked_perplexity(model, tok, held, None, seq_len, windows, bar("dense model"))}
         if init_mask is not None:
             out["init_mask"] = ppl(init_mask, "init_mask")
         out["final_mask"] = ppl(final_mask, "final_mask")
