@@ -3,7 +3,11 @@
 S masks, each keeping 50% of the units (chosen at random per mask, so the masks differ), over a
 B×T batch of one layer. MLP: SmolLM2-135M's d=576, m=1536 channels. Attention: d=576 with 8
 query heads in 4 KV groups of head_dim 64 (SmolLM2 has 3 groups, where 50% is not a count), so
-each mask keeps 2 groups. Every provider computes the same loss, ``sum(y * g)`` for a fixed
+each mask keeps 2 groups. ``attention_heads`` prunes query heads inside the groups instead
+(``head_keep``): every group kept, each mask keeping its own random half of the 8 query heads
+(so a group keeps 0, 1 or 2 of its heads); beside the C++ op it times ``cpp (all heads)``, the
+same call keeping every head (head_keep=None), the work that pruning half the heads saves from.
+Every provider computes the same loss, ``sum(y * g)`` for a fixed
 random ``g``, and its gradients with respect to x and the weights (and the per-unit scales with
 ``--soft``), from the same inputs. A third op, ``cross_entropy``, is the LM head and loss as the
 engine calls it: one sample's B×(T-1) rows against SmolLM2's 49,152-word head (no mask):
@@ -16,11 +20,12 @@ engine calls it: one sample's B×(T-1) rows against SmolLM2's 49,152-word head (
 - the fast backend of the device: ``cpp`` on CPU, ``triton`` on CUDA.
 
 Columns: median wall time of forward + backward over ``--repeats`` interleaved runs (after a
-warm-up), its ratio to dense+mask (> 1: faster), the peak memory above the inputs while it runs
+warm-up), its ratio to dense+mask (> 1: faster), the median time of the forward alone (under
+``torch.no_grad``), the peak memory above the inputs while it runs
 (CPU: the process's peak RSS above its RSS before the call, each provider in a fresh subprocess; CUDA:
 ``torch.cuda.max_memory_allocated``), the bytes autograd saved for the backward beyond the inputs,
 and the largest relative RMS error of the output and gradients against dense+mask (a wrong fast
-kernel shows here). Wall-clock numbers only mean something on an otherwise idle machine.
+kernel shows here; none for ``cpp (all heads)``, which computes another function). Wall-clock numbers only mean something on an otherwise idle machine.
 
     .venv/bin/python bench/kernels_backward.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
         [--S 8] [--B 4] [--T 128] [--repeats 5] [--threads N] [--soft] [--ops mlp attention ...]
@@ -29,11 +34,16 @@ kernel shows here). Wall-clock numbers only mean something on an otherwise idle 
 The research shape of the kernels' speed targets (one thread, S = 8, B×T = 256):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/kernels_backward.py --threads 1 --B 2 --T 128 --ops mlp attention
+
+Query heads pruned inside groups, at the same shape:
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/kernels_backward.py --threads 1 --B 2 --T 128 --ops attention_heads
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,7 +61,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 D, M = 576, 1536
 HEADS, GROUPS, HEAD_DIM = 8, 4, 64
 VOCAB = 49152
-OPS_BENCHED = ("mlp", "attention", "cross_entropy")
+OPS_BENCHED = ("mlp", "attention", "attention_heads", "cross_entropy")
+ALL_HEADS = "cpp (all heads)"  # attention_heads only: the C++ op keeping every head
 
 
 def _masks(S: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -71,7 +82,7 @@ def make_inputs(op: str, S: int, B: int, T: int, dtype, device, soft: bool, seed
                     weight=rnd(VOCAB, D, scale=D**-0.5).to(device, dtype).requires_grad_(),
                     target=torch.randint(0, VOCAB, (N,), generator=g).to(device), grad=rnd(N).to(device))
     n = M if op == "mlp" else GROUPS
-    mask = _masks(S, n, g)
+    mask = torch.ones(S, n, dtype=torch.bool) if op == "attention_heads" else _masks(S, n, g)
     scale = (0.05 + 0.95 * torch.rand(S, n, generator=g)) if soft else None
     x = rnd(S, B, T, D)
     if op == "mlp":
@@ -87,8 +98,10 @@ def make_inputs(op: str, S: int, B: int, T: int, dtype, device, soft: bool, seed
         emb = torch.outer(torch.arange(T, dtype=torch.float32), inv).repeat(1, 2)
         weights = dict(w_qkv=w_qkv, w_o_t=w_o_t)
     out = {k: v.to(device, dtype).requires_grad_() for k, v in dict(x=x, **weights).items()}
-    if op == "attention":
+    if op != "mlp":
         out["cos"], out["sin"] = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    if op == "attention_heads":  # each mask its own random half of the query heads
+        out["head_keep"] = _masks(S, HEADS, g).view(S, GROUPS, HEADS // GROUPS).to(device)
     keep_idx, keep_count = reference.mask_to_index(mask)
     out.update(keep_idx=keep_idx.to(device), keep_count=keep_count.to(device), unit_mask=mask.to(device, dtype))
     if scale is not None:  # aligned with keep_idx: slot j holds the scale of unit keep_idx[s, j]
@@ -102,7 +115,7 @@ def dense_mlp(x, w_gate_up, w_down_t, unit_mask):
     return (act * unit_mask[:, None, None, :]) @ w_down_t
 
 
-def dense_attention(x, w_qkv, w_o_t, cos, sin, unit_mask):
+def dense_attention(x, w_qkv, w_o_t, cos, sin, head_mask):
     S, B, T, d = x.shape
     G, rows, _ = w_qkv.shape
     hd = cos.shape[-1]
@@ -112,7 +125,7 @@ def dense_attention(x, w_qkv, w_o_t, cos, sin, unit_mask):
     k, v = y[..., r, :].transpose(2, 3), y[..., r + 1, :].transpose(2, 3)
     q, k = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
     att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    att = att * unit_mask.repeat_interleave(r, dim=1)[:, None, :, None, None]
+    att = att * head_mask[:, None, :, None, None]  # (S, H): every head computed, the mask multiplied in
     return att.transpose(2, 3).reshape(S, B, T, G * r * hd) @ w_o_t.reshape(-1, d)
 
 
@@ -120,9 +133,10 @@ def _grad_names(inp: dict) -> list[str]:
     return [k for k, v in inp.items() if torch.is_tensor(v) and v.requires_grad]
 
 
-def run(op: str, provider: str, inp: dict):
+def run(op: str, provider: str, inp: dict, forward_only: bool = False):
     """One forward + backward; returns (output, {name: gradient}) with the mask's scales' gradient
-    mapped to unit_scale's slot layout for dense+mask."""
+    mapped to unit_scale's slot layout for dense+mask. ``forward_only``: the forward alone, without
+    autograd (returns the output)."""
     names = _grad_names(inp)
     if op == "cross_entropy":
         if provider == "dense+mask":
@@ -139,15 +153,22 @@ def run(op: str, provider: str, inp: dict):
         if op == "mlp":
             y = dense_mlp(inp["x"], inp["w_gate_up"], inp["w_down_t"], unit_mask)
         else:
-            y = dense_attention(inp["x"], inp["w_qkv"], inp["w_o_t"], inp["cos"], inp["sin"], unit_mask)
+            head_mask = unit_mask.repeat_interleave(HEADS // GROUPS, dim=1)
+            if op == "attention_heads":
+                head_mask = head_mask * inp["head_keep"].reshape(head_mask.shape).to(head_mask.dtype)
+            y = dense_attention(inp["x"], inp["w_qkv"], inp["w_o_t"], inp["cos"], inp["sin"], head_mask)
     else:
-        backend = provider
+        backend = "cpp" if provider == ALL_HEADS else provider
         kw = {k: inp[k] for k in names}
         kw.update(keep_idx=inp["keep_idx"], keep_count=inp["keep_count"])
+        if op == "attention_heads" and provider != ALL_HEADS:
+            kw["head_keep"] = inp["head_keep"]
         if op == "mlp":
             y = ops.masked_swiglu(**kw, backend=backend)
         else:
             y = ops.masked_attention(**kw, cos=inp["cos"], sin=inp["sin"], backend=backend)
+    if forward_only:
+        return y
     grads = torch.autograd.grad(y, [inp[k] for k in names], inp["grad"])
     return y.detach(), dict(zip(names, grads))
 
@@ -233,13 +254,16 @@ def main(argv=None) -> list[dict]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     fast = "triton" if args.device == "cuda" else "cpp"
-    providers = ["dense+mask", "reference", fast]
     dtype = DTYPES[args.dtype]
     rows = []
     for op in args.ops:
+        providers = ["dense+mask", "reference", fast]
+        if op == "attention_heads" and fast == "cpp":
+            providers.insert(2, ALL_HEADS)
         inp = make_inputs(op, args.S, args.B, args.T, dtype, args.device, args.soft)
         results = {pr: run(op, pr, inp) for pr in providers}  # warm-up, and the values compared
         times = {pr: [] for pr in providers}
+        fwd_times = {pr: [] for pr in providers}
         for _ in range(args.repeats):
             for pr in providers:  # interleaved: a busy machine slows every provider alike
                 _sync(args.device)
@@ -247,11 +271,18 @@ def main(argv=None) -> list[dict]:
                 run(op, pr, inp)
                 _sync(args.device)
                 times[pr].append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    run(op, pr, inp, forward_only=True)
+                    _sync(args.device)
+                    fwd_times[pr].append(time.perf_counter() - t0)
         dense_out, dense_grads = results["dense+mask"]
         for pr in providers:
             out, grads = results[pr]
-            err = max([_rel(out, dense_out)] + [_rel(grads[k], dense_grads[k]) for k in grads])
+            err = float("nan") if pr == ALL_HEADS else \
+                max([_rel(out, dense_out)] + [_rel(grads[k], dense_grads[k]) for k in grads])
             rows.append(dict(op=op, provider=pr, ms=1000 * statistics.median(times[pr]),
+                             fwd_ms=1000 * statistics.median(fwd_times[pr]),
                              saved_mib=saved_bytes(op, pr, inp) / 2**20,
                              peak_mib=peak_extra_bytes(op, pr, args) / 2**20, max_rel_err=err))
         dense_ms = next(r["ms"] for r in rows if r["op"] == op and r["provider"] == "dense+mask")
@@ -259,13 +290,15 @@ def main(argv=None) -> list[dict]:
             if r["op"] == op:
                 r["speedup"] = dense_ms / r["ms"]
     print(f"# {_machine(args.device)}; torch {torch.__version__}, bpp_kernels {bpp_kernels.__version__}; "
-          f"{args.dtype}, S={args.S} masks at 50% keep, B×T={args.B}×{args.T}, "
+          f"{args.dtype}, S={args.S} masks at 50% keep (of groups; attention_heads: of query heads), "
+          f"B×T={args.B}×{args.T}, "
           f"{'per-unit scales' if args.soft else 'hard masks'}, median of {args.repeats}")
-    header = ["op", "provider", "fwd+bwd ms", "vs dense+mask", "peak MiB above inputs", "saved for bwd MiB",
+    header = ["op", "provider", "fwd+bwd ms", "vs dense+mask", "fwd ms", "peak MiB above inputs", "saved for bwd MiB",
               "max rel err vs dense"]
     label = lambda r: "dense" if r["op"] == "cross_entropy" and r["provider"] == "dense+mask" else r["provider"]  # noqa: E731
-    lines = [[r["op"], label(r), f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['peak_mib']:.0f}",
-              f"{r['saved_mib']:.0f}", f"{r['max_rel_err']:.1e}"] for r in rows]
+    lines = [[r["op"], label(r), f"{r['ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['fwd_ms']:.1f}", f"{r['peak_mib']:.0f}",
+              f"{r['saved_mib']:.0f}", "-" if math.isnan(r["max_rel_err"]) else f"{r['max_rel_err']:.1e}"]
+             for r in rows]
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" for _ in header) + "|")

@@ -42,6 +42,14 @@ Mask formats:
       unit_scale = z.gather(1, keep_idx.long())          # differentiable back to z
 
   Units with z == 0 are skipped entirely. ``unit_scale=None`` is the hard-mask fast path.
+- ``head_keep (S, G, r) bool``, optional (``masked_attention``): query heads pruned inside KV
+  groups (Minitron, LLM-Pruner; Llama 3 has 4 query heads per group, Gemma 3 270M one group of 4),
+  indexed by the original group g and head j of the group: head j of g contributes to sample s
+  only if g is kept (keep_idx / keep_count) and ``head_keep[s, g, j]``. A pruned head's output is
+  zero before W_o, so its q rows and W_o rows get zero gradient (its group's k/v rows too when
+  the group keeps no head); the C++ and Triton backends skip its work. From a mask over the H
+  query heads in Hugging Face's order: ``head_keep = head_mask.view(S, G, r)``. None keeps every
+  head of every kept group.
 
 Ops (all in :mod:`bpp_kernels.ops`; shapes and dtypes in each docstring):
 
@@ -59,7 +67,7 @@ masked_mlp               per sample: down(a * act(up x + b_up)), kept          x
 masked_attention         per sample: causal GQA attention of the kept groups   x, w_qkv, w_o_t,
                          (q/k/v bias, q/k RMSNorm, RoPE fused), through W_o;   b_qkv, q_norm, k_norm,
                          optional position_ids, key padding mask, sliding      unit_scale
-                         window
+                         window, kept query heads inside groups (head_keep)
 linear_cross_entropy     per-row CE of h @ W.T, fp32, no (N, V) logits         h, weight
 =======================  ====================================================  ==================
 

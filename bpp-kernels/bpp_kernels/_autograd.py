@@ -118,16 +118,16 @@ def masked_mlp(forward, backward) -> None:
 
 def masked_attention(forward, backward) -> None:
     """``forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-    norm_eps, scale, position_ids, attention_mask, window) -> y``; ``backward(grad, <the sixteen
-    inputs>, output_mask[7]) -> (dx, dw_qkv, dw_o_t, db_qkv, dq_norm, dk_norm, dunit_scale)``.
-    cos, sin, position_ids and attention_mask get no gradient; window is an int (0: none)."""
+    norm_eps, scale, position_ids, attention_mask, window, head_keep) -> y``; ``backward(grad, <the
+    seventeen inputs>, output_mask[7]) -> (dx, dw_qkv, dw_o_t, db_qkv, dq_norm, dk_norm, dunit_scale)``.
+    cos, sin, position_ids, attention_mask and head_keep get no gradient; window is an int (0: none)."""
 
     def forward_fake(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
-                     scale, position_ids=None, attention_mask=None, window=0):
+                     scale, position_ids=None, attention_mask=None, window=0, head_keep=None):
         return torch.empty_like(x)
 
     def backward_fake(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                      norm_eps, scale, position_ids, attention_mask, window, output_mask):
+                      norm_eps, scale, position_ids, attention_mask, window, head_keep, output_mask):
         out = [_empty_unless(output_mask[0], x), _empty_unless(output_mask[1], w_qkv),
                _empty_unless(output_mask[2], w_o_t)]
         for wanted, t in zip(output_mask[3:], (b_qkv, q_norm, k_norm, unit_scale)):
@@ -135,18 +135,18 @@ def masked_attention(forward, backward) -> None:
         return tuple(out)
 
     def setup_context(ctx, inputs, output):
-        inputs = tuple(inputs) + (None, None, 0)[len(inputs) - 13:]  # the defaults of the last three
-        ctx.save_for_backward(*inputs[:11], inputs[13], inputs[14])
+        inputs = tuple(inputs) + (None, None, 0, None)[len(inputs) - 13:]  # the defaults of the last four
+        ctx.save_for_backward(*inputs[:11], inputs[13], inputs[14], inputs[16])
         ctx.norm_eps, ctx.scale, ctx.window = inputs[11], inputs[12], inputs[15]
 
     def backward_autograd(ctx, grad):
         (x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, position_ids,
-         attention_mask) = ctx.saved_tensors
+         attention_mask, head_keep) = ctx.saved_tensors
         need = ctx.needs_input_grad
         wanted = [need[0], need[1], need[2]] + [t is not None and need[i]
                                                 for i, t in ((7, b_qkv), (8, q_norm), (9, k_norm), (10, unit_scale))]
         grads = backward(grad, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                         ctx.norm_eps, ctx.scale, position_ids, attention_mask, ctx.window, wanted)
+                         ctx.norm_eps, ctx.scale, position_ids, attention_mask, ctx.window, head_keep, wanted)
         dx, dwqkv, dwo, db, dqn, dkn, dscale = _grads_or_none(grads, wanted)
         return (dx, dwqkv, dwo, None, None, None, None, db, dqn, dkn, dscale, None, None) + \
             (None,) * (len(need) - 13)

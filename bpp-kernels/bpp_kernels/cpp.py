@@ -87,12 +87,13 @@ if AVAILABLE:
 
     def masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv=None, q_norm=None, k_norm=None,
                          norm_eps=1e-6, scale=None, unit_scale=None, position_ids=None, attention_mask=None,
-                         window=None):
+                         window=None, head_keep=None):
         scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
-        # window 0: none (the operator's default); position_ids / attention_mask None: positions 0..T-1, no padding
+        # window 0: none (the operator's default); position_ids / attention_mask None: positions 0..T-1, no
+        # padding; head_keep None: every head of a kept group
         return torch.ops.bpp.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm,
                                               k_norm, unit_scale, float(norm_eps), scale, position_ids,
-                                              attention_mask, 0 if window is None else int(window))
+                                              attention_mask, 0 if window is None else int(window), head_keep)
 
     def linear_cross_entropy(h, weight, target, ignore_index=-100, chunk_size=4096):
         return torch.ops.bpp.linear_cross_entropy(h, weight, target, int(ignore_index), int(chunk_size))[0]

@@ -473,7 +473,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, scale: float | None = None,
                      unit_scale: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None, window: int | None = None,
-                     backend: str | None = None, check: bool = True) -> torch.Tensor:
+                     head_keep: torch.Tensor | None = None, backend: str | None = None,
+                     check: bool = True) -> torch.Tensor:
     """Per-sample causal GQA attention over kept KV groups only, through W_o (no residual).
 
     x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``, w_o_t ``(G, r*hd, d)``, b_qkv
@@ -501,9 +502,21 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     an attention output of zeros and passes no gradient. The defaults are plain causal attention
     over positions 0..T-1, the same bits as a call without these arguments.
 
-    Returns ``(S, B, T, d)``; a sample that keeps no group gets zeros. Differentiable in x,
-    w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos, sin, position_ids and
-    attention_mask are constants. ``check``: validate keep_idx / keep_count first
+    Query heads inside groups: ``head_keep`` ``(S, G, r)`` bool, or None, on x's device, indexed by
+    the original group g and head j of the group (not by keep_idx's slots): query head j of group g
+    contributes to sample s only if g is kept for s and ``head_keep[s, g, j]`` (Minitron- or
+    LLM-Pruner-style head pruning inside GQA groups). A pruned head's attention output is zero
+    before W_o, so its rows of w_qkv (q) and of w_o_t get exactly zero gradient, and a kept group
+    with no kept head contributes nothing (its k/v rows get zero gradient too); unit_scale still
+    multiplies the kept heads of a kept group. The C++ and Triton backends skip a pruned head's
+    work (its q projection, QK^T, softmax, PV and W_o rows; a group with no kept head, its K/V
+    projection too). None keeps every head of every kept group: the same bits as a call without it,
+    and so is an all-True head_keep. A mask over the G*r query heads in Hugging Face's order
+    (head h in group h // r) is ``head_mask.view(S, G, r)``: no helper needed.
+
+    Returns ``(S, B, T, d)``; a sample that keeps no group (or no head) gets zeros. Differentiable
+    in x, w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos, sin, position_ids,
+    attention_mask and head_keep are constants. ``check``: validate keep_idx / keep_count first
     (:func:`check_indices`) and that every position has a row of cos/sin (a ValueError on CPU, a
     device-side assertion on CUDA); with ``check=False`` the C++ op still refuses an out-of-range
     position (RuntimeError) and Triton clamps it into the table (a wrong result, no stray read).
@@ -533,6 +546,17 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
         >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, **extras)
         >>> bool(y[:, 0, 0].eq(0).all())                     # query 0 sees only the padded key 0: zeros
         True
+
+    Pruning query heads inside groups: sample 0 keeps head 1 of group 0; sample 1 keeps group 0
+    whole and head 0 of group 1 (a mask over the H = G*r query heads reshapes to (S, G, r))::
+
+        >>> head_mask = torch.tensor([[False, True, True, True], [True, True, True, False]])   # (S, H)
+        >>> head_keep = head_mask.view(2, G, H // G)         # head h is head h % r of group h // r
+        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, head_keep=head_keep)
+        >>> ref = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, head_keep=head_keep,
+        ...                          backend="reference")
+        >>> torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+        True
     """
     op = "masked_attention"
     _check(x.dim() == 4, op, f"x must be (S, B, T, d), got {tuple(x.shape)}")
@@ -555,6 +579,7 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
            "cos and sin are RoPE constants and get no gradient; pass them detached")
     _check_index(op, keep_idx, keep_count, S, G, unit_scale, x, check)
     _check_positions_and_masks(op, position_ids, attention_mask, window, B, T, cos.shape[0], x, check)
+    _check_head_keep(op, head_keep, S, G, r, x)
     extra = {}  # the new keywords only when given: a call without them is the same call as before
     if position_ids is not None:
         extra["position_ids"] = position_ids
@@ -562,6 +587,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
         extra["attention_mask"] = attention_mask
     if window is not None:
         extra["window"] = int(window)
+    if head_keep is not None:
+        extra["head_keep"] = head_keep
     return _call(op, x, backend, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count,
                  b_qkv=b_qkv, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, scale=scale, unit_scale=unit_scale,
                  **extra)
@@ -597,6 +624,15 @@ def _check_positions_and_masks(op: str, position_ids: torch.Tensor | None, atten
         b, t = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"{op}: position_ids[{b}, {t}] = {int(position_ids[b, t])} is outside [0, {P}) "
                          f"(cos/sin have {P} rows)")
+
+
+def _check_head_keep(op: str, head_keep, S: int, G: int, r: int, x: torch.Tensor) -> None:
+    """masked_attention's head_keep: a ``(S, G, r)`` bool tensor on x's device, or None."""
+    if head_keep is None:
+        return
+    _check(torch.is_tensor(head_keep) and head_keep.dtype == torch.bool and tuple(head_keep.shape) == (S, G, r), op,
+           f"head_keep must be a (S={S}, G={G}, r={r}) bool tensor, got {_describe(head_keep)}")
+    _check(head_keep.device == x.device, op, f"head_keep must be on x's device ({x.device}), got {head_keep.device}")
 
 
 def _describe(t) -> str:

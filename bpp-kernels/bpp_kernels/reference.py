@@ -23,6 +23,9 @@ Layouts (built once by :mod:`bpp_kernels.layout`):
   (an MLP channel's activation before W_down; a KV group's attention output, all r query heads
   of it, before W_o). Entries at ``j >= keep_count[s]`` are never read and get zero gradient.
   ``None`` (a hard mask) is the same as all ones.
+- Query heads inside KV groups (attention only): ``head_keep (S, G, r) bool``, indexed by the
+  original group g and head j of the group (not by slot): query head j of group g contributes to
+  sample s only if g is kept and ``head_keep[s, g, j]``; None keeps every head of a kept group.
 
 Differentiable: every function here is plain autograd (``torch.autograd.gradcheck`` runs on
 them in float64). :func:`linear_cross_entropy` keeps every chunk's logits for its backward
@@ -236,6 +239,7 @@ def masked_attention(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     window: int | None = None,
+    head_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA self-attention of sample s over its kept KV groups only, through W_o.
 
@@ -248,6 +252,9 @@ def masked_attention(
     cos/sin (None: row t, P >= T). attention_mask ``(B, T)`` bool or None: keys where it is False
     are never attended. window int or None: query t sees key s only if ``t - s < window``
     (:func:`attention_visibility`). A query row that sees no key gets zeros.
+    head_keep ``(S, G, r)`` bool or None: query head j of kept group g contributes only where
+    ``head_keep[s, g, j]``; here its attention output is computed and zeroed before W_o (the
+    specification: the fast backends skip it).
     Returns the o_proj output ``(S, B, T, d)`` (no residual); zeros where nothing is kept.
     """
     S, B, T, d = x.shape
@@ -290,6 +297,8 @@ def masked_attention(
             att = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale)
         if unit_scale is not None:
             att = att * unit_scale[s, :c].to(att.dtype).repeat_interleave(r).view(1, c * r, 1, 1)
+        if head_keep is not None:  # the kept groups' heads, in the order of q's heads
+            att = att * head_keep[s, k].reshape(1, c * r, 1, 1).to(att.dtype)
         att = att.transpose(1, 2).reshape(B, T, c * r * hd)
         out[s] = att @ w_o_t[k].reshape(c * r * hd, d)
     return _connected(out, x, w_qkv, w_o_t, b_qkv, q_norm, k_norm, unit_scale)

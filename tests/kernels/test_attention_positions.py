@@ -93,10 +93,12 @@ def inputs(name: str, dtype=torch.float32, device="cpu", seed=41, S=S, B=B, T=T,
     return kw
 
 
-def assert_grads_match(name: str, kw: dict, backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+def assert_grads_match(name: str, kw: dict, backend: str, dtype: torch.dtype,
+                       truth=reference.masked_attention) -> tuple[torch.Tensor, dict]:
     """cases.assert_grads_match with a floor of two epsilons on fp16/bf16 tolerances (see the module
-    docstring); returns the backend's output and gradients."""
-    ref_out, ref_grads, tols = cases.grad_tolerances(reference.masked_attention, kw, WRT, dtype)
+    docstring), against ``truth`` (a function of masked_attention's keyword arguments: the reference
+    by default); returns the backend's output and gradients."""
+    ref_out, ref_grads, tols = cases.grad_tolerances(truth, kw, WRT, dtype)
     if dtype != torch.float32:
         tols = {k: max(v, 2 * torch.finfo(dtype).eps) for k, v in tols.items()}
     out, grads = cases.forward_backward(lambda **k: ops.masked_attention(**k, backend=backend), kw, WRT)

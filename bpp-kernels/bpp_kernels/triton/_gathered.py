@@ -11,6 +11,10 @@ of an ``(S, N, n_units * R)`` buffer belongs to row i of the sample's j-th kept 
   reduction over kept units only (W_down, W_o, and the dX of every backward).
 - :func:`gathered_projection`: ``A[s, :, :c*R] = X[s] @ W[rows of the kept units]^T``, the
   projection onto kept units only (dY W_o^T in the attention backward).
+
+Both take ``a_units`` ``(S, n)`` int32, optionally: the j-th kept unit's columns of A are then
+``a_units[s, j]*R ..`` instead of ``j*R ..`` (a sparse slot space: the attention's per-head blocks
+laid out by group slot, with the pruned heads' columns left out of the work).
 - :func:`unit_weight_grad`: ``dW[u*R + i] = sum_s A[s, :, pos_s(u)*R + i]^T B[s]`` over the
   samples that keep u, in sample order (no atomics: the same bits on every run); rows of units
   that no sample keeps stay exactly zero and their weights are never read.
@@ -25,9 +29,17 @@ from ._common import dot_precision, gemm_config
 
 
 @triton.jit
-def _gathered_rows_kernel(A, W, KeepIdx, KeepCount, Scale, Y, N, D, M, A_WIDTH, R: tl.constexpr,
-                          HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _a_columns(AUnits, s, M, f, f_ok, R: tl.constexpr, HAS_A_UNITS: tl.constexpr):
+    """The columns of A that hold kept feature f (unit f // R, row f % R of it)."""
+    if HAS_A_UNITS:
+        return tl.load(AUnits + s * M + f // R, mask=f_ok, other=0).to(tl.int64) * R + f % R
+    return f
+
+
+@triton.jit
+def _gathered_rows_kernel(A, W, KeepIdx, KeepCount, Scale, AUnits, Y, N, D, M, A_WIDTH, R: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_A_UNITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.program_id(2).to(tl.int64)
@@ -40,7 +52,8 @@ def _gathered_rows_kernel(A, W, KeepIdx, KeepCount, Scale, Y, N, D, M, A_WIDTH, 
         f = f0 + tl.arange(0, BLOCK_K)
         f_ok = f < n_features
         unit = tl.load(KeepIdx + s * M + f // R, mask=f_ok, other=0).to(tl.int64)
-        a = tl.load(a_base + f[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+        a_col = _a_columns(AUnits, s, M, f, f_ok, R, HAS_A_UNITS)
+        a = tl.load(a_base + a_col[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
         if HAS_SCALE:  # per-unit scale of the activations (soft masks), applied in fp32
             scale = tl.load(Scale + s * M + f // R, mask=f_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * scale[None, :]).to(W.dtype.element_ty)
@@ -52,9 +65,9 @@ def _gathered_rows_kernel(A, W, KeepIdx, KeepCount, Scale, Y, N, D, M, A_WIDTH, 
 
 
 @triton.jit
-def _gathered_projection_kernel(X, W, KeepIdx, KeepCount, Out, N, K, M, OUT_WIDTH, R: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                                PRECISION: tl.constexpr):
+def _gathered_projection_kernel(X, W, KeepIdx, KeepCount, AUnits, Out, N, K, M, OUT_WIDTH, R: tl.constexpr,
+                                HAS_A_UNITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     f = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.program_id(2).to(tl.int64)
     n_features = tl.load(KeepCount + s) * R
@@ -73,7 +86,8 @@ def _gathered_projection_kernel(X, W, KeepIdx, KeepCount, Out, N, K, M, OUT_WIDT
         x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + w_rows[:, None] * K + ks[None, :], mask=f_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    out = Out + s * N * OUT_WIDTH + rows.to(tl.int64)[:, None] * OUT_WIDTH + f[None, :]
+    out_col = _a_columns(AUnits, s, M, f, f_ok, R, HAS_A_UNITS)
+    out = Out + s * N * OUT_WIDTH + rows.to(tl.int64)[:, None] * OUT_WIDTH + out_col[None, :]
     tl.store(out, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :])
 
 
@@ -122,9 +136,11 @@ def _launch(dtype: torch.dtype, rows: int) -> tuple[dict, dict]:
 
 
 def gathered_rows_product(a: torch.Tensor, w_rows: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
-                          R: int, out_dtype: torch.dtype, unit_scale: torch.Tensor | None = None) -> torch.Tensor:
+                          R: int, out_dtype: torch.dtype, unit_scale: torch.Tensor | None = None,
+                          a_units: torch.Tensor | None = None) -> torch.Tensor:
     """a ``(S, N, n*R)`` slot space, w_rows ``(n*R, D)`` -> ``(S, N, D)``: sum over the kept units'
-    rows only; unit_scale ``(S, n)`` (aligned with keep_idx) scales unit j's columns of a."""
+    rows only; unit_scale ``(S, n)`` (aligned with keep_idx) scales unit j's columns of a;
+    a_units ``(S, n)`` int32 or None: where unit j's columns of a are (see the module docstring)."""
     S, N, width = a.shape
     D = w_rows.shape[1]
     y = torch.empty((S, N, D), dtype=out_dtype, device=a.device)
@@ -132,16 +148,18 @@ def gathered_rows_product(a: torch.Tensor, w_rows: torch.Tensor, keep_idx: torch
         return y
     cfg, launch = _launch(a.dtype, N)
     _gathered_rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_C"]), S)](
-        a, w_rows, keep_idx, keep_count, w_rows if unit_scale is None else unit_scale, y, N, D, keep_idx.shape[1],
-        width, R=R, HAS_SCALE=unit_scale is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        a, w_rows, keep_idx, keep_count, w_rows if unit_scale is None else unit_scale,
+        keep_idx if a_units is None else a_units, y, N, D, keep_idx.shape[1], width, R=R,
+        HAS_SCALE=unit_scale is not None, HAS_A_UNITS=a_units is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_D=cfg["BLOCK_C"], PRECISION=dot_precision(a.dtype), **launch)
     return y
 
 
 def gathered_projection(x: torch.Tensor, w_rows: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor,
-                        R: int) -> torch.Tensor:
+                        R: int, a_units: torch.Tensor | None = None) -> torch.Tensor:
     """x ``(S, N, K)``, w_rows ``(n*R, K)`` -> ``(S, N, n*R)`` slot space (zeros past each sample's
-    kept columns): x projected onto the kept units' rows only."""
+    kept columns, and in the columns no unit of a_units names): x projected onto the kept units'
+    rows only; a_units ``(S, n)`` int32 or None: where unit j's columns go (see the module docstring)."""
     S, N, K = x.shape
     n = keep_idx.shape[1]
     out = torch.zeros((S, N, n * R), dtype=x.dtype, device=x.device)
@@ -149,7 +167,8 @@ def gathered_projection(x: torch.Tensor, w_rows: torch.Tensor, keep_idx: torch.T
         return out
     cfg, launch = _launch(x.dtype, N)
     _gathered_projection_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(n * R, cfg["BLOCK_C"]), S)](
-        x, w_rows, keep_idx, keep_count, out, N, K, n, n * R, R=R, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
+        x, w_rows, keep_idx, keep_count, keep_idx if a_units is None else a_units, out, N, K, n, n * R, R=R,
+        HAS_A_UNITS=a_units is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], PRECISION=dot_precision(x.dtype), **launch)
     return out
 

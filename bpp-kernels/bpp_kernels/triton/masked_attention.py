@@ -23,6 +23,16 @@ sums dK and dV over the r query heads of a group inside one program (GQA without
 differentiated by a few elementwise torch ops over the slot-space buffers; then ``dX`` and the
 kept groups' weight gradients come from :mod:`._gathered`. Pruned groups' weights are never read.
 
+Query heads inside groups (``head_keep (S, G, r)`` bool): its slot-order copy (which head of
+which slot a sample computes) is read by the kernels, and a program with nothing to compute exits
+at once: kernel 1's program of a pruned query head, and its key and value programs of a group
+keeping no query head; kernel 2's and ``_flash_dq_kernel``'s program of a pruned head;
+``_flash_dkdv_kernel`` skips a pruned head's query tiles (and exits for a group keeping none). The
+products through W_o, dY W_o^T and the weight GEMMs then run over the kept heads' hd-row blocks
+only (:mod:`._gathered` with units of hd rows and the blocks' columns named by ``a_units``), so a
+pruned head's W_o rows and q rows (and a headless group's k/v rows) are never read. Without
+head_keep the kernels are compiled as before (a constexpr flag) and the products run by group.
+
 Positions and masks: ``position_ids`` pick each token's cos/sin row in kernel 1 (and in the
 RoPE transpose); a key padding mask and a sliding window are applied in the three flash kernels,
 which then skip the key tiles (forward, dQ) or query tiles (dK/dV) wholly outside the window and
@@ -34,13 +44,13 @@ Both directions are ``torch.library`` custom ops (``bpp_triton::masked_attention
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _autograd
+from .. import _autograd, reference
 from ._common import INTERPRET, dot_precision, gemm_config, next_pow2
 from ._gathered import gathered_projection, gathered_rows_product, slot_positions, unit_bias_grad, unit_weight_grad
 
@@ -58,6 +68,17 @@ def _program_ids(KeepCount, G, HEADS):
     s = tl.program_id(2).to(tl.int64)
     count = tl.load(KeepCount + s)
     return tile, b, slot, head, s, count
+
+
+@triton.jit
+def _idle(HeadKeep, s, G, slot, head, R, R_P: tl.constexpr):
+    """Whether the program of (slot, head) has nothing to compute under head_keep (``(S, G*R)``
+    uint8 in slot order): a query head (head < R) that is pruned, or the key or value (head >= R)
+    of a group that keeps no query head."""
+    j = tl.arange(0, R_P)
+    flags = tl.load(HeadKeep + (s * G + slot) * R + j, mask=j < R, other=0)
+    wanted = (j < R) & ((j == head) | (head >= R))
+    return tl.max(((flags != 0) & wanted).to(tl.int32), axis=0) == 0
 
 
 @triton.jit
@@ -84,15 +105,18 @@ def _head_rms_norm(acc_lo, acc_hi, W, e, e_ok, half, HD, eps, dtype: tl.constexp
 
 
 @triton.jit
-def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, Pos, KeepIdx, KeepCount, Q, K, V, Pre,
+def _qkv_kernel(X, Wqkv, Bqkv, QNorm, KNorm, Cos, Sin, Pos, KeepIdx, KeepCount, HeadKeep, Q, K, V, Pre,
                 N, T, P, D, G, R, HD, eps,
                 HAS_BIAS: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, STORE_PRE: tl.constexpr,
-                HAS_POS: tl.constexpr,
+                HAS_POS: tl.constexpr, HAS_HEAD_KEEP: tl.constexpr, R_P: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALF_P: tl.constexpr, PRECISION: tl.constexpr):
     # head 0..R-1: query heads, R: key, R+1: value (no batch axis: the row tile spans B*T)
     row_tile, _, slot, head, s, count = _program_ids(KeepCount, G, R + 2)
     if slot >= count:
         return
+    if HAS_HEAD_KEEP:
+        if _idle(HeadKeep, s, G, slot, head, R, R_P):
+            return
     rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     group = tl.load(KeepIdx + s * G + slot).to(tl.int64)
     half = HD // 2
@@ -179,12 +203,16 @@ def _first_key(q_tile, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS
 
 
 @triton.jit
-def _flash_kernel(Q, K, V, O, Lse, KeepCount, KeyMask, B, T, G, R, HD, scale, window, STORE_LSE: tl.constexpr,
-                  HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _flash_kernel(Q, K, V, O, Lse, KeepCount, KeyMask, HeadKeep, B, T, G, R, HD, scale, window,
+                  STORE_LSE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_HEAD_KEEP: tl.constexpr, R_P: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr, PRECISION: tl.constexpr):
     q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    if HAS_HEAD_KEEP:
+        if _idle(HeadKeep, s, G, slot, head, R, R_P):
+            return
     q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
@@ -230,12 +258,16 @@ def _flash_kernel(Q, K, V, O, Lse, KeepCount, KeyMask, B, T, G, R, HD, scale, wi
 
 
 @triton.jit
-def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, KeyMask, B, T, G, R, HD, scale, window,
-                       HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HD_P: tl.constexpr, PRECISION: tl.constexpr):
+def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, KeyMask, HeadKeep, B, T, G, R, HD, scale, window,
+                       HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_HEAD_KEEP: tl.constexpr,
+                       R_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr,
+                       PRECISION: tl.constexpr):
     k_tile, b, slot, _, s, count = _program_ids(KeepCount, G, 1)  # one program per group, not per head
     if slot >= count:
         return
+    if HAS_HEAD_KEEP:  # a group keeping no query head: its dK and dV stay zero
+        if _idle(HeadKeep, s, G, slot, R, R, R_P):
+            return
     N = B * T
     e = tl.arange(0, HD_P)
     e_ok = e < HD
@@ -258,7 +290,10 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, KeyMask, B, T
         q_off, _, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
         q_base = Q + q_off
         do_base = DO + s * N * width + (slot * R + head) * HD
-        for q0 in range(first_q, end_q, BLOCK_M):
+        head_end = end_q
+        if HAS_HEAD_KEEP:  # a pruned head: no query tile
+            head_end = tl.where(tl.load(HeadKeep + (s * G + slot) * R + head) != 0, end_q, first_q)
+        for q0 in range(first_q, head_end, BLOCK_M):
             tq = q0 + tl.arange(0, BLOCK_M)
             tq_ok = tq < T
             q_mask = tq_ok[:, None] & e_ok[None, :]
@@ -278,12 +313,16 @@ def _flash_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, KeepCount, KeyMask, B, T
 
 
 @triton.jit
-def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, KeyMask, B, T, G, R, HD, scale, window,
-                     HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HD_P: tl.constexpr, PRECISION: tl.constexpr):
+def _flash_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KeepCount, KeyMask, HeadKeep, B, T, G, R, HD, scale, window,
+                     HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_HEAD_KEEP: tl.constexpr,
+                     R_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P: tl.constexpr,
+                     PRECISION: tl.constexpr):
     q_tile, b, slot, head, s, count = _program_ids(KeepCount, G, R)
     if slot >= count:
         return
+    if HAS_HEAD_KEEP:
+        if _idle(HeadKeep, s, G, slot, head, R, R_P):
+            return
     q_off, kv_off, row_off = _head_offsets(s, b, slot, head, B, T, G, R, HD)
     N = B * T
     e = tl.arange(0, HD_P)
@@ -320,6 +359,65 @@ def _flash_block(dt: torch.dtype) -> int:
     return 32 if INTERPRET or dt == torch.float32 else 64
 
 
+class _Units(NamedTuple):
+    """How the gathered products (:mod:`._gathered`) see one weight: its kept units per sample
+    (``units``, ``count``) of ``R`` rows each, where their columns sit in the slot-space buffers
+    (``a_units``; None: unit j at columns j*R..) and, per unit of the weight, its slot-space unit or
+    -1 (``pos``, for the weight gradients). ``slot``: the keep_idx slot of each listed unit (None:
+    unit j is slot j), for unit_scale."""
+    units: torch.Tensor
+    count: torch.Tensor
+    R: int
+    a_units: Optional[torch.Tensor]
+    pos: torch.Tensor
+    slot: Optional[torch.Tensor]
+
+    def scales(self, unit_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """unit_scale (S, G), aligned with keep_idx, as the scale of each listed unit."""
+        if unit_scale is None or self.slot is None:
+            return unit_scale
+        return unit_scale.gather(1, self.slot)
+
+
+def _by_group(keep_idx, keep_count, R: int) -> _Units:
+    """The units are the kept groups, R rows each (every head of a kept group)."""
+    return _Units(keep_idx, keep_count, R, None, slot_positions(keep_idx, keep_count), None)
+
+
+def _by_block(kept: torch.Tensor, keep_idx, keep_count, HD: int) -> tuple[_Units, torch.Tensor]:
+    """The units are hd-row blocks (a head's rows): ``kept (S, G, k)`` bool says which of the k blocks
+    of group g sample s computes, by original group. Returns the units and the (S, G, k) flags in
+    slot order (False past keep_count). Device ops only, no host sync."""
+    S, G, k = kept.shape
+    dev = kept.device
+    live = torch.arange(G, device=dev) < keep_count[:, None]
+    idx = keep_idx.long().clamp(0, G - 1)  # entries past keep_count are never read; clamped, they gather safely
+    in_slots = kept.gather(1, idx[:, :, None].expand(S, G, k)) & live[:, :, None]
+    a_units, count = reference.mask_to_index(in_slots.reshape(S, G * k))
+    a = a_units.long()
+    units = (idx.gather(1, a // k) * k + a % k).to(torch.int32)
+    slot = slot_positions(keep_idx, keep_count).long()[:, :, None]
+    pos = torch.where((slot >= 0) & kept, slot * k + torch.arange(k, device=dev), -1)
+    return _Units(units, count, HD, a_units, pos.reshape(S, G * k).to(torch.int32), a // k), in_slots
+
+
+def _units(head_keep, keep_idx, keep_count, R: int, HD: int, with_qkv: bool):
+    """(units of w_o_t, units of w_qkv or None, the (S, G*R) uint8 slot-order head flags the kernels
+    read or None): by group without head_keep, by head block with it (a group's key and value
+    blocks kept when it keeps a query head)."""
+    rows = (R + 2) * HD
+    if head_keep is None:
+        return (_by_group(keep_idx, keep_count, R * HD),
+                _by_group(keep_idx, keep_count, rows) if with_qkv else None, None)
+    o_units, in_slots = _by_block(head_keep, keep_idx, keep_count, HD)
+    qkv_units = None
+    if with_qkv:
+        kv = head_keep.any(-1, keepdim=True)
+        qkv_units = _by_block(torch.cat((head_keep, kv, kv), -1), keep_idx, keep_count, HD)[0]
+    S, G, _ = head_keep.shape
+    return o_units, qkv_units, in_slots.reshape(S, G * R).to(torch.uint8).contiguous()
+
+
 def _masking(x, position_ids, attention_mask, window):
     """(position_ids contiguous or None, attention_mask as contiguous uint8 or None, window: 0 for
     none, a window of T or more being none)."""
@@ -330,10 +428,11 @@ def _masking(x, position_ids, attention_mask, window):
 
 
 def _project_and_attend(x, w_qkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps, scale,
-                        for_backward: bool, pos=None, keys=None, window=0):
+                        for_backward: bool, pos=None, keys=None, window=0, heads=None):
     """Kernels 1 and 2: q/k/v of the kept groups and the attention output o ``(S, N, G*r*hd)``.
     For the backward also the projections before the q/k norm (when there is one) and the
-    per-row log-sum-exp, and every buffer zero-filled (pruned slots then read as zeros)."""
+    per-row log-sum-exp, and every buffer zero-filled (pruned slots then read as zeros).
+    ``heads``: the (S, G*r) uint8 slot-order head flags of head_keep, or None (every head)."""
     S, B, T, D = x.shape
     G, rows, _ = w_qkv.shape
     HD = cos.shape[-1]
@@ -355,16 +454,17 @@ def _project_and_attend(x, w_qkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm,
     _qkv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), G * (R + 2), S)](
         x, w_qkv, dummy if b_qkv is None else b_qkv.contiguous(),
         dummy if q_norm is None else q_norm.contiguous(), dummy if k_norm is None else k_norm.contiguous(),
-        cos, sin, keep_idx if pos is None else pos, keep_idx, keep_count, q, k, v, dummy if pre is None else pre,
-        N, T, cos.shape[0], D, G, R, HD, norm_eps,
+        cos, sin, keep_idx if pos is None else pos, keep_idx, keep_count, keep_count if heads is None else heads,
+        q, k, v, dummy if pre is None else pre, N, T, cos.shape[0], D, G, R, HD, norm_eps,
         HAS_BIAS=b_qkv is not None, HAS_QNORM=q_norm is not None, HAS_KNORM=k_norm is not None, STORE_PRE=store_pre,
-        HAS_POS=pos is not None,
+        HAS_POS=pos is not None, HAS_HEAD_KEEP=heads is not None, R_P=next_pow2(R),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_K"], HALF_P=max(16, next_pow2(HD // 2)), PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     block = _flash_block(dt)
     _flash_kernel[(triton.cdiv(T, block), B * G * R, S)](
-        q, k, v, o, o if lse is None else lse, keep_count, keep_count if keys is None else keys, B, T, G, R, HD, scale,
-        window, STORE_LSE=lse is not None, HAS_PAD=keys is not None, HAS_WINDOW=window > 0,
+        q, k, v, o, o if lse is None else lse, keep_count, keep_count if keys is None else keys,
+        keep_count if heads is None else heads, B, T, G, R, HD, scale, window, STORE_LSE=lse is not None,
+        HAS_PAD=keys is not None, HAS_WINDOW=window > 0, HAS_HEAD_KEEP=heads is not None, R_P=next_pow2(R),
         BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=precision,
         num_warps=4, num_stages=1 if INTERPRET else 2)
     return q, k, v, o, pre, lse
@@ -376,7 +476,7 @@ def _check_head_dim(HD: int) -> None:
 
 
 def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps, scale,
-             position_ids=None, attention_mask=None, window=0):
+             position_ids=None, attention_mask=None, window=0, head_keep=None):
     S, B, T, D = x.shape
     G, rows, _ = w_qkv.shape
     HD = cos.shape[-1]
@@ -387,10 +487,12 @@ def _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_n
     x = x.contiguous()
     keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
     pos, keys, window = _masking(x, position_ids, attention_mask, window)
+    o_units, _, heads = _units(head_keep, keep_idx, keep_count, R, HD, with_qkv=False)
     o = _project_and_attend(x, w_qkv.contiguous(), cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, norm_eps,
-                            scale, for_backward=False, pos=pos, keys=keys, window=window)[3]
-    y = gathered_rows_product(o, w_o_t.contiguous().view(G * R * HD, D), keep_idx, keep_count, R * HD, x.dtype,
-                              None if unit_scale is None else unit_scale.contiguous())
+                            scale, for_backward=False, pos=pos, keys=keys, window=window, heads=heads)[3]
+    y = gathered_rows_product(o, w_o_t.contiguous().view(G * R * HD, D), o_units.units, o_units.count, o_units.R,
+                              x.dtype, o_units.scales(None if unit_scale is None else unit_scale.contiguous()),
+                              a_units=o_units.a_units)
     return y.view(S, B, T, D)
 
 
@@ -411,7 +513,7 @@ def _head_norm_backward(g, pre, weight, eps, dtype):
 
 
 def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
-              scale, position_ids, attention_mask, window, output_mask):
+              scale, position_ids, attention_mask, window, head_keep, output_mask):
     S, B, T, D = x.shape
     G, rows, _ = w_qkv.shape
     HD = cos.shape[-1]
@@ -432,11 +534,12 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     keep_idx, keep_count = keep_idx.contiguous(), keep_count.contiguous()
     wqkv, wot = w_qkv.contiguous(), w_o_t.contiguous()
     pos_ids, keys, window = _masking(x, position_ids, attention_mask, window)
+    o_units, qkv_units, heads = _units(head_keep, keep_idx, keep_count, R, HD, with_qkv=True)
     q, k, v, o, pre, lse = _project_and_attend(x, wqkv, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
                                                norm_eps, scale, for_backward=True, pos=pos_ids, keys=keys,
-                                               window=window)
-    pos = slot_positions(keep_idx, keep_count)
-    d_att = gathered_projection(dy, wot.view(G * RHD, D), keep_idx, keep_count, RHD)  # (S, N, G*RHD)
+                                               window=window, heads=heads)
+    d_att = gathered_projection(dy, wot.view(G * RHD, D), o_units.units, o_units.count, o_units.R,
+                                a_units=o_units.a_units)  # (S, N, G*RHD), zeros for pruned heads
     o_scaled, dscale = o, empty()
     if unit_scale is not None:
         kept = torch.arange(G, device=dev) < keep_count[:, None]
@@ -446,7 +549,8 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
         a = torch.where(kept, unit_scale.float(), 0.0).repeat_interleave(RHD, dim=1)[:, None, :]
         d_att = (d_att.float() * a).to(dt)
         o_scaled = (o.float() * a).to(dt)
-    dwo = unit_weight_grad(o_scaled, dy, pos, RHD).view(G, RHD, D).to(w_o_t.dtype) if need_wo else empty()
+    dwo = unit_weight_grad(o_scaled, dy, o_units.pos, o_units.R).view(G, RHD, D).to(w_o_t.dtype) if need_wo \
+        else empty()
     if not (need_x or need_wqkv or need_b or need_qn or need_kn):
         return empty(), empty(), dwo, empty(), empty(), empty(), dscale
 
@@ -458,12 +562,14 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     # two fp32 (block x hd) accumulators per program (dK and dV): eight warps on a GPU, as FlashAttention-2
     common = dict(BLOCK_M=block, BLOCK_N=block, HD_P=max(16, next_pow2(HD)), PRECISION=dot_precision(dt),
                   num_warps=4 if INTERPRET else 8, num_stages=1 if INTERPRET else 2)
-    masks = dict(HAS_PAD=keys is not None, HAS_WINDOW=window > 0)
+    masks = dict(HAS_PAD=keys is not None, HAS_WINDOW=window > 0, HAS_HEAD_KEEP=heads is not None, R_P=next_pow2(R))
     key_mask = keep_count if keys is None else keys
-    _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, key_mask, B,
-                                                          T, G, R, HD, scale, window, **masks, **common)
-    _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, key_mask, B, T,
-                                                            G, R, HD, scale, window, **masks, **common)
+    head_flags = keep_count if heads is None else heads
+    _flash_dkdv_kernel[(triton.cdiv(T, block), B * G, S)](q, k, v, d_att, lse, delta, dk, dv, keep_count, key_mask,
+                                                          head_flags, B, T, G, R, HD, scale, window, **masks, **common)
+    _flash_dq_kernel[(triton.cdiv(T, block), B * G * R, S)](q, k, v, d_att, lse, delta, dq, keep_count, key_mask,
+                                                            head_flags, B, T, G, R, HD, scale, window, **masks,
+                                                            **common)
     if pos_ids is None:  # (N, hd): row n is position n % T
         cos_n, sin_n = cos[:T].float().repeat(B, 1), sin[:T].float().repeat(B, 1)
     else:  # row n is position_ids.flatten()[n] (clamped as the forward kernel does)
@@ -480,10 +586,11 @@ def _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, 
     # slot space in w_qkv's row order: per kept group, its r query heads, then k, then v
     dpre = torch.cat((dq.permute(0, 3, 1, 2, 4), dk.permute(0, 2, 1, 3)[:, :, :, None],
                       dv.permute(0, 2, 1, 3)[:, :, :, None]), dim=3).reshape(S, N, G * rows).to(dt)
-    db = unit_bias_grad(dpre, pos, rows).view(G, rows).to(b_qkv.dtype) if need_b else empty()
-    dx = gathered_rows_product(dpre, wqkv.view(G * rows, D), keep_idx, keep_count, rows, dt).view(S, B, T, D) \
-        if need_x else empty()
-    dwqkv = unit_weight_grad(dpre, xs, pos, rows).view(G, rows, D).to(w_qkv.dtype) if need_wqkv else empty()
+    u = qkv_units
+    db = unit_bias_grad(dpre, u.pos, u.R).view(G, rows).to(b_qkv.dtype) if need_b else empty()
+    dx = gathered_rows_product(dpre, wqkv.view(G * rows, D), u.units, u.count, u.R, dt,
+                               a_units=u.a_units).view(S, B, T, D) if need_x else empty()
+    dwqkv = unit_weight_grad(dpre, xs, u.pos, u.R).view(G, rows, D).to(w_qkv.dtype) if need_wqkv else empty()
     return dx, dwqkv, dwo, db, dqn, dkn, dscale
 
 
@@ -493,9 +600,9 @@ def _masked_attention_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tens
                          b_qkv: Optional[torch.Tensor], q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
                          unit_scale: Optional[torch.Tensor], norm_eps: float, scale: float,
                          position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                         window: int = 0) -> torch.Tensor:
+                         window: int = 0, head_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _forward(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale, norm_eps,
-                    scale, position_ids, attention_mask, window)
+                    scale, position_ids, attention_mask, window, head_keep)
 
 
 @torch.library.custom_op("bpp_triton::masked_attention_backward", mutates_args=())
@@ -504,10 +611,10 @@ def _masked_attention_backward_op(
         sin: torch.Tensor, keep_idx: torch.Tensor, keep_count: torch.Tensor, b_qkv: Optional[torch.Tensor],
         q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], unit_scale: Optional[torch.Tensor],
         norm_eps: float, scale: float, position_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
-        window: int, output_mask: List[bool]
+        window: int, head_keep: Optional[torch.Tensor], output_mask: List[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(grad_out, x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                     norm_eps, scale, position_ids, attention_mask, window, output_mask)
+                     norm_eps, scale, position_ids, attention_mask, window, head_keep, output_mask)
 
 
 _autograd.masked_attention(_masked_attention_op, _masked_attention_backward_op)
@@ -519,18 +626,19 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
                      k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6,
                      scale: float | None = None, unit_scale: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, head_keep: torch.Tensor | None = None) -> torch.Tensor:
     """x ``(S, B, T, d)``; w_qkv ``(G, (r+2)*hd, d)``; w_o_t ``(G, r*hd, d)``; cos/sin ``(P, hd)``;
     keep_idx ``(S, G)`` int32; keep_count ``(S,)`` int32; optional b_qkv, q_norm/k_norm, unit_scale
     ``(S, G)``, position_ids ``(B, T)`` (cos/sin rows; None: 0..T-1), attention_mask ``(B, T)``
-    bool (keys to attend), window (query t sees key s only if t - s < window; None: no window).
+    bool (keys to attend), window (query t sees key s only if t - s < window; None: no window),
+    head_keep ``(S, G, r)`` bool (query head j of group g kept for sample s; None: every head).
     Returns the o_proj output ``(S, B, T, d)`` in x's dtype (zeros where nothing is kept).
     Differentiable in x, the weights, the bias, the norms and unit_scale (not cos/sin)."""
     _check_head_dim(cos.shape[-1])
     scale = cos.shape[-1] ** -0.5 if scale is None else float(scale)
-    if position_ids is None and attention_mask is None and window is None:  # the call as it always was
+    if position_ids is None and attention_mask is None and window is None and head_keep is None:
         return _masked_attention_op(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm,
-                                    unit_scale, float(norm_eps), scale)
+                                    unit_scale, float(norm_eps), scale)  # the call as it always was
     return _masked_attention_op(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
                                 float(norm_eps), scale, position_ids, attention_mask,
-                                0 if window is None else int(window))
+                                0 if window is None else int(window), None if head_keep is None else head_keep.contiguous())

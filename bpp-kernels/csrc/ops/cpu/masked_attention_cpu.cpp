@@ -1,21 +1,25 @@
-// CPU masked attention. Per sample s with c kept KV groups:
-//   1. copy the kept groups' weight slabs into one block ordered [q of every kept group |
-//      k of every kept group | v of every kept group] (memcpy per slab: a kept group is a
-//      contiguous tile, and ATen's index_select measured far slower than the copy itself);
-//   2. one GEMM (bias fused by addmm) projects x onto it: qkv (B*T, c*(r+2)*hd). With that row
+// CPU masked attention. Per sample s, over the query heads it keeps (head_keep; all r heads of
+// every kept group without it) and the K/V heads of the kept groups that keep one at least (HeadPlan):
+//   1. copy those heads' weight blocks into one block ordered [q of every kept head | k of every
+//      computed group | v of every computed group] (memcpy per block: a head is a contiguous
+//      tile, and ATen's index_select measured far slower than the copy itself);
+//   2. one GEMM (bias fused by addmm) projects x onto it: qkv (B*T, (H + 2c)*hd). With that row
 //      order q, k and v are plain strided views (B, heads, T, hd) of qkv, never copied;
 //   3. one parallel pass applies the per-head RMSNorm (Qwen3) and RoPE in place on q and k;
-//   4. attention on those views (enable_gqa: no repeat of K/V); its output is already laid out
-//      (B, T, heads, hd), so it is the left operand of the last GEMM as is;
-//   5. one GEMM through the kept groups' slabs of W_o^T, written straight into out[s].
+//   4. attention on those views (enable_gqa: no repeat of K/V), one call per run of groups that
+//      keep as many heads (one call without head_keep); its output is laid out (B, T, heads, hd),
+//      so it is the left operand of the last GEMM as is;
+//   5. one GEMM through the kept heads' blocks of W_o^T, written straight into out[s].
+// A pruned head costs nothing: no projection row, no QK^T, softmax or PV, no W_o row; a group
+// keeping no head costs no K/V projection either.
 // fp16/bf16 are computed in fp32 on CPUs without native half-precision GEMMs (compute_dtype.h).
 // unit_scale (S, G), aligned with keep_idx, multiplies the kept groups' attention outputs before step 5.
 // Backward, per sample: the same gathers; qkv and its normed, rotated copy recomputed (one GEMM
 // and one pass); attention recomputed with its log-sum-exp and differentiated by ATen's CPU
-// flash-attention kernels (GQA without copies); dO = dY W_o (one GEMM); RoPE and q/k norm
-// differentiated in place in one pass; dX = dQKV W (one GEMM); the kept slabs' weight gradients
-// (two GEMMs) added into float accumulators slab by slab. Pruned slabs are never read and keep
-// a zero gradient.
+// flash-attention kernels (GQA without copies, run by run); dO = dY W_o (one GEMM); RoPE and q/k
+// norm differentiated in place in one pass; dX = dQKV W (one GEMM); the kept blocks' weight
+// gradients (two GEMMs) added into float accumulators block by block. Pruned blocks (of pruned
+// groups and pruned heads) are never read and keep a zero gradient.
 // Positions and masks: position_ids (B, T) choose each token's cos/sin row in the norm/RoPE pass
 // (and its transpose). The default (no attention_mask, no window) is ATen's causal attention
 // as is. A key padding mask is an additive (B, 1, 1, T) mask (0 / -inf) on top of is_causal, so
@@ -48,18 +52,65 @@
 namespace bpp {
 namespace {
 
-// Rows [0, c*r*hd) of the result: q of the kept groups; then c*hd rows of k; then c*hd of v.
-// The same order serves the weight (elem_per_row = d) and the bias (elem_per_row = 1).
-at::Tensor gather_qkv(const at::Tensor& w, const int32_t* kept, int64_t c, int64_t r, int64_t hd,
-                      int64_t elem_per_row) {
-  const int64_t rows = (r + 2) * hd, q = r * hd * elem_per_row, kv = hd * elem_per_row, esz = w.element_size();
-  auto out = at::empty({c * rows * elem_per_row}, w.options());
+// What one sample computes, in head blocks (hd rows of w_qkv, hd elements of b_qkv, hd rows of
+// w_o_t): the query heads it keeps of its kept groups, and the K/V heads of the kept groups that
+// keep at least one query head (a group with none is skipped whole). Groups are ordered by how
+// many query heads they keep, most first (keep_idx order among equals), so the groups keeping
+// the same number form a run: one GQA attention call each (GQA needs as many query heads per
+// KV head throughout a call). Without head_keep every kept group keeps its r heads: one run, in
+// keep_idx order, the same rows, GEMMs and calls as a layout by whole groups.
+struct HeadPlan {
+  struct Run {
+    int64_t heads_per_group, first_group, groups, first_head;
+  };
+  std::vector<int32_t> q_blocks, k_blocks, v_blocks;  // w_qkv blocks (group * (r+2) + row block)
+  std::vector<int32_t> o_blocks;                      // w_o_t blocks of the query heads (group * r + head)
+  std::vector<int32_t> head_slot;                     // per query head: its group's slot in keep_idx
+  std::vector<int32_t> group_slot;                    // per computed group: its slot in keep_idx
+  std::vector<Run> runs;
+  int64_t heads() const { return static_cast<int64_t>(q_blocks.size()); }
+  int64_t groups() const { return static_cast<int64_t>(k_blocks.size()); }
+};
+
+// kept: the c kept groups of the sample; head_keep: its (G, r) row of head_keep, or null.
+HeadPlan plan_heads(const int32_t* kept, int64_t c, int64_t r, const bool* head_keep) {
+  std::vector<std::pair<int64_t, int32_t>> order;  // (kept query heads, slot) of the groups to compute
+  for (int64_t j = 0; j < c; ++j) {
+    const int64_t g = kept[j];
+    const int64_t n = head_keep == nullptr ? r : std::count(head_keep + g * r, head_keep + (g + 1) * r, true);
+    if (n > 0) order.emplace_back(n, static_cast<int32_t>(j));
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  HeadPlan p;
+  for (const auto& [n, j] : order) {
+    const int32_t g = kept[j];
+    if (p.runs.empty() || p.runs.back().heads_per_group != n)
+      p.runs.push_back({n, p.groups(), 0, p.heads()});
+    ++p.runs.back().groups;
+    for (int64_t h = 0; h < r; ++h) {
+      if (head_keep != nullptr && !head_keep[g * r + h]) continue;
+      p.q_blocks.push_back(static_cast<int32_t>(g * (r + 2) + h));
+      p.o_blocks.push_back(static_cast<int32_t>(g * r + h));
+      p.head_slot.push_back(j);
+    }
+    p.k_blocks.push_back(static_cast<int32_t>(g * (r + 2) + r));
+    p.v_blocks.push_back(static_cast<int32_t>(g * (r + 2) + r + 1));
+    p.group_slot.push_back(j);
+  }
+  return p;
+}
+
+// The plan's rows of w_qkv (block = hd*d elements) or b_qkv (block = hd), in the order [q of every
+// computed query head | k of every computed group | v of every computed group]: one memcpy per
+// block (a head is a contiguous tile; ATen's index_select measured far slower than the copy).
+at::Tensor gather_qkv(const at::Tensor& w, const HeadPlan& p, int64_t block) {
+  const int64_t H = p.heads(), c = p.groups(), esz = w.element_size();
+  auto out = at::empty({(H + 2 * c) * block}, w.options());
   const char* src = static_cast<const char*>(w.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t group = rows * elem_per_row;
-  gather_rows(src, group, kept, c, q, dst, q, esz);
-  gather_rows(src + q * esz, group, kept, c, kv, dst + c * q * esz, kv, esz);
-  gather_rows(src + (q + kv) * esz, group, kept, c, kv, dst + c * (q + kv) * esz, kv, esz);
+  gather_rows(src, block, p.q_blocks.data(), H, block, dst, block, esz);
+  gather_rows(src, block, p.k_blocks.data(), c, block, dst + H * block * esz, block, esz);
+  gather_rows(src, block, p.v_blocks.data(), c, block, dst + (H + c) * block * esz, block, esz);
   return out;
 }
 
@@ -106,16 +157,15 @@ void norm_rope_inplace(at::Tensor& qkv, int64_t T, int64_t q_heads, int64_t k_he
   });
 }
 
-// acc (float, (G, (r+2)*hd, elem_per_row)) += the gathered-order block src (float, rows as
-// gather_qkv returns them): the transpose of gather_qkv, for the weight and bias gradients.
-void scatter_add_qkv(at::Tensor& acc, const at::Tensor& src, const int32_t* kept, int64_t c, int64_t r, int64_t hd,
-                     int64_t elem_per_row) {
-  const int64_t group = (r + 2) * hd * elem_per_row, q = r * hd * elem_per_row, kv = hd * elem_per_row;
+// acc (float, (G, (r+2)*hd, elem_per_row)) += src (float, rows in gather_qkv's order): the
+// transpose of gather_qkv, for the weight (block = hd*d) and bias (block = hd) gradients.
+void scatter_add_qkv(at::Tensor& acc, const at::Tensor& src, const HeadPlan& p, int64_t block) {
+  const int64_t H = p.heads(), c = p.groups();
   float* a = acc.mutable_data_ptr<float>();
   const auto flat = src.reshape(-1);
-  scatter_add_rows(a, group, kept, c, q, flat, q);
-  scatter_add_rows(a + q, group, kept, c, kv, flat.narrow(0, c * q, c * kv), kv);
-  scatter_add_rows(a + q + kv, group, kept, c, kv, flat.narrow(0, c * (q + kv), c * kv), kv);
+  scatter_add_rows(a, block, p.q_blocks.data(), H, block, flat, block);
+  scatter_add_rows(a, block, p.k_blocks.data(), c, block, flat.narrow(0, H * block, c * block), block);
+  scatter_add_rows(a, block, p.v_blocks.data(), c, block, flat.narrow(0, (H + c) * block, c * block), block);
 }
 
 // The transpose of norm_rope_inplace, in place on the q and k head rows of dqkv (B*T, width),
@@ -186,7 +236,7 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tens
                     const std::optional<at::Tensor>& b_qkv, const std::optional<at::Tensor>& q_norm,
                     const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale,
                     const std::optional<at::Tensor>& position_ids, const std::optional<at::Tensor>& attention_mask,
-                    int64_t window) {
+                    int64_t window, const std::optional<at::Tensor>& head_keep) {
   TORCH_CHECK(x.dim() == 4, "masked_attention: x must be (S, B, T, d), got ", x.sizes());
   const int64_t S = x.size(0), B = x.size(1), T = x.size(2), d = x.size(3);
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes(), "masked_attention: cos and sin must be (P, hd), got ",
@@ -227,9 +277,12 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tens
   TORCH_CHECK(!unit_scale || (unit_scale->dim() == 2 && unit_scale->size(0) == S && unit_scale->size(1) == G &&
                               at::isFloatingType(unit_scale->scalar_type())),
               "masked_attention: unit_scale must be a floating (S=", S, ", G=", G, ") tensor aligned with keep_idx");
+  TORCH_CHECK(!head_keep || (head_keep->dim() == 3 && head_keep->size(0) == S && head_keep->size(1) == G &&
+                             head_keep->size(2) == r && head_keep->scalar_type() == at::kBool),
+              "masked_attention: head_keep must be a (S=", S, ", G=", G, ", r=", r, ") bool tensor");
   TORCH_CHECK(x.device().is_cpu() && w_qkv.device().is_cpu() && w_o_t.device().is_cpu() &&
                   (!position_ids || position_ids->device().is_cpu()) &&
-                  (!attention_mask || attention_mask->device().is_cpu()),
+                  (!attention_mask || attention_mask->device().is_cpu()) && (!head_keep || head_keep->device().is_cpu()),
               "masked_attention: the cpp backend takes CPU tensors only");
   return {S, B, T, d, hd, G, rows, r};
 }
@@ -356,28 +409,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_flash_backward(const at::T
   return {dq, dk, dv};
 }
 
-// The kept groups' W_o^T slabs, (c * r*hd, d) in the compute dtype.
-at::Tensor gather_wo(const at::Tensor& wot, const int32_t* kept, int64_t c, int64_t rhd, int64_t d,
-                     at::ScalarType compute) {
-  auto wo = at::empty({c * rhd, d}, wot.options());
-  gather_rows(static_cast<const char*>(wot.const_data_ptr()), rhd * d, kept, c, rhd * d,
-              static_cast<char*>(wo.mutable_data_ptr()), rhd * d, wot.element_size());
+// The computed query heads' blocks of W_o^T, (H * hd, d) in the compute dtype.
+at::Tensor gather_wo(const at::Tensor& wot, const HeadPlan& p, int64_t hd, int64_t d, at::ScalarType compute) {
+  const int64_t block = hd * d;
+  auto wo = at::empty({p.heads() * hd, d}, wot.options());
+  gather_rows(static_cast<const char*>(wot.const_data_ptr()), block, p.o_blocks.data(), p.heads(), block,
+              static_cast<char*>(wo.mutable_data_ptr()), block, wot.element_size());
   return wo.to(compute);
 }
 
-// q/k/v of one sample: the projection qkv (B*T, c*(r+2)*hd) (bias added), normed and rotated
-// in place unless keep_pre, in which case the rotated copy is returned and qkv left as it is.
-at::Tensor project_qkv(const at::Tensor& xb, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       at::Tensor& pre, bool keep_pre, const Shapes& sh, int64_t c, const at::Tensor& cs,
-                       const at::Tensor& sn, const int64_t* pos, const std::optional<at::Tensor>& qn,
-                       const std::optional<at::Tensor>& kn, double eps) {
+// The attention of a plan's query heads q (B, H, T, hd) over its K/V heads k, v (B, c, T, hd), one
+// call per run: o (B, H, T, hd) laid out (B, T, H, hd) and, with lse, each run's log-sum-exp. One
+// run (every group keeping as many heads) is one call, its output used as is.
+struct Attention {
+  at::Tensor o;
+  std::vector<at::Tensor> lse;  // per run, when asked for
+};
+
+Attention attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const HeadPlan& p, const Masking& mk,
+                 double scale, bool with_lse) {
+  const auto run_of = [&](const at::Tensor& t, const HeadPlan::Run& run) {
+    return t.narrow(1, run.first_head, run.heads_per_group * run.groups);
+  };
+  const auto kv_of = [&](const at::Tensor& t, const HeadPlan::Run& run) {
+    return t.narrow(1, run.first_group, run.groups);
+  };
+  Attention a;
+  if (p.runs.size() > 1) {
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
+    a.o = at::empty({B, T, H, hd}, q.options()).transpose(1, 2);
+  }
+  for (const auto& run : p.runs) {
+    const auto qr = run_of(q, run), kr = kv_of(k, run), vr = kv_of(v, run);
+    at::Tensor o, lse;
+    if (!with_lse && mk.plain()) {
+      o = at::scaled_dot_product_attention(qr, kr, vr, std::nullopt, 0.0, /*is_causal=*/true, scale,
+                                           /*enable_gqa=*/true);
+    } else {
+      std::tie(o, lse) = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu(qr, kr, vr, 0.0,
+                                                                                       /*is_causal=*/true,
+                                                                                       std::nullopt, scale)
+                                    : masked_flash_forward(qr, kr, vr, mk, scale);
+    }
+    if (with_lse) a.lse.push_back(lse);
+    if (p.runs.size() > 1) {
+      run_of(a.o, run).copy_(o);
+    } else {
+      a.o = o;
+    }
+  }
+  return a;
+}
+
+// The gradients (dq, dk, dv) of attend, run by run, written into the q, k and v blocks of dqkv (B*T,
+// width), laid out as the projection.
+void attend_backward(at::Tensor& dqkv, const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const Attention& a, const HeadPlan& p, const Masking& mk, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), c = k.size(1);
+  const auto dq_all = dqkv.narrow(1, 0, H * hd).view({B, T, H, hd});
+  const auto dk_all = dqkv.narrow(1, H * hd, c * hd).view({B, T, c, hd});
+  const auto dv_all = dqkv.narrow(1, (H + c) * hd, c * hd).view({B, T, c, hd});
+  for (size_t i = 0; i < p.runs.size(); ++i) {
+    const auto& run = p.runs[i];
+    const int64_t h0 = run.first_head, nh = run.heads_per_group * run.groups, g0 = run.first_group, ng = run.groups;
+    const auto qr = q.narrow(1, h0, nh), kr = k.narrow(1, g0, ng), vr = v.narrow(1, g0, ng);
+    const auto dor = d_out.narrow(1, h0, nh), o = a.o.narrow(1, h0, nh);
+    const auto [dq, dk, dv] = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu_backward(
+                                               dor, qr, kr, vr, o, a.lse[i], 0.0, /*is_causal=*/true, std::nullopt,
+                                               scale)
+                                         : masked_flash_backward(dor, qr, kr, vr, o, a.lse[i], mk, scale);
+    dq_all.narrow(2, h0, nh).copy_(dq.transpose(1, 2));
+    dk_all.narrow(2, g0, ng).copy_(dk.transpose(1, 2));
+    dv_all.narrow(2, g0, ng).copy_(dv.transpose(1, 2));
+  }
+}
+
+// unit_scale of sample s per computed query head (H,), in the compute dtype.
+at::Tensor head_scales(const at::Tensor& us, int64_t s, const HeadPlan& p) {
+  const auto slots = at::from_blob(const_cast<int32_t*>(p.head_slot.data()), {p.heads()}, at::kInt);
+  return us[s].index_select(0, slots.to(at::kLong));
+}
+
+// q/k/v of one sample: the projection qkv (B*T, (H + 2c)*hd) onto the plan's gathered rows w (bias
+// gathered alike and added), normed and rotated in place unless keep_pre, in which case the rotated
+// copy is returned and the projection left in pre.
+at::Tensor project_qkv(const at::Tensor& xb, const at::Tensor& wqkv, const std::optional<at::Tensor>& b_qkv,
+                       const HeadPlan& p, at::ScalarType compute, at::Tensor& w, at::Tensor& pre, bool keep_pre,
+                       const Shapes& sh, const at::Tensor& cs, const at::Tensor& sn, const int64_t* pos,
+                       const std::optional<at::Tensor>& qn, const std::optional<at::Tensor>& kn, double eps) {
+  const int64_t width = (p.heads() + 2 * p.groups()) * sh.hd;
+  w = gather_qkv(wqkv, p, sh.hd * sh.d).view({width, sh.d}).to(compute);
+  std::optional<at::Tensor> bias;
+  if (b_qkv) bias = gather_qkv(*b_qkv, p, sh.hd).to(compute);
   pre = gemm_nt(xb, w, bias);
   if (!pre.is_contiguous()) pre = pre.contiguous();
   auto post = keep_pre ? pre.clone() : pre;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, post.scalar_type(), "masked_attention_cpu", [&] {
-    norm_rope_inplace<scalar_t>(post, sh.T, c * sh.r, c, sh.hd, cs, sn, pos, qn, kn, eps);
+    norm_rope_inplace<scalar_t>(post, sh.T, p.heads(), p.groups(), sh.hd, cs, sn, pos, qn, kn, eps);
   });
   return post;
+}
+
+// head_keep as contiguous bool (S, G, r); undefined when absent.
+at::Tensor contiguous_head_keep(const std::optional<at::Tensor>& head_keep) {
+  return head_keep ? head_keep->contiguous() : at::Tensor();
+}
+
+const bool* sample_head_keep(const at::Tensor& hk, int64_t s, const Shapes& sh) {
+  return hk.defined() ? hk.const_data_ptr<bool>() + s * sh.G * sh.r : nullptr;
 }
 
 }  // namespace
@@ -388,9 +527,10 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                                 const std::optional<at::Tensor>& unit_scale, double norm_eps, double scale,
                                 const std::optional<at::Tensor>& position_ids,
-                                const std::optional<at::Tensor>& attention_mask, int64_t window) {
+                                const std::optional<at::Tensor>& attention_mask, int64_t window,
+                                const std::optional<at::Tensor>& head_keep) {
   const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                                 position_ids, attention_mask, window);
+                                 position_ids, attention_mask, window, head_keep);
   const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r;
   const auto compute = compute_dtype(x.scalar_type());  // see compute_dtype.h
   const auto xs = x.contiguous();
@@ -404,6 +544,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
   const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
+  const auto hk = contiguous_head_keep(head_keep);
   const auto pos_t = checked_positions(position_ids, cos.size(0));
   const int64_t* pos = pos_t.defined() ? pos_t.const_data_ptr<int64_t>() : nullptr;
   const Masking mk = make_masking(attention_mask, window, T, compute);
@@ -411,28 +552,23 @@ at::Tensor masked_attention_cpu(const at::Tensor& x, const at::Tensor& w_qkv, co
 
   for (int64_t s = 0; s < S; ++s) {
     const int64_t c = kept_groups(counts, indices, s, G);
+    const HeadPlan plan = plan_heads(indices + s * G, c, r, sample_head_keep(hk, s, sh));
+    const int64_t H = plan.heads(), cg = plan.groups(), q_width = H * hd;
     auto dst = out[s].view({B * T, d});
-    if (c == 0) {
+    if (H == 0) {
       dst.zero_();
       continue;
     }
-    const int32_t* kept = indices + s * G;
-    const int64_t q_width = c * r * hd;
-    const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({c * sh.rows, d}).to(compute);
     const auto xb = xs[s].view({B * T, d}).to(compute);
-    at::Tensor pre;  // normed and rotated in place: qkv below is the same tensor
-    const auto qkv = project_qkv(
-        xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
-        false, sh, c, cs, sn, pos, qn, kn, norm_eps);
-    const auto q = qkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
-    const auto k = qkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto v = qkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto att = mk.plain() ? at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true,
-                                                                   scale, /*enable_gqa=*/true)
-                                : std::get<0>(masked_flash_forward(q, k, v, mk, scale));
+    at::Tensor w, pre;  // normed and rotated in place: qkv below is the same tensor as pre
+    const auto qkv = project_qkv(xb, wqkv, bias, plan, compute, w, pre, false, sh, cs, sn, pos, qn, kn, norm_eps);
+    const auto q = qkv.narrow(1, 0, q_width).view({B, T, H, hd}).transpose(1, 2);
+    const auto k = qkv.narrow(1, q_width, cg * hd).view({B, T, cg, hd}).transpose(1, 2);
+    const auto v = qkv.narrow(1, q_width + cg * hd, cg * hd).view({B, T, cg, hd}).transpose(1, 2);
+    const auto att = attend(q, k, v, plan, mk, scale, /*with_lse=*/false).o;
     auto att2d = att.transpose(1, 2).reshape({B * T, q_width});
-    if (us) att2d = (att2d.view({B * T, c, r * hd}) * (*us)[s].narrow(0, 0, c).view({1, c, 1})).view({B * T, q_width});
-    gemm_nt_into(dst, att2d, gather_wo(wot, kept, c, r * hd, d, compute).t());
+    if (us) att2d = (att2d.view({B * T, H, hd}) * head_scales(*us, s, plan).view({1, H, 1})).view({B * T, q_width});
+    gemm_nt_into(dst, att2d, gather_wo(wot, plan, hd, d, compute).t());
   }
   return out;
 }
@@ -445,9 +581,9 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
                               const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& unit_scale,
                               double norm_eps, double scale, const std::optional<at::Tensor>& position_ids,
                               const std::optional<at::Tensor>& attention_mask, int64_t window,
-                              std::array<bool, 7> output_mask) {
+                              const std::optional<at::Tensor>& head_keep, std::array<bool, 7> output_mask) {
   const Shapes sh = check_inputs(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, b_qkv, q_norm, k_norm, unit_scale,
-                                 position_ids, attention_mask, window);
+                                 position_ids, attention_mask, window, head_keep);
   const int64_t S = sh.S, B = sh.B, T = sh.T, d = sh.d, hd = sh.hd, G = sh.G, r = sh.r, rows = sh.rows;
   const int64_t BT = B * T;
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "masked_attention_backward: grad_out ", grad_out.sizes(), " != x ",
@@ -464,6 +600,7 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
   const auto idx_all = keep_idx.contiguous(), cnt_all = keep_count.contiguous();
   const int32_t* counts = cnt_all.const_data_ptr<int32_t>();
   const int32_t* indices = idx_all.const_data_ptr<int32_t>();
+  const auto hk = contiguous_head_keep(head_keep);
 
   const auto pos_t = checked_positions(position_ids, cos.size(0));
   const int64_t* pos = pos_t.defined() ? pos_t.const_data_ptr<int64_t>() : nullptr;
@@ -486,61 +623,61 @@ masked_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, c
 
   for (int64_t s = 0; s < S; ++s) {
     const int64_t c = kept_groups(counts, indices, s, G);
-    if (c == 0) {
+    const HeadPlan plan = plan_heads(indices + s * G, c, r, sample_head_keep(hk, s, sh));
+    const int64_t H = plan.heads(), cg = plan.groups(), q_width = H * hd, width = q_width + 2 * cg * hd;
+    if (H == 0) {
       if (need_x) dx[s].zero_();
       continue;
     }
-    const int32_t* kept = indices + s * G;
-    const int64_t q_width = c * r * hd, width = c * rows, rhd = r * hd;
-    const auto w = gather_qkv(wqkv, kept, c, r, hd, d).view({width, d}).to(compute);
     const auto xb = xs[s].view({BT, d}).to(compute);
     const auto gy = gys[s].view({BT, d}).to(compute);
-    at::Tensor pre;
-    const auto post = project_qkv(
-        xb, w, bias ? std::optional<at::Tensor>(gather_qkv(*bias, kept, c, r, hd, 1).to(compute)) : std::nullopt, pre,
-        qn.has_value() || kn.has_value(), sh, c, cs, sn, pos, qn, kn, norm_eps);
-    const auto q = post.narrow(1, 0, q_width).view({B, T, c * r, hd}).transpose(1, 2);
-    const auto k = post.narrow(1, q_width, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto v = post.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).transpose(1, 2);
-    const auto [o, lse] = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, /*is_causal=*/true,
-                                                                                       std::nullopt, scale)
-                                     : masked_flash_forward(q, k, v, mk, scale);
-    const auto wo = gather_wo(wot, kept, c, rhd, d, compute);
+    at::Tensor w, pre;
+    const auto post = project_qkv(xb, wqkv, bias, plan, compute, w, pre, qn.has_value() || kn.has_value(), sh, cs, sn,
+                                  pos, qn, kn, norm_eps);
+    const auto q = post.narrow(1, 0, q_width).view({B, T, H, hd}).transpose(1, 2);
+    const auto k = post.narrow(1, q_width, cg * hd).view({B, T, cg, hd}).transpose(1, 2);
+    const auto v = post.narrow(1, q_width + cg * hd, cg * hd).view({B, T, cg, hd}).transpose(1, 2);
+    const Attention a = attend(q, k, v, plan, mk, scale, /*with_lse=*/true);
+    const auto wo = gather_wo(wot, plan, hd, d, compute);
     auto d_att = at::mm(gy, wo.t());  // (BT, q_width): gradient of the (scaled) attention output
-    auto att2d = o.transpose(1, 2).reshape({BT, q_width});  // a view of o: never written
+    auto att2d = a.o.transpose(1, 2).reshape({BT, q_width});  // a view of o: never written
     if (us) {
-      const auto a = (*us)[s].narrow(0, 0, c).view({1, c, 1});
-      if (need_scale) {
-        const auto g = (att2d.view({BT, c, rhd}) * d_att.view({BT, c, rhd})).sum({0, 2}).to(at::kFloat);
-        dscale[s].narrow(0, 0, c).add_(g);
+      if (need_scale) {  // per computed group: its heads' features are contiguous, a run's groups alike
+        float* ds = dscale.mutable_data_ptr<float>() + s * G;
+        for (const auto& run : plan.runs) {
+          const int64_t f0 = run.first_head * hd, fw = run.heads_per_group * hd;
+          const auto g = (att2d.narrow(1, f0, run.groups * fw).view({BT, run.groups, fw}) *
+                          d_att.narrow(1, f0, run.groups * fw).view({BT, run.groups, fw}))
+                             .sum({0, 2})
+                             .to(at::kFloat)
+                             .contiguous();
+          const float* gp = g.const_data_ptr<float>();
+          for (int64_t i = 0; i < run.groups; ++i) ds[plan.group_slot[run.first_group + i]] += gp[i];
+        }
       }
-      d_att.view({BT, c, rhd}).mul_(a);
-      att2d = (att2d.view({BT, c, rhd}) * a).view({BT, q_width});
+      const auto a_head = head_scales(*us, s, plan).view({1, H, 1});
+      d_att.view({BT, H, hd}).mul_(a_head);
+      att2d = (att2d.view({BT, H, hd}) * a_head).view({BT, q_width});
     }
     if (need_wo) {
       const auto g = at::mm(att2d.t(), gy).to(at::kFloat).contiguous();  // (q_width, d)
-      scatter_add_rows(dwo.mutable_data_ptr<float>(), rhd * d, kept, c, rhd * d, g, rhd * d);
+      scatter_add_rows(dwo.mutable_data_ptr<float>(), hd * d, plan.o_blocks.data(), H, hd * d, g, hd * d);
     }
     if (!need_dqkv) continue;
-    const auto d_out = d_att.view({B, T, c * r, hd}).transpose(1, 2);
-    const auto [dq, dk, dv] = mk.plain() ? at::_scaled_dot_product_flash_attention_for_cpu_backward(
-                                               d_out, q, k, v, o, lse, 0.0, /*is_causal=*/true, std::nullopt, scale)
-                                         : masked_flash_backward(d_out, q, k, v, o, lse, mk, scale);
+    const auto d_out = d_att.view({B, T, H, hd}).transpose(1, 2);
     auto dqkv = at::empty({BT, width}, pre.options());
-    dqkv.narrow(1, 0, q_width).view({B, T, c * r, hd}).copy_(dq.transpose(1, 2));
-    dqkv.narrow(1, q_width, c * hd).view({B, T, c, hd}).copy_(dk.transpose(1, 2));
-    dqkv.narrow(1, q_width + c * hd, c * hd).view({B, T, c, hd}).copy_(dv.transpose(1, 2));
+    attend_backward(dqkv, d_out, q, k, v, a, plan, mk, scale);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dqkv.scalar_type(), "masked_attention_backward", [&] {
-      norm_rope_backward_inplace<scalar_t>(dqkv, pre, T, c * r, c, hd, cs, sn, pos, qn, kn, norm_eps,
+      norm_rope_backward_inplace<scalar_t>(dqkv, pre, T, H, cg, hd, cs, sn, pos, qn, kn, norm_eps,
                                            need_qn ? dqn_rows.mutable_data_ptr<float>() : nullptr,
                                            need_kn ? dkn_rows.mutable_data_ptr<float>() : nullptr);
     });
-    if (need_b) scatter_add_qkv(db, dqkv.sum(0).to(at::kFloat).contiguous(), kept, c, r, hd, 1);
+    if (need_b) scatter_add_qkv(db, dqkv.sum(0).to(at::kFloat).contiguous(), plan, hd);
     if (need_x) {
       auto dst = dx[s].view({BT, d});
       gemm_nt_into(dst, dqkv, w.t());
     }
-    if (need_wqkv) scatter_add_qkv(dwqkv, at::mm(dqkv.t(), xb).to(at::kFloat).contiguous(), kept, c, r, hd, d);
+    if (need_wqkv) scatter_add_qkv(dwqkv, at::mm(dqkv.t(), xb).to(at::kFloat).contiguous(), plan, hd * d);
   }
   const auto wdtype = w_qkv.scalar_type();
   return {dx,
