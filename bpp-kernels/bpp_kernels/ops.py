@@ -551,10 +551,9 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     whole and head 0 of group 1 (a mask over the H = G*r query heads reshapes to (S, G, r))::
 
         >>> head_mask = torch.tensor([[False, True, True, True], [True, True, True, False]])   # (S, H)
-        >>> head_keep = head_mask.view(2, G, H // G)         # head h is head h % r of group h // r
-        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, head_keep=head_keep)
-        >>> ref = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, head_keep=head_keep,
-        ...                          backend="reference")
+        >>> kw = dict(head_keep=head_mask.view(2, G, H // G))   # head h is head h % r of group h // r
+        >>> y = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, **kw)
+        >>> ref = K.masked_attention(x, w_qkv, w_o_t, cos, sin, keep_idx, keep_count, **kw, backend="reference")
         >>> torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
         True
     """
