@@ -379,9 +379,10 @@ class _Units(NamedTuple):
         return unit_scale.gather(1, self.slot)
 
 
-def _by_group(keep_idx, keep_count, R: int) -> _Units:
-    """The units are the kept groups, R rows each (every head of a kept group)."""
-    return _Units(keep_idx, keep_count, R, None, slot_positions(keep_idx, keep_count), None)
+def _by_group(keep_idx, keep_count, R: int, pos: torch.Tensor) -> _Units:
+    """The units are the kept groups, R rows each (every head of a kept group); pos from
+    :func:`._gathered.slot_positions`."""
+    return _Units(keep_idx, keep_count, R, None, pos, None)
 
 
 def _by_block(kept: torch.Tensor, keep_idx, keep_count, HD: int) -> tuple[_Units, torch.Tensor]:
@@ -407,8 +408,9 @@ def _units(head_keep, keep_idx, keep_count, R: int, HD: int, with_qkv: bool):
     blocks kept when it keeps a query head)."""
     rows = (R + 2) * HD
     if head_keep is None:
-        return (_by_group(keep_idx, keep_count, R * HD),
-                _by_group(keep_idx, keep_count, rows) if with_qkv else None, None)
+        pos = slot_positions(keep_idx, keep_count)
+        return (_by_group(keep_idx, keep_count, R * HD, pos),
+                _by_group(keep_idx, keep_count, rows, pos) if with_qkv else None, None)
     o_units, in_slots = _by_block(head_keep, keep_idx, keep_count, HD)
     qkv_units = None
     if with_qkv:
