@@ -258,6 +258,25 @@ def assert_grads_match(name: str, op, kwargs: dict, wrt: list[str], backend: str
     return grads
 
 
+def assert_compiled_matches_eager(fn, kwargs: dict, wrt: list[str]) -> None:
+    """The loss ``fn(**kwargs).square().mean()`` compiled with ``fullgraph=True`` (aot_eager: no graph
+    break allowed) gives the eager loss and gradients, w.r.t. the kwargs named in ``wrt`` that are
+    present, bit for bit."""
+    fixed = {k: v for k, v in kwargs.items() if k not in wrt}
+
+    def loss_fn(**k):
+        return fn(**k, **fixed).square().mean()
+
+    args = {k: kwargs[k].detach().clone().requires_grad_() for k in wrt if kwargs.get(k) is not None}
+    eager = loss_fn(**args)
+    eager_grads = torch.autograd.grad(eager, list(args.values()))
+    got = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(**args)
+    got_grads = torch.autograd.grad(got, list(args.values()))
+    assert torch.equal(got, eager)
+    for name, a, b in zip(args, got_grads, eager_grads):
+        assert torch.equal(a, b), f"d{name} differs compiled and eager"
+
+
 def interpreted(target) -> bool:
     """Whether a :func:`targets` param runs Triton through the (slow) CPU interpreter."""
     return target.id.startswith("triton-cpu")

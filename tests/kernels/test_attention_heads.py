@@ -229,20 +229,7 @@ def test_batch_invariance(backend, device, dtype):
                                             pytest.param("triton", "cpu", marks=cases.needs_interpreter),
                                             pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
 def test_forward_and_backward_compile_without_graph_break(backend, device):
-    kw = inputs(2, 2, 1, 6, 2, "masks", device=device, seed=67)
-    fixed = {k: v for k, v in kw.items() if k not in WRT}
-
-    def loss_fn(**k):
-        return ops.masked_attention(**k, **fixed, backend=backend).square().mean()
-
-    args = {k: kw[k].detach().clone().requires_grad_() for k in WRT if kw.get(k) is not None}
-    eager = loss_fn(**args)
-    eager_grads = torch.autograd.grad(eager, list(args.values()))
-    got = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(**args)
-    got_grads = torch.autograd.grad(got, list(args.values()))
-    assert torch.equal(got, eager)
-    for name, a, b in zip(args, got_grads, eager_grads):
-        assert torch.equal(a, b), f"d{name} differs compiled and eager"
+    cases.assert_compiled_matches_eager(_run(backend), inputs(2, 2, 1, 6, 2, "masks", device=device, seed=67), WRT)
 
 
 @pytest.mark.parametrize("head_keep,message", [

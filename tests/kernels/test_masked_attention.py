@@ -137,20 +137,7 @@ def test_cpp_both_gemm_libraries_match_reference(dtype, gemm, monkeypatch):
 def test_forward_and_backward_compile_without_graph_break(backend, device):
     kw = cases.attention_inputs(2, 1, 5, 16, 2, 2, 8, 0.5, device=device, seed=28, bias=True, qk_norm=True,
                                 unit_scale=True)
-    names = ["x", "w_qkv", "w_o_t", "b_qkv", "q_norm", "k_norm", "unit_scale"]
-    fixed = {k: v for k, v in kw.items() if k not in names}
-
-    def loss_fn(**k):
-        return ops.masked_attention(**k, **fixed, backend=backend).square().mean()
-
-    args = {k: kw[k].detach().clone().requires_grad_() for k in names}
-    eager = loss_fn(**args)
-    eager_grads = torch.autograd.grad(eager, list(args.values()))
-    got = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(**args)
-    got_grads = torch.autograd.grad(got, list(args.values()))
-    assert torch.equal(got, eager)
-    for name, a, b in zip(names, got_grads, eager_grads):
-        assert torch.equal(a, b), f"d{name} differs compiled and eager"
+    cases.assert_compiled_matches_eager(lambda **k: ops.masked_attention(**k, backend=backend), kw, WRT)
 
 
 @cases.needs_cpp
