@@ -512,7 +512,8 @@ def masked_attention(x: torch.Tensor, w_qkv: torch.Tensor, w_o_t: torch.Tensor, 
     work (its q projection, QK^T, softmax, PV and W_o rows; a group with no kept head, its K/V
     projection too). None keeps every head of every kept group: the same bits as a call without it,
     and so is an all-True head_keep. A mask over the G*r query heads in Hugging Face's order
-    (head h in group h // r) is ``head_mask.view(S, G, r)``: no helper needed.
+    (head h in group h // r) is ``head_mask.view(S, G, r)``: no helper needed. Its shape, dtype and
+    device are checked on every call, ``check=False`` or not (a ValueError naming the expected shape).
 
     Returns ``(S, B, T, d)``; a sample that keeps no group (or no head) gets zeros. Differentiable
     in x, w_qkv, w_o_t, b_qkv, q_norm, k_norm and unit_scale; cos, sin, position_ids,
