@@ -5,8 +5,9 @@ B×T batch of one layer. MLP: SmolLM2-135M's d=576, m=1536 channels. Attention: 
 query heads in 4 KV groups of head_dim 64 (SmolLM2 has 3 groups, where 50% is not a count), so
 each mask keeps 2 groups. ``attention_heads`` prunes query heads inside the groups instead
 (``head_keep``): every group kept, each mask keeping its own random half of the 8 query heads
-(so a group keeps 0, 1 or 2 of its heads); beside the C++ op it times ``cpp (all heads)``, the
-same call keeping every head (head_keep=None), the work that pruning half the heads saves from.
+(so a group keeps 0, 1 or 2 of its heads); beside the fast op it times ``cpp (all heads)`` (or
+``triton (all heads)``), the same call keeping every head (head_keep=None), the work that pruning
+half the heads saves from.
 Every provider computes the same loss, ``sum(y * g)`` for a fixed
 random ``g``, and its gradients with respect to x and the weights (and the per-unit scales with
 ``--soft``), from the same inputs. A third op, ``cross_entropy``, is the LM head and loss as the
@@ -25,7 +26,7 @@ warm-up), its ratio to dense+mask (> 1: faster), the median time of the forward 
 (CPU: the process's peak RSS above its RSS before the call, each provider in a fresh subprocess; CUDA:
 ``torch.cuda.max_memory_allocated``), the bytes autograd saved for the backward beyond the inputs,
 and the largest relative RMS error of the output and gradients against dense+mask (a wrong fast
-kernel shows here; none for ``cpp (all heads)``, which computes another function). Wall-clock numbers only mean something on an otherwise idle machine.
+kernel shows here; none for the ``(all heads)`` row, which computes another function). Wall-clock numbers only mean something on an otherwise idle machine.
 
     .venv/bin/python bench/kernels_backward.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
         [--S 8] [--B 4] [--T 128] [--repeats 5] [--threads N] [--soft] [--ops mlp attention ...]
@@ -62,7 +63,7 @@ D, M = 576, 1536
 HEADS, GROUPS, HEAD_DIM = 8, 4, 64
 VOCAB = 49152
 OPS_BENCHED = ("mlp", "attention", "attention_heads", "cross_entropy")
-ALL_HEADS = "cpp (all heads)"  # attention_heads only: the C++ op keeping every head
+ALL_HEADS = " (all heads)"  # attention_heads only: "cpp (all heads)" / "triton (all heads)" keep every head
 
 
 def _masks(S: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -158,10 +159,11 @@ def run(op: str, provider: str, inp: dict, forward_only: bool = False):
                 head_mask = head_mask * inp["head_keep"].reshape(head_mask.shape).to(head_mask.dtype)
             y = dense_attention(inp["x"], inp["w_qkv"], inp["w_o_t"], inp["cos"], inp["sin"], head_mask)
     else:
-        backend = "cpp" if provider == ALL_HEADS else provider
+        all_heads = provider.endswith(ALL_HEADS)
+        backend = provider.removesuffix(ALL_HEADS)
         kw = {k: inp[k] for k in names}
         kw.update(keep_idx=inp["keep_idx"], keep_count=inp["keep_count"])
-        if op == "attention_heads" and provider != ALL_HEADS:
+        if op == "attention_heads" and not all_heads:
             kw["head_keep"] = inp["head_keep"]
         if op == "mlp":
             y = ops.masked_swiglu(**kw, backend=backend)
@@ -258,8 +260,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for op in args.ops:
         providers = ["dense+mask", "reference", fast]
-        if op == "attention_heads" and fast == "cpp":
-            providers.insert(2, ALL_HEADS)
+        if op == "attention_heads":
+            providers.insert(2, fast + ALL_HEADS)
         inp = make_inputs(op, args.S, args.B, args.T, dtype, args.device, args.soft)
         results = {pr: run(op, pr, inp) for pr in providers}  # warm-up, and the values compared
         times = {pr: [] for pr in providers}
@@ -279,7 +281,7 @@ def main(argv=None) -> list[dict]:
         dense_out, dense_grads = results["dense+mask"]
         for pr in providers:
             out, grads = results[pr]
-            err = float("nan") if pr == ALL_HEADS else \
+            err = float("nan") if pr.endswith(ALL_HEADS) else \
                 max([_rel(out, dense_out)] + [_rel(grads[k], dense_grads[k]) for k in grads])
             rows.append(dict(op=op, provider=pr, ms=1000 * statistics.median(times[pr]),
                              fwd_ms=1000 * statistics.median(fwd_times[pr]),
