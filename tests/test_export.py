@@ -295,23 +295,33 @@ def test_tokenizer_matches_transformers(tmp_path, tokenizer):
     assert llm.detokenize(tokenizer(text)["input_ids"]).decode() == text
 
 
-def _sentencepiece_style_tokenizer():
+def _sentencepiece_style_tokenizer(gemma: bool = False):
     """A tiny tokenizer shaped like Llama 2's / Mistral's tokenizer.json (SentencePiece converted
-    to BPE): '▁' for spaces prepended to the text, byte fallback, BOS added."""
+    to BPE): '▁' for spaces prepended to the text, byte fallback, BOS added. ``gemma``: shaped like
+    Gemma's instead: no '▁' prepended, a split on spaces after the normalizer, Gemma's special
+    tokens (<pad> <eos> <bos> <unk>)."""
     import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        names = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    specials = list(names.values()) + [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:60], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    bos = names["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, specials.index(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
 
 
 def test_sentencepiece_style_tokenizer_matches_transformers(tmp_path):

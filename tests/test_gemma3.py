@@ -1,9 +1,9 @@
 """Gemma 3 (model type gemma3_text) in bpp's Python layers, on a tiny random Gemma 3 with sliding
 windows shorter than the test sequences: the mask space and its parameter counts, config checks,
 the hook ground truth, layer replay, compaction (stock and per-layer-size folders, generate() with
-the cache), the metric methods, the refusals (batched engine, GGUF export, missing packages) and
-`bpp prune --engine hooks` end to end; and, where its packages are installed, the embedded Gemma
-3 270M."""
+the cache), the metric methods, the refusals (batched engine, missing packages) and `bpp prune
+--engine hooks` end to end; and, where its packages are installed, the embedded Gemma 3 270M.
+GGUF export of Gemma 3 is tested in test_gguf_gemma3.py."""
 import importlib.util
 import json
 
@@ -328,16 +328,6 @@ def test_mask_losses_use_the_batched_engine_for_gemma3(model):
     assert name == "MaskedModel" and losses.engine.gemma3
     losses, name = mask_losses(model, PruneConfig(engine="hooks", objective="nll"))
     assert name == "hook_losses"
-
-
-def test_gguf_export_of_gemma3_is_refused_in_one_line(model, tmp_path):
-    from bpp.gguf.plan import read_model
-
-    masks = _masks(_random_channels(40), torch.ones(L, G, dtype=torch.bool), torch.ones(L, dtype=torch.bool))
-    out = save_compacted(model, masks, tmp_path / "m")
-    with pytest.raises(BppError, match="GGUF export of Gemma 3 is not supported yet") as e:
-        read_model(out)
-    assert "\n" not in str(e.value)
 
 
 def test_missing_gemma3_packages_say_how_to_install(monkeypatch, tmp_path):

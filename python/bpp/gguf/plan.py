@@ -4,7 +4,8 @@ layer of the file holds.
 Per-layer sizes go to llama.cpp's ``deci`` architecture, whose head counts and MLP widths are
 per-layer arrays (``deci.attention.head_count``, ``…head_count_kv``, ``deci.feed_forward_length``).
 A folder whose layers all agree goes to the family's own architecture (``llama`` for Llama and
-Mistral, ``qwen2``, ``qwen3``) when that architecture holds every tensor the folder has.
+Mistral, ``qwen2``, ``qwen3``) when that architecture holds every tensor the folder has. Gemma 3
+goes to ``gemma3`` only (see :mod:`.gemma3`: its layers must agree).
 
 What llama.cpp's ``deci`` graph does, and what the plan writes because of it:
 - a layer with ``n_head == 0`` skips attention and its norm: an emptied attention block;
@@ -29,9 +30,10 @@ import torch
 from ..errors import BppError, first_line
 from ..model_configs import check_config_sizes
 from ..modelio import read_config
+from . import gemma3
 
-STOCK_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-NEOX_ROPE = ("qwen2", "qwen3")  # llama.cpp archs whose rope rotates halves, as Hugging Face does
+STOCK_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+NEOX_ROPE = ("qwen2", "qwen3", "gemma3")  # llama.cpp archs whose rope rotates halves, as Hugging Face does
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Layer:
     n_ff: int
     attn: str  # "real" | "dummy" (one all-zero head) | "none"
     mlp: str  # "real" | "dummy" (one all-zero channel)
+    sliding: bool = False  # attends within a sliding window (Gemma 3)
 
 
 @dataclass
@@ -93,18 +96,27 @@ def read_model(folder: Path) -> Model:
     """The folder's config.json, checked for what llama.cpp computes as transformers does."""
     if not (folder / "config.json").is_file():
         raise BppError(f"{folder} has no config.json: give a model folder written by bpp compact "
-                       "(or a stock Llama / Mistral / Qwen2 / Qwen3 folder)")
+                       "(or a stock Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 folder)")
     config = read_config(folder)
     model_type = str(config.get("model_type"))
     family = model_type.removeprefix("bpp_pruned_")
-    if family == "gemma3_text":
-        raise BppError(f"{folder}: GGUF export of Gemma 3 is not supported yet; the compacted folder loads in "
-                       "transformers (and runtimes that read Hugging Face folders), and bpp exports GGUF for "
-                       f"{', '.join(STOCK_ARCH)}")
     if family not in STOCK_ARCH:
         raise BppError(f"{folder}: model type {model_type!r} has no GGUF export; bpp exports the families "
                        f"{', '.join(STOCK_ARCH)} (stock or compacted by bpp)")
     check_config_sizes(config, folder)  # no negative, null or absurd counts, per layer too
+    (gemma3.check_config if family == "gemma3_text" else _check_config)(config, folder)
+    model = Model(folder, config, family)
+    model.hidden = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    model.head_dim = int(config.get("head_dim") or model.hidden // n_heads)
+    model.heads_per_group = n_heads // n_kv
+    return model
+
+
+def _check_config(config: dict, folder: Path) -> None:
+    """Refuse a Llama / Mistral / Qwen config whose computation llama.cpp's graphs do not do."""
+    family = str(config.get("model_type")).removeprefix("bpp_pruned_")
     if config.get("hidden_act", "silu") != "silu":
         raise BppError(f"{folder}: hidden_act {config['hidden_act']!r} is not SiLU; llama.cpp's graphs for "
                        f"{family} compute SiLU")
@@ -115,13 +127,6 @@ def read_model(folder: Path) -> Model:
     if rope not in ("default", "linear", "llama3"):
         raise BppError(f"{folder}: rope type {rope!r} is not exported; bpp writes default, linear and llama3 "
                        "rope, which llama.cpp computes as transformers does")
-    model = Model(folder, config, family)
-    model.hidden = int(config["hidden_size"])
-    n_heads = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_heads)
-    model.head_dim = int(config.get("head_dim") or model.hidden // n_heads)
-    model.heads_per_group = n_heads // n_kv
-    return model
 
 
 def rope_params(config: dict) -> dict:
@@ -161,6 +166,9 @@ def plan_layers(model: Model, weights: Weights) -> None:
                           for i in range(len(sizes))),
               "gate_up": any(f"{p}.{i}.mlp.{n}_proj.bias" in weights for i in range(len(sizes))
                              for n in ("gate", "up"))}
+    if model.family == "gemma3_text":
+        qkv_bias = any(f"{p}.{i}.self_attn.{n}_proj.bias" in weights for i in range(len(sizes)) for n in "qkv")
+        return gemma3.plan(model, sizes, qkv_bias or any(biases.values()))
     uniform = len(set(sizes)) == 1 and min(sizes[0]) > 0
     r, hd, d = model.heads_per_group, model.head_dim, model.hidden
     stock = STOCK_ARCH[model.family]

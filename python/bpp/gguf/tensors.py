@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import BppError
+from . import gemma3
 from .plan import NEOX_ROPE, Model, Weights, rope_params
 
 Q8_BLOCK = 32
@@ -50,9 +51,14 @@ def plan_tensors(model: Model, w: Weights, dtype: str) -> list[Tensor]:
     def zeros(gguf_name: str, shape: tuple[int, ...], fill: float = 0.0) -> None:
         out.append(Tensor(gguf_name, shape, q.F32, lambda: torch.full(shape, fill)))
 
+    def norm(gguf_name: str, src: str, shape: tuple[int, ...], scale: float = 1.0) -> None:
+        """A Gemma norm: Hugging Face scales by (1 + w), llama.cpp by the stored weight."""
+        need(src, shape)
+        out.append(Tensor(gguf_name, shape, q.F32, lambda: (1.0 + w.get(src)) * scale))
+
     vocab = w.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in w else 0
     real("token_embd.weight", "model.embed_tokens.weight", (vocab, d))
-    real("output_norm.weight", "model.norm.weight", (d,))
+    (norm if model.arch == "gemma3" else real)("output_norm.weight", "model.norm.weight", (d,))
     if not model.config.get("tie_word_embeddings", False):
         real("output.weight", "lm_head.weight", (vocab, d))
     freqs = rope_freq_factors(model)
@@ -60,6 +66,9 @@ def plan_tensors(model: Model, w: Weights, dtype: str) -> list[Tensor]:
         out.append(Tensor("rope_freqs.weight", tuple(freqs.shape), q.F32, lambda: freqs))
     for b, layer in enumerate(model.layers):
         src, blk = f"model.layers.{layer.src}", f"blk.{b}"
+        if model.arch == "gemma3":
+            gemma3.layer_tensors(blk, src, layer, model, real, norm)
+            continue
         if layer.attn == "real":
             nq, nkv = layer.n_head * hd, layer.n_head_kv * hd
             real(f"{blk}.attn_norm.weight", f"{src}.input_layernorm.weight", (d,))

@@ -44,7 +44,7 @@ def tokenizer_writer(model: Model, weights: Weights) -> Callable:
     """Read and check the folder's tokenizer now; return the function that writes it to the file.
 
     Byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2/3) becomes llama.cpp's "gpt2" tokenizer with the
-    matching pre-tokenizer; byte-fallback BPE converted from SentencePiece (Llama 2, Mistral)
+    matching pre-tokenizer; byte-fallback BPE converted from SentencePiece (Llama 2, Mistral, Gemma 3)
     becomes its "llama" tokenizer, each token scored by the rank of the merge that makes it."""
     import gguf
 
@@ -56,7 +56,7 @@ def tokenizer_writer(model: Model, weights: Weights) -> Callable:
     bpe = tok.get("model") or {}
     if bpe.get("type") != "BPE":
         raise BppError(f"{path}: a {bpe.get('type')} tokenizer is not exported; bpp writes BPE tokenizers "
-                       "(GPT-2, SmolLM, Llama 2/3, Mistral, Qwen2/3)")
+                       "(GPT-2, SmolLM, Llama 2/3, Mistral, Qwen2/3, Gemma 3)")
     n_vocab = weights.shape("model.embed_tokens.weight")[0]
     spm = bool(bpe.get("byte_fallback"))
     if spm:
@@ -121,6 +121,8 @@ def _sentencepiece_space_prefix(tok: dict) -> bool | None:
     """For a tokenizer.json converted from SentencePiece (spaces become '▁'): whether it puts a '▁'
     before the text (llama.cpp's add_space_prefix); None when it is not of that shape."""
     norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
+    if _splits_on_spaces(pre):  # Gemma's: after the normalizer turned spaces into '▁' it splits nothing
+        pre = None
     if norm is not None and pre is None:  # Prepend('▁') + Replace(' ', '▁')
         steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
         kinds = [(n.get("type"), n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
@@ -135,6 +137,12 @@ def _sentencepiece_space_prefix(tok: dict) -> bool | None:
         scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
         return {"first": True, "always": True, "never": False}.get(scheme)
     return None
+
+
+def _splits_on_spaces(pre: dict | None) -> bool:
+    """Whether a pre-tokenizer only splits on ' ' (keeping the spaces)."""
+    return (pre is not None and pre.get("type") == "Split" and (pre.get("pattern") or {}).get("String") == " "
+            and pre.get("behavior") in ("MergedWithPrevious", "MergedWithNext") and not pre.get("invert"))
 
 
 def _merge_scores(bpe: dict, n_vocab: int) -> list[float]:

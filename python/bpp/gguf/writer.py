@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import gemma3
 from .plan import Model, Weights, plan_layers, read_model, rope_params
 from .tensors import Tensor, check_widths, encode, nbytes, plan_tensors
 from .tokenizer import tokenizer_writer
@@ -88,6 +89,9 @@ def write_metadata(writer, model: Model, dtype: str) -> None:
     writer.add_value_length(model.head_dim)
     writer.add_rope_dimension_count(model.head_dim)
     writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+    if model.arch == gemma3.ARCH:
+        gemma3.write_keys(writer, model, context)
+        return
     rope = rope_params(c)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":

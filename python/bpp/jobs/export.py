@@ -18,7 +18,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
                 force: bool = False, progress: bool = True) -> Path:
     """Write the model folder ``model_dir`` (a bpp-compacted folder, per-layer sizes or stock, a
     ``bpp prune`` / ``bpp baseline`` run folder holding one in ``model/``, or a stock Llama /
-    Mistral / Qwen2 / Qwen3 folder) as the GGUF file ``out`` for llama.cpp.
+    Mistral / Qwen2 / Qwen3 / Gemma 3 folder) as the GGUF file ``out`` for llama.cpp.
     Per-layer sizes are read from config.json's ``kv_heads_per_layer`` and
     ``intermediate_size_per_layer`` (model type the family's, or ``bpp_pruned_<family>``).
 
