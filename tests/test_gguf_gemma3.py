@@ -143,6 +143,17 @@ def test_the_default_pattern_and_query_scale_write_no_extra_key(tmp_path, tokeni
     _check(path, model, "dense gemma3, default pattern")
 
 
+def test_a_model_without_sliding_layers(tmp_path, tokenizer):
+    """llama.cpp's gemma3 aborts on a file where no layer slides: every layer slides in a window as
+    long as the context instead, at the full layers' rope base, which is full attention."""
+    model = _gemma(layer_types=["full_attention"] * N_LAYERS)
+    path = export_gguf(_save_dense(model, tokenizer, tmp_path / "m"), tmp_path / "m.gguf", progress=False)
+    assert _field(path, "gemma3.attention.sliding_window") == _field(path, "gemma3.context_length") == 256
+    assert _field(path, "gemma3.attention.sliding_window_pattern") is None  # 5 sliding layers: llama.cpp's default
+    assert _field(path, "gemma3.rope.freq_base_swa") == 10000.0
+    _check(path, model, "dense gemma3 without sliding layers")
+
+
 def test_uniform_compaction_exports_as_gemma3_and_matches_transformers(tmp_path, tokenizer):
     model = _gemma()
     space = MaskSpace.from_model(model)
@@ -155,26 +166,37 @@ def test_uniform_compaction_exports_as_gemma3_and_matches_transformers(tmp_path,
     _check(path, compacted, "uniformly compacted gemma3")
 
 
-def _file_weights(model, dtype: str):
-    """``model`` with every matrix the file holds in ``dtype`` rounded as the file holds it."""
+def _file_precision(model, dtype: str):
+    """``model`` computing as llama.cpp's CPU backend does on a ``dtype`` file: every matrix
+    rounded as the file holds it, every linear layer's input rounded to the same type first (ggml
+    converts the activations to the weights' type, q8_0 blocks included), GELU through float16.
+    (On the tiny model's q8_0 file llama.cpp's logits are 2e-2 from the model with rounded weights
+    alone, 1e-3 from this one.)"""
     from gguf.quants import dequantize, quantize
 
     q = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    model = copy.deepcopy(model)
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(dequantize(quantize(x.detach().numpy(), q), q).copy()).reshape(x.shape)
+
+    model = _with_float16_gelu(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
-                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), q), q).copy()))
+                p.copy_(rounded(p))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda m, args: (rounded(args[0]),))
     return model
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
 def test_lower_precision_dtypes(tmp_path, tokenizer, dtype):
     """f16 / bf16 / q8_0 files of the compacted model: llama.cpp's greedy tokens are those of the
-    torch model holding the file's rounded weights, and its logits are no further from that
-    model's than the dense file's are from the dense model's, twice over. Widths are multiples of
-    32 (hidden 64, 64 channels kept) so q8_0 holds every matrix."""
+    torch model rounded as llama.cpp computes (:func:`_file_precision`), and its logits are no
+    further from that model's than the dense file's are from the dense model's, twice over.
+    Widths are multiples of 32 (hidden 64, 64 channels kept) so q8_0 holds every matrix."""
     model = _gemma()
     space = MaskSpace.from_model(model)
     folder = save_compacted(model, _uniform_mask(space), tmp_path / "c", tokenizer=tokenizer)
@@ -184,7 +206,7 @@ def test_lower_precision_dtypes(tmp_path, tokenizer, dtype):
                         progress=False)
     assert _field(path, "general.file_type") == {"f16": 1, "bf16": 32, "q8_0": 7}[dtype]
     ids = _prompts(model.config.vocab_size)[0]
-    rounded, dense_rounded = _file_weights(compacted, dtype), _file_weights(model, dtype)
+    rounded, dense_rounded = _file_precision(compacted, dtype), _file_precision(model, dtype)
     llm = _llama(path)
     err = _rel(_gguf_logits(llm, ids), _torch_logits(rounded, ids))
     dense_err = _rel(_gguf_logits(_llama(dense), ids), _torch_logits(dense_rounded, ids))
