@@ -6,9 +6,14 @@ held-out texts of the embedded default data, the prompt's tokens (transformers' 
 first) are continued greedily for --new-tokens tokens by llama.cpp (one decode per token) and by
 transformers' ``generate()`` (KV cache, EOS not special). Prints, per folder and prompt, whether
 the tokens agree and where they first differ, whether llama.cpp tokenizes the prompt text as
-transformers does, and writes the rows to bench/results/gguf_gemma3.json.
+transformers does, and writes the rows to bench/results/gguf_gemma3.json. llama.cpp's tokens
+come from its own greedy sampler (llama-cpp-python's ``generate()`` at temperature 0).
 
-    .venv/bin/python bench/gguf_gemma3.py FOLDER [FOLDER ...] [--dtype f32] [--workdir DIR]
+``--uniform-channels N`` adds a folder compacted from the first FOLDER by a layer-uniform mask
+that keeps the N highest-magnitude MLP channels of every layer and every head (bpp's magnitude
+metric; the same sizes in every layer, which is what llama.cpp's gemma3 takes).
+
+    .venv/bin/python bench/gguf_gemma3.py FOLDER [FOLDER ...] [--uniform-channels N] [--dtype f32] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -34,13 +38,13 @@ def _prompts(n: int) -> list[str]:
 
 
 def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's own greedy sampler (temperature 0, no penalties) through llama-cpp-python."""
     llm.reset()
-    llm.eval(ids)
     out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(out[-1:])
-    return out
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+        out.append(int(token))
+        if len(out) == n:
+            return out
 
 
 @torch.no_grad()
@@ -48,6 +52,22 @@ def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
     model.generation_config.eos_token_id = None
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def _uniform_compaction(folder: str, channels: int, work: Path) -> Path:
+    """``folder`` compacted to the ``channels`` highest-magnitude MLP channels of every layer."""
+    from bpp import MaskSpace, load_model
+    from bpp.compaction import save_compacted
+    from bpp.methods import prior_mask
+
+    model, tok = load_model(folder)
+    space = MaskSpace.from_model(model)
+    mask = prior_mask(model, space, "magnitude", 1 - channels / space.n_channels, granularity=("channel",))
+    kept = mask.channels[0].sum(-1).tolist()
+    assert set(kept) == {channels} and bool(mask.groups.all()), (kept, "not a layer-uniform mask")
+    out = work / f"{Path(folder).name}-magnitude-{channels}ch"
+    with torch.no_grad():
+        return save_compacted(model, mask, out, tokenizer=tok, force=True)
 
 
 def main():
@@ -58,6 +78,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="/tmp/gguf-gemma3")
+    p.add_argument("--uniform-channels", type=int, default=None)
     a = p.parse_args()
 
     import llama_cpp
@@ -67,8 +88,11 @@ def main():
     print(common.machine_line(), f"llama-cpp-python {llama_cpp.__version__}")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    folders = list(a.folders)
+    if a.uniform_channels is not None:
+        folders.append(str(_uniform_compaction(a.folders[0], a.uniform_channels, work)))
     rows = []
-    for name in a.folders:
+    for name in folders:
         model, tok = load_model(name)
         path = work / f"{Path(name).name}.{a.dtype}.gguf"
         t0 = time.perf_counter()

@@ -239,6 +239,30 @@ def test_gemma_style_tokenizer_matches_transformers(tmp_path):
     llm.close()
 
 
+def _embedded_270m():
+    from bpp.embedded import GEMMA3_MODEL, cache_dir
+
+    return cache_dir() / GEMMA3_MODEL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_embedded_270m() / "model.safetensors").is_file(),
+                    reason="the embedded Gemma 3 270M is not converted in $BPP_CACHE (any bpp command with "
+                           "--model gemma3-270m converts it from its packages)")
+def test_embedded_gemma3_270m(tmp_path):
+    """The real model: its 262k-token tokenizer as transformers', 16 greedy tokens as generate()'s."""
+    model, tok = load_model(str(_embedded_270m()))
+    path = export_gguf(_embedded_270m(), tmp_path / "m.gguf", progress=False)
+    llm = _llama(path)
+    import pydoc_data.topics
+
+    text = list(pydoc_data.topics.topics.values())[3][:300]
+    ids = tok(text)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=True) == ids
+    assert _gguf_greedy(llm, ids, 16) == _generate(model, ids, 16)
+    llm.close()
+
+
 # ----------------------------------------------------------------------------- what is refused
 
 @pytest.mark.parametrize("kind", ["channels", "groups", "no-attention"])
