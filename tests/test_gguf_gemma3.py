@@ -276,6 +276,23 @@ def test_per_layer_sizes_are_refused_in_one_line(tmp_path, tokenizer, kind):
     _no_output(tmp_path)
 
 
+def test_compact_with_export_refuses_before_compacting(tmp_path, tokenizer):
+    """`bpp compact --export gguf` of a mask llama.cpp's gemma3 cannot run: refused before the
+    folder is written, not after."""
+    from bpp.jobs.compact import compact
+
+    model = _gemma()
+    space = MaskSpace.from_model(model)
+    with pytest.raises(BppError, match="--export gguf of .* per-layer sizes has no GGUF form"):
+        compact(model, _ragged_mask(space, "channels"), tmp_path / "c", tokenizer=tokenizer, export="gguf")
+    with pytest.raises(BppError, match="--export gguf of .* output biases"):
+        compact(model, _uniform_mask(space), tmp_path / "c", tokenizer=tokenizer, export="gguf",
+                bias_compensation=True)
+    assert list(tmp_path.iterdir()) == []
+    compact(model, _uniform_mask(space), tmp_path / "c", tokenizer=tokenizer, export="gguf")
+    assert _arch(tmp_path / "c.gguf") == "gemma3"
+
+
 def test_bias_compensation_is_refused_in_one_line(tmp_path, tokenizer):
     model = _gemma()
     space = MaskSpace.from_model(model)

@@ -75,17 +75,26 @@ def sliding_layers(config: dict) -> list[bool]:
     return [kind == "sliding_attention" and window is not None for kind in kinds]
 
 
+def refusal(where, sizes: list[tuple[int, int]], biased: bool) -> BppError | None:
+    """Why a Gemma 3 model with these (KV groups, MLP channels) per layer, and output biases or
+    not, has no gemma3 form (one line naming what exports); None when it has one."""
+    if biased:
+        return BppError(f"{where}: a Gemma 3 model with output biases (bias compensation) has no GGUF form: "
+                        f"llama.cpp's gemma3 graph adds no bias to its projections; {WHAT_WORKS} "
+                        "(bpp compact without --bias-compensation, bpp baseline --compensation none)")
+    if len(set(sizes)) != 1 or min(sizes[0]) == 0:
+        return BppError(f"{where}: a Gemma 3 model with per-layer sizes has no GGUF form: llama.cpp's gemma3 "
+                        f"graph takes one head count and one MLP width for all layers; {WHAT_WORKS}")
+    return None
+
+
 def plan(model, sizes: list[tuple[int, int]], biased: bool) -> None:
     """The gemma3 plan: every layer of the folder, or a one-line refusal naming what exports."""
     from .plan import Layer
 
-    if biased:
-        raise BppError(f"{model.folder}: a Gemma 3 model with output biases (bias compensation) has no GGUF form: "
-                       f"llama.cpp's gemma3 graph adds no bias to its projections; {WHAT_WORKS} "
-                       "(bpp compact without --bias-compensation, bpp baseline --compensation none)")
-    if len(set(sizes)) != 1 or min(sizes[0]) == 0:
-        raise BppError(f"{model.folder}: a Gemma 3 model with per-layer sizes has no GGUF form: llama.cpp's gemma3 "
-                       f"graph takes one head count and one MLP width for all layers; {WHAT_WORKS}")
+    error = refusal(model.folder, sizes, biased)
+    if error is not None:
+        raise error
     model.arch = ARCH
     kv, ff = sizes[0]
     sliding = sliding_layers(model.config)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..compaction import compact_model, round_mask, save_compacted
+from ..compaction import compact_model, layer_sizes, round_mask, save_compacted
 from ..bias_compensation import FILE as COMPENSATION_FILE
 from ..bias_compensation import BiasCompensation
 from ..errors import BppError
@@ -115,6 +115,14 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
         masks = round_mask(masks, round_to, scores)
         info["round_to"] = {"multiple": round_to, "extra_channels_by": source, "channels_before": before.tolist(),
                             "channels_after": masks.channels.sum(-1)[0].tolist()}
+    if gguf is not None and space.family == "gemma3_text" and not clap:  # CLAP moves groups between layers
+        from ..gguf.gemma3 import refusal
+
+        biased = bias_compensation or reconstruct
+        error = refusal(f"--export gguf of {out}", [(s["kv_groups"], s["channels"])
+                                                    for s in layer_sizes(space, masks, keep_empty=biased)], biased)
+        if error is not None:  # before the calibration and the compaction
+            raise error
     ids = windows(tokenizer, load_text(data, "calib"), calib_seq_len, calib_windows, seed=0,
                   bos=window_bos(model)) if calibrated else None
     if calibrated:
