@@ -318,3 +318,16 @@ def test_configs_llama_cpp_computes_otherwise_are_refused(tmp_path, tokenizer, k
     with pytest.raises(BppError, match=message):
         export_gguf(folder, tmp_path / "out.gguf")
     _no_output(tmp_path)
+
+
+def test_prune_with_export_refuses_gemma3_before_the_search(tmp_path, tokenizer):
+    """`bpp prune --export gguf` on Gemma 3 is refused before anything runs or is written: the
+    search learns per-layer sizes and the refit writes output biases, neither of which gemma3 runs."""
+    from bpp.jobs.prune import prune
+    from bpp.search import PruneConfig
+
+    with pytest.raises(BppError, match="--export gguf: bpp prune learns per-layer sizes") as e:
+        prune(PruneConfig(sparsity=0.2, steps=2), tmp_path / "run", model=_gemma(), tokenizer=tokenizer,
+              export="gguf", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -124,6 +124,11 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     with malformed_checkpoint(out / CHECKPOINT):
         job, changed = job_options(state, given, compact)
     inputs = load_inputs(config, job, model, tokenizer, losses_fn, rank, world_size, sharded)
+    if job["export"] == "gguf" and inputs.space.family == "gemma3_text":
+        from ..gguf.gemma3 import WHAT_WORKS
+
+        raise BppError(f"--export gguf: bpp prune learns per-layer sizes and writes refit output biases, which "
+                       f"llama.cpp's gemma3 cannot run; {WHAT_WORKS}: prune without --export")
     if state is not None:
         with malformed_checkpoint(out / CHECKPOINT):
             check_resumed_model(state, config, inputs.fingerprint)
