@@ -65,3 +65,21 @@ def test_an_unwritable_cache_still_gives_the_perplexity(tmp_path, monkeypatch, c
     monkeypatch.setenv("BPP_CACHE", str(blocker))  # a file where the cache folder should be
     model = tiny_model("llama")
     assert evaluation.dense_perplexity(model, _ids(), 16, None) == evaluation.perplexity(model, None, _ids(), seq_len=16)
+
+
+def test_gemma3_with_its_zero_dim_buffer_is_cached(cache, counted):
+    from tests.tiny import tiny_gemma3
+
+    model = tiny_gemma3()
+    assert any(b.dim() == 0 for b in model.buffers())  # the embedding scale
+    first = evaluation.dense_perplexity(model, _ids(), 16, None)
+    assert evaluation.dense_perplexity(model, _ids(), 16, None) == first and len(counted) == 1
+
+
+def test_a_config_change_without_a_weight_change_is_computed_again(cache, counted):
+    from tests.tiny import tiny_gemma3
+
+    narrow, wide = tiny_gemma3(sliding_window=4), tiny_gemma3(sliding_window=64)  # the same weights
+    a = evaluation.dense_perplexity(narrow, _ids(), 32, None)
+    b = evaluation.dense_perplexity(wide, _ids(), 32, None)
+    assert len(counted) == 2 and a != b

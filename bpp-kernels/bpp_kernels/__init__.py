@@ -118,8 +118,9 @@ import os as _os
 # make per-sample shapes: one pass of S masks over L layers runs ~5·S·L GEMMs of shapes that change
 # with the masks (1,344 for S = 8 over 30 layers), so a cache of 1,024 recompiles nearly every
 # GEMM of every pass. oneDNN reads the variable once, when it makes its first kernel, so it is set
-# here, on import, unless the caller set it.
-_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+# here, on import, unless the caller set it (or its older name, DNNL_PRIMITIVE_CACHE_CAPACITY).
+if not {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & set(_os.environ):
+    _os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "16384"
 
 from .layout import pack_attention, pack_mlp, pack_swiglu  # noqa: E402
 from .rope import rope_tables  # noqa: E402

@@ -32,6 +32,8 @@ The public names below load on first use, so ``import bpp`` stays light.
 """
 import importlib
 
+import bpp_kernels  # noqa: F401  (on import it raises oneDNN's kernel cache, before any bpp work runs a GEMM)
+
 from .errors import BppError
 from .masks import Masks
 from .modelio import SUPPORTED_FAMILIES, load_model

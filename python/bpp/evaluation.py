@@ -66,15 +66,22 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
 
 def _dense_key(model, ids: torch.Tensor, seq_len: int, max_windows: int | None) -> str:
     """A digest of everything the dense model's :func:`perplexity` depends on: every parameter and
-    buffer (names, dtypes, shapes and bytes), the token ids, the window options, whether windows
-    start with BOS, the device type and the torch version."""
+    buffer (names, dtypes, shapes and bytes), the model's class and config (attention
+    implementation included), the token ids, the window options, whether windows start with BOS,
+    the device type, the CPU's instruction set and the torch and transformers versions."""
+    import transformers
+
     h = hashlib.blake2b(digest_size=20)
-    h.update(repr(("dense perplexity v1", torch.__version__, seq_len, max_windows, window_bos(model),
+    config = model.config.to_json_string(use_diff=False)
+    h.update(repr(("dense perplexity v2", torch.__version__, transformers.__version__,
+                   torch.backends.cpu.get_cpu_capability(), type(model).__name__, config,
+                   getattr(model.config, "_attn_implementation", None), seq_len, max_windows, window_bos(model),
                    next(model.parameters()).device.type)).encode())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+        if t.numel():
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy())
     return h.hexdigest()
 
 
@@ -90,10 +97,13 @@ def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | 
 
     if next(model.parameters()).device.type != "cpu":
         return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    path = cache_dir() / "perplexity" / f"{_dense_key(model, ids, seq_len, max_windows)}.json"
+    try:
+        path = cache_dir() / "perplexity" / f"{_dense_key(model, ids, seq_len, max_windows)}.json"
+    except Exception:  # a tensor that cannot be read back to hash (meta, offloaded): no cache
+        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
     try:
         value = json.loads(path.read_text())["perplexity"]
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     except (OSError, ValueError, KeyError, TypeError):
         pass

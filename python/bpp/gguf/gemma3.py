@@ -88,20 +88,6 @@ def refusal(where, sizes: list[tuple[int, int]], biased: bool) -> BppError | Non
     return None
 
 
-def plan(model, sizes: list[tuple[int, int]], biased: bool) -> None:
-    """The gemma3 plan: every layer of the folder, or a one-line refusal naming what exports."""
-    from .plan import Layer
-
-    error = refusal(model.folder, sizes, biased)
-    if error is not None:
-        raise error
-    model.arch = ARCH
-    kv, ff = sizes[0]
-    sliding = sliding_layers(model.config)
-    r = model.heads_per_group
-    model.layers = [Layer(i, kv * r, kv, ff, "real", "real", sliding[i]) for i in range(len(sizes))]
-
-
 def query_scale(model) -> float:
     """The factor that turns llama.cpp's query scale into the folder's: written into the q norm."""
     c, layers = model.config, model.layers

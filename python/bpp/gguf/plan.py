@@ -168,7 +168,15 @@ def plan_layers(model: Model, weights: Weights) -> None:
                              for n in ("gate", "up"))}
     if model.family == "gemma3_text":
         qkv_bias = any(f"{p}.{i}.self_attn.{n}_proj.bias" in weights for i in range(len(sizes)) for n in "qkv")
-        return gemma3.plan(model, sizes, qkv_bias or any(biases.values()))
+        error = gemma3.refusal(model.folder, sizes, qkv_bias or any(biases.values()))
+        if error is not None:
+            raise error
+        model.arch = gemma3.ARCH  # every layer as it is: one head count and MLP width for all
+        kv, ff = sizes[0]
+        sliding = gemma3.sliding_layers(model.config)
+        model.layers = [Layer(i, kv * model.heads_per_group, kv, ff, "real", "real", sliding[i])
+                        for i in range(len(sizes))]
+        return
     uniform = len(set(sizes)) == 1 and min(sizes[0]) > 0
     r, hd, d = model.heads_per_group, model.head_dim, model.hidden
     stock = STOCK_ARCH[model.family]

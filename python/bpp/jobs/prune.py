@@ -143,7 +143,7 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     if state is not None:
         loop, init_mask = resume_search(config, out, inputs, state, loop_args, job, changed, writer)
     else:
-        loop, init_mask = start_search(config, out, inputs, loop_args, job, writer)
+        loop, init_mask = start_search(config, out, inputs, loop_args, job, writer, progress and writer)
     if writer:
         loop.attach_incumbent(inputs.losses.per_window, inputs.selection_ids, init_mask)
         if state is None:

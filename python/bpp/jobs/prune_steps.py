@@ -124,7 +124,7 @@ def init_calibration(config: PruneConfig, inputs: Inputs) -> torch.Tensor:
 
 
 def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tuple, job: dict, writer: bool,
-           ) -> tuple[SearchLoop, Masks | None]:
+                 progress: bool = False) -> tuple[SearchLoop, Masks | None]:
     """A fresh run: calibrate, run the init method, rank the units, and build the search."""
     from ..methods import initialise, method, rank_scores
 
@@ -137,7 +137,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         calib = init_calibration(config, inputs)
     with torch.no_grad():
         theta, init_mask, metrics = initialise(config_budget(space, config), config.init, model, calib)
-        stats = InputStats(model).collect(calib, progress=loop_args[-1]) if needs_stats(config) else None  # the loop's progress flag
+        stats = InputStats(model).collect(calib, progress=progress) if needs_stats(config) else None
         if config.bias_compensation:
             inputs.losses.compensation = BiasCompensation.from_stats(model, stats)
         ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, config.init, metrics)
