@@ -20,6 +20,9 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# results cached across runs (bpp.results_cache) would let one test's computation stand in for
+# another's; the tests of the cache turn it back on
+os.environ["BPP_RESULTS_CACHE"] = "0"
 
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 

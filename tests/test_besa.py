@@ -274,3 +274,33 @@ def test_auto_engine_takes_the_kernels_where_they_compute_the_layer_and_hooks_el
     assert besa_allocate(model, MaskSpace.from_model(model), calib, 0.7, config=auto).engine == "kernels"
     with pytest.raises(BppError, match="engine must be one of"):
         besa_mask(model, MaskSpace.from_model(model), calib, 0.3, BesaConfig(engine="triton"))
+
+
+def test_besa_allocation_is_kept_and_read_back_for_the_same_model_windows_and_options(tmp_path, monkeypatch):
+    """A second BESA on the same model, windows and options reads the first one's result back
+    (bpp.results_cache); other windows, another keep rate or other weights compute again."""
+    import bpp.methods.besa as besa
+    from bpp.methods.besa import BesaConfig, besa_allocate
+
+    monkeypatch.setenv("BPP_CACHE", str(tmp_path))
+    monkeypatch.setenv("BPP_RESULTS_CACHE", "1")
+    calls = []
+    compute = besa._allocate
+    monkeypatch.setattr(besa, "_allocate", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    model = tiny_model("llama")
+    space = MaskSpace.from_model(model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = BesaConfig(epochs=1, progress=False)
+    first = besa_allocate(model, space, calib, 0.7, config=config)
+    again = besa_allocate(model, space, calib, 0.7, config=BesaConfig(epochs=1, progress=True))
+    assert len(calls) == 1 and len(list((tmp_path / "besa").glob("*.pt"))) == 1
+    for t in first.masks:
+        assert torch.equal(first.masks[t], again.masks[t]) and torch.equal(first.scores[t], again.scores[t])
+    assert torch.equal(first.reconstruction, again.reconstruction) and first.history == again.history
+    besa_allocate(model, space, calib, 0.6, config=config)  # another keep rate
+    besa_allocate(model, space, calib.flip(0), 0.7, config=config)  # other windows
+    besa_allocate(model, space, calib, 0.7, config=BesaConfig(epochs=2, progress=False))  # other options
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    besa_allocate(model, space, calib, 0.7, config=config)  # other weights
+    assert len(calls) == 5

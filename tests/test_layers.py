@@ -11,7 +11,7 @@ ROOT = Path(bpp.__file__).parent
 # the layers of bpp/__init__.py's docstring, top (1) to bottom (7); a package's modules share its layer
 LAYERS = {
     "bpp.errors": 1, "bpp.data": 1, "bpp.fileio": 1, "bpp.checkpoints": 1, "bpp.locks": 1, "bpp.runs": 1,
-    "bpp.model_configs": 1, "bpp.modelio": 1, "bpp.embedded": 1, "bpp.model_folders": 1,
+    "bpp.model_configs": 1, "bpp.modelio": 1, "bpp.embedded": 1, "bpp.model_folders": 1, "bpp.results_cache": 1,
     "bpp.space": 2, "bpp.masks": 2, "bpp.budget": 2,
     "bpp.models": 3,
     "bpp.evaluation": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.bias_compensation": 4, "bpp.plots": 4,

@@ -9,7 +9,8 @@ this list (tests/test_layers.py checks it by reading the imports).
    ``model_configs`` (a config's sizes checked before anything is built from it), ``modelio``
    (models in: families, loading, the shipped modeling file), ``embedded`` (the embedded models,
    converted once from the GGUF files in their packages), ``model_folders`` (model folders out,
-   written atomically)
+   written atomically), ``results_cache`` (what depends only on a model, a text and options, kept
+   under ``$BPP_CACHE``: the dense perplexity, BESA's allocation)
 2. ``space`` (MaskSpace: a model's prunable units and their parameter costs), ``masks`` (Masks: S
    structured masks, saved with their model's fingerprint), ``budget`` (parameter budgets: the
    projection onto them and the deterministic mask within them)

@@ -3,8 +3,6 @@ model) and zero-shot accuracy through lm-evaluation-harness. The ``bpp eval`` jo
 :mod:`bpp.jobs.eval`."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 
@@ -64,56 +62,19 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seq_len: int = 128, b
     return math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
 
 
-def _dense_key(model, ids: torch.Tensor, seq_len: int, max_windows: int | None) -> str:
-    """A digest of everything the dense model's :func:`perplexity` depends on: every parameter and
-    buffer (names, dtypes, shapes and bytes), the model's class and config (attention
-    implementation included), the token ids, the window options, whether windows start with BOS,
-    the device type, the CPU's instruction set and the torch and transformers versions."""
-    import transformers
-
-    h = hashlib.blake2b(digest_size=20)
-    config = model.config.to_json_string(use_diff=False)
-    h.update(repr(("dense perplexity v2", torch.__version__, transformers.__version__,
-                   torch.backends.cpu.get_cpu_capability(), type(model).__name__, config,
-                   getattr(model.config, "_attn_implementation", None), seq_len, max_windows, window_bos(model),
-                   next(model.parameters()).device.type)).encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
-    h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy())
-    return h.hexdigest()
-
-
 def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, tokenizer=None,
                      progress: bool | str = False) -> float:
-    """:func:`perplexity` of the dense ``model`` on the token ids ``ids``, kept in
-    ``$BPP_CACHE/perplexity/`` under a digest of the weights, the text and the options
-    (:func:`_dense_key`): it depends on nothing else, and every run on the same model and text
-    would otherwise compute it again. A cache file that cannot be read is computed again. Only on
-    CPU: on a GPU the forward is faster than reading the weights back to hash them."""
-    from .embedded import cache_dir
-    from .fileio import atomic_write_json
+    """:func:`perplexity` of the dense ``model`` on the token ids ``ids``, kept by
+    :mod:`bpp.results_cache` under the model, the text and the window options: it depends on
+    nothing else, and every run on the same model and text would otherwise compute it again."""
+    from . import results_cache
 
-    if next(model.parameters()).device.type != "cpu":
-        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    try:
-        path = cache_dir() / "perplexity" / f"{_dense_key(model, ids, seq_len, max_windows)}.json"
-    except Exception:  # a tensor that cannot be read back to hash (meta, offloaded): no cache
-        return perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    try:
-        value = json.loads(path.read_text())["perplexity"]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    key = results_cache.model_key(model, "dense perplexity v3", ids, seq_len, max_windows, window_bos(model))
+    value = results_cache.load("perplexity", key)
+    if isinstance(value, float):
+        return value
     value = perplexity(model, tokenizer, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"perplexity": value if math.isfinite(value) else str(value), "seq_len": seq_len,
-                                 "max_windows": max_windows, "tokens": int(ids.numel())})
-    except OSError:  # a read-only cache costs the next run the same evaluation, nothing more
-        pass
+    results_cache.save("perplexity", key, float(value))
     return value
 
 

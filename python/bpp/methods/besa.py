@@ -61,6 +61,8 @@ quality section.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -148,11 +150,34 @@ def _dense_pass(layer, hidden: list[torch.Tensor], kwargs: dict, space: MaskSpac
 
 def besa_allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float,
                   granularity=("channel", "group"), config: BesaConfig | None = None) -> BesaResult:
-    """Run BESA block by block; masks keep ``keep`` of the learned types' parameters (whole model)."""
-    from tqdm.auto import tqdm
+    """Run BESA block by block; masks keep ``keep`` of the learned types' parameters (whole model).
+    The result depends only on the model, the windows, the options and this code, so it is kept
+    by :mod:`bpp.results_cache` and a second run on the same ones reads it back."""
+    from .. import results_cache
+    from ..models import blocks, replay
+    from . import besa_relaxation, calibration
 
     config = (config or BesaConfig()).validate()
     calib = check_calib(model, calib, "BESA")
+    options = {k: v for k, v in vars(config).items() if k != "progress"}
+    key = results_cache.model_key(model, "besa v1", calib, float(keep), tuple(parse_granularity(granularity)),
+                                  sorted(options.items()), sys.modules[__name__], besa_relaxation, calibration,
+                                  blocks, replay)
+    saved = results_cache.load("besa", key)
+    if isinstance(saved, dict):
+        try:
+            return BesaResult(**saved)
+        except TypeError:  # saved by other code: computed again
+            pass
+    result = _allocate(model, space, calib, keep, granularity, config)
+    results_cache.save("besa", key, dataclasses.asdict(result))
+    return result
+
+
+def _allocate(model, space: MaskSpace, calib: torch.Tensor, keep: float, granularity,
+              config: BesaConfig) -> BesaResult:
+    from tqdm.auto import tqdm
+
     learned = tuple(t for t in TYPES if t in parse_granularity(granularity))
     if not learned:
         raise BppError("BESA allocates channels and/or KV groups; granularity 'layer' alone has neither")
