@@ -56,6 +56,18 @@ def reset_peak_rss() -> int:
     return status_kib("VmRSS")
 
 
+def peak_rss_of(fn):
+    """``(fn(), MB)``: ``fn``'s result and the peak RSS it reached above the RSS before it, measured
+    in this process. The heap's free memory goes back to the system first (glibc's malloc_trim),
+    so that memory freed by earlier calls does not hide this one's allocations. Linux only."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = reset_peak_rss()
+    out = fn()
+    return out, (status_kib("VmHWM") - before) / 1024.0
+
+
 # --- the embedded default ------------------------------------------------------------------------
 
 
@@ -77,6 +89,25 @@ def load_default() -> Default:
     model, tok = load_model()
     return Default(model, tok, MaskSpace.from_model(model), tokenize(tok, load_text("default", "calib")),
                    tokenize(tok, load_text("default", "heldout")))
+
+
+def random_masks(space, S: int, keep: float | None = None, seed: int = 0):
+    """``S`` random masks of ``space`` (a bpp.MaskSpace) that keep every layer and, in each layer, a
+    random ``keep`` fraction of its MLP channels and of its KV groups (rounded, at least one); with
+    ``keep=None``, half the channels and all KV groups but one (all of a single one)."""
+    from bpp import Masks
+
+    g = torch.Generator().manual_seed(seed)
+    L, m, G = space.n_layers, space.n_channels, space.n_groups
+    n_channels = m // 2 if keep is None else max(1, round(keep * m))
+    n_groups = max(G - 1, 1) if keep is None else max(1, round(keep * G))
+    channels = torch.zeros(S, L, m, dtype=torch.bool)
+    groups = torch.zeros(S, L, G, dtype=torch.bool)
+    for s in range(S):
+        for layer in range(L):
+            channels[s, layer, torch.randperm(m, generator=g)[:n_channels]] = True
+            groups[s, layer, torch.randperm(G, generator=g)[:n_groups]] = True
+    return Masks(channels, groups, torch.ones(S, L, dtype=torch.bool))
 
 
 def utc_now() -> str:

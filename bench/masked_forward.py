@@ -40,20 +40,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _masks(space, S, seed=0):
-    from bpp import Masks
-
-    g = torch.Generator().manual_seed(seed)
-    L, m, G = space.n_layers, space.n_channels, space.n_groups
-    channels = torch.zeros(S, L, m, dtype=torch.bool)
-    groups = torch.zeros(S, L, G, dtype=torch.bool)
-    for s in range(S):
-        for layer in range(L):
-            channels[s, layer, torch.randperm(m, generator=g)[: m // 2]] = True
-            groups[s, layer, torch.randperm(G, generator=g)[: max(G - 1, 1)]] = True  # all of one
-    return Masks(channels, groups, torch.ones(S, L, dtype=torch.bool))
-
-
 class DenseForward:
     """A plain Llama forward on explicit weights, used for (b) and (d)."""
 
@@ -119,18 +105,20 @@ class DenseForward:
         return nll.view(S, -1).mean(1)
 
 
-def build(method: str, model, tok, S: int, B: int, T: int):
-    """The callable that evaluates the S masks with ``method`` (and the backend it needs)."""
+def build(method: str, model, tok, S: int, B: int, T: int, keep: float | None = None, masked=None):
+    """The callable that evaluates S masks (:func:`common.random_masks` with ``keep``) with ``method``
+    (and the backend it needs); the batched methods use ``masked`` (a bpp.MaskedModel of ``model``)
+    where given, else pack their own."""
     import bpp
     from bpp.data import load_text, window_bos, windows
     from bpp.models.hooks import hook_losses
 
     space = bpp.MaskSpace.from_model(model)
     ids = windows(tok, load_text("default", "calib"), T, B, seed=0, bos=window_bos(model))
-    masks = _masks(space, S)
+    masks = common.random_masks(space, S, keep)
     if method.startswith("batched/"):
         backend = method.split("/")[1]
-        mm = bpp.MaskedModel(model)
+        mm = masked if masked is not None else bpp.MaskedModel(model)
 
         def fn():
             os.environ["BPP_KERNELS_BACKEND"] = backend
