@@ -16,6 +16,8 @@ list at the centre's tokens, tokens over their list at the centre's S), the hook
 those points. Per point: one call whose peak RSS above the RSS before it is the point's memory
 (measured in this process, after handing the heap's free memory back: :func:`common.peak_rss_of`),
 then ``repeats`` timed calls, their median the time (with no repeats, that first call's time).
+Times are the process's CPU seconds (run it with one thread: on a host shared with other jobs, the
+time spent waiting for a core is then left out), the wall-clock times beside them.
 Every point is merged into the JSON as it is measured, so a sweep can be run model by model.
 The table reprints the fits: log time = log c + a log S + b log tokens + p log(params computed
 per token), by least squares with standard errors, and peak memory as a line in S × tokens.
@@ -33,6 +35,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,16 +86,16 @@ PLANS = {
 QUICK = Plan((1, 2), (128,), 1, 128, ((1, 128), (2, 128)), 1)
 
 
-def random_model(name: str):
-    """SmolLM2-``name``'s shape with N(0, 0.02) weights and unit norms, fp32, built without the
-    slow default initialisation (on the meta device, then filled)."""
+def random_model(name: str, dtype: torch.dtype = torch.float32):
+    """SmolLM2-``name``'s shape with N(0, 0.02) weights and unit norms in ``dtype``, built without
+    the slow default initialisation (on the meta device, then filled)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                         rope_theta=100000.0, bos_token_id=0, eos_token_id=0, dtype=torch.float32, **SHAPES[name])
+                         rope_theta=100000.0, bos_token_id=0, eos_token_id=0, dtype=dtype, **SHAPES[name])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
+    model = model.to(dtype).to_empty(device="cpu")
     model.tie_weights()  # to_empty gives the tied head its own storage
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were left empty
     g = torch.Generator().manual_seed(0)
@@ -123,21 +126,23 @@ def measure(model, tok, masked, method: str, S: int, tokens: int, repeats: int) 
     """One point: the first call's peak memory, then the median time of ``repeats`` calls."""
     B, T = batch_shape(tokens)
     fn = masked_forward.build(method, model, tok, S, B, T, keep=KEEP, masked=masked)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses, peak_mb = common.peak_rss_of(fn)
-    times = [time.perf_counter() - t0]
+    times, cpu_times = [time.perf_counter() - t0], [time.process_time() - c0]
     if repeats:
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     import bpp
 
     space = bpp.MaskSpace.from_model(model)
     kept = float(space.params(common.random_masks(space, S, KEEP)).double().mean())
-    return {"method": method, "S": S, "tokens": tokens, "B": B, "T": T, "seconds": statistics.median(times),
-            "times": times, "peak_mb": peak_mb, "losses": losses.tolist(),
+    return {"method": method, "S": S, "tokens": tokens, "B": B, "T": T, "seconds": statistics.median(cpu_times),
+            "cpu_times": cpu_times, "wall_seconds": statistics.median(times), "wall_times": times, "peak_mb": peak_mb,
+            "losses": losses.tolist(),
             "params_per_token": kept if method == BATCHED else float(space.total_params)}
 
 
@@ -166,7 +171,7 @@ def run_model(name: str, plan: Plan, tok, path: Path) -> None:
         if method == HOOK and masked is not None:
             masked = None  # the hook loop needs only the model: free the packed copy of its weights
         row = {"model": name, **measure(model, tok, masked, method, S, tokens, plan.repeats)}
-        print(f"  {method:<14} S={S:<3} tokens={tokens:<5} {row['seconds']:8.2f} s/call  "
+        print(f"  {method:<14} S={S:<3} tokens={tokens:<5} {row['seconds']:8.2f} CPU s/call ({row['wall_seconds']:.2f} wall)  "
               f"{S / row['seconds']:7.3f} masks/s  peak {row['peak_mb']:7.0f} MB", flush=True)
         save(path, name, info, row)
 
@@ -249,13 +254,14 @@ def table(data: dict) -> str:
     order = {m: i for i, m in enumerate(models)}
     rows = sorted(data["rows"], key=lambda r: (order.get(r["model"], 99), r["S"] * r["tokens"], r["S"], r["method"]))
     by = {(r["model"], r["method"], r["S"], r["tokens"]): r for r in rows}
-    lines = ["| model | S | tokens (B×T) | method | s/call | masks/s | peak MB over loaded | × hook loop |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | S | tokens (B×T) | method | CPU s/call | wall s/call | masks/s (CPU) | peak MB over loaded | "
+             "× hook loop |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hook = by.get((r["model"], HOOK, r["S"], r["tokens"]))
         ratio = f"{hook['seconds'] / r['seconds']:.2f}×" if hook and r["method"] == BATCHED else ""
         lines.append(f"| {r['model']} | {r['S']} | {r['tokens']} ({r['B']}×{r['T']}) | {r['method']} | "
-                     f"{r['seconds']:.3f} | {r['S'] / r['seconds']:.3f} | {r['peak_mb']:,.0f} | {ratio} |")
+                     f"{r['seconds']:.3f} | {r['wall_seconds']:.3f} | {r['S'] / r['seconds']:.3f} | {r['peak_mb']:,.0f} | "
+                     f"{ratio} |")
     lines.append("")
     lines.append("| model | parameters | model RSS MB | packed engine weights MB |")
     lines.append("|---|---|---|---|")
@@ -314,7 +320,7 @@ def plot(data: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
-    fig.suptitle("batched masked engine (solid) vs hook loop (dashed), fp32, one thread", fontsize=10)
+    fig.suptitle("batched masked engine (solid) vs hook loop (dashed), fp32, one thread, CPU time", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -322,8 +328,7 @@ def plot(data: dict, path: Path) -> None:
 
 def save_model(folder: Path, name: str) -> None:
     """The random model in bfloat16 safetensors (as SmolLM2 is published) and the default tokenizer."""
-    model = random_model(name)
-    model.to(torch.bfloat16).save_pretrained(folder)
+    random_model(name, torch.bfloat16).save_pretrained(folder)
     default_tokenizer().save_pretrained(folder)
     print(f"wrote {folder}")
 
@@ -341,8 +346,8 @@ def main():
         save_model(a.save_model, a.models)
         return
     path = Path(a.json)
-    if a.quick:
-        path = Path(a.json).with_name("scaling-quick.json") if a.json == p.get_default("json") else path
+    if a.quick and a.json == p.get_default("json"):  # a check: leave the results alone
+        path = Path(tempfile.gettempdir()) / "scaling-quick.json"
     if not a.table_only:
         tok = default_tokenizer()
         print(f"machine: {common.machine_line()}", flush=True)
