@@ -228,6 +228,19 @@ def memory_fit(rows: list[dict], per_mask: bool) -> dict | None:
     return {"alpha_mb": float(alpha), "bytes_per_unit": float(beta) * 2 ** 20, "unit": "mask-token" if per_mask else "token"}
 
 
+def per_mask_fit(rows: list[dict]) -> dict | None:
+    """Seconds per mask = f + g · tokens by least squares over one S's tokens sweep: f is what a
+    mask costs whatever the tokens (gathering its kept weights), g what each token adds."""
+    import numpy as np
+
+    if len({r["tokens"] for r in rows}) < 2:
+        return None
+    X = np.array([[1.0, r["tokens"]] for r in rows])
+    y = np.array([r["seconds"] / r["S"] for r in rows])
+    (f, g), *_ = np.linalg.lstsq(X, y, rcond=None)
+    return {"S": rows[0]["S"], "fixed_s": float(f), "per_token_s": float(g)}
+
+
 FACTORS = ["S", "tokens", "params_per_token"]
 
 
@@ -239,6 +252,8 @@ def fits(data: dict) -> dict:
                        **{m: log_fit([r for r in rows if r["model"] == m], FACTORS) for m in data["models"]}}
         out[method]["memory"] = {m: memory_fit([r for r in rows if r["model"] == m], method == BATCHED)
                                  for m in data["models"]}
+        out[method]["per_mask"] = {m: per_mask_fit([r for r in rows if r["model"] == m
+                                                    and r["S"] == PLANS[m].centre_samples]) for m in data["models"]}
     return out
 
 
@@ -277,6 +292,16 @@ def table(data: dict) -> str:
         lines.append(f"- {method}, all models: {_fmt_fit(f[method]['joint'])}")
         for m in models:
             lines.append(f"  - {m}: {_fmt_fit(f[method][m])}")
+    lines.append("")
+    lines.append("Seconds per mask as f + g · tokens along each tokens sweep:")
+    lines.append("")
+    for method in (BATCHED, HOOK):
+        for m in models:
+            pm = f[method]["per_mask"][m]
+            if pm is not None:
+                share = pm["fixed_s"] / (pm["fixed_s"] + 256 * pm["per_token_s"])
+                lines.append(f"- {method}, {m} (S = {pm['S']}): f = {pm['fixed_s']:.3f} s, g = {1e3 * pm['per_token_s']:.2f} ms "
+                             f"per token (f is {share:.0%} of a mask's time at 256 tokens)")
     lines.append("")
     lines.append("Peak memory over the loaded model as α + β · S · tokens (batched) or α + β · tokens (hook loop):")
     lines.append("")
