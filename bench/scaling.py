@@ -264,6 +264,24 @@ def _fmt_fit(fit: dict | None) -> str:
     return f"{exps} (RMS residual ×{fit['rms_residual_factor']:.3f}, {fit['points']} points)"
 
 
+def _fmt_per_mask(fit: dict, model: str) -> str:
+    share = fit["fixed_s"] / (fit["fixed_s"] + 256 * fit["per_token_s"])
+    return (f"at S = {fit['S']}, f = {fit['fixed_s']:.3f} s, g = {1e3 * fit['per_token_s']:.2f} ms per token (f is "
+            f"{share:.0%} of a mask's time at 256 tokens)")
+
+
+def _fmt_memory(fit: dict, model: str) -> str:
+    d, beta = SHAPES[model]["hidden_size"], fit["bytes_per_unit"]
+    return (f"α = {fit['alpha_mb']:.0f} MB, β = {beta:,.0f} bytes per {fit['unit']} = {beta / (4 * d):.1f} fp32 rows "
+            f"of d = {d}, {beta / (4 * VOCAB):.3f} of a fp32 logit row ({4 * VOCAB:,} bytes)")
+
+
+def _per_model_lines(title: str, fitted: dict, kind: str, models: list[str], fmt) -> list[str]:
+    """A titled list of each method's and model's ``kind`` fit (those with enough points)."""
+    return ["", title, ""] + [f"- {method}, {m}: {fmt(fitted[method][kind][m], m)}" for method in (BATCHED, HOOK)
+                              for m in models if fitted[method][kind][m] is not None]
+
+
 def table(data: dict) -> str:
     models = [m for m in SHAPES if m in data["models"]]
     order = {m: i for i, m in enumerate(models)}
@@ -292,29 +310,10 @@ def table(data: dict) -> str:
         lines.append(f"- {method}, all models: {_fmt_fit(f[method]['joint'])}")
         for m in models:
             lines.append(f"  - {m}: {_fmt_fit(f[method][m])}")
-    lines.append("")
-    lines.append("Seconds per mask as f + g · tokens along each tokens sweep:")
-    lines.append("")
-    for method in (BATCHED, HOOK):
-        for m in models:
-            pm = f[method]["per_mask"][m]
-            if pm is not None:
-                share = pm["fixed_s"] / (pm["fixed_s"] + 256 * pm["per_token_s"])
-                lines.append(f"- {method}, {m} (S = {pm['S']}): f = {pm['fixed_s']:.3f} s, g = {1e3 * pm['per_token_s']:.2f} ms "
-                             f"per token (f is {share:.0%} of a mask's time at 256 tokens)")
-    lines.append("")
-    lines.append("Peak memory over the loaded model as α + β · S · tokens (batched) or α + β · tokens (hook loop):")
-    lines.append("")
-    for method in (BATCHED, HOOK):
-        for m in models:
-            mf = f[method]["memory"][m]
-            if mf is None:
-                continue
-            d = SHAPES[m]["hidden_size"]
-            beta = mf["bytes_per_unit"]
-            lines.append(f"- {method}, {m}: α = {mf['alpha_mb']:.0f} MB, β = {beta:,.0f} bytes per {mf['unit']} = "
-                         f"{beta / (4 * d):.1f} fp32 rows of d = {d}, {beta / (4 * VOCAB):.3f} of a fp32 logit row "
-                         f"({4 * VOCAB:,} bytes)")
+    lines += _per_model_lines("Seconds per mask as f + g · tokens along each tokens sweep:", f, "per_mask", models,
+                              _fmt_per_mask)
+    lines += _per_model_lines("Peak memory over the loaded model as α + β · S · tokens (batched) or α + β · tokens "
+                              "(hook loop):", f, "memory", models, _fmt_memory)
     return "\n".join(lines)
 
 
@@ -343,8 +342,8 @@ def plot(data: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("masks/s")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7, handlelength=3.5)
     fig.suptitle("batched masked engine (solid) vs hook loop (dashed), fp32, one thread, CPU time", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
