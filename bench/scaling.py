@@ -164,15 +164,15 @@ def run_model(name: str, plan: Plan, tok, path: Path) -> None:
     space = bpp.MaskSpace.from_model(model)
     info = {"total_params": int(space.total_params), "model_mb": model_mb, "engine_pack_mb": engine_mb,
             "build_seconds": built, "repeats": plan.repeats}
-    print(f"{name}: {space.total_params / 1e6:.1f}M parameters, model {model_mb:.0f} MB, packed engine weights "
-          f"{engine_mb:.0f} MB (built in {built:.0f}s)", flush=True)
+    print(f"{name}: {space.total_params / 1e6:.1f}M parameters, model {model_mb:.0f} MiB, packed engine weights "
+          f"{engine_mb:.0f} MiB (built in {built:.0f}s)", flush=True)
     masked_forward.build(BATCHED, model, tok, 1, 1, 128, keep=KEEP, masked=masked)()  # first-call costs, untimed
     for method, S, tokens in plan.points():
         if method == HOOK and masked is not None:
             masked = None  # the hook loop needs only the model: free the packed copy of its weights
         row = {"model": name, **measure(model, tok, masked, method, S, tokens, plan.repeats)}
         print(f"  {method:<14} S={S:<3} tokens={tokens:<5} {row['seconds']:8.2f} CPU s/call ({row['wall_seconds']:.2f} wall)  "
-              f"{S / row['seconds']:7.3f} masks/s  peak {row['peak_mb']:7.0f} MB", flush=True)
+              f"{S / row['seconds']:7.3f} masks/s  peak {row['peak_mb']:7.0f} MiB", flush=True)
         save(path, name, info, row)
 
 
@@ -214,7 +214,7 @@ def log_fit(rows: list[dict], factors: list[str]) -> dict | None:
 
 
 def memory_fit(rows: list[dict], per_mask: bool) -> dict | None:
-    """Peak MB = α + β · work by least squares, β in bytes per unit of work: S · tokens with
+    """Peak MiB = α + β · work by least squares, β in bytes per unit of work: S · tokens with
     ``per_mask`` (the batched engine holds all S masks' activations), else tokens (the hook loop
     holds one mask's at a time)."""
     import numpy as np
@@ -272,7 +272,7 @@ def _fmt_per_mask(fit: dict, model: str) -> str:
 
 def _fmt_memory(fit: dict, model: str) -> str:
     d, beta = SHAPES[model]["hidden_size"], fit["bytes_per_unit"]
-    return (f"α = {fit['alpha_mb']:.0f} MB, β = {beta:,.0f} bytes per {fit['unit']} = {beta / (4 * d):.1f} fp32 rows "
+    return (f"α = {fit['alpha_mb']:.0f} MiB, β = {beta:,.0f} bytes per {fit['unit']} = {beta / (4 * d):.1f} fp32 rows "
             f"of d = {d}, {beta / (4 * VOCAB):.3f} of a fp32 logit row ({4 * VOCAB:,} bytes)")
 
 
@@ -287,7 +287,7 @@ def table(data: dict) -> str:
     order = {m: i for i, m in enumerate(models)}
     rows = sorted(data["rows"], key=lambda r: (order.get(r["model"], 99), r["S"] * r["tokens"], r["S"], r["method"]))
     by = {(r["model"], r["method"], r["S"], r["tokens"]): r for r in rows}
-    lines = ["| model | S | tokens (B×T) | method | CPU s/call | wall s/call | masks/s (CPU) | peak MB over loaded | "
+    lines = ["| model | S | tokens (B×T) | method | CPU s/call | wall s/call | masks/s (CPU) | peak MiB over loaded | "
              "× hook loop |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hook = by.get((r["model"], HOOK, r["S"], r["tokens"]))
@@ -296,7 +296,7 @@ def table(data: dict) -> str:
                      f"{r['seconds']:.3f} | {r['wall_seconds']:.3f} | {r['S'] / r['seconds']:.3f} | {r['peak_mb']:,.0f} | "
                      f"{ratio} |")
     lines.append("")
-    lines.append("| model | parameters | model RSS MB | packed engine weights MB |")
+    lines.append("| model | parameters | model RSS MiB | packed engine weights MiB |")
     lines.append("|---|---|---|---|")
     for m in models:
         info = data["models"][m]
