@@ -82,11 +82,13 @@ class Default:
     held: torch.Tensor  # (n,) token ids of the held-out part
 
 
-def load_default() -> Default:
+def load_default(model_name: str | None = None) -> Default:
+    """The embedded default model (or ``model_name``: any model ``bpp.load_model`` takes) and the
+    embedded default text tokenized by its tokenizer."""
     from bpp import MaskSpace, load_model
     from bpp.data import load_text, tokenize
 
-    model, tok = load_model()
+    model, tok = load_model(model_name)
     return Default(model, tok, MaskSpace.from_model(model), tokenize(tok, load_text("default", "calib")),
                    tokenize(tok, load_text("default", "heldout")))
 
@@ -262,11 +264,12 @@ class QualityBench:
     def __init__(self, args, prune_defaults):
         self.args = args
         self.prune_defaults = prune_defaults
-        default = load_default()
+        default = load_default(getattr(args, "model", None))
         self.model, self.tok, self.space = default.model, default.tok, default.space
         self.calib, self.held = default.calib, default.held
         self.results = {"meta": {"date": utc_now(), "threads": torch.get_num_threads(),
-                                 "eval_windows": args.eval_windows, "command": " ".join(sys.argv)},
+                                 "eval_windows": args.eval_windows, "command": " ".join(sys.argv),
+                                 "model": getattr(args, "model", None) or "default"},
                         "runs": [], "comparisons": []}
         self.nll_cache: dict[str, torch.Tensor] = {}
         self.run_cache: dict[str, tuple] = {}  # one run per configuration (the default run is also --init besa)

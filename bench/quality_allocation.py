@@ -186,6 +186,8 @@ def use_besa_cache(folder: Path, bench: common.QualityBench) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a model bpp loads (default: the embedded SmolLM2-135M-Instruct; "
+                    "e.g. gemma3-270m)")
     ap.add_argument("--sparsities", default="0.2,0.4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=None, help="override the default run's steps")
