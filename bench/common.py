@@ -122,14 +122,17 @@ def utc_now() -> str:
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, seq_len: int = 128, max_windows: int | None = None,
                batch_size: int = 8) -> torch.Tensor:
-    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol);
+    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol:
+    windows cut as ``bpp eval`` cuts them, BOS first for the families that need it, e.g. Gemma 3);
     ``ids`` already cut into windows ``(n, T)`` are taken as they are."""
+    from bpp.data import cut_windows, window_bos
+
     if ids.dim() == 2:
-        data, n = ids, ids.shape[0]
+        data = ids
     else:
-        n = ids.numel() // seq_len
-        n = min(n, max_windows) if max_windows else n
-        data = ids[: n * seq_len].view(n, seq_len)
+        data = cut_windows(ids, seq_len, window_bos(model))
+        data = data[:max_windows] if max_windows else data
+    n = data.shape[0]
     out = []
     for start in range(0, n, batch_size):
         batch = data[start:start + batch_size]
@@ -290,8 +293,10 @@ class QualityBench:
     def init_calib(self, seed: int) -> torch.Tensor:
         from bpp.data import windows
 
+        from bpp.data import window_bos
+
         d = self.prune_defaults
-        return windows(self.tok, self.calib, d.init_seq_len, d.init_windows, seed=seed)
+        return windows(self.tok, self.calib, d.init_seq_len, d.init_windows, seed=seed, bos=window_bos(self.model))
 
     def compensation(self, seed: int):
         from bpp.bias_compensation import BiasCompensation
