@@ -84,11 +84,11 @@ def output_biases(space: MaskSpace, w_o: list[torch.Tensor], w_down: list[torch.
     weights, ``attn_means[l]`` ``(H·hd,)`` and ``mlp_means[l]`` ``(m,)`` the calibration means
     of their inputs; a dropped layer gets zeros."""
     masks.validate(space)
-    per_head = space.heads_per_group * space.head_dim
+    kept_heads = masks.kept_heads(space.heads_per_group).cpu().flatten(2)  # (S, L, G·r): groups and slots
     live = masks.layers.to(torch.float64).cpu()  # (S, L)
     attn, mlp = [], []
     for i in range(space.n_layers):
-        pruned_cols = (~masks.groups[:, i].cpu()).repeat_interleave(per_head, dim=1).to(torch.float64)
+        pruned_cols = (~kept_heads[:, i]).repeat_interleave(space.head_dim, dim=1).to(torch.float64)
         pruned_ch = (~masks.channels[:, i].cpu()).to(torch.float64)
         w_o_i = w_o[i].detach().to(torch.float64).cpu()
         w_down_i = w_down[i].detach().to(torch.float64).cpu()

@@ -1,8 +1,9 @@
 """Final mask → dense, physically smaller weights → a model folder that loads anywhere.
 
-Kept rows of q/k/v (whole KV groups with their query heads) and of gate/up, kept columns of
-o_proj and down_proj; dropped layers removed and the rest renumbered; biases and q/k norms
-carried along. When every kept layer keeps the same numbers of groups and channels (none zero),
+Kept rows of q/k/v (whole KV groups with their kept query-head slots) and of gate/up, kept
+columns of o_proj and down_proj; dropped layers removed and the rest renumbered; biases and q/k norms
+carried along. When every kept layer keeps the same numbers of groups, query heads per group and
+channels (none zero),
 the result is the stock Hugging Face model with a smaller stock config; otherwise it is the
 stock model with per-layer sizes, defined by ``modeling_bpp.py`` shipped in the folder
 (``trust_remote_code=True``, no bpp needed to load it).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +59,7 @@ def _check_mask(space: MaskSpace, masks: Masks) -> Masks:
 def _check_weights(space: MaskSpace, eff: Masks, o_proj_weight, down_proj_weight) -> None:
     """Refit output weights: one entry per layer of the original model, None (keep the kept columns
     as they are) or ``(d, kept inputs)`` for that layer under the mask."""
-    kept_inputs = {"o_proj_weight": eff.groups[0].sum(-1) * space.heads_per_group * space.head_dim,
+    kept_inputs = {"o_proj_weight": eff.kept_heads(space.heads_per_group)[0].flatten(1).sum(-1) * space.head_dim,
                    "down_proj_weight": eff.channels[0].sum(-1)}
     for name, weights in (("o_proj_weight", o_proj_weight), ("down_proj_weight", down_proj_weight)):
         if weights is None:
@@ -94,16 +96,17 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
     kept = kept_layers(eff, keep_empty=biased)
     groups = [int(eff.groups[0, i].sum()) for i in kept]
     channels = [int(eff.channels[0, i].sum()) for i in kept]
-    uniform = len(set(groups)) == 1 and len(set(channels)) == 1 and groups[0] > 0 and channels[0] > 0
+    slots = [heads_per_group(space, eff, i) for i in kept]
+    uniform = len(set(groups)) == 1 and len(set(channels)) == 1 and len(set(slots)) == 1 and groups[0] > 0 \
+        and channels[0] > 0
 
     config = copy.deepcopy(model.config)
-    r = space.heads_per_group
     config.num_hidden_layers = len(kept)
     config.head_dim = space.head_dim
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
     if uniform and not biased:
-        config.num_key_value_heads, config.num_attention_heads = groups[0], groups[0] * r
+        config.num_key_value_heads, config.num_attention_heads = groups[0], groups[0] * slots[0]
         config.intermediate_size = channels[0]
         from transformers import AutoModelForCausalLM
 
@@ -114,9 +117,10 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
         fields = config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             fields.pop(key, None)
+        per_layer_heads = {} if eff.heads is None else {"heads_per_group_per_layer": slots}
         config = module.BppPrunedConfig(kv_heads_per_layer=groups, intermediate_size_per_layer=channels,
                                         o_proj_bias=o_proj_bias is not None, down_proj_bias=down_proj_bias is not None,
-                                        **fields)
+                                        **per_layer_heads, **fields)
         config.architectures = ["BppPrunedForCausalLM"]
         config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.BppPrunedConfig",
                            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.BppPrunedForCausalLM"}
@@ -132,10 +136,19 @@ def compact_model(model, masks: Masks, *, o_proj_bias: list[torch.Tensor] | None
     return new
 
 
+def heads_per_group(space: MaskSpace, eff: Masks, layer: int) -> int:
+    """Query heads each kept KV group of ``layer`` keeps in the compacted model (its kept slots; r
+    without slots, 0 for a layer without attention)."""
+    if not bool(eff.groups[0, layer].any()):
+        return 0
+    return space.heads_per_group if eff.heads is None else int(eff.heads[0, layer].sum())
+
+
 @torch.no_grad()
 def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bias, down_proj_bias,
                   o_proj_weight=None, down_proj_weight=None) -> None:
     G, r, hd, d = space.n_groups, space.heads_per_group, space.head_dim, space.hidden_size
+    kept_heads = eff.kept_heads(r)[0]  # (L, G, r): a kept group's kept slots
     dst.model.embed_tokens.weight.copy_(src.model.embed_tokens.weight)
     dst.model.norm.weight.copy_(src.model.norm.weight)
     if not src.config.tie_word_embeddings:
@@ -148,17 +161,18 @@ def _copy_weights(src, dst, eff: Masks, kept_layers, space: MaskSpace, o_proj_bi
             sa, da = s_layer.self_attn, d_layer.self_attn
             for name in attn_norms:
                 getattr(d_layer, name).weight.copy_(getattr(s_layer, name).weight)
-            da.q_proj.weight.copy_(sa.q_proj.weight.view(G, r * hd, d)[g].reshape(-1, d))
+            q = kept_heads[old_idx]  # group-major, slot-minor: Hugging Face's order of the kept query heads
+            da.q_proj.weight.copy_(sa.q_proj.weight.view(G, r, hd, d)[q].reshape(-1, d))
             da.k_proj.weight.copy_(sa.k_proj.weight.view(G, hd, d)[g].reshape(-1, d))
             da.v_proj.weight.copy_(sa.v_proj.weight.view(G, hd, d)[g].reshape(-1, d))
             if o_proj_weight is not None and o_proj_weight[old_idx] is not None:
                 da.o_proj.weight.copy_(o_proj_weight[old_idx])
             else:
-                da.o_proj.weight.copy_(sa.o_proj.weight.view(d, G, r * hd)[:, g].reshape(d, -1))
-            for name, rows in (("q_proj", r * hd), ("k_proj", hd), ("v_proj", hd)):
+                da.o_proj.weight.copy_(sa.o_proj.weight.view(d, G, r, hd)[:, q].reshape(d, -1))
+            for name, kept in (("q_proj", q), ("k_proj", g), ("v_proj", g)):
                 bias = getattr(sa, name).bias
                 if bias is not None:
-                    getattr(da, name).bias.copy_(bias.view(G, rows)[g].reshape(-1))
+                    getattr(da, name).bias.copy_(bias.view(*kept.shape, hd)[kept].reshape(-1))
             for name in ("q_norm", "k_norm"):
                 if hasattr(sa, name):
                     getattr(da, name).weight.copy_(getattr(sa, name).weight)
@@ -214,7 +228,7 @@ def round_mask(masks: Masks, multiple: int, channel_scores: torch.Tensor | None 
                          else torch.zeros(m, dtype=torch.float64))
                 score = score.masked_fill(channels[s, i], float("-inf"))
                 channels[s, i, torch.sort(-score, stable=True).indices[: target - kept]] = True
-    return Masks(channels, masks.groups.clone(), masks.layers.clone())
+    return replace(masks, channels=channels, groups=masks.groups.clone(), layers=masks.layers.clone())
 
 
 def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> list[dict]:
@@ -222,7 +236,7 @@ def layer_sizes(space: MaskSpace, masks: Masks, keep_empty: bool = False) -> lis
     query heads and MLP channels (what ``bpp_compaction.json`` and the CLI report)."""
     eff = masks.effective()
     return [{"layer": i, "kv_groups": int(eff.groups[0, i].sum()),
-             "query_heads": int(eff.groups[0, i].sum()) * space.heads_per_group,
+             "query_heads": int(eff.groups[0, i].sum()) * heads_per_group(space, eff, i),
              "channels": int(eff.channels[0, i].sum())} for i in kept_layers(eff, keep_empty)]
 
 

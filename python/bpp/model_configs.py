@@ -15,7 +15,7 @@ LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size"
           "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
           "vocab_size": 1 << 22}
 OPTIONAL = ("num_key_value_heads", "head_dim")  # null: the family's default
-PER_LAYER = ("kv_heads_per_layer", "intermediate_size_per_layer")
+PER_LAYER = ("kv_heads_per_layer", "intermediate_size_per_layer", "heads_per_group_per_layer")
 LAYER_TYPES = ("sliding_attention", "full_attention")  # Gemma 3's layers: sliding-window or full attention
 MAX_WINDOW = 1 << 22
 
@@ -47,6 +47,10 @@ def check_config_sizes(config: dict, where) -> None:
                 or not all(_whole(s) and 0 <= s <= LIMITS["intermediate_size"] for s in sizes):
             raise bad(key, f"a list of {config['num_hidden_layers']} whole numbers of at least 0 "
                            "(one per layer)")
+    slots = config.get("heads_per_group_per_layer")
+    if slots is not None and max(slots, default=0) > heads // groups:
+        raise bad("heads_per_group_per_layer", f"at most num_attention_heads / num_key_value_heads ({heads // groups}) "
+                                               "in every layer")
     if config.get("model_type") == "gemma3_text":
         _check_gemma3(config, bad)
 

@@ -166,16 +166,22 @@ def modeling_source(family: str) -> str:
 
 
 # sha256 of the modeling files earlier bpp versions shipped (the first: model type bpp_pruned_<family>;
-# the second: before Gemma 3): their folders still load, with this version's code (the same model)
+# the second: before Gemma 3; the third: before query-head slots): their folders still load, with this
+# version's code (the same model)
 _EARLIER_MODELING_FILES = {
     "llama": ("62d6588ebf5916330a7fdc27676af531b99af2f42e937882ecb45bf98331d245",
-              "91c72473ca2de6fa95fb2ec332b2f2fd4148fb5349de09f31adaeac6b663bdc4"),
+              "91c72473ca2de6fa95fb2ec332b2f2fd4148fb5349de09f31adaeac6b663bdc4",
+              "cf752ca94ca3bb873f0f33245d851646abf9d451189c625a75196c2fce881678"),
     "mistral": ("ce7ed4116b103b53af90b6d6195bf5d6ce9661b7e2424b5ef6e21eb48ae31e49",
-                "fdfdbc249b0c493b246b9cf0e1ecb684925631d216bac5586206e554fa9a9e97"),
+                "fdfdbc249b0c493b246b9cf0e1ecb684925631d216bac5586206e554fa9a9e97",
+                "2556b33075a2da5c59ed44718c3cdc6399a9f7200821e163f53757b1aec71f81"),
     "qwen2": ("d022b7d6384f27d4b3280af8761c01544084efc1a25cd23dbb5a96f20c79a25c",
-              "b8666841793b379607378374f62c315b2fcbb665306778345ed84fef216c7f58"),
+              "b8666841793b379607378374f62c315b2fcbb665306778345ed84fef216c7f58",
+              "1b68b6edf238c6913adce1e40c503bb8a802222fa53858ac27b70b5b8debf706"),
     "qwen3": ("8339e37a1d527f00c9be7e0230d0888e9f7bfa7df683c3d2117055105cb74983",
-              "9c1adce6401ce63ddc0f4f6a1ffbb4998c46e068a871d2b8ccb91c1d5b720523"),
+              "9c1adce6401ce63ddc0f4f6a1ffbb4998c46e068a871d2b8ccb91c1d5b720523",
+              "f59868840fa2f57519f8ecd72600affe456f7254f203d1a8d3960660d8744237"),
+    "gemma3_text": ("cf76fdd8cebafe3d12b072db020b59071f2df5838636b18c6b81d66023096867",),
 }
 
 

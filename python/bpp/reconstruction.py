@@ -267,7 +267,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
             raise BppError("damping 'auto' holds back half of the calibration windows, so it needs at least 2")
         batch_size = min(batch_size, math.ceil(calib.shape[0] / 2))
     eff = masks.effective().to("cpu")
-    cols = space.heads_per_group * space.head_dim
+    kept_heads = eff.kept_heads(space.heads_per_group)[0].flatten(1)  # (L, G·r): groups and query-head slots
     d, dtype = space.hidden_size, model.model.layers[0].mlp.down_proj.weight.dtype
     device = model.get_input_embeddings().weight.device
     layers = model.model.layers
@@ -289,7 +289,7 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
             if not bool(eff.layers[0, i]):  # dropped: the pruned model skips it
                 dense = [run_layer(layer, h, kwargs) for h in dense]
                 continue
-            projections = {"o_proj": _Projection(layer.self_attn.o_proj, eff.groups[0, i].repeat_interleave(cols)),
+            projections = {"o_proj": _Projection(layer.self_attn.o_proj, kept_heads[i].repeat_interleave(space.head_dim)),
                            "down_proj": _Projection(layer.mlp.down_proj, eff.channels[0, i])}
             try:
                 targets = {name: [] for name in projections}

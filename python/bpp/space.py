@@ -7,8 +7,10 @@ layer itself. Costs are parameter counts, so budgets can be stated in parameters
 
 Parameter accounting (compaction follows it exactly): a pruned channel removes its gate row,
 up row and down column; a pruned group removes its q/k/v rows (and biases) and its o_proj
-columns; when every group of a layer is pruned, the attention block disappears with its input
-norm and q/k norms; when every channel is pruned, the MLP disappears with its norm; a pruned
+columns; a pruned query-head slot (:class:`bpp.masks.Masks` ``heads``: head j of every KV group
+of a layer) removes, in each kept group, that head's q rows (and bias) and o_proj columns, while
+the group's k/v rows stay; when every group, or every slot, of a layer is pruned, the attention
+block disappears with its input norm and q/k norms; when every channel is pruned, the MLP disappears with its norm; a pruned
 layer removes all of its parameters. Gemma 3's blocks own two norms each (before and after the
 block), and go with both.
 """
@@ -86,6 +88,22 @@ class MaskSpace:
             rows if self.qkv_bias else 0)
 
     @property
+    def head_params(self) -> int:
+        """One query head of one group: its q rows (and bias) and its o_proj columns."""
+        return 2 * self.head_dim * self.hidden_size + (self.head_dim if self.qkv_bias else 0)
+
+    @property
+    def kv_params(self) -> int:
+        """One group's k and v rows (and biases): what a group costs beyond its query heads."""
+        return self.group_params - self.heads_per_group * self.head_params
+
+    def attention_params(self, groups: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Parameters of attention blocks keeping ``groups`` KV groups with ``heads`` query-head
+        slots each (integer tensors of one shape): none when either is 0."""
+        live = (groups > 0) & (heads > 0)
+        return (groups * (self.kv_params + heads * self.head_params) + self.attention_fixed_params) * live
+
+    @property
     def attention_fixed_params(self) -> int:
         """Parameters of an attention block that no group owns: its norm(s) and q/k norms."""
         return self.norms_per_block * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
@@ -110,7 +128,8 @@ class MaskSpace:
         masks.validate(self)
         ch = masks.channels.sum(-1)  # (S, L)
         gr = masks.groups.sum(-1)
-        attn = gr * self.group_params + (gr > 0) * self.attention_fixed_params
+        hd = masks.heads.sum(-1) if masks.heads is not None else torch.full_like(gr, self.heads_per_group)
+        attn = self.attention_params(gr, hd)
         mlp = ch * self.channel_params + (ch > 0) * self.mlp_fixed_params
         layer = (attn + mlp) * masks.layers
         return self.total_params - self.n_layers * self.layer_params + layer.sum(-1)

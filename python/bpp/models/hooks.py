@@ -20,11 +20,11 @@ def hook_masks(model, masks: Masks):
     if masks.S != 1:
         raise ValueError(f"hook_masks takes one mask (S == 1), got S={masks.S}")
     handles = []
-    per_head = space.heads_per_group * space.head_dim
+    kept_heads = masks.kept_heads(space.heads_per_group)[0]  # (L, G, r): groups and query-head slots
     for i, layer in enumerate(model.model.layers):
         dtype = layer.mlp.down_proj.weight.dtype
         channel_scale = masks.channels[0, i].to(dtype)
-        head_scale = masks.groups[0, i].to(dtype).repeat_interleave(per_head)
+        head_scale = kept_heads[i].reshape(-1).to(dtype).repeat_interleave(space.head_dim)
 
         def scale_input(scale):
             return lambda module, args: (args[0] * scale.to(args[0].device),) + tuple(args[1:])

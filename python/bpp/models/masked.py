@@ -8,7 +8,8 @@ Gemma 3 (GELU-tanh gated MLP, RMSNorms scaled by 1 + w before and after both att
 q/k norms, embeddings scaled by √d, sliding-window layers with their own RoPE base).
 
 A layer that a sample drops is given zero kept channels and groups for that sample, so its
-attention and MLP add exactly zero and the residual passes through.
+attention and MLP add exactly zero and the residual passes through. Query-head slots (masks'
+``heads``) go to the attention op as ``head_keep``, slot j kept or pruned in every group alike.
 
 With a compute ``dtype`` narrower than the model's (bf16 for an fp32 model), the projections
 run in that dtype while the residual stream, the norms' statistics and weights, and the loss
@@ -159,7 +160,8 @@ class MaskedModel:
             raise BppError(f"input_ids must lie in [0, {self.vocab_size}); got values in [{lo}, {hi}]")
 
     def _indices(self, masks: Masks):
-        """Per layer: (keep_idx (S, n), keep_count (S,)) for groups and channels, built on device."""
+        """Per layer: (keep_idx (S, n), keep_count (S,)) for groups and channels, built on device, and
+        the kept query-head slots as ``head_keep (S, G, r)`` per layer (None: masks without slots)."""
         eff = masks.effective().to(self.device)
         S, L = eff.layers.shape
 
@@ -168,7 +170,11 @@ class MaskedModel:
             idx, cnt = idx.view(L, S, -1), cnt.view(L, S)
             return [(idx[l], cnt[l]) for l in range(L)]
 
-        return per_layer(eff.groups), per_layer(eff.channels)
+        heads = None
+        if eff.heads is not None:  # a slot is head j of every group: the op takes it per group
+            keep = eff.heads.unsqueeze(2).expand(S, L, self.space.n_groups, -1)
+            heads = [keep[:, l].contiguous() for l in range(L)]
+        return per_layer(eff.groups), per_layer(eff.channels), heads
 
     def _rope(self, T: int, dtype: torch.dtype, kind: str | None = None):
         positions = torch.arange(T, device=self.device).unsqueeze(0)
@@ -182,9 +188,10 @@ class MaskedModel:
         return tuple(t if t.device == device else t.to(device, non_blocking=True) for t in tensors)
 
     # --- the forward ---------------------------------------------------------------------
-    def _hidden(self, input_ids: torch.Tensor, groups, channels, biases=None) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, groups, channels, biases=None, heads=None) -> torch.Tensor:
         """Final-normed hidden states ``(S, B, T, d)`` of the samples whose index lists are given;
-        ``biases``: optional ``(attn, mlp)`` output biases, each ``(L, S, d)``."""
+        ``biases``: optional ``(attn, mlp)`` output biases, each ``(L, S, d)``; ``heads``: optional
+        ``head_keep (S, G, r)`` per layer."""
         S = groups[0][0].shape[0]
         B, T = input_ids.shape
         h = self.embed[input_ids]
@@ -199,6 +206,8 @@ class MaskedModel:
             h, cos, sin, g_idx, g_cnt, c_idx, c_cnt = self._on(layer.w_qkv.device, h, cos, sin, g_idx, g_cnt, c_idx,
                                                                c_cnt)
             attn_kwargs = {} if layer.window is None or T <= layer.window else {"window": layer.window}
+            if heads is not None:
+                attn_kwargs["head_keep"] = heads[i].to(layer.w_qkv.device)
             y = K.rms_norm(h, layer.attn_norm, self.eps, out_dtype=self.dtype)
             a = K.masked_attention(y, layer.w_qkv, layer.w_o_t, cos, sin, g_idx, g_cnt, check=False, b_qkv=layer.b_qkv,
                                    q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=self.eps, scale=self.scale,
@@ -242,14 +251,15 @@ class MaskedModel:
         (KL(dense ‖ mask) plus a constant): lse(z) − p_dense·z = NLL + (W[y] − e)·h."""
         self._check_inputs(input_ids, masks)
         input_ids = input_ids.to(self.device, torch.int64)
-        groups, channels = self._indices(masks)
+        groups, channels, heads = self._indices(masks)
         B, T = input_ids.shape
         targets = input_ids[:, 1:].reshape(-1)
         out = []
         for part in self._chunks(masks.S, B * T):
             h = self._hidden(input_ids, [(i[part], c[part]) for i, c in groups],
                              [(i[part], c[part]) for i, c in channels],
-                             None if biases is None else (biases[0][:, part], biases[1][:, part]))
+                             None if biases is None else (biases[0][:, part], biases[1][:, part]),
+                             None if heads is None else [k[part] for k in heads])
             # one call per sample: its rows are chunked the same way whatever S is (batch invariance)
             (targets_here,) = self._on(self.lm_head.device, targets)
             (h,) = self._on(self.lm_head.device, h)
@@ -274,7 +284,7 @@ class MaskedModel:
         B, T = input_ids.shape
         head = self.lm_head
         if self.dtype == self.embed.dtype:
-            groups, channels = self._indices(masks)
+            groups, channels, _ = self._indices(masks)
             h = self._hidden(input_ids, groups, channels)[0]
         else:  # the dense model in its own dtype: the targets do not carry the engine's rounding
             head = self.model.lm_head.weight.detach()
@@ -292,6 +302,6 @@ class MaskedModel:
         """``(S, B, T, V)`` logits of each mask (for checks on small inputs: holds all logits)."""
         self._check_inputs(input_ids, masks)
         input_ids = input_ids.to(self.device, torch.int64)
-        groups, channels = self._indices(masks)
-        h = self._hidden(input_ids, groups, channels)
+        groups, channels, heads = self._indices(masks)
+        h = self._hidden(input_ids, groups, channels, heads=heads)
         return h.to(self.lm_head.device) @ self.lm_head.t()

@@ -6,6 +6,8 @@
 # pruned model is the stock Hugging Face model whose layers have per-layer sizes:
 #   kv_heads_per_layer[i]         KV groups kept in layer i (query heads: that times the ratio)
 #   intermediate_size_per_layer[i] MLP channels kept in layer i
+#   heads_per_group_per_layer[i]  query heads per KV group in layer i (optional: absent, every
+#                                 layer keeps num_attention_heads // num_key_value_heads)
 # A layer with no KV group has no attention (it adds nothing); one with no channel has no MLP;
 # either goes with the norms of its block (Gemma 3: the norms before and after it).
 # o_proj_bias / down_proj_bias add output biases (bias compensation of the pruned units); an
@@ -22,11 +24,13 @@ class BppPrunedConfig(_BaseConfig):
     model_type = "FAMILY"
 
     def __init__(self, kv_heads_per_layer=None, intermediate_size_per_layer=None, o_proj_bias=False,
-                 down_proj_bias=False, **kwargs):
+                 down_proj_bias=False, heads_per_group_per_layer=None, **kwargs):
         super().__init__(**kwargs)
         n = self.num_hidden_layers
         self.kv_heads_per_layer = list(kv_heads_per_layer or [self.num_key_value_heads] * n)
         self.intermediate_size_per_layer = list(intermediate_size_per_layer or [self.intermediate_size] * n)
+        if heads_per_group_per_layer is not None:  # written only when query heads were pruned inside groups
+            self.heads_per_group_per_layer = list(heads_per_group_per_layer)
         self.o_proj_bias = bool(o_proj_bias)
         self.down_proj_bias = bool(down_proj_bias)
 
@@ -75,17 +79,18 @@ def _block_norms(layer):
     return ("input_layernorm",), ("post_attention_layernorm",)
 
 
-def _resize_layer(layer, kv_heads, channels, config):
+def _resize_layer(layer, kv_heads, channels, config, heads_per_group):
     attn, mlp = layer.self_attn, layer.mlp
     d = config.hidden_size
     attn_norms, mlp_norms = _block_norms(layer)
-    if kv_heads == 0:
+    if kv_heads == 0 or heads_per_group == 0:
         layer.self_attn = NoAttention(attn.layer_idx, d, config.o_proj_bias, attn.o_proj.weight)
         for name in attn_norms:
             setattr(layer, name, nn.Identity())
     else:
         hd = attn.head_dim
-        q_heads = kv_heads * (config.num_attention_heads // config.num_key_value_heads)
+        q_heads = kv_heads * heads_per_group
+        attn.num_key_value_groups = heads_per_group  # the query heads that read each KV head
         attn.q_proj = _linear(d, q_heads * hd, attn.q_proj.bias is not None, attn.q_proj)
         attn.k_proj = _linear(d, kv_heads * hd, attn.k_proj.bias is not None, attn.k_proj)
         attn.v_proj = _linear(d, kv_heads * hd, attn.v_proj.bias is not None, attn.v_proj)
@@ -105,6 +110,8 @@ class BppPrunedForCausalLM(_BaseForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer, kv_heads, channels in zip(self.model.layers, config.kv_heads_per_layer,
-                                             config.intermediate_size_per_layer):
-            _resize_layer(layer, kv_heads, channels, config)
+        ratio = config.num_attention_heads // config.num_key_value_heads
+        slots = getattr(config, "heads_per_group_per_layer", None) or [ratio] * len(self.model.layers)
+        for layer, kv_heads, channels, heads in zip(self.model.layers, config.kv_heads_per_layer,
+                                                    config.intermediate_size_per_layer, slots):
+            _resize_layer(layer, kv_heads, channels, config, heads)
