@@ -75,8 +75,8 @@ def sliding_layers(config: dict) -> list[bool]:
     return [kind == "sliding_attention" and window is not None for kind in kinds]
 
 
-def refusal(where, sizes: list[tuple[int, int]], biased: bool) -> BppError | None:
-    """Why a Gemma 3 model with these (KV groups, MLP channels) per layer, and output biases or
+def refusal(where, sizes: list[tuple[int, ...]], biased: bool) -> BppError | None:
+    """Why a Gemma 3 model with these (KV groups, MLP channels[, query heads]) per layer, and output biases or
     not, has no gemma3 form (one line naming what exports); None when it has one."""
     if biased:
         return BppError(f"{where}: a Gemma 3 model with output biases (bias compensation) has no GGUF form: "

@@ -2,7 +2,8 @@
 layer of the file holds.
 
 Per-layer sizes go to llama.cpp's ``deci`` architecture, whose head counts and MLP widths are
-per-layer arrays (``deci.attention.head_count``, ``…head_count_kv``, ``deci.feed_forward_length``).
+per-layer arrays (``deci.attention.head_count``, ``…head_count_kv``, ``deci.feed_forward_length``):
+KV groups, query heads per group (bpp's query-head slots) and channels may all differ by layer.
 A folder whose layers all agree goes to the family's own architecture (``llama`` for Llama and
 Mistral, ``qwen2``, ``qwen3``) when that architecture holds every tensor the folder has. Gemma 3
 goes to ``gemma3`` only (see :mod:`.gemma3`: its layers must agree).
@@ -139,8 +140,8 @@ def rope_params(config: dict) -> dict:
     return params
 
 
-def layer_sizes(model: Model) -> list[tuple[int, int]]:
-    """(KV groups, MLP channels) per layer of the folder."""
+def layer_sizes(model: Model) -> list[tuple[int, int, int]]:
+    """(KV groups, MLP channels, query heads per group) per layer of the folder."""
     c = model.config
     n = int(c["num_hidden_layers"])
     if "kv_heads_per_layer" in c or "intermediate_size_per_layer" in c:  # bpp's per-layer-size config
@@ -151,9 +152,14 @@ def layer_sizes(model: Model) -> list[tuple[int, int]]:
         if len(kv) != n or len(ff) != n:
             raise BppError(f"{model.folder}/config.json: kv_heads_per_layer and intermediate_size_per_layer "
                            f"must hold {n} entries (num_hidden_layers)")
-        return [(int(a), int(b)) for a, b in zip(kv, ff)]
+        slots = c.get("heads_per_group_per_layer") or [model.heads_per_group] * n
+        if len(slots) != n:
+            raise BppError(f"{model.folder}/config.json: heads_per_group_per_layer must hold {n} entries "
+                           "(num_hidden_layers)")
+        # a layer whose groups keep no query head has no attention, as the modeling file builds it
+        return [(int(a) if h else 0, int(b), int(h) if a else 0) for a, b, h in zip(kv, ff, slots)]
     n_kv = int(c.get("num_key_value_heads") or c["num_attention_heads"])
-    return [(n_kv, int(c["intermediate_size"]))] * n
+    return [(n_kv, int(c["intermediate_size"]), model.heads_per_group)] * n
 
 
 def plan_layers(model: Model, weights: Weights) -> None:
@@ -172,17 +178,17 @@ def plan_layers(model: Model, weights: Weights) -> None:
         if error is not None:
             raise error
         model.arch = gemma3.ARCH  # every layer as it is: one head count and MLP width for all
-        kv, ff = sizes[0]
+        kv, ff, r = sizes[0]
         sliding = gemma3.sliding_layers(model.config)
-        model.layers = [Layer(i, kv * model.heads_per_group, kv, ff, "real", "real", sliding[i])
+        model.layers = [Layer(i, kv * r, kv, ff, "real", "real", sliding[i])
                         for i in range(len(sizes))]
         return
     uniform = len(set(sizes)) == 1 and min(sizes[0]) > 0
-    r, hd, d = model.heads_per_group, model.head_dim, model.hidden
+    hd, d = model.head_dim, model.hidden
     stock = STOCK_ARCH[model.family]
     if uniform and stock == "llama":
         model.arch = "llama"
-    elif uniform and stock == "qwen2" and not any(biases.values()) and sizes[0][0] * r * hd == d:
+    elif uniform and stock == "qwen2" and not any(biases.values()) and sizes[0][0] * sizes[0][2] * hd == d:
         model.arch = "qwen2"  # its q / o shapes are (d, d): only when the heads still fill the width
     elif uniform and stock == "qwen3" and not any(biases.values()):
         model.arch = "qwen3"
@@ -194,7 +200,7 @@ def plan_layers(model: Model, weights: Weights) -> None:
                        "bias compensation, or run the folder in transformers (trust_remote_code=True)")
     else:
         model.arch = "deci"
-    for i, (kv, ff) in enumerate(sizes):
+    for i, (kv, ff, r) in enumerate(sizes):
         o_bias = f"{p}.{i}.self_attn.bias" in weights
         down_bias = f"{p}.{i}.mlp.bias" in weights
         if kv == 0 and ff == 0 and not (o_bias or down_bias):

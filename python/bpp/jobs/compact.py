@@ -119,7 +119,7 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
         from ..gguf.gemma3 import refusal
 
         biased = bias_compensation or reconstruct
-        error = refusal(f"--export gguf of {out}", [(s["kv_groups"], s["channels"])
+        error = refusal(f"--export gguf of {out}", [(s["kv_groups"], s["channels"], s["query_heads"])
                                                     for s in layer_sizes(space, masks, keep_empty=biased)], biased)
         if error is not None:  # before the calibration and the compaction
             raise error
