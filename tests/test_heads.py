@@ -167,3 +167,21 @@ def test_a_heads_mask_of_the_wrong_size_is_one_line():
     masks.heads = torch.ones(1, 2, 3)
     with pytest.raises(BppError, match="masks.heads must be a bool tensor"):
         masks.validate(space)
+
+
+def test_gemma3_head_slots_match_the_hooks_and_compact():
+    from tests.tiny import tiny_gemma3
+
+    model = tiny_gemma3()
+    space = MaskSpace.from_model(model)
+    if space.heads_per_group < 2:
+        pytest.skip("the tiny Gemma 3 has one query head per group")
+    masks = _heads_masks(space, 4, seed=4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    got, want = MaskedModel(model).losses(ids, masks), hook_losses(model, ids, masks)
+    assert ((got - want).abs() / want.abs()).max().item() <= 1e-4
+    one = masks[1]
+    logits = MaskedModel(model).logits(ids, one)[0]
+    with torch.no_grad():
+        small = compact_model(model, one)(ids).logits
+    assert (small - logits).abs().max() <= 1e-4 * logits.abs().max()

@@ -236,10 +236,11 @@ class Budget:
         space = self.space
         kept = int(space.params(mask)[0])
         eff = mask.effective()
+        heads = {} if mask.heads is None else {"kept_query_heads": int(eff.kept_heads(space.heads_per_group).sum())}
         return {
             "params": kept,
             "sparsity_of_model": 1 - kept / space.total_params,
             "sparsity_of_learned_units": (space.total_params - kept) / self.learned_params,
             "kept_channels": int(eff.channels.sum()), "kept_groups": int(eff.groups.sum()),
-            "kept_layers": int(mask.layers.sum()),
+            "kept_layers": int(mask.layers.sum()), **heads,
         }

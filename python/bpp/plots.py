@@ -21,12 +21,18 @@ def plot_kept_per_layer(path: Path, space: MaskSpace, final_mask: Masks, init_ma
 
     layers = np.arange(space.n_layers)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharex=True)
-    for ax, field, title in ((axes[0], "channels", "MLP channels kept"), (axes[1], "groups", "KV groups kept")):
+    heads = final_mask.heads is not None  # query-head slots: the share of query heads each layer keeps
+    attention = ("heads", "query heads kept") if heads else ("groups", "KV groups kept")
+
+    def kept(eff: Masks, field: str):
+        units = eff.kept_heads(space.heads_per_group).flatten(2) if field == "heads" else getattr(eff, field)
+        return units[0].float().mean(-1).numpy()
+
+    for ax, field, title in ((axes[0], "channels", "MLP channels kept"), (axes[1], *attention)):
         for mask, label, style in ((init_mask, init_label, "--"), (final_mask, "final mask", "-")):
             if mask is None:
                 continue
-            eff = mask.effective()
-            ax.plot(layers, getattr(eff, field)[0].float().mean(-1).numpy(), style, marker="o", ms=3, label=label)
+            ax.plot(layers, kept(mask.effective(), field), style, marker="o", ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("layer")
         ax.set_ylim(-0.02, 1.02)

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         basis: int = typer.Option(_D.basis, "--basis", help="allocation: the channel offsets as this many smooth profiles over depth (0: one free offset per layer)"),
         optimizer: str = typer.Option(_D.optimizer, "--optimizer", help="allocation: adam (per-coordinate steps) | sgd (steps along the per-step normalised gradient)"),
         sampling: str = typer.Option(_D.sampling, "--sampling", help="allocation: antithetic (pairs a ± σε, the pair its own baseline) | independent (draws a + σε, each against the mean of the others on the same batch)"),
+        attention_units: str = typer.Option(_D.attention_units, "--attention-units", help="allocation: what attention gives up: groups (whole KV groups with their query heads, default) | heads (query-head slots: head j of every KV group of a layer, so layers stay regular GQA; groups are kept, their k/v rows are a layer's fixed attention cost; ranked by FLAP's fluctuation)"),
         selection_windows: int = typer.Option(_D.selection_windows, "--selection-windows", help="held-in calibration windows that judge the incumbent (never used by the gradient)"),
         init_windows: int = typer.Option(_D.init_windows, "--init-windows", help="calibration windows of the init method, the bias statistics and the output's reconstruction"),
         init_seq_len: int = typer.Option(_D.init_seq_len, "--init-seq-len", help="tokens per --init-windows window"),

@@ -97,6 +97,9 @@ def compact(model=None, masks: Masks | str | os.PathLike | None = None, out: str
     masks.validate(space)
     if masks.S != 1:
         raise BppError(f"{mask_path or 'masks'} holds {masks.S} masks; compaction takes one")
+    if (clap or slnp) and masks.heads is not None and not bool(masks.heads.all()):
+        raise BppError(f"{mask_path or 'masks'} prunes query heads inside KV groups, which --clap / --slnp do not "
+                       "handle (they move and re-initialise whole groups); compact it without them")
     if not allow_other_model:
         masks.check_model(model, str(mask_path or "the mask"))
     info = {"mask": str(mask_path)} if mask_path is not None else {}

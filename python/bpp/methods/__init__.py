@@ -102,14 +102,15 @@ def initialise(budget: Budget, name: str, model=None, calib: torch.Tensor | None
 def rank_scores(name: str | None, model, space: MaskSpace, stats, calib: torch.Tensor | None, sparsity: float,
                 init: str, metrics: dict) -> dict | None:
     """Scores that rank units inside each layer (``--rank``): ``{"channel": (L, m), "group": (L, G)}``
-    from FLAP's fluctuation (``stats``: the calibration statistics) or wanda-sp (the init's own
-    metrics when the init is wanda-sp); None for ``name`` None."""
+    from FLAP's fluctuation (``stats``: the calibration statistics; with ``"head": (L, r)`` for
+    query-head slots) or wanda-sp (the init's own metrics when the init is wanda-sp); None for
+    ``name`` None."""
     if name is None:
         return None
     if name == "flap":
-        from .flap import flap_scores
+        from .flap import flap_head_scores, flap_scores
 
-        return dict(zip(("channel", "group"), flap_scores(model, stats)))
+        return {**dict(zip(("channel", "group"), flap_scores(model, stats))), "head": flap_head_scores(model, stats)}
     if init == "wanda-sp":
         return metrics
     from .wanda_sp import wanda_sp_metric

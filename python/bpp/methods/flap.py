@@ -2,7 +2,8 @@
 
 - Fluctuation metric (WIFV): for each input column j of o_proj / down_proj, the variance of
   that input over the calibration tokens times the squared norm of the weight column,
-  S_j = Var_n(X_nj) · ||W_:j||². A KV group scores the sum over its heads' columns.
+  S_j = Var_n(X_nj) · ||W_:j||². A KV group scores the sum over its heads' columns; a query-head
+  slot (head j of every group) the sum over its heads' columns in all groups.
 - Adaptive global structure (FLAP's "AL-AM", as its official code runs it): within each layer
   the scores of a unit type are standardised (zero mean, unit std over that layer's units; for
   attention over its o_proj input columns, then averaged over each KV group's columns), and one
@@ -49,6 +50,14 @@ def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
     space = MaskSpace.from_model(model)
     channel, columns = _column_fluctuations(model, stats)
     return channel, columns.view(space.n_layers, space.n_groups, -1).sum(-1)
+
+
+def flap_head_scores(model, stats: InputStats) -> torch.Tensor:
+    """WIFV fluctuation scores of query-head slots ``(L, r)``, float64: slot j sums the o_proj input
+    columns of head j in every KV group."""
+    space = MaskSpace.from_model(model)
+    _, columns = _column_fluctuations(model, stats)
+    return columns.view(space.n_layers, space.n_groups, space.heads_per_group, -1).sum((1, 3))
 
 
 def _standardise_rows(x: torch.Tensor) -> torch.Tensor:

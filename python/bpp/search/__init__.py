@@ -19,6 +19,7 @@ Adding a policy is one module and one line in :data:`POLICIES`.
 from __future__ import annotations
 
 from ..budget import Budget
+from ..errors import BppError
 from ..space import MaskSpace
 from .allocation import AllocationPolicy
 from .evolution import EvolutionPolicy
@@ -36,7 +37,10 @@ __all__ = ["POLICIES", "AllocationPolicy", "EvolutionPolicy", "MaskLosses", "Pro
 
 
 def config_budget(space: MaskSpace, config: PruneConfig) -> Budget:
-    """The budget of a run: its learned unit types at its sparsity."""
+    """The budget of a run: its learned unit types at its sparsity (and a model its attention units fit)."""
+    if config.attention_units == "heads" and space.heads_per_group < 2:
+        raise BppError(f"--attention-units heads prunes query heads inside KV groups, but this model has "
+                       f"{space.heads_per_group} query head per group; use --attention-units groups")
     return Budget(space, config.granularity, config.sparsity, config.budget)
 
 

@@ -25,6 +25,11 @@ Steps alternate between kinds:
 - group steps (every ``group_every``-th): the deterministic mask and up to samples − 1
   single-layer KV-group moves on one batch, judged window by window (:mod:`.group_moves`). Group
   draws never mix with channel draws: a group's loss swing would drown the channel signal.
+
+With ``attention_units="heads"`` (``--attention-units heads``) the attention units are query-head
+slots instead of KV groups (slot j = query head j of every group of a layer; every group kept): the
+same counts, moves and budget, with a slot's cost (its head in every group) and the groups' k/v
+rows a layer's fixed attention cost while it keeps any slot (:func:`.counts.attention_cost`).
 """
 from __future__ import annotations
 
@@ -64,10 +69,12 @@ class AllocationPolicy:
     def __init__(self, space: MaskSpace, channel_ranks: torch.Tensor, group_ranks: torch.Tensor,
                  base_channels: torch.Tensor, base_groups: torch.Tensor, sparsity: float, sigma: float = 0.05,
                  basis: int = 0, *, samples: int = 8, sampling: str = "antithetic", optimizer: str = "adam",
-                 group_every: int = 0, budget: Budget | None = None):
-        L, m, G = space.n_layers, space.n_channels, space.n_groups
+                 group_every: int = 0, budget: Budget | None = None, attention_units: str = "groups"):
+        L, m = space.n_layers, space.n_channels
+        self.attention_units = attention_units
+        G = self.n_attention = space.n_groups if attention_units == "groups" else space.heads_per_group
         if tuple(channel_ranks.shape) != (L, m) or tuple(group_ranks.shape) != (L, G):
-            raise BppError(f"ranks must be (L, m) = {(L, m)} and (L, G) = {(L, G)}")
+            raise BppError(f"ranks must be (L, m) = {(L, m)} and (L, {attention_units}) = {(L, G)}")
         if not sigma > 0:
             raise BppError(f"--sigma must be positive, got {sigma}")
         self.space, self.sparsity, self.sigma = space, float(sparsity), float(sigma)
@@ -82,7 +89,7 @@ class AllocationPolicy:
         self.target = (1.0 - self.sparsity) * space.prunable_params
         self.basis = self.make_basis(basis)
         if self.channel_total(self.groups.unsqueeze(0))[0] < 0:
-            raise BppError(f"the init mask keeps {int(self.groups.sum())} KV groups, more parameters than the "
+            raise BppError(f"the init mask keeps {int(self.groups.sum())} {self.unit_name}, more parameters than the "
                            f"budget at sparsity {sparsity:g} allows")
         self.optimizer = make_optimizer(optimizer, self.n_coefficients)
         self.moves = GroupMoves()
@@ -109,12 +116,17 @@ class AllocationPolicy:
     def _configured(cls, space, budget, config, channel_ranks, group_ranks, base_channels, base_groups):
         return cls(space, channel_ranks, group_ranks, base_channels, base_groups, config.sparsity, sigma=config.sigma,
                    basis=config.basis, samples=config.samples, sampling=config.sampling,
-                   optimizer=config.optimizer, group_every=config.group_every, budget=budget)
+                   optimizer=config.optimizer, group_every=config.group_every, budget=budget,
+                   attention_units=getattr(config, "attention_units", "groups"))
+
+    @property
+    def unit_name(self) -> str:
+        return "KV groups" if self.attention_units == "groups" else "query-head slots"
 
     # --- counts ↔ masks -------------------------------------------------------------------
     def channel_total(self, groups: torch.Tensor) -> torch.Tensor:
         """(S,) channels the budget leaves once ``groups (S, L)`` are kept (−1: groups alone exceed it)."""
-        return channels_left(self.space, self.target, groups)
+        return channels_left(self.space, self.target, groups, self.attention_units)
 
     def channel_counts(self, levels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Per-layer kept channels (S, L) for keep levels ``(S, L)`` (fractions before the shift):
@@ -126,7 +138,8 @@ class AllocationPolicy:
 
     def masks(self, channels: torch.Tensor, groups: torch.Tensor) -> Masks:
         """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)`` groups."""
-        return top_masks(self.channel_ranks, self.group_ranks, channels, groups)
+        return top_masks(self.channel_ranks, self.group_ranks, channels, groups,
+                         None if self.attention_units == "groups" else self.space.n_groups)
 
     def levels(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
         return self.base + (self.offsets if offsets is None else offsets)
@@ -175,8 +188,8 @@ class AllocationPolicy:
 
     # --- group moves ----------------------------------------------------------------------------
     def feasible_moves(self) -> list[GroupMove]:
-        """Single-layer group changes that stay within [0, G] groups and the budget."""
-        G = self.space.n_groups
+        """Single-layer group (or slot) changes that stay within [0, G] groups (r slots) and the budget."""
+        G = self.n_attention
         moves = []
         for layer in range(self.space.n_layers):
             for delta in (-1, 1):
@@ -221,7 +234,7 @@ class AllocationPolicy:
         if start is not None:
             m = self.space.n_channels
             self.base = start.channels[0].sum(-1).to(torch.float64) / m
-            self.groups = start.groups[0].sum(-1).long().clone()
+            self.groups = self.attention_counts(start)
         else:
             channels, self.groups = self.center_counts()
             self.base = channels.to(torch.float64) / self.space.n_channels
@@ -229,6 +242,16 @@ class AllocationPolicy:
         self.round = r
         self._set_round(r)
         self.moves = GroupMoves()
+
+    def attention_counts(self, mask: Masks) -> torch.Tensor:
+        """(L,) the attention units ``mask`` keeps per layer: KV groups, or query-head slots (all r
+        where it has none; none where it keeps no group)."""
+        eff = mask.effective()
+        if self.attention_units == "groups":
+            return eff.groups[0].sum(-1).long().clone()
+        slots = eff.heads[0].sum(-1) if eff.heads is not None else torch.full_like(eff.layers[0], self.n_attention,
+                                                                                        dtype=torch.long)
+        return (slots * eff.groups[0].any(-1)).long()
 
     def _set_round(self, r: int) -> None:
         self.sigma, K = self.round_settings(r)
@@ -301,6 +324,7 @@ class AllocationPolicy:
         channels, groups = self.center_counts()
         return {"allocation": {"evaluations": evaluations, "snr": self.snr, "round": self.round, "sigma": self.sigma,
                                "gradient_t_statistics": t_statistics(self.grad_sum, self.grad_sq, self.grad_steps),
+                               "attention_units": self.attention_units,
                                "kept_groups": int(groups.sum()), "kept_channels_per_layer": channels.tolist(),
                                "kept_groups_per_layer": groups.tolist(), "offsets": self.offsets.tolist()}}
 
@@ -308,6 +332,7 @@ class AllocationPolicy:
         """``allocation.json``: the deterministic allocation, the offsets, the init's counts."""
         channels, groups = self.center_counts()
         return {"allocation.json": {"kept_channels": channels.tolist(), "kept_groups": groups.tolist(),
+                                    "attention_units": self.attention_units,
                                     "offsets": self.offsets.tolist(),
                                     "init_channels": torch.round(self.base * self.space.n_channels).long().tolist(),
                                     "evaluations": evaluations}}

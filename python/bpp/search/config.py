@@ -21,6 +21,7 @@ RANKS = ("init", "flap", "wanda-sp")
 OBJECTIVES = ("soft", "nll")
 OPTIMIZERS = ("adam", "sgd")
 SAMPLINGS = ("antithetic", "independent")
+ATTENTION_UNITS = ("groups", "heads")  # what the search prunes in attention: whole KV groups, or query-head slots
 UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective": "nll", "steps": 100}  # the official settings
 # the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets,
 # and fewer steps than the per-unit policy (bench/RESULTS.md, sample efficiency)
@@ -32,7 +33,7 @@ ROUND_EVALUATIONS = 480
 EVOPRESS_DEFAULTS = dict(ALLOCATION_DEFAULTS)
 
 # fields added after runs were saved without them: the value those runs were made with
-SAVED_WITHOUT = {"reconstruct": False}
+SAVED_WITHOUT = {"reconstruct": False, "attention_units": "groups"}
 
 
 @dataclass
@@ -74,6 +75,8 @@ class PruneConfig:
     basis: int = 8  # allocation: channel offsets as this many smooth profiles over depth (0: one per layer)
     optimizer: str = "adam"  # allocation: adam (per-coordinate steps) | sgd (normalised gradient steps)
     sampling: str = "antithetic"  # allocation: antithetic pairs | independent draws with a leave-one-out baseline
+    # allocation: what attention gives up: whole KV groups, or query-head slots (head j of every group; groups kept)
+    attention_units: str = "groups"
 
     def validate(self) -> "PruneConfig":
         check_types(self)
@@ -181,6 +184,15 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
             raise BppError(f"unknown sampling {config.sampling!r}; use one of {', '.join(SAMPLINGS)}")
         if config.sampling == "antithetic" and config.samples % 2:
             raise BppError(f"--sampling antithetic draws pairs: --samples must be even, got {config.samples}")
+    if config.attention_units not in ATTENTION_UNITS:
+        raise BppError(f"unknown attention units {config.attention_units!r}; use one of {', '.join(ATTENTION_UNITS)}")
+    if config.attention_units == "heads":
+        if config.policy != "allocation":
+            raise BppError(f"--attention-units heads works with --policy allocation only (not {config.policy}); "
+                           "drop --policy, or prune KV groups with --attention-units groups")
+        if config.rank != "flap":
+            raise BppError(f"--attention-units heads ranks query-head slots by FLAP's fluctuation; use --rank flap "
+                           f"(not {config.rank})")
     if config.optimizer not in OPTIMIZERS:
         raise BppError(f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if config.objective not in OBJECTIVES:

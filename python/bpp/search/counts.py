@@ -57,10 +57,20 @@ def start_ranking(config: PruneConfig, start: SearchStart) -> tuple[torch.Tensor
                                                                      torch.Tensor]:
     """The within-layer ranking of ``config.rank`` (the init's own scores for "init", else
     ``start.rank_scores``) and the init mask's kept counts: (channel ranks (L, m), group ranks
-    (L, G), channels (L,), groups (L,))."""
+    (L, G), channels (L,), groups (L,)). With ``attention_units`` "heads", query-head slots take
+    the groups' place: slot ranks (L, r) by ``start.rank_scores["head"]``, and each layer keeps the
+    share of its slots that the init mask keeps of its groups."""
     init_mask = start.init_mask
     if init_mask is None:
         raise BppError(f"--policy {config.policy} starts from an init method's mask; --init {config.init} has none")
+    if getattr(config, "attention_units", "groups") == "heads":
+        scores = (start.rank_scores or {}).get("head")
+        if scores is None:
+            raise BppError("--attention-units heads needs per-slot scores to rank query heads by; use --rank flap")
+        G, r = init_mask.groups.shape[-1], scores.shape[-1]
+        slots = torch.round(init_mask.groups[0].sum(-1).to(torch.float64) * r / G).long()
+        return ranks_from_scores(start.rank_scores["channel"]), ranks_from_scores(scores), \
+            init_mask.channels[0].sum(-1), slots
     if config.rank == "init":
         if "channel" not in start.metrics or "group" not in start.metrics:
             raise BppError(f"--init {config.init} gives no per-unit scores to rank by; pass --rank flap or wanda-sp")
@@ -72,10 +82,22 @@ def start_ranking(config: PruneConfig, start: SearchStart) -> tuple[torch.Tensor
     return channel_ranks, group_ranks, init_mask.channels[0].sum(-1), init_mask.groups[0].sum(-1)
 
 
-def channels_left(space: MaskSpace, target: float, groups: torch.Tensor) -> torch.Tensor:
-    """(S,) channels a budget of ``target`` parameters leaves once ``groups (S, L)`` are kept (−1:
-    groups alone exceed it; at most every channel)."""
-    left = target - space.group_params * groups.sum(-1).to(torch.float64)
+def attention_cost(space: MaskSpace, counts: torch.Tensor, units: str = "groups") -> torch.Tensor:
+    """(S,) prunable parameters of attention blocks keeping ``counts (S, L)`` units per layer: KV
+    groups, or query-head slots (every group kept: a slot costs its head in each group, and the
+    groups' k/v rows stay while a layer keeps any slot)."""
+    counts = counts.to(torch.float64)
+    if units == "groups":
+        return space.group_params * counts.sum(-1)
+    G = space.n_groups
+    return (G * space.kv_params * (counts > 0) + G * space.head_params * counts).sum(-1)
+
+
+def channels_left(space: MaskSpace, target: float, groups: torch.Tensor, units: str = "groups") -> torch.Tensor:
+    """(S,) channels a budget of ``target`` parameters leaves once ``groups (S, L)`` attention units
+    (KV groups, or query-head slots for ``units`` "heads") are kept (−1: they alone exceed it; at
+    most every channel)."""
+    left = target - attention_cost(space, groups, units)
     total = torch.floor(left / space.channel_params + 1e-9).long()
     return torch.where(left < 0, torch.full_like(total, -1), total.clamp(max=space.n_layers * space.n_channels))
 
@@ -98,9 +120,14 @@ def shifted_counts(levels: torch.Tensor, total: torch.Tensor, cap: int) -> torch
 
 
 def top_masks(channel_ranks: torch.Tensor, group_ranks: torch.Tensor, channels: torch.Tensor,
-              groups: torch.Tensor) -> Masks:
+              groups: torch.Tensor, n_groups: int | None = None) -> Masks:
     """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)``
-    groups by the ranks (L, m) / (L, G)."""
+    groups by the ranks (L, m) / (L, G). With ``n_groups`` the attention units are query-head
+    slots: ``group_ranks`` (L, r) rank slots, ``groups`` counts them, and every KV group is kept."""
     S, L = channels.shape
-    return Masks(channel_ranks.unsqueeze(0) < channels.unsqueeze(-1), group_ranks.unsqueeze(0) < groups.unsqueeze(-1),
-                 torch.ones(S, L, dtype=torch.bool))
+    top = group_ranks.unsqueeze(0) < groups.unsqueeze(-1)
+    layers = torch.ones(S, L, dtype=torch.bool)
+    if n_groups is None:
+        return Masks(channel_ranks.unsqueeze(0) < channels.unsqueeze(-1), top, layers)
+    return Masks(channel_ranks.unsqueeze(0) < channels.unsqueeze(-1), torch.ones(S, L, n_groups, dtype=torch.bool),
+                 layers, top)

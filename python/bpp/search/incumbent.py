@@ -49,7 +49,8 @@ class Incumbent:
         return record
 
     def state(self) -> dict:
-        return {"mask": {f: getattr(self.mask, f).clone() for f in ("channels", "groups", "layers")},
+        fields = ("channels", "groups", "layers") + (("heads",) if self.mask.heads is not None else ())
+        return {"mask": {f: getattr(self.mask, f).clone() for f in fields},
                 "window_losses": self.window_losses.clone(), "z": self.z, "changed_at": self.changed_at,
                 "history": list(self.history)}
 

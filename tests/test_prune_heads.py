@@ -1,0 +1,100 @@
+"""`bpp prune --attention-units heads`: the allocation policy over query-head slots (head j of every
+KV group) instead of whole KV groups, end to end on a tiny model (2 groups of 3 heads), its budget,
+the written model, and the option's errors."""
+import json
+
+import pytest
+import torch
+
+from bpp.errors import BppError
+from bpp.jobs.prune import prune
+from bpp.masks import Masks
+from bpp.search import PruneConfig
+from bpp.search.counts import attention_cost
+from bpp.search.incumbent import Incumbent
+from bpp.space import MaskSpace
+from tests.conftest import FAST_CLI, cli
+
+FAST = dict(steps=12, samples=4, batch_size=2, seq_len=32, init_windows=4, init_seq_len=32, sparsity=0.3,
+            selection_windows=4, incumbent_every=3, group_every=3, attention_units="heads")
+
+
+def _run(tiny_llama_dir, tiny_llama_loaded, out, **kw):
+    model, tok = tiny_llama_loaded
+    return prune(PruneConfig(model=str(tiny_llama_dir), **{**FAST, **kw}), out, model=model, tokenizer=tok,
+                 progress=False, eval_windows=3)
+
+
+@pytest.mark.parametrize("reconstruct", [True, False], ids=["reconstruct", "bias"])
+def test_heads_run_prunes_slots_within_the_budget_and_writes_that_model(tiny_llama_dir, tiny_llama_loaded, tmp_path,
+                                                                       reconstruct):
+    out = tmp_path / "run"  # FLAP's init at 50% prunes KV groups: the search starts with pruned slots
+    report = _run(tiny_llama_dir, tiny_llama_loaded, out, reconstruct=reconstruct, init="flap", sparsity=0.5)
+    model = tiny_llama_loaded[0]
+    space = MaskSpace.from_model(model)
+    mask, init = Masks.load(out / "mask.safetensors"), Masks.load(out / "init_mask.safetensors")
+    assert mask.heads is not None and init.heads is not None and tuple(mask.heads.shape) == (1, 2, 3)
+    assert mask.groups.all() and init.groups.all()  # slots are pruned, groups stay whole
+    assert not init.heads.all() and not mask.heads.all()
+    slots = mask.effective().heads[0].sum(-1) * mask.effective().groups[0].any(-1)
+    kept = float(attention_cost(space, slots.unsqueeze(0), "heads")[0]) + int(mask.channels.sum()) * space.channel_params
+    assert kept <= (1 - 0.5) * space.prunable_params + 1e-6
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"channel", "group"}  # slot moves run as the group steps do
+    assert json.loads((out / "allocation.json").read_text())["attention_units"] == "heads"
+    assert report["params"]["final_mask"]["kept_query_heads"] == int(mask.kept_heads(3).sum())
+    assert report["params"]["final_mask"]["params"] == int(space.params(mask)[0])
+    # the written model is the mask's, and the reported perplexity is that model's
+    from transformers import AutoModelForCausalLM
+
+    from bpp.data import load_text, tokenize
+    from bpp.evaluation import perplexity
+
+    small = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    layers = json.loads((out / "model" / "bpp_compaction.json").read_text())["layers"]
+    assert [s["query_heads"] for s in layers] == [int(mask.kept_heads(3)[0, s["layer"]].sum()) for s in layers]
+    ids = tokenize(tiny_llama_loaded[1], load_text("default", "heldout"))
+    ppl = perplexity(small, tiny_llama_loaded[1], ids, seq_len=128, max_windows=3)
+    assert abs(ppl - report["perplexity"]["final_mask"]) < 1e-3 * report["perplexity"]["final_mask"]
+
+
+def test_heads_from_the_command_line(tiny_llama_dir, tmp_path):
+    code, err = cli("prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "r"), "--attention-units",
+                    "heads", *FAST_CLI)
+    assert code == 0, err
+    assert Masks.load(tmp_path / "r" / "mask.safetensors").heads is not None
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["attention_units"] == "heads"
+
+
+def test_the_default_run_has_no_slots(tiny_llama_dir, tmp_path):
+    code, err = cli("prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "r"), *FAST_CLI)
+    assert code == 0, err
+    assert Masks.load(tmp_path / "r" / "mask.safetensors").heads is None
+
+
+def test_incumbent_state_keeps_slots():
+    mask = Masks(torch.ones(1, 2, 5, dtype=torch.bool), torch.ones(1, 2, 2, dtype=torch.bool),
+                 torch.ones(1, 2, dtype=torch.bool), torch.tensor([[[True, False, True], [False, True, True]]]))
+    inc = Incumbent(mask, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(Incumbent.from_state(inc.state()).mask.heads, mask.heads)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(attention_units="query"), "unknown attention units 'query'"),
+    (dict(policy="units", init="flap"), "--attention-units heads works with --policy allocation only"),
+    (dict(policy="evopress"), "--attention-units heads works with --policy allocation only"),
+    (dict(rank="init"), "use --rank flap"),
+])
+def test_bad_heads_options_are_one_line(tiny_llama_dir, tiny_llama_loaded, tmp_path, changes, message):
+    with pytest.raises(BppError, match=message) as e:
+        _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "bad", **changes)
+    assert "\n" not in str(e.value)
+
+
+def test_heads_on_a_model_with_one_head_per_group_is_refused(tmp_path, tokenizer):
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama", num_attention_heads=2, num_key_value_heads=2, head_dim=30)
+    with pytest.raises(BppError, match="1 query head per group; use --attention-units groups") as e:
+        prune(PruneConfig(**FAST), tmp_path / "mha", model=model, tokenizer=tokenizer, progress=False)
+    assert "\n" not in str(e.value)
