@@ -19,10 +19,10 @@ FAST = dict(steps=12, samples=4, batch_size=2, seq_len=32, init_windows=4, init_
             selection_windows=4, incumbent_every=3, group_every=3, attention_units="heads")
 
 
-def _run(tiny_llama_dir, tiny_llama_loaded, out, **kw):
+def _run(tiny_llama_dir, tiny_llama_loaded, out, checkpoint_every=20, **kw):
     model, tok = tiny_llama_loaded
     return prune(PruneConfig(model=str(tiny_llama_dir), **{**FAST, **kw}), out, model=model, tokenizer=tok,
-                 progress=False, eval_windows=3)
+                 progress=False, eval_windows=3, checkpoint_every=checkpoint_every)
 
 
 @pytest.mark.parametrize("reconstruct", [True, False], ids=["reconstruct", "bias"])
@@ -98,3 +98,31 @@ def test_heads_on_a_model_with_one_head_per_group_is_refused(tmp_path, tokenizer
     with pytest.raises(BppError, match="1 query head per group; use --attention-units groups") as e:
         prune(PruneConfig(**FAST), tmp_path / "mha", model=model, tokenizer=tokenizer, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_a_stopped_heads_run_resumes_to_the_same_mask(tiny_llama_dir, tiny_llama_loaded, tmp_path, monkeypatch):
+    from bpp.search.allocation import AllocationPolicy
+
+    model, tok = tiny_llama_loaded
+    kw = dict(init="flap", sparsity=0.5, steps=9, reconstruct=False)
+    whole = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "whole", checkpoint_every=3, **kw)
+    tell, calls = AllocationPolicy.tell, []
+
+    def stop_at_the_eighth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # after the checkpoint of step 6: the resumed run redoes steps 6 and 7
+            raise KeyboardInterrupt
+        return tell(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(AllocationPolicy, "tell", stop_at_the_eighth)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "cut", checkpoint_every=3, **kw)
+    resumed = prune(out=tmp_path / "cut", resume=True, model=model, tokenizer=tok, progress=False)
+    assert resumed["sessions"] == 2 and resumed["config"]["attention_units"] == "heads"
+    for name in ("mask.safetensors", "init_mask.safetensors"):
+        a, b = Masks.load(tmp_path / "whole" / name), Masks.load(tmp_path / "cut" / name)
+        assert a == b and b.heads is not None
+    assert json.loads((tmp_path / "cut" / "allocation.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "allocation.json").read_text())
+    assert resumed["perplexity"]["final_mask"] == whole["perplexity"]["final_mask"]
