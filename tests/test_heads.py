@@ -185,3 +185,22 @@ def test_gemma3_head_slots_match_the_hooks_and_compact():
     with torch.no_grad():
         small = compact_model(model, one)(ids).logits
     assert (small - logits).abs().max() <= 1e-4 * logits.abs().max()
+
+
+def test_a_compacted_folder_with_too_many_heads_per_group_is_one_line(tmp_path, tokenizer):
+    from bpp import load_model
+    from tests.conftest import cli, one_line_error
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    space = MaskSpace.from_model(model)
+    masks = Masks.full(space)
+    masks.heads = torch.tensor([[[True, False, True], [False, True, True], [True, True, True]]])
+    masks.groups[0, 2, 0] = False
+    folder = save_compacted(model, masks, tmp_path / "m", tokenizer=tokenizer)
+    assert load_model(folder)[0].config.heads_per_group_per_layer == [2, 2, 3]
+    config = json.loads((folder / "config.json").read_text())
+    config["heads_per_group_per_layer"] = [2, 4, 3]  # the model has 3 query heads per group
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BppError, match="heads_per_group_per_layer must be at most num_attention_heads"):
+        load_model(folder)
+    one_line_error(*cli("export", str(folder), "--out", str(tmp_path / "m.gguf")), "heads_per_group_per_layer")
