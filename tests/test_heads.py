@@ -204,3 +204,32 @@ def test_a_compacted_folder_with_too_many_heads_per_group_is_one_line(tmp_path, 
     with pytest.raises(BppError, match="heads_per_group_per_layer must be at most num_attention_heads"):
         load_model(folder)
     one_line_error(*cli("export", str(folder), "--out", str(tmp_path / "m.gguf")), "heads_per_group_per_layer")
+
+
+@pytest.mark.parametrize("extra", [[], ["--reconstruct", "--calib-windows", "2", "--calib-seq-len", "16"],
+                                   ["--clap"]], ids=["plain", "reconstruct", "clap"])
+def test_bpp_compact_takes_a_mask_with_slots(tiny_llama_dir, tiny_llama_loaded, tmp_path, extra):
+    from bpp.space import model_fingerprint
+    from tests.conftest import cli, one_line_error
+
+    model = tiny_llama_loaded[0]
+    masks = Masks.full(MaskSpace.from_model(model))
+    masks.heads = torch.tensor([[[True, False, True], [False, False, True]]])
+    masks.save(tmp_path / "mask.safetensors", model=model_fingerprint(model))
+    args = ("compact", "--model", str(tiny_llama_dir), "--mask", str(tmp_path / "mask.safetensors"), "--out",
+            str(tmp_path / "small"), *extra)
+    if extra == ["--clap"]:
+        one_line_error(*cli(*args), "prunes query heads inside KV groups")
+        return
+    code, err = cli(*args)
+    assert code == 0, err
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert config["heads_per_group_per_layer"] == [2, 1]
+    if not extra:  # the plain compaction equals the masked model
+        from bpp import load_model
+
+        small, _ = load_model(tmp_path / "small")
+        ids = torch.randint(0, 300, (1, 11))
+        want = MaskedModel(model).logits(ids, masks)[0]
+        with torch.no_grad():
+            assert (small(ids).logits - want).abs().max() <= 1e-4 * want.abs().max()
