@@ -126,3 +126,19 @@ def test_a_stopped_heads_run_resumes_to_the_same_mask(tiny_llama_dir, tiny_llama
     assert json.loads((tmp_path / "cut" / "allocation.json").read_text()) == \
         json.loads((tmp_path / "whole" / "allocation.json").read_text())
     assert resumed["perplexity"]["final_mask"] == whole["perplexity"]["final_mask"]
+
+
+def test_gemma3_heads_run(tmp_path, tokenizer):
+    """Gemma 3 (270M: one KV group of 4 heads) is where slots matter most: there a group is a layer's
+    whole attention. The tiny Gemma 3 has 2 groups of 2 heads."""
+    from tests.tiny import tiny_gemma3
+
+    report = prune(PruneConfig(**{**FAST, "init": "flap", "sparsity": 0.4, "dtype": "float32"}), tmp_path / "g",
+                   model=tiny_gemma3(), tokenizer=tokenizer, progress=False, eval_windows=3)
+    mask = Masks.load(tmp_path / "g" / "mask.safetensors")
+    assert mask.heads is not None and tuple(mask.heads.shape) == (1, 3, 2)
+    slots = (mask.heads[0].sum(-1) * mask.groups[0].any(-1)).tolist()
+    config = json.loads((tmp_path / "g" / "model" / "config.json").read_text())
+    kept = [s for s, c in zip(slots, mask.channels[0].sum(-1).tolist()) if s or c]
+    assert config.get("heads_per_group_per_layer", [config["num_attention_heads"] // 2] * len(kept)) == kept
+    assert report["perplexity"]["final_mask"] > 1
