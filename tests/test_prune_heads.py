@@ -81,8 +81,7 @@ def test_incumbent_state_keeps_slots():
 
 @pytest.mark.parametrize("changes, message", [
     (dict(attention_units="query"), "unknown attention units 'query'"),
-    (dict(policy="units", init="flap"), "--attention-units heads works with --policy allocation only"),
-    (dict(policy="evopress"), "--attention-units heads works with --policy allocation only"),
+    (dict(policy="units", init="flap"), "--attention-units heads works with --policy allocation or evopress"),
     (dict(rank="init"), "use --rank flap"),
 ])
 def test_bad_heads_options_are_one_line(tiny_llama_dir, tiny_llama_loaded, tmp_path, changes, message):
@@ -142,3 +141,15 @@ def test_gemma3_heads_run(tmp_path, tokenizer):
     kept = [s for s, c in zip(slots, mask.channels[0].sum(-1).tolist()) if s or c]
     assert config.get("heads_per_group_per_layer", [config["num_attention_heads"] // 2] * len(kept)) == kept
     assert report["perplexity"]["final_mask"] > 1
+
+
+def test_evopress_heads_run(tiny_llama_dir, tiny_llama_loaded, tmp_path):
+    report = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "e", policy="evopress", init="flap", sparsity=0.5,
+                  evaluations=40, steps=None, reconstruct=False)
+    mask = Masks.load(tmp_path / "e" / "mask.safetensors")
+    assert mask.heads is not None and mask.groups.all() and not mask.heads.all()
+    assert json.loads((tmp_path / "e" / "evolution.json").read_text())["attention_units"] == "heads"
+    space = MaskSpace.from_model(tiny_llama_loaded[0])
+    slots = mask.heads[0].sum(-1)
+    kept = float(attention_cost(space, slots.unsqueeze(0), "heads")[0]) + int(mask.channels.sum()) * space.channel_params
+    assert kept <= (1 - 0.5) * space.prunable_params + 1e-6 and report["evaluations"] > 0

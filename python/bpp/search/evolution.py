@@ -12,7 +12,8 @@ smaller of two uniform draws, so one is the most likely), each budget-exact:
 
 - a channel move (probability 1 − ``GROUP_MOVE_P``): one level, m / ``LEVELS`` channels, from one
   layer to another (fewer where the donor runs out or the receiver fills up);
-- a KV-group move: one layer keeps one group more or fewer (within [0, G] and the budget), and
+- a KV-group move (with ``attention_units="heads"``: a query-head slot move, within [0, r]): one
+  layer keeps one group more or fewer (within [0, G] and the budget), and
   the channels that frees or costs are given to or taken from random layers, a level at a time.
 
 Each generation runs in two stages over consecutive loop steps, each step on its own batch:
@@ -62,10 +63,12 @@ class EvolutionPolicy:
 
     def __init__(self, space: MaskSpace, channel_ranks: torch.Tensor, group_ranks: torch.Tensor,
                  init_channels: torch.Tensor, init_groups: torch.Tensor, sparsity: float, *, samples: int = 8,
-                 budget: Budget | None = None):
-        L, m, G = space.n_layers, space.n_channels, space.n_groups
+                 budget: Budget | None = None, attention_units: str = "groups"):
+        L, m = space.n_layers, space.n_channels
+        self.attention_units = attention_units  # "heads": query-head slots take the KV groups' place
+        G = self.n_attention = space.n_groups if attention_units == "groups" else space.heads_per_group
         if tuple(channel_ranks.shape) != (L, m) or tuple(group_ranks.shape) != (L, G):
-            raise BppError(f"ranks must be (L, m) = {(L, m)} and (L, G) = {(L, G)}")
+            raise BppError(f"ranks must be (L, m) = {(L, m)} and (L, {attention_units}) = {(L, G)}")
         if samples < 2:
             raise BppError(f"--samples must be at least 2 (the parent and one offspring), got {samples}")
         self.space, self.sparsity, self.samples = space, float(sparsity), int(samples)
@@ -74,9 +77,10 @@ class EvolutionPolicy:
         self.channel_ranks, self.group_ranks = channel_ranks.long(), group_ranks.long()
         self.level = min(m, max(1, round(m / LEVELS)))
         self.init_groups = init_groups.long().clone()
-        total = channels_left(space, self.target, self.init_groups.unsqueeze(0))
+        total = channels_left(space, self.target, self.init_groups.unsqueeze(0), attention_units)
         if int(total[0]) < 0:
-            raise BppError(f"the init mask keeps {int(self.init_groups.sum())} KV groups, more parameters than the "
+            what = "KV groups" if attention_units == "groups" else "query-head slots"
+            raise BppError(f"the init mask keeps {int(self.init_groups.sum())} {what}, more parameters than the "
                            f"budget at sparsity {sparsity:g} allows")
         levels = init_channels.to(torch.float64).unsqueeze(0) / m
         self.init_channels = shifted_counts(levels, total, m)[0]
@@ -91,26 +95,29 @@ class EvolutionPolicy:
     @classmethod
     def start(cls, space: MaskSpace, budget: Budget, config: PruneConfig, start: SearchStart) -> "EvolutionPolicy":
         """The policy at the allocation policy's starting mask, ranking units by ``config.rank``."""
-        return cls(space, *start_ranking(config, start), config.sparsity, samples=config.samples, budget=budget)
+        return cls(space, *start_ranking(config, start), config.sparsity, samples=config.samples, budget=budget,
+                   attention_units=config.attention_units)
 
     @classmethod
     def from_state(cls, space: MaskSpace, budget: Budget, config: PruneConfig, state: dict) -> "EvolutionPolicy":
         policy = cls(space, state["channel_ranks"], state["group_ranks"], state["init_channels"],
-                     state["init_groups"], config.sparsity, samples=config.samples, budget=budget)
+                     state["init_groups"], config.sparsity, samples=config.samples, budget=budget,
+                     attention_units=config.attention_units)
         policy.load_state(state)
         return policy
 
     # --- genomes ----------------------------------------------------------------------------------
     def masks(self, channels: torch.Tensor, groups: torch.Tensor) -> Masks:
         """S masks keeping, in each layer, its top ``channels (S, L)`` channels and ``groups (S, L)`` groups."""
-        return top_masks(self.channel_ranks, self.group_ranks, channels, groups)
+        return top_masks(self.channel_ranks, self.group_ranks, channels, groups,
+                         None if self.attention_units == "groups" else self.space.n_groups)
 
     def deterministic_mask(self) -> Masks:
         return self.masks(self.channels.unsqueeze(0), self.groups.unsqueeze(0))
 
     def channel_total(self, groups: torch.Tensor) -> int:
         """Channels the budget leaves once ``groups (L,)`` are kept (−1: groups alone exceed it)."""
-        return int(channels_left(self.space, self.target, groups.unsqueeze(0))[0])
+        return int(channels_left(self.space, self.target, groups.unsqueeze(0), self.attention_units)[0])
 
     def channel_move(self, channels: torch.Tensor, generator: torch.Generator) -> bool:
         """Move one level of channels from a random layer to another, in place; False when no layer
@@ -132,7 +139,7 @@ class EvolutionPolicy:
             for delta in (-1, 1):
                 moved = groups.clone()
                 moved[layer] += delta
-                if 0 <= int(moved[layer]) <= self.space.n_groups and self.channel_total(moved) >= 0:
+                if 0 <= int(moved[layer]) <= self.n_attention and self.channel_total(moved) >= 0:
                     moves.append((layer, delta))
         return moves
 
@@ -253,6 +260,7 @@ class EvolutionPolicy:
     def outputs(self, evaluations: int) -> dict:
         """``evolution.json``: the parent's counts, the start's, and how the search went."""
         return {"evolution.json": {"kept_channels": self.channels.tolist(), "kept_groups": self.groups.tolist(),
+                                   "attention_units": self.attention_units,
                                    "init_channels": self.init_channels.tolist(),
                                    "init_groups": self.init_groups.tolist(), "generations": self.generation,
                                    "accepted": len(self.accepted_at), "accepted_generations": list(self.accepted_at),
