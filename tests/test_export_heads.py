@@ -48,3 +48,38 @@ def test_uniform_head_slots_export_to_the_stock_architecture(tmp_path, tokenizer
     assert _arch(path) == "llama"
     assert _field(path, "llama.attention.head_count") == 4 and _field(path, "llama.attention.head_count_kv") == 2
     _check_f32(path, compacted, prompt_checked_dense("llama"), "llama uniform head slots")
+
+
+def test_gemma3_with_uniform_head_slots_exports_as_gemma3(tmp_path, tokenizer):  # noqa: F811
+    """Gemma 3 270M has one KV group: its query heads are pruned as slots. The tiny one has 2 groups
+    of 2 heads; one slot in every layer keeps 2 heads, the stock config, and llama.cpp's gemma3."""
+    from bpp import export_gguf, load_model
+    from bpp.compaction import save_compacted
+    from tests.test_gguf_gemma3 import _check, _gemma
+
+    model = _gemma()
+    space = MaskSpace.from_model(model)
+    mask = Masks.full(space, 1)
+    mask.heads = torch.ones(1, space.n_layers, space.heads_per_group, dtype=torch.bool)
+    mask.heads[0, :, 0] = False
+    folder = save_compacted(model, mask, tmp_path / "c", tokenizer=tokenizer)
+    path = export_gguf(folder, tmp_path / "c.gguf", progress=False)
+    assert _arch(path) == "gemma3" and _field(path, "gemma3.attention.head_count") == 2
+    _check(path, load_model(folder)[0], "gemma3 with one slot of two")
+
+
+def test_gemma3_with_per_layer_head_slots_is_refused_in_one_line(tmp_path, tokenizer):  # noqa: F811
+    from bpp import export_gguf
+    from bpp.compaction import save_compacted
+    from bpp.errors import BppError
+    from tests.test_gguf_gemma3 import _gemma
+
+    model = _gemma()
+    space = MaskSpace.from_model(model)
+    mask = Masks.full(space, 1)
+    mask.heads = torch.ones(1, space.n_layers, space.heads_per_group, dtype=torch.bool)
+    mask.heads[0, 1, 0] = False
+    folder = save_compacted(model, mask, tmp_path / "c", tokenizer=tokenizer)
+    with pytest.raises(BppError, match="Gemma 3 model with per-layer sizes has no GGUF form") as e:
+        export_gguf(folder, tmp_path / "out.gguf")
+    assert "\n" not in str(e.value)
