@@ -153,3 +153,13 @@ def test_evopress_heads_run(tiny_llama_dir, tiny_llama_loaded, tmp_path):
     slots = mask.heads[0].sum(-1)
     kept = float(attention_cost(space, slots.unsqueeze(0), "heads")[0]) + int(mask.channels.sum()) * space.channel_params
     assert kept <= (1 - 0.5) * space.prunable_params + 1e-6 and report["evaluations"] > 0
+
+
+def test_heads_run_with_the_hooks_engine_and_a_gguf_export(tiny_llama_dir, tmp_path):
+    code, err = cli("prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "r"), "--attention-units", "heads",
+                    "--engine", "hooks", "--objective", "nll", "--init", "flap", *FAST_CLI[:-4], "--sparsity", "0.5",
+                    "--no-eval", "--quiet", "--export", "gguf")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["export"]["path"] and (tmp_path / "r" / "model.gguf").is_file()
+    assert Masks.load(tmp_path / "r" / "mask.safetensors").heads is not None
