@@ -81,7 +81,7 @@ def test_incumbent_state_keeps_slots():
 
 @pytest.mark.parametrize("changes, message", [
     (dict(attention_units="query"), "unknown attention units 'query'"),
-    (dict(policy="units", init="flap"), "--attention-units heads works with --policy allocation or evopress"),
+    (dict(policy="units", init="flap", sparsity=0.95), "6 query-head slots in all, keeping 0 would prune every"),
     (dict(rank="init"), "use --rank flap"),
 ])
 def test_bad_heads_options_are_one_line(tiny_llama_dir, tiny_llama_loaded, tmp_path, changes, message):
@@ -163,3 +163,33 @@ def test_heads_run_with_the_hooks_engine_and_a_gguf_export(tiny_llama_dir, tmp_p
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["export"]["path"] and (tmp_path / "r" / "model.gguf").is_file()
     assert Masks.load(tmp_path / "r" / "mask.safetensors").heads is not None
+
+
+def test_units_policy_learns_head_slots(tiny_llama_dir, tiny_llama_loaded, tmp_path):
+    """The per-unit policy: a Bernoulli θ per slot (L·r units, each costing its head in every group),
+    from FLAP's slot fluctuations, within the count budget of each unit type."""
+    report = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "u", policy="units", init="wanda-sp", steps=6)
+    out = tmp_path / "u"
+    mask, init, theta = (Masks.load(out / f"{n}.safetensors") for n in ("mask", "init_mask", "theta"))
+    assert mask.groups.all() and init.groups.all() and theta.heads.shape == (2, 3)
+    slots = round(0.7 * 2 * 3)  # the count budget of the slots, as the official per-type counts
+    assert int(init.heads.sum()) == slots and int(init.heads[0, 0].sum()) == int(init.heads[0, 1].sum())
+    final = Masks.load(out / "deterministic_mask.safetensors") if (out / "deterministic_mask.safetensors").is_file() \
+        else mask
+    assert int(final.heads.sum()) == slots
+    assert report["params"]["learned_units"] == 2 * (70 * 3 * 60 + 3 * 2 * 2 * 10 * 60)
+
+
+def test_units_budget_of_slots():
+    from bpp.budget import Budget
+    from tests.tiny import tiny_model
+
+    space = MaskSpace.from_model(tiny_model("llama"))
+    budget = Budget(space, "channel,group", 0.3, "count", attention_units="heads")
+    assert budget.n_units == 2 * 70 + 2 * 3 and float(budget.costs[-1]) == 2 * space.head_params
+    flat = torch.rand(4, budget.n_units) < 0.5
+    masks = budget.to_masks(flat)
+    assert masks.heads.shape == (4, 2, 3) and masks.groups.all()
+    assert torch.equal(budget.from_masks(masks), flat)
+    assert torch.equal(Budget(space, "channel,group", 0.3, "count").from_masks(Masks.full(space, 2)),
+                       torch.ones(2, 2 * 70 + 2 * 2, dtype=torch.bool))

@@ -3,7 +3,10 @@ how many parameters a sparsity leaves, the projection of keep-probabilities onto
 and the deterministic mask that keeps the best units within it.
 
 Units of the learned types are held as one flat vector (types in :data:`UNIT_TYPES` order, each
-flattened layer-major); units of the other types stay kept.
+flattened layer-major); units of the other types stay kept. With ``attention_units="heads"`` the
+attention type ("group") stands for query-head slots (``Masks.heads``: head j of every KV group of
+a layer, r per layer, each costing its head in every group); KV groups are then all kept, and their
+k/v rows are no learned unit's (a layer's fixed cost while it keeps a slot).
 
 Budget kinds:
 - ``"count"`` (the official method): one budget per unit type, Σθ_u = k_t, where k_t is the
@@ -132,16 +135,20 @@ class Budget:
     """The learned unit types of ``space`` at ``sparsity``: their slices of the flat unit vector,
     parameter costs, and the budget parts the units must meet."""
 
-    def __init__(self, space: MaskSpace, granularity="group,channel", sparsity: float = 0.2, kind: str = "count"):
+    def __init__(self, space: MaskSpace, granularity="group,channel", sparsity: float = 0.2, kind: str = "count",
+                 attention_units: str = "groups"):
         self.space = space
         self.granularity = parse_granularity(granularity)
         self.sparsity = check_sparsity(sparsity)
         if kind not in BUDGET_KINDS:
             raise BppError(f"unknown budget {kind!r}; use one of {', '.join(BUDGET_KINDS)}")
         self.kind = kind
+        self.heads = attention_units == "heads"
         L = space.n_layers
-        sizes = {"channel": L * space.n_channels, "group": L * space.n_groups, "layer": L}
-        unit_cost = {"channel": space.channel_params, "group": space.group_params, "layer": space.layer_params}
+        sizes = {"channel": L * space.n_channels, "layer": L,
+                 "group": L * (space.heads_per_group if self.heads else space.n_groups)}
+        unit_cost = {"channel": space.channel_params, "layer": space.layer_params,
+                     "group": space.n_groups * space.head_params if self.heads else space.group_params}
         self.slices: dict[str, slice] = {}
         costs, start = [], 0
         for t in self.granularity:
@@ -160,9 +167,10 @@ class Budget:
                 k = int(round(keep * n))
                 if not 0 < k < n:
                     what = "every" if k == 0 else "no"
+                    unit = "query-head slot" if self.heads and t == "group" else t
                     raise BppError(
                         f"sparsity {self.sparsity:g} cannot be met by the granularity {t}: "
-                        f"{n} {t}s in all, keeping {k} would prune {what} {t}; choose a "
+                        f"{n} {unit}s in all, keeping {k} would prune {what} {unit}; choose a "
                         f"{'smaller' if k == 0 else 'larger'} sparsity or a finer granularity")
                 sl = self.slices[t]
                 # counts are costed in parameters too, so targets and costs share one unit
@@ -193,19 +201,33 @@ class Budget:
         """Flat (S, N) values (bool or float) → a Masks container; unlearned types all kept."""
         S = flat.shape[0]
         L, sp = self.space.n_layers, self.space
-        shapes = {"channel": (S, L, sp.n_channels), "group": (S, L, sp.n_groups), "layer": (S, L)}
+        shapes = {"channel": (S, L, sp.n_channels), "layer": (S, L),
+                  "group": (S, L, sp.heads_per_group if self.heads else sp.n_groups)}
         out = {}
         for t in UNIT_TYPES:
+            name = self._field(t)
             if t in self.slices:
-                out[FIELD[t]] = flat[:, self.slices[t]].reshape(shapes[t])
+                out[name] = flat[:, self.slices[t]].reshape(shapes[t])
             else:
-                out[FIELD[t]] = torch.ones(shapes[t], dtype=flat.dtype)
+                out[name] = torch.ones(shapes[t], dtype=flat.dtype)
+        if self.heads:
+            out["groups"] = torch.ones((S, L, sp.n_groups), dtype=flat.dtype)
         return Masks(**out)
+
+    def _field(self, unit_type: str) -> str:
+        """The Masks field of a unit type (query-head slots hold the attention type with heads)."""
+        return "heads" if self.heads and unit_type == "group" else FIELD[unit_type]
 
     def from_masks(self, masks: Masks) -> torch.Tensor:
         """Masks (with S) → flat (S, N) over the learned unit types."""
         S = masks.layers.shape[0]
-        return torch.cat([getattr(masks, FIELD[t]).reshape(S, -1) for t in self.granularity], dim=1)
+
+        def units(t):
+            if self._field(t) == "heads" and masks.heads is None:  # no slots: all kept
+                return torch.ones(S, self.slices[t].stop - self.slices[t].start, dtype=masks.layers.dtype)
+            return getattr(masks, self._field(t)).reshape(S, -1)
+
+        return torch.cat([units(t) for t in self.granularity], dim=1)
 
     # --- the budget -------------------------------------------------------------------------
     def project(self, theta: torch.Tensor) -> torch.Tensor:

@@ -142,9 +142,10 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
             inputs.losses.compensation = BiasCompensation.from_stats(model, stats)
         ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, config.init, metrics)
         policy = new_policy(space, config, SearchStart(theta, init_mask, metrics, ranking))
-        if config.attention_units == "heads":
-            # the init method prunes KV groups: the search starts from its channels and its share of
-            # attention as query-head slots, on the budget (the policy's mask); so does the incumbent
+        if config.attention_units == "heads" and init_mask is not None and init_mask.heads is None:
+            # the init method pruned KV groups (the count policies): the search starts from its channels
+            # and its share of attention as query-head slots, on the budget (the policy's mask); so does
+            # the incumbent
             init_mask = policy.deterministic_mask()
     loop = SearchLoop(policy, *loop_args, window_losses=inputs.losses.per_window)
     if init_mask is not None and writer:

@@ -85,6 +85,14 @@ def initialise(budget: Budget, name: str, model=None, calib: torch.Tensor | None
     if entry.calibrated and calib is None:
         raise BppError(f"{name} needs calibration windows")
     probs, layer_masks, metrics = entry.prior(model, space, calib, keep, budget.granularity)
+    slots = None
+    if budget.heads and "group" in budget.slices:  # query-head slots: the init's channels, FLAP's slots
+        from .flap import flap_slot_prior
+
+        if calib is None:
+            raise BppError("query-head slots start from FLAP's fluctuation, which needs calibration windows")
+        theta_slots, slots, scores = flap_slot_prior(model, space, calib, keep)
+        probs, metrics = {**probs, "group": theta_slots}, {**metrics, "head": scores}
     for t in ("channel", "group"):
         if t in budget.slices:
             theta[budget.slices[t]] = probs[t].to(torch.float64).reshape(-1)
@@ -92,9 +100,10 @@ def initialise(budget: Budget, name: str, model=None, calib: torch.Tensor | None
     init_mask = Masks(
         channels=(layer_masks["channel"] if "channel" in budget.granularity
                   else torch.ones(L, space.n_channels, dtype=torch.bool)).unsqueeze(0),
-        groups=(layer_masks["group"] if "group" in budget.granularity
+        groups=(layer_masks["group"] if "group" in budget.granularity and not budget.heads
                 else torch.ones(L, space.n_groups, dtype=torch.bool)).unsqueeze(0),
         layers=torch.ones(1, L, dtype=torch.bool),
+        heads=None if slots is None else slots.unsqueeze(0),
     )
     return budget.project(theta), init_mask, metrics
 

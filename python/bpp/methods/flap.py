@@ -29,7 +29,7 @@ from ..budget import check_sparsity, deterministic_mask, parse_granularity
 from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
-from .ranking import sigmap
+from .ranking import per_layer_counts, sigmap, top_per_layer
 
 TYPES = ("channel", "group")
 
@@ -58,6 +58,16 @@ def flap_head_scores(model, stats: InputStats) -> torch.Tensor:
     space = MaskSpace.from_model(model)
     _, columns = _column_fluctuations(model, stats)
     return columns.view(space.n_layers, space.n_groups, space.heads_per_group, -1).sum((1, 3))
+
+
+def flap_slot_prior(model, space: MaskSpace, calib: torch.Tensor, keep: float):
+    """Query-head slots for the per-unit policy (``--policy units --attention-units heads``): θ
+    ``(L, r)`` by the official sigmap of each layer's slot fluctuations at ``keep``, the mask keeping
+    the top slots of every layer at layer-uniform counts ``(L, r)`` bool, and the scores."""
+    scores = flap_head_scores(model, InputStats(model).collect(calib))
+    theta = torch.stack([sigmap(scores[i].unsqueeze(0), keep)[0] for i in range(space.n_layers)])
+    counts = per_layer_counts(round(keep * scores.numel()), space.n_layers)
+    return theta, top_per_layer(scores, counts), scores
 
 
 def _standardise_rows(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,10 @@ def config_budget(space: MaskSpace, config: PruneConfig) -> Budget:
     if config.attention_units == "heads" and space.heads_per_group < 2:
         raise BppError(f"--attention-units heads prunes query heads inside KV groups, but this model has "
                        f"{space.heads_per_group} query head per group; use --attention-units groups")
-    return Budget(space, config.granularity, config.sparsity, config.budget)
+    # the count policies keep their parameter target over groups and channels (the k/v rows of kept
+    # slots included, :func:`.counts.attention_cost`); the per-unit policy learns slots as units
+    units = config.attention_units if config.policy == "units" else "groups"
+    return Budget(space, config.granularity, config.sparsity, config.budget, attention_units=units)
 
 
 def new_policy(space: MaskSpace, config: PruneConfig, start: SearchStart) -> SearchPolicy:

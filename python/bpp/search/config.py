@@ -187,10 +187,7 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
     if config.attention_units not in ATTENTION_UNITS:
         raise BppError(f"unknown attention units {config.attention_units!r}; use one of {', '.join(ATTENTION_UNITS)}")
     if config.attention_units == "heads":
-        if config.policy not in ("allocation", "evopress"):
-            raise BppError(f"--attention-units heads works with --policy allocation or evopress (not "
-                           f"{config.policy}); drop --policy, or prune KV groups with --attention-units groups")
-        if config.rank != "flap":
+        if config.rank != "flap" and config.policy != "units":
             raise BppError(f"--attention-units heads ranks query-head slots by FLAP's fluctuation; use --rank flap "
                            f"(not {config.rank})")
     if config.optimizer not in OPTIMIZERS:

@@ -82,7 +82,7 @@ class UnitsPolicy:
     def theta_masks(self) -> Masks:
         """θ in a Masks container without S (float64), unlearned types at 1."""
         m = self.budget.to_masks(self.theta.unsqueeze(0))
-        return Masks(m.channels[0], m.groups[0], m.layers[0])
+        return Masks(m.channels[0], m.groups[0], m.layers[0], None if m.heads is None else m.heads[0])
 
     def mean_entropy(self) -> float:
         return float(binary_entropy(self.theta).mean())
