@@ -26,10 +26,8 @@ Steps alternate between kinds:
   single-layer KV-group moves on one batch, judged window by window (:mod:`.group_moves`). Group
   draws never mix with channel draws: a group's loss swing would drown the channel signal.
 
-With ``attention_units="heads"`` (``--attention-units heads``) the attention units are query-head
-slots instead of KV groups (slot j = query head j of every group of a layer; every group kept): the
-same counts, moves and budget, with a slot's cost (its head in every group) and the groups' k/v
-rows a layer's fixed attention cost while it keeps any slot (:func:`.counts.attention_cost`).
+With ``attention_units="heads"`` the same counts and moves are of query-head slots (head j of every
+KV group of a layer; groups kept), costed by :func:`.counts.attention_cost`.
 """
 from __future__ import annotations
 
@@ -42,7 +40,7 @@ from ..errors import BppError
 from ..masks import Masks
 from ..space import MaskSpace
 from .config import PruneConfig
-from .counts import channels_left, shifted_counts, smooth_basis, start_ranking, top_masks
+from .counts import attention_counts, channels_left, shifted_counts, smooth_basis, start_ranking, top_masks
 from .estimators import half_correlation, offset_gradient, t_statistics
 from .group_moves import GroupMove, GroupMoves
 from .interface import Proposal, SearchStart, fmt
@@ -234,7 +232,7 @@ class AllocationPolicy:
         if start is not None:
             m = self.space.n_channels
             self.base = start.channels[0].sum(-1).to(torch.float64) / m
-            self.groups = self.attention_counts(start)
+            self.groups = attention_counts(start, self.attention_units, self.space.heads_per_group)
         else:
             channels, self.groups = self.center_counts()
             self.base = channels.to(torch.float64) / self.space.n_channels
@@ -242,16 +240,6 @@ class AllocationPolicy:
         self.round = r
         self._set_round(r)
         self.moves = GroupMoves()
-
-    def attention_counts(self, mask: Masks) -> torch.Tensor:
-        """(L,) the attention units ``mask`` keeps per layer: KV groups, or query-head slots (all r
-        where it has none; none where it keeps no group)."""
-        eff = mask.effective()
-        if self.attention_units == "groups":
-            return eff.groups[0].sum(-1).long().clone()
-        slots = eff.heads[0].sum(-1) if eff.heads is not None else torch.full_like(eff.layers[0], self.n_attention,
-                                                                                        dtype=torch.long)
-        return (slots * eff.groups[0].any(-1)).long()
 
     def _set_round(self, r: int) -> None:
         self.sigma, K = self.round_settings(r)

@@ -93,6 +93,16 @@ def attention_cost(space: MaskSpace, counts: torch.Tensor, units: str = "groups"
     return (G * space.kv_params * (counts > 0) + G * space.head_params * counts).sum(-1)
 
 
+def attention_counts(mask: Masks, units: str, heads_per_group: int) -> torch.Tensor:
+    """(L,) the attention units ``mask`` (S = 1) keeps per layer: KV groups, or query-head slots
+    (all r where it has no slots; none where it keeps no group)."""
+    eff = mask.effective()
+    if units == "groups":
+        return eff.groups[0].sum(-1).long().clone()
+    slots = eff.heads[0].sum(-1) if eff.heads is not None else torch.full(eff.layers[0].shape, heads_per_group)
+    return (slots * eff.groups[0].any(-1)).long()
+
+
 def channels_left(space: MaskSpace, target: float, groups: torch.Tensor, units: str = "groups") -> torch.Tensor:
     """(S,) channels a budget of ``target`` parameters leaves once ``groups (S, L)`` attention units
     (KV groups, or query-head slots for ``units`` "heads") are kept (−1: they alone exceed it; at
