@@ -180,6 +180,15 @@ def test_units_policy_learns_head_slots(tiny_llama_dir, tiny_llama_loaded, tmp_p
     assert report["params"]["learned_units"] == 2 * (70 * 3 * 60 + 3 * 2 * 2 * 10 * 60)
 
 
+def test_units_heads_with_an_init_that_reads_no_text(tiny_llama_dir, tiny_llama_loaded, tmp_path):
+    """Slots start from FLAP's per-slot fluctuation, so the run calibrates even when neither its init
+    (magnitude) nor bias compensation would."""
+    _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "m", policy="units", init="magnitude",
+         bias_compensation=False, steps=2)
+    mask = Masks.load(tmp_path / "m" / "mask.safetensors")
+    assert mask.heads is not None and mask.heads.shape == (1, 2, 3)
+
+
 def test_units_budget_of_slots():
     from bpp.budget import Budget
     from tests.tiny import tiny_model

@@ -196,8 +196,8 @@ def plan_layers(model: Model, weights: Weights) -> None:
         why = ("per-layer sizes" if not uniform else "output biases (bias compensation)")
         raise BppError(f"{model.folder}: a Qwen3 model with {why} has no GGUF form: llama.cpp's deci "
                        "architecture has no q/k norms and its qwen3 one takes neither per-layer sizes nor "
-                       "output biases; compact with the same KV groups and channels in every layer and no "
-                       "bias compensation, or run the folder in transformers (trust_remote_code=True)")
+                       "output biases; compact with the same KV groups, query heads per group and channels in every "
+                       "layer and no bias compensation, or run the folder in transformers (trust_remote_code=True)")
     else:
         model.arch = "deci"
     for i, (kv, ff, r) in enumerate(sizes):

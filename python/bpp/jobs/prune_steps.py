@@ -133,7 +133,8 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
     t0 = time.perf_counter()
     model, space = inputs.model, inputs.space
     calib = None
-    if method(config.init, "init").calibrated or needs_stats(config):
+    if method(config.init, "init").calibrated or needs_stats(config) or config.attention_units == "heads":
+        # (query-head slots start from FLAP's per-slot fluctuation, which reads calibration windows)
         calib = init_calibration(config, inputs)
     with torch.no_grad():
         theta, init_mask, metrics = initialise(config_budget(space, config), config.init, model, calib)
