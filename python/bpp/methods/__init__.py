@@ -117,9 +117,9 @@ def rank_scores(name: str | None, model, space: MaskSpace, stats, calib: torch.T
     if name is None:
         return None
     if name == "flap":
-        from .flap import flap_head_scores, flap_scores
+        from .flap import flap_unit_scores
 
-        return {**dict(zip(("channel", "group"), flap_scores(model, stats))), "head": flap_head_scores(model, stats)}
+        return flap_unit_scores(model, stats)
     if init == "wanda-sp":
         return metrics
     from .wanda_sp import wanda_sp_metric

@@ -55,9 +55,17 @@ def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
 def flap_head_scores(model, stats: InputStats) -> torch.Tensor:
     """WIFV fluctuation scores of query-head slots ``(L, r)``, float64: slot j sums the o_proj input
     columns of head j in every KV group."""
+    return flap_unit_scores(model, stats)["head"]
+
+
+def flap_unit_scores(model, stats: InputStats) -> dict[str, torch.Tensor]:
+    """The WIFV scores of every unit type from one pass over the weights: ``channel (L, m)``,
+    ``group (L, G)`` and query-head slots ``head (L, r)``, float64."""
     space = MaskSpace.from_model(model)
-    _, columns = _column_fluctuations(model, stats)
-    return columns.view(space.n_layers, space.n_groups, space.heads_per_group, -1).sum((1, 3))
+    channel, columns = _column_fluctuations(model, stats)
+    L, G, r = space.n_layers, space.n_groups, space.heads_per_group
+    return {"channel": channel, "group": columns.view(L, G, -1).sum(-1),
+            "head": columns.view(L, G, r, -1).sum((1, 3))}
 
 
 def flap_slot_prior(model, space: MaskSpace, calib: torch.Tensor, keep: float):
