@@ -47,9 +47,8 @@ def _column_fluctuations(model, stats: InputStats) -> tuple[torch.Tensor, torch.
 
 def flap_scores(model, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
     """WIFV fluctuation scores: channels ``(L, m)`` and KV groups ``(L, G)``, float64."""
-    space = MaskSpace.from_model(model)
-    channel, columns = _column_fluctuations(model, stats)
-    return channel, columns.view(space.n_layers, space.n_groups, -1).sum(-1)
+    scores = flap_unit_scores(model, stats)
+    return scores["channel"], scores["group"]
 
 
 def flap_head_scores(model, stats: InputStats) -> torch.Tensor:
