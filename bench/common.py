@@ -119,27 +119,12 @@ def utc_now() -> str:
 # --- held-out windows and paired comparisons -----------------------------------------------------
 
 
-@torch.no_grad()
 def window_nll(model, ids: torch.Tensor, seq_len: int = 128, max_windows: int | None = None,
                batch_size: int = 8) -> torch.Tensor:
-    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol:
-    windows cut as ``bpp eval`` cuts them, BOS first for the families that need it, e.g. Gemma 3);
-    ``ids`` already cut into windows ``(n, T)`` are taken as they are."""
-    from bpp.data import cut_windows, window_bos
+    """:func:`bpp.evaluation.window_nll`: (n,) float64 mean NLL of each held-out window."""
+    from bpp.evaluation import window_nll as nll
 
-    if ids.dim() == 2:
-        data = ids
-    else:
-        data = cut_windows(ids, seq_len, window_bos(model))
-        data = data[:max_windows] if max_windows else data
-    n = data.shape[0]
-    out = []
-    for start in range(0, n, batch_size):
-        batch = data[start:start + batch_size]
-        logits = model(batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(nll.double().mean(1))
-    return torch.cat(out)
+    return nll(model, ids, seq_len, max_windows, batch_size)
 
 
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> dict:

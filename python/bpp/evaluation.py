@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,43 @@ def dense_perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | 
     return value
 
 
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, seq_len: int = 128, max_windows: int | None = None,
+               batch_size: int = 8) -> torch.Tensor:
+    """(n,) float64 mean next-token NLL of each non-overlapping window (the perplexity protocol:
+    windows cut as :func:`perplexity` cuts them, BOS first for the families that need it);
+    ``ids`` already cut into windows ``(n, T)`` are taken as they are."""
+    if ids.dim() == 2:
+        data = ids
+    else:
+        data = cut_windows(ids, seq_len, window_bos(model))
+        data = data[:max_windows] if max_windows else data
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, data.shape[0], batch_size):
+        batch = data[start:start + batch_size].to(device)
+        logits = model(batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        out.append(nll.double().mean(1).cpu())
+    return torch.cat(out)
+
+
+@contextmanager
+def written_model(model, mask: Masks, biases: dict):
+    """The model ``bpp prune`` writes for ``mask``: compacted with its compensation ``biases``
+    (output biases and refit weights, as :func:`bpp.compaction.compact_model` takes them) when there
+    are any, else ``model`` with the mask applied by hooks (the same logits)."""
+    if biases:
+        from .compaction import compact_model
+
+        yield compact_model(model, mask, **biases)
+        return
+    from .models.hooks import hook_masks
+
+    with hook_masks(model, mask):
+        yield model
+
+
 def masked_perplexity(model, tokenizer, ids: torch.Tensor, mask: Masks | None, seq_len: int,
                       max_windows: int | None, progress: bool | str = False) -> float:
     """:func:`perplexity` of ``model`` under the single mask ``mask`` (None: the dense model, through
@@ -142,10 +180,6 @@ def compacted_perplexity(model, tokenizer, held: torch.Tensor, mask: Masks, bias
                          max_windows: int | None, progress: bool | str = False) -> float:
     """Held-out perplexity of the model ``bpp prune`` writes for ``mask``: compacted with its
     compensation ``biases`` when there are any, else the mask applied by hooks (the same logits)."""
-    if not biases:
-        return masked_perplexity(model, tokenizer, held, mask, seq_len, max_windows, progress)
-    from .compaction import compact_model
-
-    return perplexity(compact_model(model, mask, **biases), tokenizer, held, seq_len=seq_len, max_windows=max_windows,
-                      progress=progress)
+    with written_model(model, mask, biases) as written:
+        return perplexity(written, tokenizer, held, seq_len=seq_len, max_windows=max_windows, progress=progress)
 

@@ -22,7 +22,8 @@ from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn
-from .prune_steps import (OutputCompensation, build_report, check_resumed_model, evaluate_masks, export_model,
+from .prune_steps import (OutputCompensation, build_report, check_resumed_model, chosen_init, evaluate_masks,
+                          export_model,
                           job_options, load_inputs, resume_search, save_compacted_model, start_search, write_masks)
 
 OUTPUT_FILES = ("mask.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json", "config.json",
@@ -170,7 +171,7 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
     report = build_report(config, out, job, inputs, loop, init_mask, final_mask, perplexities, world_size,
                           compensation.kind)
     plot_kept_per_layer(out / "kept_per_layer.png", inputs.space, final_mask, init_mask,
-                        init_label=f"init mask ({config.init})")
+                        init_label=f"init mask ({chosen_init(config, loop)})")
     plot_loss_curve(out / "loss_curve.png", out / "metrics.jsonl")
     if compact:
         report["compacted_model"] = save_compacted_model(inputs.model, inputs.tokenizer, final_mask, out / "model",

@@ -3,8 +3,10 @@ inputs, start or resume the search, write the masks, evaluate them, build the re
 compacted model and its export. A failure to compact or export does not lose the run."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -89,10 +91,10 @@ def load_inputs(config: PruneConfig, job: dict, model, tokenizer, losses_fn, ran
     """Load the model and the text and check that they fit the run (enough text for its steps,
     a budget the model can meet), before anything is written."""
     from ..data import load_text, tokenize
-    from ..methods import method
+    from ..methods import init_candidates
     from ..modelio import load_model
 
-    method(config.init, "init")
+    init_candidates(config.init)
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(None if config.model == "default" else config.model,
@@ -125,23 +127,25 @@ def init_calibration(config: PruneConfig, inputs: Inputs) -> torch.Tensor:
 
 def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tuple, job: dict, writer: bool,
                  progress: bool = False) -> tuple[SearchLoop, Masks | None]:
-    """A fresh run: calibrate, run the init method, rank the units, and build the search."""
-    from ..methods import initialise, method, rank_scores
+    """A fresh run: calibrate, run the init method (or choose among several, :func:`choose_start`),
+    rank the units, and build the search."""
+    from ..methods import init_candidates, method, rank_scores
 
     if writer:
         atomic_write_json(out / "config.json", config.to_dict())
     t0 = time.perf_counter()
     model, space = inputs.model, inputs.space
     calib = None
-    if method(config.init, "init").calibrated or needs_stats(config) or config.attention_units == "heads":
+    if (any(method(name, "init").calibrated for name in init_candidates(config.init)) or needs_stats(config)
+            or config.attention_units == "heads"):
         # (query-head slots start from FLAP's per-slot fluctuation, which reads calibration windows)
         calib = init_calibration(config, inputs)
     with torch.no_grad():
-        theta, init_mask, metrics = initialise(config_budget(space, config), config.init, model, calib)
         stats = InputStats(model).collect(calib, progress=progress) if needs_stats(config) else None
         if config.bias_compensation:
             inputs.losses.compensation = BiasCompensation.from_stats(model, stats)
-        ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, config.init, metrics)
+        init, (theta, init_mask, metrics), choice = choose_start(config, inputs, calib, progress)
+        ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, init, metrics)
         policy = new_policy(space, config, SearchStart(theta, init_mask, metrics, ranking))
         if config.attention_units == "heads" and init_mask is not None and init_mask.heads is None:
             # the init method pruned KV groups (the count policies): the search starts from its channels
@@ -153,9 +157,61 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         init_mask.save(out / "init_mask.safetensors", model=inputs.fingerprint)
     if inputs.losses.compensation is not None:
         loop.extra_state["compensation"] = inputs.losses.compensation.state()
+    if choice is not None:
+        loop.extra_state["init_choice"] = choice
     loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job,
                              "model": {"name": model_name(config.model), "fingerprint": inputs.fingerprint}})
     return loop, init_mask
+
+
+def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None, progress: bool = False
+                 ) -> tuple[str, tuple, dict | None]:
+    """The init method the search starts from, its :func:`bpp.methods.initialise` result, and the
+    record of the choice (None when ``--init`` names one method).
+
+    For ``--init auto`` every candidate's mask is written as the run will write its output
+    (:class:`OutputCompensation`: reconstructed by default) and judged on the incumbent's held-in
+    windows by the incumbent's rule: the first candidate is kept unless another's mean per-window
+    NLL is lower by more than ``z`` standard errors of the paired differences."""
+    from ..evaluation import window_nll, written_model
+    from ..methods import init_candidates, initialise
+    from ..search.incumbent import Incumbent
+
+    names = init_candidates(config.init)
+    budget = config_budget(inputs.space, config)
+    starts = {name: initialise(budget, name, inputs.model, calib) for name in names}
+    if len(names) == 1:
+        return names[0], starts[names[0]], None
+    ids = inputs.selection_ids
+    if ids is None:  # a run without an incumbent: the windows it would have had
+        ids = selection_windows(inputs.calib_ids, dataclasses.replace(config, incumbent_every=1),
+                                window_bos(inputs.model))
+    written = OutputCompensation(config, inputs, progress)
+    losses = {}
+    for name in names:
+        mask = starts[name][1]
+        with written_model(inputs.model, mask, written.kwargs(mask, f"{name}_start")) as model:
+            losses[name] = window_nll(model, ids)
+    judge, chosen, challenges = Incumbent(starts[names[0]][1], losses[names[0]]), names[0], []
+    for name in names[1:]:
+        record = judge.challenge(starts[name][1], losses[name], step=0)
+        challenges.append({"candidate": name, **record})
+        chosen = name if record["accepted"] else chosen
+    ppl = {name: math.exp(float(v.mean())) for name, v in losses.items()}
+    if progress:
+        from tqdm.auto import tqdm
+
+        listed = ", ".join(f"{name} {p:.3f}" for name, p in ppl.items())
+        tqdm.write(f"--init auto: held-in perplexity of each start as written ({written.kind}): {listed}; "
+                   f"starting from {chosen}'s mask")
+    choice = {"candidates": list(names), "chosen": chosen, "compensation": written.kind, "windows": int(ids.shape[0]),
+              "held_in_perplexity": ppl, "challenges": challenges, "z": judge.z}
+    return chosen, starts[chosen], choice
+
+
+def chosen_init(config: PruneConfig, loop: SearchLoop) -> str:
+    """The init method the run started from (``--init auto``: the one it chose)."""
+    return loop.extra_state.get("init_choice", {}).get("chosen", config.init)
 
 
 def model_name(model: str) -> str:
@@ -294,6 +350,8 @@ def build_report(config: PruneConfig, out: Path, job: dict, inputs: Inputs, loop
         "skipped_steps": loop.skipped_steps,
         "dropped_masks": loop.dropped_masks,
         "sessions": loop.extra_state.get("sessions", 1),
+        "init": chosen_init(config, loop),
+        "init_choice": loop.extra_state.get("init_choice"),
         "params": {
             "dense": space.total_params,
             "prunable": space.prunable_params,

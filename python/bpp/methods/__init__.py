@@ -61,6 +61,9 @@ METHODS: dict[str, Method] = {
 }
 INIT_METHODS = tuple(name for name, m in METHODS.items() if m.prior is not None or name == "uniform")
 BASELINE_METHODS = tuple(name for name, m in METHODS.items() if m.mask is not None)
+# ``--init auto``: the search starts from whichever of these masks is better as it would be written,
+# the first unless another is better beyond noise (:func:`bpp.jobs.prune_steps.choose_start`)
+AUTO_INIT, AUTO_CANDIDATES = "auto", ("besa", "flap")
 
 
 def method(name: str, purpose: str = "init") -> Method:
@@ -68,8 +71,18 @@ def method(name: str, purpose: str = "init") -> Method:
     ("init" or "baseline")."""
     choices = INIT_METHODS if purpose == "init" else BASELINE_METHODS
     if name not in choices:
-        raise BppError(f"unknown {purpose} {name!r}; use one of {', '.join(choices)}")
+        listed = choices + (AUTO_INIT,) if purpose == "init" else choices
+        raise BppError(f"unknown {purpose} {name!r}; use one of {', '.join(listed)}")
     return METHODS[name]
+
+
+def init_candidates(name: str) -> tuple[str, ...]:
+    """The init methods ``--init name`` starts from or chooses among (checked): ``auto`` →
+    :data:`AUTO_CANDIDATES`, else ``name`` alone."""
+    if name == AUTO_INIT:
+        return AUTO_CANDIDATES
+    method(name, "init")
+    return (name,)
 
 
 def initialise(budget: Budget, name: str, model=None, calib: torch.Tensor | None = None,
