@@ -304,7 +304,8 @@ class QualityBench:
                                      "timings_s": report["timings_s"], "params": int(self.space.params(mask)[0]),
                                      "incumbent": {k: v for k, v in report.get("incumbent", {}).items()
                                                    if k != "history"},
-                                     "allocation": report.get("allocation")})
+                                     "allocation": report.get("allocation"), "init": report.get("init"),
+                                     "init_choice": report.get("init_choice")})
         print(f"{name}: {wall:.0f}s, {int(self.space.params(mask)[0]):,} params", flush=True)
         self.run_cache[key] = (mask, report, tmp / "run")
         self.save()

@@ -61,7 +61,7 @@ def part_default(bench: common.QualityBench, sparsity: float, seed: int, steps: 
     flap_s = time.perf_counter() - t0
     config = PruneConfig(sparsity=sparsity, seed=seed, **({"steps": steps} if steps else {}))
     mask, report, out = bench.run(f"default s={sparsity} seed={seed}", config)
-    if config.init == "besa":  # the run's init mask is BESA's own mask on these very windows
+    if report["init"] == "besa":  # the run's init mask is BESA's own mask on these very windows
         besa, besa_s = Masks.load(out / "init_mask.safetensors"), report["timings_s"]["init"]
     else:
         t0 = time.perf_counter()

@@ -223,7 +223,7 @@ def test_bad_options():
     with pytest.raises(BppError, match="learns channels and KV groups together"):
         PruneConfig(policy="evopress", granularity="channel").validate()
     config = PruneConfig(policy="evopress", samples=5).validate()  # odd samples: no pairs to draw
-    assert (config.init, config.budget, config.objective, config.rank) == ("besa", "params", "soft", "flap")
+    assert (config.init, config.budget, config.objective, config.rank) == ("auto", "params", "soft", "flap")
 
 
 def test_prune_cli_runs_evopress_end_to_end(tiny_llama_dir, tmp_path):

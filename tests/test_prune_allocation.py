@@ -32,7 +32,8 @@ def test_default_run_writes_the_incumbent_and_its_compensated_compacted_model(ti
                                                                               tmp_path, reconstruct):
     out = tmp_path / "run"
     report = _run(tiny_llama_dir, tiny_llama_loaded, out, reconstruct=reconstruct)
-    assert report["config"]["policy"] == "allocation" and report["config"]["init"] == "besa"
+    assert report["config"]["policy"] == "allocation" and report["config"]["init"] == "auto"
+    assert report["init"] == report["init_choice"]["chosen"] in ("besa", "flap")
     for name in ("mask.safetensors", "init_mask.safetensors", "allocation.json", "bias_compensation.safetensors",
                  "metrics.jsonl", "report.json", "loss_curve.png", "kept_per_layer.png"):
         assert (out / name).is_file(), name

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(_D.lr, "--lr", help="learning rate (units: of θ, official 6e-3; allocation: Adam on the per-layer offsets' coefficients, default 0.02)"),
         schedule: str = typer.Option(_D.schedule, "--schedule", help="cosine | constant"),
         baseline: str = typer.Option(_D.baseline, "--baseline", help="moving-average (official: b ← 0.8 b + 0.2 mean loss) | leave-one-out"),
-        init: Optional[str] = typer.Option(_D.init, "--init", help="the starting mask and prior: besa (allocation's default) | wanda-sp (units' default, official) | flap | loraprune | magnitude | uniform | auto (besa or flap: the one whose mask, written as the output will be, is better on the held-in windows; besa unless flap is better beyond noise)"),
+        init: Optional[str] = typer.Option(_D.init, "--init", help="the starting mask and prior: auto (allocation's default: besa or flap, the one whose mask written as the output will be is better on the held-in windows; besa unless flap is better beyond noise) | besa | wanda-sp (units' default, official) | flap | loraprune | magnitude | uniform"),
         rank: str = typer.Option(_D.rank, "--rank", help="allocation: what ranks the units inside each layer: flap (default) | init (the init method's scores) | wanda-sp"),
         sigma: float = typer.Option(_D.sigma, "--sigma", help="allocation: perturbation scale of the per-layer offsets, a fraction of a layer's channels"),
         group_every: int = typer.Option(_D.group_every, "--group-every", help="allocation: every N-th step explores single-layer KV-group moves (0: keep the init's groups)"),

@@ -23,9 +23,9 @@ OPTIMIZERS = ("adam", "sgd")
 SAMPLINGS = ("antithetic", "independent")
 ATTENTION_UNITS = ("groups", "heads")  # what the search prunes in attention: whole KV groups, or query-head slots
 UNITS_DEFAULTS = {"lr": 6e-3, "init": "wanda-sp", "budget": "count", "objective": "nll", "steps": 100}  # the official settings
-# the allocation policy's: Adam on the offsets' smooth coefficients, BESA's start, one budget, soft targets,
-# and fewer steps than the per-unit policy (bench/RESULTS.md, sample efficiency)
-ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "besa", "budget": "params", "objective": "soft", "steps": 60}
+# the allocation policy's: Adam on the offsets' smooth coefficients, BESA's or FLAP's start (whichever is
+# better as written), one budget, soft targets, and fewer steps than the per-unit policy (bench/RESULTS.md)
+ALLOCATION_DEFAULTS = {"lr": 0.02, "init": "auto", "budget": "params", "objective": "soft", "steps": 60}
 # the allocation policy's round: about as many mask evaluations as one search gains from at a fixed
 # perturbation scale (bench/RESULTS.md, sample efficiency); the default search is one round
 ROUND_EVALUATIONS = 480
@@ -54,7 +54,7 @@ class PruneConfig:
     schedule: str = "cosine"
     baseline: str = "moving-average"
     baseline_momentum: float = 0.8  # the official moving average over a window of 5: 1 − 1/5
-    init: str | None = None  # None: per policy (units: wanda-sp, the official; allocation: besa)
+    init: str | None = None  # None: per policy (units: wanda-sp, the official; allocation: auto)
     init_windows: int = 32
     init_seq_len: int = 256
     seed: int = 0
@@ -178,7 +178,7 @@ def resolve_policy_defaults(config: PruneConfig) -> None:
                            f"channel,group{keep}, or --policy units")
         if config.init == "uniform":
             raise BppError(f"--policy {config.policy} starts from an init method's mask and --init uniform has none; "
-                           "use --init besa, flap or wanda-sp")
+                           "use --init auto, besa, flap or wanda-sp")
     if config.policy == "allocation":
         if config.sampling not in SAMPLINGS:
             raise BppError(f"unknown sampling {config.sampling!r}; use one of {', '.join(SAMPLINGS)}")
