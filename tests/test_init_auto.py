@@ -11,6 +11,7 @@ import torch
 from bpp.errors import BppError
 from bpp.evaluation import window_nll
 from bpp.jobs.prune import prune
+from bpp.jobs.report import write_report
 from bpp.masks import Masks
 from bpp.methods import AUTO_CANDIDATES, init_candidates
 from bpp.search import PruneConfig
@@ -50,6 +51,9 @@ def test_auto_is_the_run_of_the_method_it_chose(tiny_llama_dir, tiny_llama_loade
         assert Masks.load(tmp_path / "auto" / name) == Masks.load(tmp_path / "named" / name), name
     assert json.loads((tmp_path / "auto" / "allocation.json").read_text()) == \
         json.loads((tmp_path / "named" / "allocation.json").read_text())
+    md, _ = write_report([tmp_path / "auto", tmp_path / "named"], tmp_path / "report")
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| auto") or line.startswith("| named")]
+    assert f"PG init=auto→{choice['chosen']} " in rows[0] and f"PG init={choice['chosen']} " in rows[1]
 
 
 @pytest.mark.parametrize("flap_better", [True, False], ids=["flap-better", "tie-keeps-besa"])

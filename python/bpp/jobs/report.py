@@ -40,7 +40,7 @@ def _row(r: dict) -> dict:
         "run": r["_name"],
         "method": (c["method"] + (" +reconstruct" if c.get("compensation") == "reconstruct" else
                                   " +bias" if c.get("bias_compensation") else "")) if "method" in c else
-        f"PG init={c.get('init')} S={c.get('samples')} {c.get('baseline')} budget={c.get('budget')}"
+        f"PG init={_init(c, r)} S={c.get('samples')} {c.get('baseline')} budget={c.get('budget')}"
         + (f" +{r['compensation']}" if r.get("compensation") not in (None, "none") else ""),
         "sparsity": c.get("sparsity"),
         "params": final.get("params"),
@@ -52,6 +52,12 @@ def _row(r: dict) -> dict:
         "masks_per_s": masks_per_s,
         "zero_shot": {k: v.get("acc") for k, v in (r.get("zero_shot") or {}).items()},
     }
+
+
+def _init(config: dict, report: dict) -> str:
+    """The run's init: ``auto→flap`` where ``--init auto`` chose."""
+    chosen = report.get("init")
+    return f"{config.get('init')}→{chosen}" if chosen and chosen != config.get("init") else str(config.get("init"))
 
 
 def _fmt(x, spec=".3f"):
