@@ -124,3 +124,24 @@ def test_cli_takes_auto_and_refuses_an_unknown_init(tiny_llama_dir, tmp_path):
     code, err = cli("prune", "--model", tiny_llama_dir, "--out", tmp_path / "b", *FAST_CLI, "--init", "nope")
     assert code != 0 and "unknown init 'nope'" in err and "auto" in err
     assert not (tmp_path / "b" / "config.json").exists()
+
+
+def test_the_chosen_starts_refit_is_the_one_its_evaluation_uses(tiny_llama_dir, tiny_llama_loaded, tmp_path,
+                                                                monkeypatch):
+    """A refit per start and one for the output (when it is another mask): the init mask's
+    evaluation reuses its start's; the report still gives every reconstruction error, and the
+    starts are written with the compensation the run writes its output with."""
+    import bpp.jobs.prune_steps as steps
+
+    calls = []
+    real = steps.reconstruct
+    monkeypatch.setattr(steps, "reconstruct", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "run", init="auto")
+    moved = Masks.load(tmp_path / "run" / "mask.safetensors") != Masks.load(tmp_path / "run" / "init_mask.safetensors")
+    assert len(calls) == 2 + moved  # the output's refit too when the search moved off its start
+    errors = report["reconstruction"]["mean_relative_error"]
+    assert {"besa_start", "flap_start", "init_mask", "final_mask"} <= set(errors)
+    assert errors["init_mask"] == errors[f"{report['init']}_start"]
+    assert report["timings_s"]["evaluation"] >= 0 and report["timings_s"]["reconstruction"] >= 0
+    bias = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "bias", init="auto", reconstruct=False, steps=2)
+    assert bias["init_choice"]["compensation"] == "bias" and bias["compensation"] == "bias"

@@ -47,9 +47,9 @@ def test_a_run_stopped_during_reconstruction_resumes_to_the_end(tiny_llama_dir, 
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr("bpp.jobs.prune_steps.reconstruct", _stop)
-        with pytest.raises(KeyboardInterrupt):
-            prune(PruneConfig(model=str(tiny_llama_dir), **FAST), out, model=model, tokenizer=tok, progress=False,
-                  eval_windows=2)
+        with pytest.raises(KeyboardInterrupt):  # (one start: --init auto refits its candidates before the search)
+            prune(PruneConfig(model=str(tiny_llama_dir), init="besa", **FAST), out, model=model, tokenizer=tok,
+                  progress=False, eval_windows=2)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4 and not (out / "report.json").exists()
     stopped_mask = Masks.load(out / "mask.safetensors")
     report = prune(out=out, resume=True, model=model, tokenizer=tok, progress=False)

@@ -141,10 +141,11 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
         dist.barrier()  # the folder is ready (or the writer failed) before anyone goes on
     loop_args = (inputs.step_losses, inputs.windows, config, out if writer else None, job["checkpoint_every"],
                  progress and writer)
+    compensation = OutputCompensation(config, inputs, progress and writer)  # writes the starts and the output
     if state is not None:
         loop, init_mask = resume_search(config, out, inputs, state, loop_args, job, changed, writer)
     else:
-        loop, init_mask = start_search(config, out, inputs, loop_args, job, writer, progress and writer)
+        loop, init_mask = start_search(config, out, inputs, loop_args, job, writer, progress and writer, compensation)
     if writer:
         loop.attach_incumbent(inputs.losses.per_window, inputs.selection_ids, init_mask)
         if state is None:
@@ -161,12 +162,11 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
         return {"rank": rank, "world_size": world_size, "steps_done": loop.step}
     loop.save_checkpoint()  # the final state, so a kill during evaluation can resume straight to it
     final_mask, _ = write_masks(loop, out, inputs.fingerprint)
-    compensation = OutputCompensation(config, inputs, progress)
-    t0 = time.perf_counter()
+    t0, refit_before = time.perf_counter(), compensation.seconds
     perplexities = {}
     if job["evaluate"]:
         perplexities = evaluate_masks(inputs, job, init_mask, final_mask, compensation)
-    eval_seconds = time.perf_counter() - t0 - compensation.seconds
+    eval_seconds = time.perf_counter() - t0 - (compensation.seconds - refit_before)
 
     report = build_report(config, out, job, inputs, loop, init_mask, final_mask, perplexities, world_size,
                           compensation.kind)
@@ -179,7 +179,7 @@ def _run(config: PruneConfig, out: Path, folder: RunFolder | None, state: dict |
         if job["export"] == "gguf":
             report["export"] = export_model(out / "model", out / "model.gguf", job["export_dtype"], progress)
     report.update(compensation.report())
-    report["timings_s"].update(evaluation=eval_seconds, reconstruction=compensation.seconds,
+    report["timings_s"].update(evaluation=eval_seconds, reconstruction=compensation.seconds - refit_before,
                                total_this_session=time.perf_counter() - t_start)
     atomic_write_json(out / "report.json", report)
     return report

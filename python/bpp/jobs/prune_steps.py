@@ -126,9 +126,9 @@ def init_calibration(config: PruneConfig, inputs: Inputs) -> torch.Tensor:
 
 
 def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tuple, job: dict, writer: bool,
-                 progress: bool = False) -> tuple[SearchLoop, Masks | None]:
-    """A fresh run: calibrate, run the init method (or choose among several, :func:`choose_start`),
-    rank the units, and build the search."""
+                 progress: bool = False, written: "OutputCompensation | None" = None) -> tuple[SearchLoop, Masks | None]:
+    """A fresh run: calibrate, run the init method (or choose among several, :func:`choose_start`,
+    writing the candidates with ``written``), rank the units, and build the search."""
     from ..methods import init_candidates, method, rank_scores
 
     if writer:
@@ -144,7 +144,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         stats = InputStats(model).collect(calib, progress=progress) if needs_stats(config) else None
         if config.bias_compensation:
             inputs.losses.compensation = BiasCompensation.from_stats(model, stats)
-        init, (theta, init_mask, metrics), choice = choose_start(config, inputs, calib, progress)
+        init, (theta, init_mask, metrics), choice = choose_start(config, inputs, calib, progress, written)
         ranking = rank_scores(needs_ranking(config), model, space, stats, calib, config.sparsity, init, metrics)
         policy = new_policy(space, config, SearchStart(theta, init_mask, metrics, ranking))
         if config.attention_units == "heads" and init_mask is not None and init_mask.heads is None:
@@ -164,8 +164,8 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
     return loop, init_mask
 
 
-def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None, progress: bool = False
-                 ) -> tuple[str, tuple, dict | None]:
+def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None, progress: bool = False,
+                 written: "OutputCompensation | None" = None) -> tuple[str, tuple, dict | None]:
     """The init method the search starts from, its :func:`bpp.methods.initialise` result, and the
     record of the choice (None when ``--init`` names one method).
 
@@ -186,7 +186,7 @@ def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None
     if ids is None:  # a run without an incumbent: the windows it would have had
         ids = selection_windows(inputs.calib_ids, dataclasses.replace(config, incumbent_every=1),
                                 window_bos(inputs.model))
-    written = OutputCompensation(config, inputs, progress)
+    written = written or OutputCompensation(config, inputs, progress)
     losses = {}
     for name in names:
         mask = starts[name][1]
@@ -272,14 +272,20 @@ class OutputCompensation:
     """How the written model and the reported perplexities make up for the pruned units:
     ``reconstruct`` (o_proj/down_proj refit by damped least squares on :func:`init_calibration`'s
     windows, :func:`bpp.reconstruction.reconstruct`), ``bias`` (the FLAP biases the search judged
-    masks with) or ``none``. Only the latest refit is kept (the output's, when it is fitted last)."""
+    masks with) or ``none``. The latest two refits are kept (``--init auto``'s two starts, then the
+    chosen start's and the output's)."""
 
     def __init__(self, config: PruneConfig, inputs: Inputs, progress: bool):
-        self.kind = "reconstruct" if config.reconstruct else "none" if inputs.losses.compensation is None else "bias"
         self.config, self.inputs, self.progress = config, inputs, progress
         self.seconds = 0.0
         self.errors: dict[str, dict] = {}  # mask name → Reconstruction.mean_errors()
-        self._latest: tuple[Masks, dict] | None = None
+        self._fits: list[tuple[Masks, dict, dict]] = []  # (mask, compact kwargs, mean errors), the latest two
+
+    @property
+    def kind(self) -> str:  # read when used: the search's bias compensation is set when the search starts
+        if self.config.reconstruct:
+            return "reconstruct"
+        return "none" if self.inputs.losses.compensation is None else "bias"
 
     def kwargs(self, mask: Masks, name: str) -> dict:
         """What :func:`bpp.compaction.compact_model` takes besides ``mask`` to write ``mask``."""
@@ -287,8 +293,10 @@ class OutputCompensation:
             return self.inputs.losses.compensation.compact_biases(mask)
         if self.kind == "none":
             return {}
-        if self._latest is not None and self._latest[0] == mask:
-            return self._latest[1]
+        for known, kwargs, errors in self._fits:
+            if known == mask:
+                self.errors[name] = errors
+                return kwargs
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -299,9 +307,9 @@ class OutputCompensation:
         with torch.no_grad():
             fit = reconstruct(self.inputs.model, mask, calib, damping=DAMPING, progress=self.progress)
         self.errors[name] = fit.mean_errors()
-        self._latest = (mask, fit.compact_kwargs())
+        self._fits = self._fits[-1:] + [(mask, fit.compact_kwargs(), self.errors[name])]
         self.seconds += time.perf_counter() - t0
-        return self._latest[1]
+        return self._fits[-1][1]
 
     def report(self) -> dict:
         if self.kind != "reconstruct":
