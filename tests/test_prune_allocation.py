@@ -66,7 +66,7 @@ def test_default_run_writes_the_incumbent_and_its_compensated_compacted_model(ti
     if reconstruct:
         rec = report["reconstruction"]
         assert rec["damping"] == "auto" and (rec["calib_windows"], rec["calib_seq_len"]) == (4, 32)
-        assert set(rec["mean_relative_error"]) == {"init_mask", "final_mask"}
+        assert set(rec["mean_relative_error"]) == {"init_mask", "final_mask", "besa_start", "flap_start"}
         for errors in rec["mean_relative_error"]["final_mask"].values():
             assert errors["refit"] <= errors["bias"] + 1e-9 and errors["layers"] >= 1
         assert report["timings_s"]["reconstruction"] > 0
