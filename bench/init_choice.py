@@ -26,7 +26,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from bpp.jobs.prune_steps import JOB_DEFAULTS, choose_start, init_calibration, load_inputs
+    from bpp.jobs.prune_steps import JOB_DEFAULTS, init_calibration, load_inputs
+    from bpp.jobs.written import choose_start
     from bpp.modelio import load_model
     from bpp.search import PruneConfig
     from bpp.search.config import model_dtype

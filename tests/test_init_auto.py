@@ -131,7 +131,7 @@ def test_the_chosen_starts_refit_is_the_one_its_evaluation_uses(tiny_llama_dir, 
     """A refit per start and one for the output (when it is another mask): the init mask's
     evaluation reuses its start's; the report still gives every reconstruction error, and the
     starts are written with the compensation the run writes its output with."""
-    import bpp.jobs.prune_steps as steps
+    import bpp.jobs.written as steps
 
     calls = []
     real = steps.reconstruct

@@ -46,7 +46,7 @@ def test_a_run_stopped_during_reconstruction_resumes_to_the_end(tiny_llama_dir, 
     model, tok = tiny_llama_loaded
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr("bpp.jobs.prune_steps.reconstruct", _stop)
+        m.setattr("bpp.jobs.written.reconstruct", _stop)
         with pytest.raises(KeyboardInterrupt):  # (one start: --init auto refits its candidates before the search)
             prune(PruneConfig(model=str(tiny_llama_dir), init="besa", **FAST), out, model=model, tokenizer=tok,
                   progress=False, eval_windows=2)

@@ -120,7 +120,11 @@ def test_rows_are_independent(backend, device, dtype, monkeypatch):
     for gemm in (("onednn", "aten") if backend == "cpp" else ("auto",)):
         monkeypatch.setenv("BPP_CPU_GEMM", gemm)
         whole = ops.linear_cross_entropy(**kw, backend=backend)
-        for rows in ((slice(0, 16), slice(20, 40)) if small else (slice(0, 16), slice(120, 140), slice(250, 300))):
+        # the interpreter's tl.dot is NumPy's matmul, whose bits for a row can depend on the other rows of
+        # its 16-row tile on some CPUs (AVX2 BLAS): there the rows checked are whole tiles and the last
+        # partial one; compiled (GPU, C++) any rows
+        for rows in ((slice(0, 16), slice(16, 32), slice(32, 40)) if small else
+                     (slice(0, 16), slice(120, 140), slice(250, 300))):
             part = ops.linear_cross_entropy(kw["h"][rows], kw["weight"], kw["target"][rows], backend=backend)
             assert torch.equal(part, whole[rows]), f"rows {rows} differ alone and in the whole call ({gemm})"
         assert torch.equal(ops.linear_cross_entropy(**kw, backend=backend), whole), "two runs differ"

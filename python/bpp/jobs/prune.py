@@ -22,9 +22,9 @@ from ..runs import RunFolder
 from ..search import POLICIES, PruneConfig
 from ..search.config import default_out, resolve_config
 from ..search.objective import LossesFn
-from .prune_steps import (OutputCompensation, build_report, check_resumed_model, chosen_init, evaluate_masks,
-                          export_model,
-                          job_options, load_inputs, resume_search, save_compacted_model, start_search, write_masks)
+from .prune_steps import (build_report, check_resumed_model, chosen_init, evaluate_masks, export_model, job_options,
+                          load_inputs, resume_search, save_compacted_model, start_search, write_masks)
+from .written import OutputCompensation
 
 OUTPUT_FILES = ("mask.safetensors", "init_mask.safetensors", "metrics.jsonl", "report.json", "config.json",
                 "kept_per_layer.png", "loss_curve.png", CHECKPOINT, "model", "model.gguf", COMPENSATION_FILE,

@@ -62,7 +62,7 @@ METHODS: dict[str, Method] = {
 INIT_METHODS = tuple(name for name, m in METHODS.items() if m.prior is not None or name == "uniform")
 BASELINE_METHODS = tuple(name for name, m in METHODS.items() if m.mask is not None)
 # ``--init auto``: the search starts from whichever of these masks is better as it would be written,
-# the first unless another is better beyond noise (:func:`bpp.jobs.prune_steps.choose_start`)
+# the first unless another is better beyond noise (:func:`bpp.jobs.written.choose_start`)
 AUTO_INIT, AUTO_CANDIDATES = "auto", ("besa", "flap")
 
 
