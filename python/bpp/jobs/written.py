@@ -91,7 +91,7 @@ def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None
     names = init_candidates(config.init)
     budget = config_budget(inputs.space, config)
     starts = {name: initialise(budget, name, inputs.model, calib) for name in names}
-    if len(names) == 1:
+    if len(names) == 1 or any(start[1] is None for start in starts.values()):  # (layer units: no init mask)
         return names[0], starts[names[0]], None
     ids = inputs.selection_ids
     if ids is None:  # a run without an incumbent: the windows it would have had
