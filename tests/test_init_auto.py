@@ -145,3 +145,14 @@ def test_the_chosen_starts_refit_is_the_one_its_evaluation_uses(tiny_llama_dir, 
     assert report["timings_s"]["evaluation"] >= 0 and report["timings_s"]["reconstruction"] >= 0
     bias = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "bias", init="auto", reconstruct=False, steps=2)
     assert bias["init_choice"]["compensation"] == "bias" and bias["compensation"] == "bias"
+
+
+def test_auto_with_layer_units_starts_from_the_first_candidates_prior_without_a_choice(tiny_llama_dir,
+                                                                                       tiny_llama_loaded, tmp_path):
+    """Layer units have no init mask to write and judge: auto then starts as its first candidate
+    would and records no choice."""
+    kw = dict(policy="units", granularity="layer", sparsity=0.5, steps=3, bias_compensation=False)
+    auto = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "auto", init="auto", **kw)
+    named = _run(tiny_llama_dir, tiny_llama_loaded, tmp_path / "named", init=AUTO_CANDIDATES[0], **kw)
+    assert auto["init_choice"] is None and auto["init"] == AUTO_CANDIDATES[0] == named["init"]
+    assert Masks.load(tmp_path / "auto" / "mask.safetensors") == Masks.load(tmp_path / "named" / "mask.safetensors")

@@ -146,6 +146,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
         init_mask.save(out / "init_mask.safetensors", model=inputs.fingerprint)
     if inputs.losses.compensation is not None:
         loop.extra_state["compensation"] = inputs.losses.compensation.state()
+    loop.extra_state["init"] = init
     if choice is not None:
         loop.extra_state["init_choice"] = choice
     loop.extra_state.update({"init_seconds": time.perf_counter() - t0, "sessions": 1, "job": job,
@@ -155,7 +156,7 @@ def start_search(config: PruneConfig, out: Path, inputs: Inputs, loop_args: tupl
 
 def chosen_init(config: PruneConfig, loop: SearchLoop) -> str:
     """The init method the run started from (``--init auto``: the one it chose)."""
-    return loop.extra_state.get("init_choice", {}).get("chosen", config.init)
+    return loop.extra_state.get("init", loop.extra_state.get("init_choice", {}).get("chosen", config.init))
 
 
 def model_name(model: str) -> str:

@@ -90,9 +90,10 @@ def choose_start(config: PruneConfig, inputs: Inputs, calib: torch.Tensor | None
 
     names = init_candidates(config.init)
     budget = config_budget(inputs.space, config)
-    starts = {name: initialise(budget, name, inputs.model, calib) for name in names}
-    if len(names) == 1 or any(start[1] is None for start in starts.values()):  # (layer units: no init mask)
-        return names[0], starts[names[0]], None
+    first = initialise(budget, names[0], inputs.model, calib)
+    if len(names) == 1 or first[1] is None:  # (layer units: no init mask to write and judge)
+        return names[0], first, None
+    starts = {names[0]: first, **{name: initialise(budget, name, inputs.model, calib) for name in names[1:]}}
     ids = inputs.selection_ids
     if ids is None:  # a run without an incumbent: the windows it would have had
         ids = selection_windows(inputs.calib_ids, dataclasses.replace(config, incumbent_every=1),
