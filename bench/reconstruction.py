@@ -14,7 +14,9 @@ and reconstruct − none, with its 95% interval (negative: reconstruction is bet
     python bench/reconstruction.py --methods besa --sparsities 0.2,0.4 --json bench/results/reconstruction.json
     python bench/reconstruction.py --methods default --sparsities 0.4 --masks default-0.4=RUN/mask.safetensors --json ...
 
-(``--masks``: masks made elsewhere, e.g. `bpp prune`'s, compensated and evaluated the same way.)
+(``--masks``: masks made elsewhere, e.g. `bpp prune`'s, compensated and evaluated the same way;
+``--refit-samples N``: the refit also fits N windows the dense model samples itself, text of no
+one domain, to see whether the refit then travels to the other text.)
 
 A run adds to the JSON it is given (rows already there are kept and not recomputed), so the grid
 can be filled in parts; masks are cached in --cache.
@@ -59,6 +61,25 @@ def spread_windows(ids: torch.Tensor, seq_len: int, n: int | None) -> torch.Tens
     return data[torch.linspace(0, total - 1, n).round().long()]
 
 
+def model_samples(model, tok, n: int, seq_len: int, cache: Path, seed: int = 0) -> torch.Tensor:
+    """``(n, seq_len)`` token ids the dense model samples itself (temperature 1, no truncation),
+    each from the BOS token (EOS where there is none), seeded; cached in ``cache``."""
+    path = cache / f"samples-{n}x{seq_len}-seed{seed}.pt"
+    if path.is_file():
+        return torch.load(path)
+    torch.manual_seed(seed)
+    first = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    start = torch.full((n, 1), first, dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ids = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len,
+                             pad_token_id=tok.eos_token_id)[:, 1:seq_len + 1]
+    print(f"sampled {n} x {seq_len} tokens from the dense model in {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.save(ids, path)
+    return ids
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="flap,besa")
@@ -70,6 +91,8 @@ def main():
     ap.add_argument("--cache", default="/tmp/bpp-reconstruction-cache", help="folder for the methods' masks")
     ap.add_argument("--masks", default="", help="masks made elsewhere, as method-sparsity=path (e.g. the mask of a "
                     "bpp prune run: default-0.4=RUN/mask.safetensors), used when that method and sparsity are asked")
+    ap.add_argument("--refit-samples", type=int, default=0, help="refit on the calibration windows and this many "
+                    "windows the dense model samples itself (--calib-seq-len tokens each); the bias stays on the text")
     ap.add_argument("--json", default="bench/results/reconstruction.json")
     ap.add_argument("--versus", default=None, help="also compare this method's rows with every other method's at "
                     "the same sparsity, compensation and text (e.g. default), from the JSON")
@@ -104,6 +127,11 @@ def main():
     evaluate("dense", model)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    refit_calib, suffix = calib, ""
+    if args.refit_samples > 0:
+        refit_calib = torch.cat([calib, model_samples(model, tok, args.refit_samples, args.calib_seq_len, cache)])
+        suffix = f" +{args.refit_samples} samples"
+        results["meta"]["refit_samples"] = args.refit_samples
     for method in args.methods.split(","):
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             tag = f"{method} {sparsity:g}"
@@ -121,7 +149,7 @@ def main():
                 results.setdefault("mask_seconds", {})[tag] = time.perf_counter() - t0
             results.setdefault("params", {})[tag] = int(space.params(mask)[0])
             rows = {}
-            refits = [f"reconstruct λ={lam if lam == 'auto' else format(lam, 'g')}" for lam in dampings]
+            refits = [f"reconstruct λ={lam if lam == 'auto' else format(lam, 'g')}{suffix}" for lam in dampings]
             for comp, lam in [("none", None), ("bias", None)] + [(r, lam) for r, lam in zip(refits, dampings)]:
                 key = f"{tag} {comp}"
                 if key not in results["models"]:
@@ -131,7 +159,7 @@ def main():
                     elif comp == "bias":
                         extra = compensation_for(model, mask, calib)
                     else:
-                        recon = reconstruct(model, mask, calib, damping=lam, progress=True)
+                        recon = reconstruct(model, mask, refit_calib, damping=lam, progress=True)
                         extra = recon.compact_kwargs()
                         results.setdefault("reconstruction", {})[key] = {
                             "seconds": time.perf_counter() - t0, "tokens": recon.tokens, "damping": lam,
