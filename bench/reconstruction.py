@@ -97,6 +97,8 @@ def main():
     ap.add_argument("--versus", default=None, help="also compare this method's rows with every other method's at "
                     "the same sparsity, compensation and text (e.g. default), from the JSON")
     args = ap.parse_args()
+    if args.refit_samples < 0:
+        ap.error(f"--refit-samples must be >= 0, got {args.refit_samples}")
 
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "models": {}, "comparisons": []}
