@@ -1,7 +1,7 @@
 """Least-squares reconstruction vs FLAP's bias compensation vs nothing, on FLAP and BESA masks.
 
 For each method and sparsity, the method's own mask (as `bpp baseline` makes it: 32 calibration
-windows of 128 tokens of the embedded text, seed 0) is compacted three ways — no compensation,
+windows of 128 tokens of the embedded text, seed 0 or --calib-seed) is compacted three ways — no compensation,
 FLAP's output biases, and `bpp.reconstruction` (damped least squares with an intercept, inputs
 from the already-pruned model) — all calibrated on those same windows. Each model is evaluated on
 windows of 128 tokens of two texts: the held-out part of the embedded text (CPython's pydoc
@@ -37,7 +37,7 @@ from common import paired_bootstrap, window_nll
 
 from bpp import load_model
 from bpp.compaction import compact_model
-from bpp.data import load_text, tokenize, windows
+from bpp.data import load_text, tokenize, window_bos, windows
 from bpp.masks import Masks
 from bpp.methods import baseline_mask
 from bpp.methods.flap import compensation_for
@@ -93,6 +93,10 @@ def main():
                     "bpp prune run: default-0.4=RUN/mask.safetensors), used when that method and sparsity are asked")
     ap.add_argument("--refit-samples", type=int, default=0, help="refit on the calibration windows and this many "
                     "windows the dense model samples itself (--calib-seq-len tokens each); the bias stays on the text")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (bpp prune --seed S "
+                    "calibrates on seed S's windows)")
+    ap.add_argument("--targets", default="residual", help="the refit's targets, a comma list: residual (the dense "
+                    "residual stream; the default where the model allows) and/or output (each projection's dense output)")
     ap.add_argument("--json", default="bench/results/reconstruction.json")
     ap.add_argument("--versus", default=None, help="also compare this method's rows with every other method's at "
                     "the same sparsity, compensation and text (e.g. default), from the JSON")
@@ -109,10 +113,14 @@ def main():
 
     model, tok = load_model()
     space = MaskSpace.from_model(model)
-    calib = windows(tok, load_text("default", "calib"), args.calib_seq_len, args.calib_windows, seed=0)
+    calib = windows(tok, load_text("default", "calib"), args.calib_seq_len, args.calib_windows, seed=args.calib_seed,
+                    bos=window_bos(model))
+    targets = args.targets.split(",")
+    if not set(targets) <= {"residual", "output"}:
+        ap.error(f"--targets takes residual and/or output, got {args.targets!r}")
     texts = {"default/heldout": spread_windows(tokenize(tok, load_text("default", "heldout")), 128, args.eval_windows),
              "licences": spread_windows(tokenize(tok, licence_text()), 128, args.eval_windows)}
-    results["meta"].update({"calib": f"default/calib, {args.calib_windows} x {args.calib_seq_len}, seed 0",
+    results["meta"].update({"calib": f"default/calib, {args.calib_windows} x {args.calib_seq_len}, seed {args.calib_seed}",
                             "eval_windows": {k: int(v.shape[0]) for k, v in texts.items()}, "default_damping": DAMPING})
     dampings = [x if x == "auto" else float(x) for x in args.damping.split(",")]
 
@@ -137,7 +145,8 @@ def main():
     for method in args.methods.split(","):
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             tag = f"{method} {sparsity:g}"
-            mask_file = cache / f"{method}-{sparsity:g}-{args.calib_windows}x{args.calib_seq_len}.safetensors"
+            seed_tag = f"-seed{args.calib_seed}" if args.calib_seed else ""
+            mask_file = cache / f"{method}-{sparsity:g}-{args.calib_windows}x{args.calib_seq_len}{seed_tag}.safetensors"
             given = dict(x.split("=", 1) for x in args.masks.split(",") if x)
             if f"{method}-{sparsity:g}" in given:
                 mask = Masks.load(given[f"{method}-{sparsity:g}"])
@@ -151,8 +160,10 @@ def main():
                 results.setdefault("mask_seconds", {})[tag] = time.perf_counter() - t0
             results.setdefault("params", {})[tag] = int(space.params(mask)[0])
             rows = {}
-            refits = [f"reconstruct λ={lam if lam == 'auto' else format(lam, 'g')}{suffix}" for lam in dampings]
-            for comp, lam in [("none", None), ("bias", None)] + [(r, lam) for r, lam in zip(refits, dampings)]:
+            fits = [(f"reconstruct λ={lam if lam == 'auto' else format(lam, 'g')} {target}{suffix}", lam, target)
+                    for target in targets for lam in dampings]
+            refits = [name for name, _, _ in fits]
+            for comp, lam, target in [("none", None, None), ("bias", None, None)] + fits:
                 key = f"{tag} {comp}"
                 if key not in results["models"]:
                     t0 = time.perf_counter()
@@ -161,7 +172,8 @@ def main():
                     elif comp == "bias":
                         extra = compensation_for(model, mask, calib)
                     else:
-                        recon = reconstruct(model, mask, refit_calib, damping=lam, progress=True)
+                        recon = reconstruct(model, mask, refit_calib, damping=lam, progress=True,
+                                            residual=target == "residual")
                         extra = recon.compact_kwargs()
                         results.setdefault("reconstruction", {})[key] = {
                             "seconds": time.perf_counter() - t0, "tokens": recon.tokens, "damping": lam,

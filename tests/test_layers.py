@@ -15,7 +15,7 @@ LAYERS = {
     "bpp.space": 2, "bpp.masks": 2, "bpp.budget": 2,
     "bpp.models": 3,
     "bpp.evaluation": 4, "bpp.compaction": 4, "bpp.distributed": 4, "bpp.bias_compensation": 4, "bpp.plots": 4,
-    "bpp.reconstruction": 4,
+    "bpp.reconstruction": 4, "bpp.least_squares": 4,
     "bpp.search": 4, "bpp.gguf": 4,
     "bpp.methods": 5,
     "bpp.jobs": 6,

@@ -52,13 +52,16 @@ def _with_bias(linear: torch.nn.Linear) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def _reference(model, mask: Masks, calib: torch.Tensor, damping: float, dense_inputs: bool = False):
+def _reference(model, mask: Masks, calib: torch.Tensor, damping: float, dense_inputs: bool = False,
+               residual: bool = False):
     """The refit the slow, explicit way: a full-size copy of the model with the pruned columns of
     o_proj / down_proj zeroed (= the masked model); per layer, o_proj then down_proj, run the whole
     copy on ``calib``, store the projection's kept inputs (from the copy, whose layers below are
     already refit; or from the dense model when ``dense_inputs``) and the dense model's outputs of
-    that projection, solve by lstsq, write the result into the copy. Returns the copy and the
-    fits ``{(layer, name): (W, b)}``."""
+    that projection (with ``residual``, plus the dense model's residual stream minus the copy's
+    where the block's output is added: the layer's input for o_proj, the MLP norm's input for
+    down_proj), solve by lstsq, write the result into the copy. Returns the copy and the fits
+    ``{(layer, name): (W, b)}``."""
     space = MaskSpace.from_model(model)
     cols = space.heads_per_group * space.head_dim
     work = copy.deepcopy(model)
@@ -80,17 +83,26 @@ def _reference(model, mask: Masks, calib: torch.Tensor, damping: float, dense_in
             store.append((args[0] if inputs else out).reshape(-1, (args[0] if inputs else out).shape[-1]))
         return module.register_forward_hook(hook)
 
+    def stream(m, i, name, store):
+        layer = m.model.layers[i]
+        at = layer if name == "o_proj" else layer.post_attention_layernorm
+        return at.register_forward_pre_hook(lambda mod, args: store.append(args[0].reshape(-1, args[0].shape[-1])))
+
     fits = {}
     for i in range(space.n_layers):
         for name in ("o_proj", "down_proj"):
-            xs, ys = [], []
+            xs, ys, dense_stream, work_stream = [], [], [], []
             handles = [record(proj(model if dense_inputs else work, i, name), xs, True),
                        record(proj(model, i, name), ys, False)]
+            if residual:
+                handles += [stream(model, i, name, dense_stream), stream(work, i, name, work_stream)]
             work(calib)
             model(calib)
             for h in handles:
                 h.remove()
             x, y = torch.cat(xs)[:, keep[i, name]], torch.cat(ys)
+            if residual:
+                y = y + torch.cat(dense_stream) - torch.cat(work_stream)
             w0 = proj(model, i, name).weight[:, keep[i, name]]
             w, b = _lstsq_fit(x, y, w0, damping)
             proj(work, i, name).weight[:, keep[i, name]] = w
@@ -103,15 +115,18 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "output"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_refit_equals_a_direct_least_squares_solve_on_pruned_model_inputs(family):
+def test_refit_equals_a_direct_least_squares_solve_on_pruned_model_inputs(family, residual):
     seed = seed_for_test() % 10_000
     model = tiny_model(family, seed=seed, dtype=torch.float64)
     space = MaskSpace.from_model(model)
     mask = _mask(space, seed)
     calib = _calib(model, seed=seed)
-    got = reconstruct(model, mask, calib, damping=0.01, batch_size=4)  # two batches: sums over batches
-    work, want = _reference(model, mask, calib, 0.01)
+    # two batches: sums over batches; residual targets are the default on these architectures
+    got = reconstruct(model, mask, calib, damping=0.01, batch_size=4, **({} if residual else {"residual": False}))
+    assert got.residual == residual
+    work, want = _reference(model, mask, calib, 0.01, residual=residual)
     for i in range(space.n_layers):
         assert _rel(got.o_proj_weight[i], want[i, "o_proj"][0]) < 1e-8, i
         assert _rel(got.o_proj_bias[i], want[i, "o_proj"][1]) < 1e-8, i
@@ -127,6 +142,44 @@ def test_refit_equals_a_direct_least_squares_solve_on_pruned_model_inputs(family
         assert _rel(small(ids).logits, work(ids).logits) < 1e-10
 
 
+def test_residual_targets_pull_the_stream_back_to_the_dense_models():
+    """On the calibration windows the residual-target refit leaves the last layer's output closer to
+    the dense model's than the output-target refit, which only reproduces each block's output."""
+    model = tiny_model("llama", seed=3, dtype=torch.float64)
+    space = MaskSpace.from_model(model)
+    mask = _mask(space, 3)
+    calib = _calib(model, n=12, seed=3)
+    with torch.no_grad():
+        dense = model(calib, output_hidden_states=True).hidden_states[-1]
+        drift = {}
+        for residual in (True, False):
+            fit = reconstruct(model, mask, calib, damping=0.01, residual=residual)
+            small = compact_model(model, mask, **fit.compact_kwargs())
+            drift[residual] = _rel(small(calib, output_hidden_states=True).hidden_states[-1], dense)
+    assert drift[True] < drift[False], drift
+
+
+def test_gemma3_refits_block_outputs_and_refuses_residual_targets():
+    """Gemma 3 normalises each block's output before the residual add, so the default refit there
+    reproduces the projections' outputs (the direct solve of output targets) and asking for
+    residual targets is a one-line error."""
+    from tests.tiny import tiny_gemma3
+
+    model = tiny_gemma3(seed=6, dtype=torch.float64)
+    space = MaskSpace.from_model(model)
+    mask = _mask(space, 6)
+    calib = _calib(model, seed=6)
+    got = reconstruct(model, mask, calib, damping=0.01)
+    assert not got.residual
+    _, want = _reference(model, mask, calib, 0.01)
+    for i in range(space.n_layers):
+        assert _rel(got.down_proj_weight[i], want[i, "down_proj"][0]) < 1e-8, i
+        assert _rel(got.o_proj_bias[i], want[i, "o_proj"][1]) < 1e-8, i
+    with pytest.raises(BppError, match="residual=False") as err:
+        reconstruct(model, mask, calib, residual=True)
+    assert "\n" not in str(err.value)
+
+
 def test_layer_two_is_fit_on_the_pruned_layer_ones_outputs():
     """Solved on the dense model's inputs instead, layer 1's weights come out different, so the
     equality above really checks that layer 1 sees the pruned (and refit) layer 0."""
@@ -134,7 +187,7 @@ def test_layer_two_is_fit_on_the_pruned_layer_ones_outputs():
     space = MaskSpace.from_model(model)
     mask = _mask(space, 5)
     calib = _calib(model, seed=5)
-    got = reconstruct(model, mask, calib, damping=0.01)
+    got = reconstruct(model, mask, calib, damping=0.01, residual=False)
     _, pruned_inputs = _reference(model, mask, calib, 0.01)
     _, dense_inputs = _reference(model, mask, calib, 0.01, dense_inputs=True)
     # layer 0's attention reads the same kept heads either way

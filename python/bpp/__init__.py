@@ -21,7 +21,7 @@ this list (tests/test_layers.py checks it by reading the imports).
 4. ``evaluation`` (perplexity of dense, masked and compacted models; zero-shot through
    lm-eval), ``compaction`` (a mask → smaller dense weights), ``bias_compensation`` (FLAP's input
    statistics and output biases), ``reconstruction`` (least-squares refit of pruned layers' output
-   projections), ``distributed`` (masks sharded over torchrun ranks), ``plots``
+   projections; its solver in ``least_squares``), ``distributed`` (masks sharded over torchrun ranks), ``plots``
    (a run's figures), ``gguf`` (the GGUF file format for llama.cpp), ``search`` (every policy
    behind one ask/tell interface, the loop that drives them, the incumbent, the objective and the
    run's configuration: see :mod:`bpp.search`)

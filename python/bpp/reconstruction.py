@@ -16,7 +16,12 @@ means "trust the original weights", never "shrink them".
 
 Inputs come from the pruned model layer by layer: layer ℓ's projections are fit on what the
 pruned layers before it (already refit) feed it, so each refit also corrects the error that
-reaches it from below. Only the normal equations are kept: XᵀX, XᵀY and the column sums in
+reaches it from below. With ``residual`` (the default where a block's output is added to the
+residual stream as it is, i.e. every architecture without norms after its blocks) the target also
+holds the residual stream's drift at that point: Y is the dense projection's output plus the dense
+model's residual stream minus the pruned model's, where the block's output is added (the layer's
+input for o_proj, the stream after attention for down_proj), so the refit block steers the stream
+back towards the dense model's rather than only reproducing its own output. Only the normal equations are kept: XᵀX, XᵀY and the column sums in
 float64, accumulated over the calibration batches. Per layer the calibration windows run through
 the layer's own modules: once in the dense model (targets), up to o_proj, up to down_proj with
 the new o_proj, and once through the whole refit layer (the next layer's inputs). A layer the mask
@@ -32,15 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BppError
+from .least_squares import AUTO_DAMPINGS, NormalEquations, choose_damping  # noqa: F401 (AUTO_DAMPINGS: API)
 from .masks import Masks
 from .models.replay import layer_inputs, run_layer
-from .space import MaskSpace
+from .space import MaskSpace, block_norms
 
 # λ: δ = λ · mean(diag X_cᵀX_c). "auto": per projection, the λ of AUTO_DAMPINGS whose refit on half the
 # calibration batches has the least error on the other half, then the refit on all of them with it; it
 # does better than any one λ in and out of the calibration domain (bench/RESULTS.md, across domains)
 DAMPING = "auto"
-AUTO_DAMPINGS = (0.01, 0.1, 1.0, 10.0)
 
 
 def parse_damping(value, name: str = "the reconstruction damping") -> float | str:
@@ -54,7 +59,6 @@ def parse_damping(value, name: str = "the reconstruction damping") -> float | st
     if not (math.isfinite(number) and number >= 0):
         raise BppError(f"{name} must be 'auto' or a finite number >= 0, got {value!r}")
     return number
-MAX_DAMPING_TRIES = 12  # δ grows tenfold per failed Cholesky factorisation
 
 
 @dataclass
@@ -66,7 +70,8 @@ class Reconstruction:
     (layer dropped, or nothing pruned); ``o_proj_bias[l]`` / ``down_proj_bias[l]`` ``(d,)``: the
     intercepts (zeros where left alone). In the model's dtype, on the CPU. ``errors[l]``: the
     relative squared error Σ‖ŷ − y‖² / Σ‖y‖² on the calibration tokens of each refit projection:
-    ``masked`` (kept weights, no bias), ``bias`` (kept weights, best bias) and ``refit``."""
+    ``masked`` (kept weights, no bias), ``bias`` (kept weights, best bias) and ``refit``;
+    ``residual``: whether the targets held the residual stream's drift (module docstring)."""
 
     o_proj_weight: list[torch.Tensor | None]
     o_proj_bias: list[torch.Tensor]
@@ -75,6 +80,7 @@ class Reconstruction:
     damping: float | str
     tokens: int
     errors: list[dict] = field(default_factory=list)
+    residual: bool = False
 
     def mean_errors(self) -> dict:
         """Per projection, the mean over its refit layers of each relative error of ``errors``
@@ -95,93 +101,6 @@ class Reconstruction:
         """The keyword arguments of :func:`bpp.compaction.compact_model` and ``save_compacted``."""
         return {"o_proj_weight": self.o_proj_weight, "o_proj_bias": self.o_proj_bias,
                 "down_proj_weight": self.down_proj_weight, "down_proj_bias": self.down_proj_bias}
-
-
-class NormalEquations:
-    """XᵀX, XᵀY, ΣX, ΣY and Σ‖y‖² of one projection over the calibration tokens (float64)."""
-
-    def __init__(self, k: int, d: int, device=None):
-        f64 = dict(dtype=torch.float64, device=device)
-        self.xx, self.xy = torch.zeros(k, k, **f64), torch.zeros(k, d, **f64)
-        self.x, self.y = torch.zeros(k, **f64), torch.zeros(d, **f64)
-        self.yy = 0.0
-        self.n = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``x`` ``(..., k)`` inputs and ``y`` ``(..., d)`` targets of the same tokens."""
-        y = y.reshape(-1, self.xy.shape[1]).to(self.xx.device, torch.float64)
-        x = x.reshape(y.shape[0], self.xx.shape[0]).to(self.xx.device, torch.float64)  # k may be 0
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.x += x.sum(0)
-        self.y += y.sum(0)
-        self.yy += float(y.pow(2).sum())
-        self.n += x.shape[0]
-
-    def __iadd__(self, other: "NormalEquations") -> "NormalEquations":
-        self.xx += other.xx
-        self.xy += other.xy
-        self.x += other.x
-        self.y += other.y
-        self.yy += other.yy
-        self.n += other.n
-        return self
-
-    def error(self, w: torch.Tensor, b: torch.Tensor | None) -> float:
-        """Σ‖x Wᵀ + b − y‖² / Σ‖y‖² from the accumulated sums; ``w`` ``(d, k)`` float64."""
-        wt = w.T
-        err = float((wt * (self.xx @ wt)).sum()) - 2.0 * float((wt * self.xy).sum()) + self.yy
-        if b is not None:
-            err += 2.0 * float(b @ (wt.T @ self.x)) + self.n * float(b @ b) - 2.0 * float(b @ self.y)
-        return max(err, 0.0) / max(self.yy, 1e-300)
-
-    def solve(self, w0: torch.Tensor, damping: float, errors: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """``(W, b, errors)``: the damped least-squares refit of the module docstring, float64;
-        ``w0`` ``(d, k)``: the kept columns of the original weight. ``errors``: the relative errors
-        on these tokens of the masked, bias-compensated and refit outputs (else an empty dict)."""
-        if self.n == 0:
-            raise BppError("reconstruction needs at least one calibration token")
-        w0 = w0.to(self.xx.device, torch.float64)
-        k = w0.shape[1]
-        x_mean, y_mean = self.x / self.n, self.y / self.n
-        record = {"masked": self.error(w0, None), "bias": self.error(w0, y_mean - w0 @ x_mean)} if errors else {}
-        if k == 0:  # nothing kept: only the intercept, the dense output's mean
-            w = w0
-        else:
-            sxx = self.xx - self.n * torch.outer(x_mean, x_mean)
-            sxy = self.xy - self.n * torch.outer(x_mean, y_mean)
-            rhs = sxy - sxx @ w0.T  # X_cᵀ (Y_c − X_c W₀ᵀ): solve for the change of the weights
-            w = w0 + _damped_solve(sxx, rhs, damping).T
-        b = y_mean - w @ x_mean
-        if errors:
-            record["refit"] = self.error(w, b)
-        return w, b, record
-
-
-def choose_damping(fit: NormalEquations, check: NormalEquations, w0: torch.Tensor,
-                   candidates=AUTO_DAMPINGS) -> tuple[float, dict]:
-    """The λ of ``candidates`` whose refit on ``fit``'s tokens has the least relative error on
-    ``check``'s (held-back) tokens, and each candidate's error there."""
-    held = {lam: check.error(*fit.solve(w0, lam, errors=False)[:2]) for lam in candidates}
-    return min(held, key=lambda lam: (held[lam], -lam)), held
-
-
-def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(a + δI)⁻¹ rhs`` for a symmetric positive semi-definite ``a``, δ = damping · mean(diag a),
-    by Cholesky; δ grows tenfold while the factorisation fails (a singular or badly rounded a)."""
-    scale = float(a.diagonal().mean())
-    if not math.isfinite(scale):
-        raise BppError("the calibration activations hold inf or NaN; reconstruction cannot fit them")
-    scale = max(scale, 1e-12)
-    delta = damping * scale
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    for _ in range(MAX_DAMPING_TRIES):
-        chol, info = torch.linalg.cholesky_ex(a + delta * eye)
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs, chol)
-        delta = max(10.0 * delta, 1e-10 * scale)
-    raise BppError("the calibration activations are too badly conditioned to refit even with strong "
-                   "damping; use more calibration windows or a larger damping")
 
 
 # --- running the model layer by layer ---------------------------------------------------------------
@@ -240,12 +159,20 @@ def _check_calib(model, calib) -> torch.Tensor:
     return calib.long()
 
 
+def residual_targets(model) -> bool:
+    """Whether ``model``'s blocks add their output projection's output to the residual stream as it
+    is (no norm after the block), so a refit can also make up for the stream's drift."""
+    return all(len(block_norms(layer)[1]) == 1 for layer in model.model.layers)
+
+
 @torch.no_grad()
 def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | str = DAMPING, batch_size: int = 8,
-                progress: bool = False) -> Reconstruction:
+                progress: bool = False, residual: bool | None = None) -> Reconstruction:
     """Refit the output projections of every width-pruned layer of ``model`` under ``masks``
     (S = 1) on the calibration windows ``calib`` ``(n, T)``, layer by layer with inputs from the
-    already-pruned model and targets from the dense one (module docstring). ``damping``: λ ≥ 0,
+    already-pruned model and targets from the dense one (module docstring). ``residual``: targets
+    that also hold the residual stream's drift (None: wherever :func:`residual_targets` allows;
+    True on a model with norms after its blocks is an error). ``damping``: λ ≥ 0,
     or ``"auto"`` (the default): per projection the λ of ``AUTO_DAMPINGS`` whose refit on
     alternate batches of windows does best on the others (:func:`choose_damping`; the batches
     shrink to make at least two), then the refit on all of them with it; ``batch_size``: windows
@@ -259,6 +186,11 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
         raise BppError(f"reconstruction takes one mask (S = 1), got {masks.S}")
     damping = parse_damping(damping)
     auto = damping == "auto"
+    allowed = residual_targets(model)
+    if residual and not allowed:
+        raise BppError("residual targets need blocks whose output enters the residual stream as it is; this model "
+                       "normalises each block's output (Gemma 3): reconstruct with residual=False")
+    residual = allowed if residual is None else bool(residual)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise BppError(f"batch_size must be a positive integer, got {batch_size!r}")
     calib = _check_calib(model, calib)
@@ -280,7 +212,8 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
         pruned = [h.clone() for h in dense]
         result = Reconstruction([None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
                                 [None] * space.n_layers, [torch.zeros(d, dtype=dtype)] * space.n_layers,
-                                damping="auto" if auto else float(damping), tokens=int(calib.numel()))
+                                damping="auto" if auto else float(damping), tokens=int(calib.numel()),
+                                residual=residual)
         for i in tqdm(range(space.n_layers), desc="reconstruction", unit="layer", disable=not progress):
             layer = layers[i]
             layer_device = next(layer.parameters()).device
@@ -291,11 +224,16 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
                 continue
             projections = {"o_proj": _Projection(layer.self_attn.o_proj, kept_heads[i].repeat_interleave(space.head_dim)),
                            "down_proj": _Projection(layer.mlp.down_proj, eff.channels[0, i])}
+            stream = {}  # the residual stream where the MLP block's output is added (the MLP norm's input)
+            mlp_norm = getattr(layer, block_norms(layer)[1][0])
+            stream_hook = mlp_norm.register_forward_pre_hook(lambda m, a: stream.__setitem__("h", a[0])) \
+                if residual else None
             try:
                 targets = {name: [] for name in projections}
-                next_dense = []
+                next_dense, dense_stream = [], []
                 for h in dense:
                     next_dense.append(run_layer(layer, h, kwargs))
+                    dense_stream.append(stream.pop("h", None))
                     for name, p in projections.items():
                         if p.pruned:
                             targets[name].append(p.captured)
@@ -313,6 +251,8 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
                             run_layer(layer, h, kwargs)
                         except _Stop:
                             pass
+                        if residual:  # dense stream − pruned stream where this block's output is added
+                            y = y + (dense[j] - h if name == "o_proj" else dense_stream[j] - stream.pop("h"))
                         halves[j % 2].add(p.captured, y)
                         p.captured = None
                     p.stop = False
@@ -334,6 +274,8 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
             finally:
                 for p in projections.values():
                     p.remove()
+                if stream_hook is not None:
+                    stream_hook.remove()
     finally:
         model.train(training)
     return result

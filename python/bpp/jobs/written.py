@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..data import window_bos
-from ..reconstruction import DAMPING, reconstruct
+from ..reconstruction import DAMPING, reconstruct, residual_targets
 from ..masks import Masks
 from ..search import PruneConfig, config_budget, selection_windows
 
@@ -71,7 +71,8 @@ class OutputCompensation:
         if self.kind != "reconstruct":
             return {"compensation": self.kind}
         return {"compensation": self.kind, "reconstruction": {
-            "damping": DAMPING, "calib_windows": self.config.init_windows,
+            "damping": DAMPING, "residual_targets": residual_targets(self.inputs.model),
+            "calib_windows": self.config.init_windows,
             "calib_seq_len": self.config.init_seq_len, "mean_relative_error": self.errors}}
 
 
