@@ -21,8 +21,9 @@ residual stream as it is, i.e. every architecture without norms after its blocks
 holds the residual stream's drift at that point: Y is the dense projection's output plus the dense
 model's residual stream minus the pruned model's, where the block's output is added (the layer's
 input for o_proj, the stream after attention for down_proj), so the refit block steers the stream
-back towards the dense model's rather than only reproducing its own output. Only the normal equations are kept: XᵀX, XᵀY and the column sums in
-float64, accumulated over the calibration batches. Per layer the calibration windows run through
+back towards the dense model's rather than only reproducing its own output. Only the normal
+equations are kept: XᵀX, XᵀY and the column sums in float64, accumulated over the calibration
+batches. Per layer the calibration windows run through
 the layer's own modules: once in the dense model (targets), up to o_proj, up to down_proj with
 the new o_proj, and once through the whole refit layer (the next layer's inputs). A layer the mask
 drops, and a projection with nothing pruned, are left alone; a block with all of its units pruned
