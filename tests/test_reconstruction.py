@@ -277,6 +277,8 @@ def test_bad_inputs_give_one_line_errors():
         reconstruct(model, mask, calib + 400)
     with pytest.raises(BppError, match="damping"):
         reconstruct(model, mask, calib, damping=-1.0)
+    with pytest.raises(BppError, match="residual must be True, False or None"):
+        reconstruct(model, mask, calib, residual="yes")
     with pytest.raises(BppError, match="shape"):
         reconstruct(model, Masks(mask.channels[:, :, :5], mask.groups, mask.layers), calib)
     recon = reconstruct(model, mask, calib)

@@ -187,6 +187,8 @@ def reconstruct(model, masks: Masks, calib: torch.Tensor, *, damping: float | st
         raise BppError(f"reconstruction takes one mask (S = 1), got {masks.S}")
     damping = parse_damping(damping)
     auto = damping == "auto"
+    if residual not in (None, True, False):
+        raise BppError(f"residual must be True, False or None (where the model allows), got {residual!r}")
     allowed = residual_targets(model)
     if residual and not allowed:
         raise BppError("residual targets need blocks whose output enters the residual stream as it is; this model "
