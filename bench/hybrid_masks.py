@@ -24,9 +24,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    policy = torch.load(args.checkpoint, weights_only=False)["policy"]
+    policy = torch.load(args.checkpoint, weights_only=False).get("policy", {})
+    if "channel_ranks" not in policy:
+        ap.error(f"{args.checkpoint} is not the checkpoint of an allocation-policy run (no channel ranking)")
     ranks, group_ranks = policy["channel_ranks"], policy["group_ranks"]
     first, second = Masks.load(args.first), Masks.load(args.second)
+    if first.channels.shape != second.channels.shape or first.channels.shape[1:] != ranks.shape:
+        ap.error("the two masks and the run's ranking must be of the same model")
     cap = first.channels.shape[-1]
     c1, c2 = first.channels[0].sum(-1).double(), second.channels[0].sum(-1).double()
     out = Path(args.out)
