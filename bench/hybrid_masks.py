@@ -3,9 +3,14 @@ keeps the first mask's KV groups with the channels spread over the layers like t
 per-layer counts; ``h2`` keeps every KV group with the channels spread like the first's. Channels
 are chosen inside each layer by the ranking of an allocation-policy ``bpp prune`` run (its
 checkpoint) and rounded to the first (h1) or second (h2) mask's channel total with the policy's
-shared shift. Evaluate them with ``bench/reconstruction.py --masks h1-P=OUT/h1.safetensors,...``.
+shared shift. With ``--spread-of MASK`` (e.g. the default's output): ``h3`` spreads the channels
+like MASK's per-layer counts and keeps the first mask's KV groups; with ``--flap-groups-at P`` also
+``h4``: MASK's spread with the KV groups of FLAP's mask at sparsity P on the seed's calibration
+windows (32 x 256 tokens, ``--calib-seed``); their channel totals meet the parameter budget of
+MASK's (rounded to a whole channel). Evaluate them with ``bench/reconstruction.py --masks
+h1-P=OUT/h1.safetensors,...``.
 
-    python bench/hybrid_masks.py RUN/checkpoint.pt FLAP_MASK BESA_MASK --out OUT
+    python bench/hybrid_masks.py RUN/checkpoint.pt FLAP_MASK BESA_MASK --out OUT [--spread-of DEFAULT_MASK [--flap-groups-at 0.3]]
 """
 import argparse
 from pathlib import Path
@@ -22,7 +27,13 @@ def main() -> None:
     ap.add_argument("first", help="mask whose KV groups h1 keeps and whose channel spread h2 takes (e.g. FLAP's)")
     ap.add_argument("second", help="mask whose channel spread h1 takes and whose channel total h2 keeps (e.g. BESA's)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--spread-of", default=None, help="also h3: this mask's channel spread with the first mask's groups")
+    ap.add_argument("--flap-groups-at", type=float, default=None, help="also h4: --spread-of's spread with the groups "
+                    "of FLAP's mask at this sparsity")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows FLAP's mask is made on")
     args = ap.parse_args()
+    if args.flap_groups_at is not None and args.spread_of is None:
+        ap.error("--flap-groups-at needs --spread-of")
 
     policy = torch.load(args.checkpoint, weights_only=False).get("policy", {})
     if "channel_ranks" not in policy:
@@ -43,6 +54,36 @@ def main() -> None:
             mask = Masks(mask.channels, first.groups.clone(), mask.layers)
         mask.save(out / f"{name}.safetensors")
         print(f"{name}: {int(mask.groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
+    if args.spread_of is not None:
+        spread_masks(args, ranks, group_ranks, first, out)
+
+
+def spread_masks(args, ranks: torch.Tensor, group_ranks: torch.Tensor, first: Masks, out: Path) -> None:
+    """h3 (and h4): the channel spread of ``--spread-of`` with other KV groups, more channels for
+    each group dropped so that the parameter count stays that of ``--spread-of``."""
+    base = Masks.load(args.spread_of)
+    if base.channels.shape != first.channels.shape:
+        raise SystemExit(f"error: {args.spread_of} is a mask of another model than {args.first}")
+    from bpp.data import load_text, window_bos, windows
+    from bpp.methods import baseline_mask
+    from bpp.modelio import load_model
+    from bpp.space import MaskSpace
+
+    model, tok = load_model(None)
+    space = MaskSpace.from_model(model)
+    per_group = space.group_params / space.channel_params  # a KV group's parameters in MLP channels
+    kinds = [("h3", first.groups)]
+    if args.flap_groups_at is not None:
+        calib = windows(tok, load_text("default", "calib"), 256, 32, seed=args.calib_seed, bos=window_bos(model))
+        kinds.append(("h4", baseline_mask("flap", model, space, calib, args.flap_groups_at).groups))
+    cap, kept = base.channels.shape[-1], base.channels[0].sum(-1).double()
+    for name, groups in kinds:
+        dropped = int(base.groups.sum()) - int(groups.sum())
+        total = int(base.channels.sum()) + round(dropped * per_group)
+        counts = shifted_counts((kept / cap).unsqueeze(0), torch.tensor([total]), cap)
+        mask = top_masks(ranks, group_ranks, counts, torch.full_like(counts, base.groups.shape[-1]))
+        Masks(mask.channels, groups.clone(), mask.layers).save(out / f"{name}.safetensors")
+        print(f"{name}: {int(groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
 
 
 if __name__ == "__main__":
