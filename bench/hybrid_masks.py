@@ -42,6 +42,9 @@ def main() -> None:
     first, second = Masks.load(args.first), Masks.load(args.second)
     if first.channels.shape != second.channels.shape or first.channels.shape[1:] != ranks.shape:
         ap.error("the two masks and the run's ranking must be of the same model")
+    base = Masks.load(args.spread_of) if args.spread_of is not None else None
+    if base is not None and base.channels.shape != first.channels.shape:
+        ap.error(f"{args.spread_of} is a mask of another model than {args.first}")
     cap = first.channels.shape[-1]
     c1, c2 = first.channels[0].sum(-1).double(), second.channels[0].sum(-1).double()
     out = Path(args.out)
@@ -54,16 +57,13 @@ def main() -> None:
             mask = Masks(mask.channels, first.groups.clone(), mask.layers)
         mask.save(out / f"{name}.safetensors")
         print(f"{name}: {int(mask.groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
-    if args.spread_of is not None:
-        spread_masks(args, ranks, group_ranks, first, out)
+    if base is not None:
+        spread_masks(args, ranks, group_ranks, base, first, out)
 
 
-def spread_masks(args, ranks: torch.Tensor, group_ranks: torch.Tensor, first: Masks, out: Path) -> None:
+def spread_masks(args, ranks: torch.Tensor, group_ranks: torch.Tensor, base: Masks, first: Masks, out: Path) -> None:
     """h3 (and h4): the channel spread of ``--spread-of`` with other KV groups, more channels for
     each group dropped so that the parameter count stays that of ``--spread-of``."""
-    base = Masks.load(args.spread_of)
-    if base.channels.shape != first.channels.shape:
-        raise SystemExit(f"error: {args.spread_of} is a mask of another model than {args.first}")
     from bpp.data import load_text, window_bos, windows
     from bpp.methods import baseline_mask
     from bpp.modelio import load_model
