@@ -17,8 +17,23 @@ from pathlib import Path
 
 import torch
 
+from bpp.errors import BppError
 from bpp.masks import Masks
 from bpp.search.counts import shifted_counts, top_masks
+
+
+def spread_mask(ranks: torch.Tensor, group_ranks: torch.Tensor, levels: torch.Tensor, total: int,
+                groups: torch.Tensor | None, out: Path, name: str) -> None:
+    """The mask whose channels follow ``levels`` (kept fraction per layer) rounded to ``total``,
+    the top channels of each layer by ``ranks``, with ``groups`` (None: every KV group); saved as
+    OUT/NAME.safetensors."""
+    cap, G = ranks.shape[-1], group_ranks.shape[-1]
+    counts = shifted_counts(levels.unsqueeze(0), torch.tensor([total]), cap)
+    mask = top_masks(ranks, group_ranks, counts, torch.full_like(counts, G))
+    if groups is not None:
+        mask = Masks(mask.channels, groups.clone(), mask.layers)
+    mask.save(out / f"{name}.safetensors")
+    print(f"{name}: {int(mask.groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
 
 
 def main() -> None:
@@ -35,7 +50,17 @@ def main() -> None:
     if args.flap_groups_at is not None and args.spread_of is None:
         ap.error("--flap-groups-at needs --spread-of")
 
-    policy = torch.load(args.checkpoint, weights_only=False).get("policy", {})
+    try:
+        build(ap, args)
+    except BppError as e:
+        ap.error(str(e))
+
+
+def build(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        policy = torch.load(args.checkpoint, weights_only=False).get("policy", {})
+    except Exception as e:
+        ap.error(f"{args.checkpoint} is not a readable checkpoint.pt ({type(e).__name__}: {e})")
     if "channel_ranks" not in policy:
         ap.error(f"{args.checkpoint} is not the checkpoint of an allocation-policy run (no channel ranking)")
     ranks, group_ranks = policy["channel_ranks"], policy["group_ranks"]
@@ -49,14 +74,8 @@ def main() -> None:
     c1, c2 = first.channels[0].sum(-1).double(), second.channels[0].sum(-1).double()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, levels, total in [("h1", c2 / cap, int(c1.sum())), ("h2", c1 / cap, int(c2.sum()))]:
-        counts = shifted_counts(levels.unsqueeze(0), torch.tensor([total]), cap)
-        all_groups = torch.full_like(counts, first.groups.shape[-1])
-        mask = top_masks(ranks, group_ranks, counts, all_groups)
-        if name == "h1":
-            mask = Masks(mask.channels, first.groups.clone(), mask.layers)
-        mask.save(out / f"{name}.safetensors")
-        print(f"{name}: {int(mask.groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
+    spread_mask(ranks, group_ranks, c2 / cap, int(c1.sum()), first.groups, out, "h1")
+    spread_mask(ranks, group_ranks, c1 / cap, int(c2.sum()), None, out, "h2")
     if base is not None:
         spread_masks(args, ranks, group_ranks, base, first, out)
 
@@ -76,14 +95,11 @@ def spread_masks(args, ranks: torch.Tensor, group_ranks: torch.Tensor, base: Mas
     if args.flap_groups_at is not None:
         calib = windows(tok, load_text("default", "calib"), 256, 32, seed=args.calib_seed, bos=window_bos(model))
         kinds.append(("h4", baseline_mask("flap", model, space, calib, args.flap_groups_at).groups))
-    cap, kept = base.channels.shape[-1], base.channels[0].sum(-1).double()
+    levels = base.channels[0].sum(-1).double() / base.channels.shape[-1]
     for name, groups in kinds:
         dropped = int(base.groups.sum()) - int(groups.sum())
-        total = int(base.channels.sum()) + round(dropped * per_group)
-        counts = shifted_counts((kept / cap).unsqueeze(0), torch.tensor([total]), cap)
-        mask = top_masks(ranks, group_ranks, counts, torch.full_like(counts, base.groups.shape[-1]))
-        Masks(mask.channels, groups.clone(), mask.layers).save(out / f"{name}.safetensors")
-        print(f"{name}: {int(groups.sum())} KV groups, channels per layer {counts[0].tolist()}")
+        spread_mask(ranks, group_ranks, levels, int(base.channels.sum()) + round(dropped * per_group), groups, out,
+                    name)
 
 
 if __name__ == "__main__":
