@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("first", help="mask whose KV groups h1 keeps and whose channel spread h2 takes (e.g. FLAP's)")
     ap.add_argument("second", help="mask whose channel spread h1 takes and whose channel total h2 keeps (e.g. BESA's)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--spread-of", default=None, help="also h3: this mask's channel spread with the first mask's groups")
+    ap.add_argument("--spread-of", default=None,
+                    help="also h3: this mask's channel spread with the first mask's groups")
     ap.add_argument("--flap-groups-at", type=float, default=None, help="also h4: --spread-of's spread with the groups "
                     "of FLAP's mask at this sparsity")
     ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows FLAP's mask is made on")
